@@ -1,0 +1,25 @@
+"""Exception family: every error a user can cause is a SpectraError with a message naming cause and fix."""
+
+
+class SpectraError(Exception):
+    """Base class; the CLI prints these as one line and exits with code 2."""
+
+
+class ConfigError(SpectraError):
+    """An invalid model configuration or an unknown preset name."""
+
+
+class CheckpointError(SpectraError):
+    """A checkpoint directory or file that is missing, truncated or inconsistent."""
+
+
+class FormatError(SpectraError):
+    """Packed-weight data that does not match its declared format."""
+
+
+class DeviceError(SpectraError):
+    """A requested device (e.g. CUDA) that is not available."""
+
+
+class DataError(SpectraError):
+    """Training or evaluation data that is missing, empty or incompatible."""

@@ -1,0 +1,19 @@
+"""Plain PyTorch reference for y = x @ W^T with W = trits * per-shard scales, W held packed.
+
+Every fast kernel in this package is tested against this function. It builds the dense weight exactly as
+FrozenTernaryLinear does, so the packed and unpacked models give bit-identical logits on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import get_format
+from ..linear import ternary_dense_weight
+
+
+def ternary_matmul_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
+                             scales: torch.Tensor, shard_axis: int) -> torch.Tensor:
+    trits = get_format(fmt).unpack(packed, in_features)
+    return F.linear(x, ternary_dense_weight(trits, scales, shard_axis, x.dtype))

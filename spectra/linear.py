@@ -1,0 +1,204 @@
+"""Weight kinds: interchangeable linear layers (no bias) chosen by one factory.
+
+Every kind exposes the same interface: ``forward(x)``, ``in_features``, ``out_features``,
+``shard_axis`` and ``dense_weight()`` (the exact weight it multiplies by, used for Hugging Face export).
+The model asks :func:`make_linear` for its layers and never learns which kind it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, FormatError
+
+ShardAxis = Literal[0, 1]
+# Megatron-style tensor parallelism: column-parallel layers (q, k, v, gate, up) split output features
+# (axis 0 of the [out, in] weight); row-parallel layers (o, down) split input features (axis 1).
+COLUMN_PARALLEL: ShardAxis = 0
+ROW_PARALLEL: ShardAxis = 1
+SCALE_EPS = 1e-5
+
+
+def shard_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of each of `parts` contiguous shards of `size` (torch.tensor_split sizes)."""
+    if parts < 1 or parts > size:
+        raise ConfigError(f"cannot split {size} features into {parts} model-parallel shards")
+    base, extra = divmod(size, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def expand_scales(scales: torch.Tensor, shape: tuple[int, int], axis: int) -> torch.Tensor:
+    """Broadcastable per-element scale tensor for per-shard `scales` (length P) of a [out, in] weight."""
+    size = shape[axis]
+    counts = torch.tensor([e - s for s, e in shard_bounds(size, scales.numel())], device=scales.device)
+    per_feature = torch.repeat_interleave(scales, counts)
+    return per_feature[:, None] if axis == 0 else per_feature[None, :]
+
+
+def ternary_dense_weight(trits: torch.Tensor, scales: torch.Tensor, shard_axis: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """trits * per-shard scales as a dense [out, in] weight (computed in fp32, then cast)."""
+    scale = expand_scales(scales.float(), tuple(trits.shape), shard_axis)
+    return (trits.float() * scale).to(dtype)
+
+
+def ternarize(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ternary values and per-shard scales: scale = mean|W| + eps, trit = round(clamp(W/scale, -1, 1)).
+
+    Returns (trits as int8 with the weight's shape, scales as float32 of length `parts`).
+    """
+    w = weight.detach().float()
+    pieces = torch.tensor_split(w, parts, dim=axis)
+    scales = torch.stack([p.abs().mean() + SCALE_EPS for p in pieces])
+    scale_full = expand_scales(scales, tuple(w.shape), axis)
+    trits = torch.round(torch.clamp(w / scale_full, -1.0, 1.0)).to(torch.int8)
+    return trits, scales
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward: scale * ternary(W); backward: identity to the latent weights (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, parts: int, axis: int) -> torch.Tensor:
+        trits, scales = ternarize(weight, parts, axis)
+        return ternary_dense_weight(trits, scales, axis, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> torch.Tensor:
+    """scale * round(clamp(W/scale, -1, 1)) with gradients passed straight through to W."""
+    return _TernarySTE.apply(weight, parts, axis)
+
+
+class FloatLinear(nn.Linear):
+    """FloatLM layer: a plain bias-free linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, shard_axis: ShardAxis = 0, parts: int = 1,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.shard_axis, self.parts = shard_axis, parts
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.detach()
+
+
+class TernaryLinear(nn.Linear):
+    """TriLM layer: latent floating-point weights, ternarized on every forward, trained with the STE.
+
+    With `parts` = P > 1 each model-parallel shard (split along `shard_axis`) has its own scale,
+    as in the released TriLMs (arXiv 2407.12327, Sec. 2).
+    """
+
+    def __init__(self, in_features: int, out_features: int, shard_axis: ShardAxis = 0, parts: int = 1,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        shard_bounds((out_features, in_features)[shard_axis], parts)  # validates the split
+        self.shard_axis, self.parts = shard_axis, parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = ternary_weight_ste(self.weight, self.parts, self.shard_axis)
+        return F.linear(x, w.to(x.dtype))
+
+    def freeze(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 trits, float32 per-shard scales) of the current latent weights."""
+        return ternarize(self.weight, self.parts, self.shard_axis)
+
+    def dense_weight(self) -> torch.Tensor:
+        trits, scales = self.freeze()
+        return ternary_dense_weight(trits, scales, self.shard_axis, self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", parts={self.parts}, shard_axis={self.shard_axis}"
+
+
+class FrozenTernaryLinear(nn.Module):
+    """Exact ternary weights for inference: int8 trits in {-1, 0, 1} and per-shard scales.
+
+    This is the reference every packed format and GPU kernel is compared against.
+    """
+
+    def __init__(self, in_features: int, out_features: int, shard_axis: ShardAxis = 0, parts: int = 1,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.shard_axis, self.parts = shard_axis, parts
+        self.register_buffer("trits", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(parts, dtype=dtype or torch.float32, device=device))
+
+    @classmethod
+    def from_trits(cls, trits: torch.Tensor, scales: torch.Tensor, shard_axis: ShardAxis = 0,
+                   dtype: torch.dtype | None = None) -> FrozenTernaryLinear:
+        check_ternary(trits)
+        layer = cls(trits.shape[1], trits.shape[0], shard_axis, scales.numel(), device=trits.device,
+                    dtype=dtype or scales.dtype)
+        layer.trits.copy_(trits)
+        layer.scales.copy_(scales.reshape(-1))
+        return layer
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ternary_dense_weight(self.trits, self.scales, self.shard_axis, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts}, "
+                f"shard_axis={self.shard_axis}")
+
+
+def check_ternary(trits: torch.Tensor) -> None:
+    if trits.dtype != torch.int8:
+        raise FormatError(f"trits must be int8, got {trits.dtype}")
+    if trits.numel() and (trits.min() < -1 or trits.max() > 1):
+        raise FormatError("trits must lie in {-1, 0, 1}; got values outside that range "
+                          "(ternarize the weights first with spectra.ternarize)")
+
+
+LinearBuilder = Callable[..., nn.Module]
+LINEAR_KINDS: dict[str, LinearBuilder] = {
+    "float": FloatLinear,
+    "ternary": TernaryLinear,
+    "ternary_frozen": FrozenTernaryLinear,
+}
+
+
+def register_linear_kind(name: str, builder: LinearBuilder) -> None:
+    """Make a weight kind available to the model factory: builder(in, out, shard_axis, parts, **options)."""
+    LINEAR_KINDS[name] = builder
+
+
+def make_linear(kind: str, in_features: int, out_features: int, shard_axis: ShardAxis, parts: int = 1,
+                options: dict | None = None, device=None, dtype=None) -> nn.Module:
+    """The one factory the model uses for every linear layer."""
+    try:
+        builder = LINEAR_KINDS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown weight kind {kind!r}; known kinds: {', '.join(LINEAR_KINDS)}") from None
+    return builder(in_features, out_features, shard_axis=shard_axis, parts=parts, device=device, dtype=dtype,
+                   **(options or {}))
+
+
+@torch.no_grad()
+def freeze_ternary(model: nn.Module) -> nn.Module:
+    """Replace every TernaryLinear in `model` by a FrozenTernaryLinear holding its exact trits and scales."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, TernaryLinear):
+                trits, scales = child.freeze()
+                frozen = FrozenTernaryLinear.from_trits(trits, scales.to(child.weight.dtype), child.shard_axis)
+                setattr(module, child_name, frozen)
+    if hasattr(model, "config"):
+        model.config = model.config.replace(weight_kind="ternary_frozen")
+    return model

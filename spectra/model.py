@@ -1,0 +1,183 @@
+"""The one LLaMA-style model of the Spectra suite (TriLM, FloatLM and QuantLM share it).
+
+RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
+scaled_dot_product_attention, no biases, untied embedding and lm head. Linear layers come from
+:func:`spectra.linear.make_linear`, so the weight kind is a config field, not a code path.
+Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as LLaMA does, then cast back before the learned gain.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # LLaMA's half-split ("rotate_half") layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values; fixed shapes keep decoding CUDA-graph friendly."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, kind, p, opts = cfg.hidden_size, cfg.weight_kind, cfg.model_parallel_size, cfg.weight_options
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
+        self.k_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
+        self.v_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
+        self.o_proj = make_linear(kind, d, d, ROW_PARALLEL, p, opts)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and pos is not None:
+            k, v = self.cache.update(pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, h, kind, p, opts = (cfg.hidden_size, cfg.intermediate_size, cfg.weight_kind,
+                               cfg.model_parallel_size, cfg.weight_options)
+        self.gate_proj = make_linear(kind, d, h, COLUMN_PARALLEL, p, opts)
+        self.up_proj = make_linear(kind, d, h, COLUMN_PARALLEL, p, opts)
+        self.down_proj = make_linear(kind, h, d, ROW_PARALLEL, p, opts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, pos, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class SpectraLM(nn.Module):
+    """Decoder-only LM. ``forward(tokens)`` gives logits; pass ``targets`` to also get the mean loss."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # LLaMA-style init (std 0.02); latent ternary weights use the same.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Parameters as the papers count them (buffers of frozen/packed kinds included)."""
+        from .size import count_parameters
+        return count_parameters(self.config).total
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        t = tokens.shape[1]
+        if input_pos is None:
+            if t > self.config.max_seq_len:
+                from .errors import ConfigError
+                raise ConfigError(f"sequence of {t} tokens exceeds the model's max_seq_len "
+                                  f"{self.config.max_seq_len}; use shorter windows")
+            cos, sin, mask = self.rope_cos[:t], self.rope_sin[:t], None
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
+            mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), input_pos, mask)
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache for `batch` sequences of up to `max_len` tokens (prompt + new tokens)."""
+        if max_len > self.config.max_seq_len:
+            from .errors import ConfigError
+            raise ConfigError(f"prompt + new tokens = {max_len} exceeds max_seq_len {self.config.max_seq_len}")
+        param = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, self.config.num_heads, max_len, self.config.head_dim,
+                                            dtype or param.dtype, param.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def linear_layers(self) -> dict[str, nn.Module]:
+        """Name -> module of the seven linear layers of every block (the ones weight kinds replace)."""
+        return {name: mod for name, mod in self.named_modules()
+                if name.rsplit(".", 1)[-1].endswith("_proj")}
