@@ -1,0 +1,314 @@
+"""Checkpoints as Hugging Face-style directories: config.json + model.safetensors (sharded when large).
+
+Float and ternary models are written with dense weights, so transformers' LlamaForCausalLM loads them
+(a TriLM then holds trits times scales, exactly like the released SpectraSuite `*_Unpacked` models).
+Loading detects ternary matrices and recovers their per-shard scales. Other weight kinds (packed, GPTQ)
+write their own tensors, named under each linear layer, and are rebuilt from config.json.
+Only safetensors are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, DeviceError
+from .linear import ROW_PARALLEL, FloatLinear, FrozenTernaryLinear, TernaryLinear, shard_bounds
+from .model import SpectraLM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DENSE_KINDS = ("float", "ternary", "ternary_frozen")
+ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def checkpoint_tensors(model: SpectraLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors to save: dense weights for float/ternary layers, each other kind's own tensors as they are."""
+    out: dict[str, torch.Tensor] = {}
+    linear = model.linear_layers()
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in linear:
+            continue
+        out[name] = tensor
+    for name, module in linear.items():
+        if isinstance(module, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
+            out[f"{name}.weight"] = module.dense_weight().to(dtype or _float_dtype(model))
+        else:
+            out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("scales") else v for k, v in out.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _float_dtype(model: SpectraLM) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` (and optionally a `tokenizers.Tokenizer`) to directory `path`, atomically.
+
+    Everything goes to a temporary sibling directory first, then replaces `path` in one rename, so an
+    interrupted save never leaves a half-written checkpoint.
+    """
+    from .tokenizer import save_tokenizer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_tensors(model, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = str(dtype or _float_dtype(model)).replace("torch.", "")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _write_tensors(tensors, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt") from None
+    try:
+        return ModelConfig.from_hf_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text())
+        return [path / f for f in sorted(set(index["weight_map"].values()))]
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(f"{path} holds only pickled weights (.bin/.pt), which spectra never loads "
+                              f"(unpickling runs code); convert them to safetensors first")
+    raise CheckpointError(f"{path} has no {WEIGHTS_FILE} (nor {INDEX_FILE}); the checkpoint lacks its weights")
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single or sharded safetensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(Path(path)):
+        if not file.is_file():
+            raise CheckpointError(f"shard {file.name} listed in {INDEX_FILE} is missing")
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — "
+                                  f"re-download or re-save the checkpoint") from None
+    return tensors
+
+
+def detect_ternary(weight: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 trits, per-shard scales) if every shard of `weight` holds only {-s, 0, +s}; else None."""
+    trits = torch.sign(weight).to(torch.int8)
+    scales = []
+    for start, end in shard_bounds(weight.shape[axis], parts):
+        shard = weight.narrow(axis, start, end - start).abs()
+        top = shard.max()
+        if not bool(((shard == 0) | (shard == top)).all()):
+            return None
+        scales.append(top)
+    return trits, torch.stack(scales).to(weight.dtype)
+
+
+def _infer_parts(weights: dict[str, torch.Tensor]) -> int | None:
+    """Model-parallel size of a checkpoint without `pretraining_model_parallel`: the distinct magnitudes."""
+    name, w = next(iter(weights.items()))
+    magnitudes = torch.unique(w.abs().flatten()[:1_000_000])
+    count = int((magnitudes > 0).sum())
+    return count if 1 <= count <= 16 else None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    kind: str | None = None) -> SpectraLM:
+    """Load a spectra or transformers LLaMA checkpoint directory.
+
+    `kind` picks the weight kind to build for dense checkpoints: "ternary_frozen" (default when all linear
+    weights are ternary), "float", or "ternary" (trainable latent weights initialised to trits * scales).
+    `dtype` defaults to float32 on CPU and the stored dtype elsewhere.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    config = read_config(path)
+    tensors = load_tensors(path)
+    if dtype is None:
+        stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        dtype = torch.float32 if device.type == "cpu" else stored
+
+    if config.weight_kind in DENSE_KINDS:
+        model = _load_dense(config, tensors, kind, path)
+    else:
+        if kind not in (None, config.weight_kind):
+            raise CheckpointError(f"{path} holds {config.weight_kind} weights; it cannot be loaded as {kind!r}")
+        model = SpectraLM(config)
+        _load_state(model, tensors, path)
+    return _cast(model, dtype).to(device).eval()
+
+
+def _cast(model: SpectraLM, dtype: torch.dtype) -> SpectraLM:
+    # Cast floating parameters and scales; integer buffers (trits, packed bytes, codes) keep their type.
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            # Scales stay fp32 (exact for fp16 scales); RoPE tables are cast at use.
+            if b is not None and b.is_floating_point() and name != "scales" and not name.startswith("rope_"):
+                setattr(module, name, b.to(dtype))
+    return model
+
+
+def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str | None,
+                path: Path) -> SpectraLM:
+    names = [f"model.layers.{i}.{sub}" for i in range(config.num_layers) for sub in _LINEAR_SUFFIXES]
+    missing = [n for n in names if f"{n}.weight" not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} linear weights (first: {missing[0]}.weight); "
+                              f"the checkpoint does not match its config.json")
+    linear = {n: tensors[f"{n}.weight"] for n in names}
+    parts = config.model_parallel_size
+    if "pretraining_model_parallel" not in json.loads((path / CONFIG_FILE).read_text()):
+        parts = _infer_parts(linear) or 1
+    detected = {n: detect_ternary(w, parts, _axis(n)) for n, w in linear.items()}
+    is_ternary = all(d is not None for d in detected.values())
+    if kind is None:
+        kind = "ternary_frozen" if is_ternary else "float"
+    if kind in ("ternary_frozen",) and not is_ternary:
+        bad = next(n for n, d in detected.items() if d is None)
+        raise CheckpointError(f"{path}: {bad} is not ternary (more than {parts + 1} distinct magnitudes with "
+                              f"model-parallel size {parts}); load it with kind='float'")
+    config = config.replace(weight_kind=kind, model_parallel_size=parts)
+    model = SpectraLM(config)
+    rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linear}
+    _load_state(model, rest, path, strict_linear=False)
+    with torch.no_grad():
+        for name, module in model.linear_layers().items():
+            if isinstance(module, FrozenTernaryLinear):
+                trits, scales = detected[name]
+                module.trits.copy_(trits)
+                module.scales = scales.float()
+            else:
+                _copy(module.weight, linear[name], f"{name}.weight", path)
+    return model
+
+
+_LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _axis(name: str) -> int:
+    return ROW_PARALLEL if name.endswith(ROW_PARALLEL_NAMES) else 0
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, path: Path) -> None:
+    if dst.shape != src.shape:
+        raise CheckpointError(f"{path}: {name} has shape {tuple(src.shape)} but the config implies "
+                              f"{tuple(dst.shape)}; config.json and the weights disagree")
+    dst.copy_(src.to(dst.dtype))
+
+
+def _load_state(model: SpectraLM, tensors: dict[str, torch.Tensor], path: Path, strict_linear: bool = True) -> None:
+    own = model.state_dict()
+    linear = model.linear_layers()
+    for name, target in own.items():
+        if not strict_linear and name.rsplit(".", 1)[0] in linear:
+            continue
+        if name not in tensors:
+            raise CheckpointError(f"{path} lacks tensor {name}; the checkpoint does not match its config.json")
+        src = tensors[name]
+        if src.dtype.is_floating_point != target.dtype.is_floating_point:
+            raise CheckpointError(f"{path}: {name} is {src.dtype} but {target.dtype} was expected")
+        _copy(target, src, name, path)
+    unexpected = set(tensors) - set(own) - {f"{n}.weight" for n in linear}
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if unexpected:
+        raise CheckpointError(f"{path} has tensors the model does not know: {sorted(unexpected)[:3]}...")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               kind: str | None = None, seed: int = 0) -> SpectraLM:
+    """A checkpoint directory, or a preset name (randomly initialised, for benchmarks and tests)."""
+    from .config import PRESETS, get_config
+
+    if Path(source).is_dir():
+        return load_checkpoint(source, device, dtype, kind)
+    if str(source).lower() in {k.lower() for k in PRESETS}:
+        torch.manual_seed(seed)
+        config = get_config(str(source))
+        if kind:
+            config = config.replace(weight_kind=kind)
+        return _cast(SpectraLM(config), dtype or torch.float32).to(resolve_device(device)).eval()
+    raise CheckpointError(f"{source!r} is neither a checkpoint directory nor a known model size")
+
