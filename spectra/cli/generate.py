@@ -1,0 +1,61 @@
+"""`spectra generate`: sample text from a checkpoint, streaming tokens as they come."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..errors import DataError
+from ..generate import generate
+from ..tokenizer import eos_id, load_tokenizer
+from .common import default_device, parse_dtype
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint",
+                              description="Continue a prompt with a checkpoint's model (KV cache, streaming).")
+    p.add_argument("checkpoint", help="checkpoint directory (spectra or transformers LLaMA, with tokenizer.json)")
+    p.add_argument("--prompt", default="The ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or default_device()
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")
+    if len(ids) >= model.config.max_seq_len:
+        raise DataError(f"the prompt has {len(ids)} tokens; the model's maximum is {model.config.max_seq_len}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    generated: list[int] = []
+    printed = ""
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal printed
+        generated.append(int(token[0]))
+        # Decode the whole continuation each time: byte-level BPE pieces may split UTF-8 characters.
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream)
+    sys.stdout.write(tokenizer.decode(generated)[len(printed):] + "\n")
+    return 0

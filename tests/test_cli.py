@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spectra import SpectraLM, get_config
+from spectra.checkpoint import save_checkpoint
+from spectra.cli.main import main
+from spectra.tokenizer import train_tokenizer
+
+TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 20
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spectra", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_reports_suite_sizes(capsys):
+    assert main(["info", "3.9B"]) == 0
+    out = capsys.readouterr().out
+    assert "3.990B parameters" in out and "tq1" in out
+    assert main(["info", "99M"]) == 0
+    assert "99.76M" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    result = run_cli("info", "7B")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown model size '7B'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("generate", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tok = train_tokenizer(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    model = SpectraLM(get_config("tiny", vocab_size=tok.get_vocab_size()))
+    save_checkpoint(model, path, tokenizer=tok)
+    return path
+
+
+def test_generate_streams_text(tiny_checkpoint, capsys):
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "To be", "--max-new-tokens", "12",
+                 "--seed", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("To be") and len(out) > len("To be\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_generate_on_missing_cuda_is_clear(tiny_checkpoint):
+    result = run_cli("generate", str(tiny_checkpoint), "--device", "cuda")
+    assert result.returncode == 2 and "no CUDA GPU is available" in result.stderr
+
+
+def test_info_on_checkpoint_reports_stored_bits(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    assert "32.000 bits per linear weight as stored" in capsys.readouterr().out

@@ -1,0 +1,87 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectra import FrozenTernaryLinear, SpectraLM, TernaryLinear, freeze_ternary, get_config, ternarize
+from spectra.generate import generate, generate_uncached, sample_next
+from spectra.linear import expand_scales, shard_bounds
+
+
+def test_forward_backward_shapes():
+    torch.manual_seed(0)
+    model = SpectraLM(get_config("tiny"))
+    tokens = torch.randint(0, 1024, (3, 19))
+    logits, loss = model(tokens, tokens)
+    assert logits.shape == (3, 19, 1024)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_ste_gradient_equals_float_gradient_of_ternarized_weight():
+    torch.manual_seed(1)
+    layer = TernaryLinear(37, 23)
+    x = torch.randn(5, 37)
+    layer(x).pow(2).sum().backward()
+    trits, scales = layer.freeze()
+    w_q = (trits.float() * scales).requires_grad_(True)
+    F.linear(x, w_q).pow(2).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w_q.grad)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 6])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_shard_scales_on_odd_shapes(parts, axis):
+    torch.manual_seed(parts)
+    w = torch.randn(31, 47) * torch.linspace(0.1, 2.0, 47)  # uneven magnitudes across shards
+    trits, scales = ternarize(w, parts, axis)
+    assert scales.shape == (parts,)
+    assert set(trits.unique().tolist()) <= {-1, 0, 1}
+    for i, (s, e) in enumerate(shard_bounds(w.shape[axis], parts)):
+        shard = w.narrow(axis, s, e - s)
+        expected_scale = shard.abs().mean() + 1e-5
+        torch.testing.assert_close(scales[i], expected_scale)
+        expected = torch.round(torch.clamp(shard / expected_scale, -1, 1))
+        assert torch.equal(trits.narrow(axis, s, e - s).float(), expected)
+    # Ternarized values are exactly {-1, 0, 1} times the shard's scale.
+    dense = trits.float() * expand_scales(scales, tuple(w.shape), axis)
+    for i, (s, e) in enumerate(shard_bounds(w.shape[axis], parts)):
+        vals = set(dense.narrow(axis, s, e - s).abs().unique().tolist())
+        assert vals <= {0.0, float(scales[i])}
+
+
+def test_freeze_gives_identical_outputs():
+    torch.manual_seed(2)
+    model = SpectraLM(get_config("tiny", model_parallel_size=2)).eval()
+    tokens = torch.randint(0, 1024, (2, 11))
+    before = model(tokens)
+    freeze_ternary(model)
+    assert all(isinstance(m, FrozenTernaryLinear) for m in model.linear_layers().values())
+    torch.testing.assert_close(model(tokens), before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["float", "ternary"])
+def test_kv_cache_matches_full_recomputation(kind):
+    torch.manual_seed(3)
+    model = SpectraLM(get_config("tiny", weight_kind=kind)).eval()
+    prompt = torch.randint(0, 1024, (2, 7))
+    assert torch.equal(generate(model, prompt, 20, temperature=0), generate_uncached(model, prompt, 20))
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -3.0]])
+    assert sample_next(logits, 0).item() == 1
+    draws = {sample_next(logits, 1.0, top_k=2).item() for _ in range(50)}
+    assert draws <= {1, 2}
+    draws = {sample_next(logits, 1.0, top_p=0.5).item() for _ in range(50)}
+    assert draws == {1}
+    model = SpectraLM(get_config("tiny")).eval()
+    a = generate(model, [1, 2, 3], 10, temperature=1.0, seed=7)
+    b = generate(model, [1, 2, 3], 10, temperature=1.0, seed=7)
+    assert torch.equal(a, b)
+
+
+def test_sequence_longer_than_max_is_rejected():
+    from spectra import ConfigError
+    model = SpectraLM(get_config("tiny", max_seq_len=16))
+    with pytest.raises(ConfigError, match="exceeds the model's max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
