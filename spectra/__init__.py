@@ -13,6 +13,7 @@ from .linear import (
     ternarize,
 )
 from .model import SpectraLM
+from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
 from .size import count_parameters, size_in_bits
 
 __version__ = "0.1.0"
@@ -24,4 +25,5 @@ __all__ = [
     "FloatLinear", "FrozenTernaryLinear", "TernaryLinear", "freeze_ternary", "make_linear",
     "register_linear_kind", "ternarize",
     "SpectraLM", "count_parameters", "size_in_bits",
+    "PackedTernaryLinear", "pack_checkpoint", "pack_model",
 ]

@@ -275,6 +275,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, path: Path) -> None:
 def _load_state(model: SpectraLM, tensors: dict[str, torch.Tensor], path: Path, strict_linear: bool = True) -> None:
     own = model.state_dict()
     linear = model.linear_layers()
+    checked: dict[str, torch.Tensor] = {}
     for name, target in own.items():
         if not strict_linear and name.rsplit(".", 1)[0] in linear:
             continue
@@ -283,7 +284,13 @@ def _load_state(model: SpectraLM, tensors: dict[str, torch.Tensor], path: Path, 
         src = tensors[name]
         if src.dtype.is_floating_point != target.dtype.is_floating_point:
             raise CheckpointError(f"{path}: {name} is {src.dtype} but {target.dtype} was expected")
-        _copy(target, src, name, path)
+        if src.shape != target.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(src.shape)} but the config implies "
+                                  f"{tuple(target.shape)}; config.json and the weights disagree")
+        checked[name] = src.to(target.dtype)
+    # Through load_state_dict, not copies into state_dict() tensors: a module whose state_dict holds another
+    # layout than its buffers (packed weights: storage rows on disk, 16-byte kernel rows in memory) converts there.
+    model.load_state_dict(checked, strict=False)
     unexpected = set(tensors) - set(own) - {f"{n}.weight" for n in linear}
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if unexpected:

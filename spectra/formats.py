@@ -6,21 +6,25 @@ with a contiguous slice of the activations. For a row with padded length Kp = G 
 
     byte j of the row holds the trits of columns j, j + Q, j + 2Q, ..., j + (G-1)Q.
 
-Q is rounded up to a multiple of 16 bytes so every row starts 16-byte aligned (vector loads).
-Padding columns hold trit 0. See docs/formats.md for the byte-by-byte description.
+In memory (the kernel layout) Q is rounded up to a multiple of 16 bytes so every row starts 16-byte aligned
+(vector loads). On disk (the storage layout) Q = ceil(k / G) with no alignment, so TQ1 stays at 1.6 bits per
+weight on shapes such as k = 3072 where 16-byte rows would cost 1.625; the two differ only in Q and convert
+losslessly (`to_storage`, `from_storage`). Padding columns hold trit 0. See docs/formats.md for the bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .errors import FormatError
 
 FORMAT_VERSION = 1
-ROW_ALIGN_BYTES = 16
+SUPPORTED_FORMAT_VERSIONS = (1,)
+ROW_ALIGN_BYTES = 16     # kernel layout (in memory)
+STORAGE_ALIGN_BYTES = 1  # storage layout (packed checkpoints)
 TQ1_POW3 = (1, 3, 9, 27, 81)
 
 
@@ -33,38 +37,39 @@ def _check_trits(trits: torch.Tensor) -> None:
         raise FormatError("weights are not ternary: values outside {-1, 0, 1}; ternarize them first")
 
 
-def row_bytes(in_features: int, trits_per_byte: int) -> int:
+def row_bytes(in_features: int, trits_per_byte: int, align: int = ROW_ALIGN_BYTES) -> int:
     """Bytes per packed row: ceil(k / G) rounded up to the row alignment."""
     q = -(-in_features // trits_per_byte)
-    return -(-q // ROW_ALIGN_BYTES) * ROW_ALIGN_BYTES
+    return -(-q // align) * align
 
 
-def _planes(trits: torch.Tensor, trits_per_byte: int) -> torch.Tensor:
+def _planes(trits: torch.Tensor, trits_per_byte: int, align: int) -> torch.Tensor:
     """Digits t+1 in {0,1,2} as int32 of shape [n, G, Q] (plane i = columns i*Q .. i*Q+Q-1)."""
     _check_trits(trits)
     n, k = trits.shape
-    q = row_bytes(k, trits_per_byte)
+    q = row_bytes(k, trits_per_byte, align)
     digits = torch.ones(n, trits_per_byte * q, dtype=torch.int32, device=trits.device)
     digits[:, :k] = trits.to(torch.int32) + 1
     return digits.view(n, trits_per_byte, q)
 
 
-def _check_packed(packed: torch.Tensor, in_features: int, trits_per_byte: int, name: str) -> None:
+def _check_packed(packed: torch.Tensor, in_features: int, trits_per_byte: int, name: str,
+                  align: int = ROW_ALIGN_BYTES) -> None:
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise FormatError(f"{name} data must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[1] != row_bytes(in_features, trits_per_byte):
+    if packed.shape[1] != row_bytes(in_features, trits_per_byte, align):
         raise FormatError(f"{name} rows hold {packed.shape[1]} bytes but in_features={in_features} needs "
-                          f"{row_bytes(in_features, trits_per_byte)}; the file is corrupt or mislabeled")
+                          f"{row_bytes(in_features, trits_per_byte, align)}; the file is corrupt or mislabeled")
 
 
-def pack_tq2(trits: torch.Tensor) -> torch.Tensor:
+def pack_tq2(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     """[n, k] trits -> [n, row_bytes(k, 4)] uint8; trit of plane i in bits 2i..2i+1, stored as t + 1."""
-    d = _planes(trits, 4)
+    d = _planes(trits, 4, align)
     return (d[:, 0] | (d[:, 1] << 2) | (d[:, 2] << 4) | (d[:, 3] << 6)).to(torch.uint8)
 
 
-def unpack_tq2(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    _check_packed(packed, in_features, 4, "TQ2")
+def unpack_tq2(packed: torch.Tensor, in_features: int, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
+    _check_packed(packed, in_features, 4, "TQ2", align)
     b = packed.to(torch.int32)
     planes = torch.stack([(b >> (2 * i)) & 3 for i in range(4)], dim=1)
     if planes.numel() and int(planes.max()) > 2:
@@ -72,14 +77,14 @@ def unpack_tq2(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return (planes.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
 
 
-def pack_tq1(trits: torch.Tensor) -> torch.Tensor:
+def pack_tq1(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     """[n, k] trits -> [n, row_bytes(k, 5)] uint8.
 
     Five digits d0..d4 (d = t + 1, d0 most significant) form v = sum d_i 3^(4-i) in 0..242, stored as
     q = ceil(v * 256 / 243) so that decoding needs no division (arXiv 2506.23025, Sec. 3.2):
     d_i = ((q * 3^i) mod 256) * 3 >> 8.
     """
-    d = _planes(trits, 5)
+    d = _planes(trits, 5, align)
     v = d[:, 0] * 81 + d[:, 1] * 27 + d[:, 2] * 9 + d[:, 3] * 3 + d[:, 4]
     return ((v * 256 + 242) // 243).to(torch.uint8)
 
@@ -90,8 +95,8 @@ def tq1_digits(q: torch.Tensor) -> list[torch.Tensor]:
     return [(((q * p) & 255) * 3) >> 8 for p in TQ1_POW3]
 
 
-def unpack_tq1(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    _check_packed(packed, in_features, 5, "TQ1")
+def unpack_tq1(packed: torch.Tensor, in_features: int, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
+    _check_packed(packed, in_features, 5, "TQ1", align)
     planes = torch.stack(tq1_digits(packed), dim=1)
     return (planes.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
 
@@ -100,15 +105,15 @@ def unpack_tq1(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 class TernaryFormat:
     name: str
     trits_per_byte: int
-    pack: Callable[[torch.Tensor], torch.Tensor]
-    unpack: Callable[[torch.Tensor, int], torch.Tensor]
+    pack: Callable[..., torch.Tensor]    # (trits, align=ROW_ALIGN_BYTES)
+    unpack: Callable[..., torch.Tensor]  # (packed, in_features, align=ROW_ALIGN_BYTES)
 
-    def row_bytes(self, in_features: int) -> int:
-        return row_bytes(in_features, self.trits_per_byte)
+    def row_bytes(self, in_features: int, align: int = ROW_ALIGN_BYTES) -> int:
+        return row_bytes(in_features, self.trits_per_byte, align)
 
     def bits_per_weight(self, out_features: int, in_features: int, num_scales: int = 1,
-                        scale_bits: int = 16) -> float:
-        total = 8 * out_features * self.row_bytes(in_features) + scale_bits * num_scales
+                        scale_bits: int = 16, align: int = ROW_ALIGN_BYTES) -> float:
+        total = 8 * out_features * self.row_bytes(in_features, align) + scale_bits * num_scales
         return total / (out_features * in_features)
 
 
@@ -123,3 +128,69 @@ def get_format(name: str) -> TernaryFormat:
         return FORMATS[name.lower()]
     except KeyError:
         raise FormatError(f"unknown ternary format {name!r}; known formats: {', '.join(FORMATS)}") from None
+
+
+def check_format_version(version: object) -> int:
+    """The packed-format version as an int, or a FormatError naming the versions this spectra reads."""
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise FormatError(f"packed format version {version!r} is unknown to this spectra (it reads versions "
+                          f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade spectra or re-pack the "
+                          f"checkpoint from its unpacked source with `spectra pack`")
+    return version
+
+
+# Row chunks keep the int32 temporaries of unpack/pack near 64 MB for any matrix size.
+_CHUNK_TRITS = 1 << 24
+
+
+def _row_chunks(rows: int, trits_per_row: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_TRITS // max(1, trits_per_row))
+    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
+def relayout(packed: torch.Tensor, fmt: str, in_features: int, src_align: int, dst_align: int) -> torch.Tensor:
+    """The same trits re-packed with another row alignment (identical bytes when Q does not change)."""
+    f = get_format(fmt)
+    _check_packed(packed, in_features, f.trits_per_byte, f.name.upper(), src_align)
+    if f.row_bytes(in_features, src_align) == f.row_bytes(in_features, dst_align):
+        return packed
+    out = torch.empty(packed.shape[0], f.row_bytes(in_features, dst_align), dtype=torch.uint8,
+                      device=packed.device)
+    for start, end in _row_chunks(packed.shape[0], in_features):
+        out[start:end] = f.pack(f.unpack(packed[start:end], in_features, src_align), dst_align)
+    return out
+
+
+def to_storage(packed: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:
+    """Kernel layout (16-byte rows) -> storage layout (ceil(k/G)-byte rows) for packed checkpoints."""
+    return relayout(packed, fmt, in_features, ROW_ALIGN_BYTES, STORAGE_ALIGN_BYTES)
+
+
+def from_storage(stored: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:
+    """Storage layout -> kernel layout, after checking that the bytes are a valid encoding."""
+    validate_packed(stored, fmt, in_features, STORAGE_ALIGN_BYTES)
+    return relayout(stored, fmt, in_features, STORAGE_ALIGN_BYTES, ROW_ALIGN_BYTES)
+
+
+# The 243 bytes a TQ1 encoder can emit (q = ceil(v * 256 / 243) is injective on 0..242); the other 13 byte
+# values decode to some digits but only appear in corrupt data.
+_TQ1_CANONICAL = torch.zeros(256, dtype=torch.bool)
+_TQ1_CANONICAL[[(v * 256 + 242) // 243 for v in range(243)]] = True
+
+
+def validate_packed(packed: torch.Tensor, fmt: str, in_features: int, align: int = ROW_ALIGN_BYTES) -> None:
+    """FormatError unless `packed` is exactly what packing some trit matrix would give: right shape, only valid
+    codes (no TQ2 code 3, only canonical TQ1 bytes) and zero trits in the padding columns."""
+    f = get_format(fmt)
+    name = f.name.upper()
+    _check_packed(packed, in_features, f.trits_per_byte, name, align)
+    q = packed.shape[1]
+    if fmt.lower() == "tq1" and packed.numel():
+        if not bool(_TQ1_CANONICAL.to(packed.device)[packed.long()].all()):
+            raise FormatError("TQ1 data holds byte values no TQ1 encoder produces; the file is corrupt")
+    full = f.trits_per_byte * q
+    for start, end in _row_chunks(packed.shape[0], full):
+        trits = f.unpack(packed[start:end], full, align)  # also rejects TQ2 code 3
+        if bool(trits[:, in_features:].any()):
+            raise FormatError(f"{name} padding columns (past in_features={in_features}) hold nonzero trits; "
+                              f"the data is corrupt or was packed for a different in_features")
