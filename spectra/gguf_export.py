@@ -1,0 +1,263 @@
+"""GGUF export for llama.cpp: architecture `llama`, byte-level BPE tokenizer, TQ1_0 / TQ2_0 / F16 weights.
+
+llama.cpp's TQ1_0 and TQ2_0 hold one fp16 scale per 256-weight block along a row (the `ne0` axis, our
+in_features). A TriLM matrix with one scale, or with per-shard scales split along its output rows
+(column-parallel q, k, v, gate, up), therefore maps exactly: every block lies inside one scale's shard.
+Row-parallel matrices (o, down) with P > 1 scales split each row; they map only when every shard boundary
+is a multiple of 256 columns, otherwise that matrix is written as F16 (exact trits times the fp16-rounded
+scale) and the export warns, naming the matrix and the reason. The block quantization itself is the `gguf`
+package's (gguf.quants), applied to trits * scale, which it recovers exactly (d = max|block| = scale).
+
+llama.cpp applies RoPE to interleaved pairs where Hugging Face LLaMA uses the rotate-half layout, so the
+rows of q_proj and k_proj are permuted within each head, as llama.cpp's own converter does.
+See docs/formats.md for the full mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CheckpointError, FormatError, SpectraError
+from .linear import FloatLinear, shard_bounds
+from .model import SpectraLM
+
+GGUF_TYPES = ("tq1_0", "tq2_0", "f16")
+QK_K = 256  # weights per TQ1_0 / TQ2_0 block
+
+
+class GGUFFallbackWarning(UserWarning):
+    """Some ternary matrices could not use the requested TQ type and were written as F16."""
+
+
+@dataclass
+class GGUFExportReport:
+    path: Path
+    type: str
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type name
+    fallbacks: dict[str, str] = field(default_factory=dict)     # GGUF tensor name -> why it is F16
+    bytes: int = 0
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise SpectraError("GGUF export needs the `gguf` package: pip install 'spectra-lm[gguf]'") from None
+    return gguf
+
+
+def tq_block_misfit(in_features: int, shard_axis: int, parts: int) -> str | None:
+    """Why a ternary [*, in_features] matrix cannot be TQ1_0/TQ2_0 exactly, or None when it can."""
+    if in_features % QK_K:
+        return f"its rows hold {in_features} weights, not a multiple of the {QK_K}-weight TQ block"
+    if shard_axis == 1 and parts > 1:
+        inside = [start for start, _ in shard_bounds(in_features, parts) if start % QK_K]
+        if inside:
+            return (f"its {parts} per-shard scales split each row at column {inside[0]}, inside a {QK_K}-weight "
+                    f"block that holds only one scale")
+    return None
+
+
+def permute_for_llama_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows of q/k_proj from the rotate-half RoPE layout to llama.cpp's interleaved pairs, per head."""
+    out, cols = weight.shape
+    return weight.reshape(num_heads, 2, out // num_heads // 2, cols).transpose(1, 2).reshape(out, cols)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFVocab:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    pre: str
+    eos_id: int | None
+
+
+def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
+    """Tokens, token types, merges and pre-tokenizer name of a byte-level BPE `tokenizers.Tokenizer`,
+    as llama.cpp's `gpt2` tokenizer model reads them (ids past the tokenizer's vocabulary become [PADi])."""
+    gguf = _gguf()
+    from .tokenizer import EOS_TOKEN
+
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise FormatError("GGUF export supports byte-level BPE tokenizers (GPT-2/GPT-NeoX style) only; this "
+                          f"tokenizer is {model.get('type')!r} with a {(data.get('decoder') or {}).get('type')!r} "
+                          "decoder")
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if vocab and max(vocab.values()) >= vocab_size:
+        raise FormatError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
+                          f"{vocab_size}; the tokenizer does not belong to this checkpoint")
+    added = tokenizer.get_added_tokens_decoder()
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED))
+        else:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return GGUFVocab(tokens, types, merges, _pre_tokenizer_name(data.get("pre_tokenizer")),
+                     tokenizer.token_to_id(EOS_TOKEN))
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    # ByteLevel with its built-in regex is GPT-2's pre-tokenization, which llama.cpp calls "gpt-2".
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    warnings.warn("the tokenizer's pre-tokenizer is not plain GPT-2 ByteLevel; the GGUF says 'default' and "
+                  "llama.cpp may split text differently from the tokenizer", GGUFFallbackWarning, stacklevel=3)
+    return "default"
+
+
+def _add_vocab(writer, vocab: GGUFVocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    if vocab.eos_id is not None:
+        # GPT-NeoX style: one end-of-text token serves as BOS and EOS; no BOS is prepended (spectra never does).
+        writer.add_bos_token_id(vocab.eos_id)
+        writer.add_eos_token_id(vocab.eos_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+# --- weights -----------------------------------------------------------------------------------------
+
+def _linear_tensor(name: str, module, config, qtype: str):
+    """(numpy data, GGML type) for one linear layer, and the fallback reason (or None)."""
+    gguf = _gguf()
+    from .packed import ternary_values
+
+    ggml = gguf.GGMLQuantizationType
+    if qtype == "f16" and isinstance(module, FloatLinear):
+        weight, misfit = module.weight.detach().float(), None
+    else:
+        try:
+            trits, scales = ternary_values(name, module)
+        except FormatError as err:
+            if qtype == "f16":
+                raise
+            raise FormatError(f"{err}; export a FloatLM with --type f16") from None
+        from .linear import ternary_dense_weight
+
+        weight = ternary_dense_weight(trits, scales.float(), module.shard_axis, torch.float32)
+        misfit = None if qtype == "f16" else tq_block_misfit(module.in_features, module.shard_axis, module.parts)
+    if name.endswith(("q_proj", "k_proj")):
+        weight = permute_for_llama_rope(weight, config.num_heads)
+    array = weight.cpu().numpy()
+    if qtype == "f16" or misfit is not None:
+        return array.astype(np.float16), ggml.F16, misfit
+    kind = ggml.TQ1_0 if qtype == "tq1_0" else ggml.TQ2_0
+    return gguf.quants.quantize(array, kind), kind, None
+
+
+def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_0", name: str = "spectra",
+               progress: bool = False) -> GGUFExportReport:
+    """Write `model` and its byte-level BPE `tokenizer` to the GGUF file `path` (atomically)."""
+    gguf = _gguf()
+    qtype = qtype.lower()
+    if qtype not in GGUF_TYPES:
+        raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer is None:
+        raise CheckpointError("GGUF export needs the tokenizer (llama.cpp reads the vocabulary from the GGUF); "
+                              "use a checkpoint directory with tokenizer.json")
+    config, path = model.config, Path(path)
+    vocab = gguf_vocab(tokenizer, config.vocab_size)
+    report = GGUFExportReport(path=path, type=qtype)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+    linear = model.linear_layers()
+
+    tensors: list[tuple[str, np.ndarray, object]] = []
+    for hf_name, module in tqdm(linear.items(), desc=f"GGUF {qtype}", disable=not progress, leave=False):
+        data, kind, misfit = _linear_tensor(hf_name, module, config, qtype)
+        gname = names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
+        tensors.append((gname, data, kind))
+        if misfit is not None:
+            report.fallbacks[gname] = misfit
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.rsplit(".", 1)[0] in linear:
+            continue
+        array = tensor.detach().float().cpu().numpy()
+        # llama.cpp keeps 1-D tensors (norm gains) in F32; embeddings and lm head go F16.
+        kind = gguf.GGMLQuantizationType.F32 if array.ndim == 1 else gguf.GGMLQuantizationType.F16
+        array = array if array.ndim == 1 else array.astype(np.float16)
+        tensors.append((names.get_name(hf_name, try_suffixes=(".weight",)), array, kind))
+
+    if report.fallbacks:
+        lines = "; ".join(f"{n}: {why}" for n, why in report.fallbacks.items())
+        warnings.warn(f"{len(report.fallbacks)} ternary matrices written as F16 instead of {qtype.upper()}: {lines}",
+                      GGUFFallbackWarning, stacklevel=2)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _add_hparams(writer, config, qtype, name)
+        _add_vocab(writer, vocab)
+        for gname, data, kind in tensors:
+            writer.add_tensor(gname, data, raw_dtype=kind)
+            report.tensor_types[gname] = kind.name
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    report.bytes = path.stat().st_size
+    return report
+
+
+def _add_hparams(writer, config, qtype: str, name: str) -> None:
+    gguf = _gguf()
+    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
+                  "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0}
+    writer.add_name(name)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_file_type(file_types[qtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0",
+                progress: bool = False) -> GGUFExportReport:
+    """Export a checkpoint directory (dense, ternary or packed, with tokenizer.json) to a GGUF file."""
+    from .checkpoint import load_checkpoint
+    from .tokenizer import load_tokenizer
+
+    checkpoint = Path(checkpoint)
+    if qtype.lower() not in GGUF_TYPES:
+        raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
+    return write_gguf(model, tokenizer, path, qtype, name=checkpoint.name, progress=progress)
