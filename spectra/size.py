@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from .config import ModelConfig
 
@@ -66,3 +69,50 @@ def size_in_bits(config: ModelConfig, kind: str = "ternary") -> float:
         return fp_bits + 8 * packed * config.num_layers + scale_bits
     from .errors import ConfigError
     raise ConfigError(f"unknown size kind {kind!r}; known: {', '.join(KIND_BITS)}")
+
+
+# --- size of a built model, whatever its weight kinds ---------------------------------------------
+#
+# Storage-bits protocol. A linear module of any weight kind reports the bits it holds in deployable form
+# through one of two methods (the first one found wins):
+#   storage_bits() -> float     total bits of the module: weights, scales, zero points and padding;
+#   bits_per_weight() -> float  bits per weight *including* those overheads (total = bpw * out * in).
+# Packed ternary modules report their real format bits (TQ2/TQ1 with padding), QuantLM modules their
+# code bits plus scales/zeros. The built-in kinds are counted as the papers count them: FloatLM at 16 bits,
+# TriLM at log2(3) bits per weight plus one 16-bit scale per model-parallel shard.
+
+
+def linear_storage_bits(module: Any) -> float:
+    """Bits one linear layer holds in deployable form (see the storage-bits protocol above)."""
+    from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
+
+    if hasattr(module, "storage_bits"):
+        return float(module.storage_bits())
+    numel = module.out_features * module.in_features
+    if hasattr(module, "bits_per_weight"):
+        return float(module.bits_per_weight()) * numel
+    if isinstance(module, (TernaryLinear, FrozenTernaryLinear)):
+        return LOG2_3 * numel + SCALE_BITS * module.parts
+    if isinstance(module, FloatLinear):
+        return FLOAT_BITS * numel
+    from .errors import ConfigError
+    raise ConfigError(f"cannot size linear layer of type {type(module).__name__}: give it a storage_bits() "
+                      f"or bits_per_weight() method (the storage-bits protocol in spectra/size.py)")
+
+
+def model_size_breakdown(model: torch.nn.Module) -> dict[str, float]:
+    """Bits held by the linear layers, by everything else (fp16 embeddings, lm head, norms), and in total."""
+    linear = model.linear_layers()
+    linear_bits = sum(linear_storage_bits(m) for m in linear.values())
+    # Everything outside the block linear layers is kept in 16-bit float, as the papers count it.
+    other = sum(t.numel() for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in linear)
+    other_bits = float(FLOAT_BITS * other)
+    return {"linear_bits": linear_bits, "other_bits": other_bits, "total_bits": linear_bits + other_bits}
+
+
+def model_size_bits(model: torch.nn.Module) -> float:
+    """A model's size in bits the way the Spectra papers count it, from the layers it actually holds.
+
+    Works on meta-device models too (only shapes are read), so suite sizes are cheap to measure.
+    """
+    return model_size_breakdown(model)["total_bits"]

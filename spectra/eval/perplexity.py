@@ -1,0 +1,185 @@
+"""Sliding-window token-level perplexity on local text or prepared token shards.
+
+Every token after the first is scored exactly once. Window k scores the targets [s, e) and feeds the
+model the `window` tokens just before them (fewer at the start of the text), so each scored token sees at
+least `window - stride` tokens of context once the text is long enough (the Hugging Face recipe, made
+exact at window borders). stride == window gives disjoint windows; smaller strides buy context with compute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int    # first input token
+    end: int      # one past the last scored target; inputs are tokens[start:end-1]
+    scored: int   # how many of the window's last targets are scored (the rest are context only)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    loss: float             # mean negative log-likelihood per scored token, nats
+    bits_per_token: float
+    tokens: int             # scored tokens
+    window: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
+    """The windows that score tokens 1 .. n_tokens-1 once each, `stride` new targets per window."""
+    if window < 1 or stride < 1:
+        raise ConfigError(f"window ({window}) and stride ({stride}) must be positive")
+    if stride > window:
+        raise ConfigError(f"stride {stride} exceeds the window {window}: tokens between windows would never "
+                          f"be scored; use a stride of at most the window")
+    if n_tokens < 2:
+        raise DataError(f"perplexity needs at least 2 tokens, got {n_tokens}; give it more text")
+    windows, s = [], 1
+    while s < n_tokens:
+        e = min(s + stride, n_tokens)
+        windows.append(Window(start=max(0, e - 1 - window), end=e, scored=e - s))
+        s = e
+    return windows
+
+
+@torch.no_grad()
+def token_nll(model: torch.nn.Module, tokens: torch.Tensor, windows: list[Window], batch_size: int = 8,
+              progress: bool = True) -> torch.Tensor:
+    """Negative log-likelihood (float64, nats) of every scored target, in text order."""
+    device = model.model.embed_tokens.weight.device
+    out: list[torch.Tensor] = []
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        length = max(w.end - 1 - w.start for w in batch)
+        # Right padding is harmless for a causal model: padded positions come after every scored one.
+        inputs = torch.zeros(len(batch), length, dtype=torch.long)
+        targets = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, w in enumerate(batch):
+            n = w.end - 1 - w.start
+            inputs[row, :n] = tokens[w.start:w.end - 1]
+            targets[row, :n] = tokens[w.start + 1:w.end]
+        logits = model(inputs.to(device)).float()
+        logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
+        for row, w in enumerate(batch):
+            n = w.end - 1 - w.start
+            out.append(-logprobs[row, n - w.scored:n].double().cpu())
+    return torch.cat(out)
+
+
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window: int | None = None,
+               stride: int | None = None, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+    """Token-level perplexity of `tokens` (1-D ids) under `model` with sliding windows.
+
+    `window` defaults to the model's max_seq_len, `stride` to half the window.
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+    max_len = model.config.max_seq_len
+    window = window or max_len
+    if window > max_len:
+        raise ConfigError(f"window {window} exceeds the model's max_seq_len {max_len}; pass --window {max_len}")
+    stride = stride or max(1, window // 2)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    vocab = model.config.vocab_size
+    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+        raise DataError(f"token ids reach {int(tokens.max())} but the model's vocabulary has {vocab} entries; "
+                        f"the data was tokenized with another tokenizer — re-tokenize it with the checkpoint's")
+    nll = token_nll(model, tokens, sliding_windows(tokens.numel(), window, stride), batch_size, progress)
+    loss = float(nll.mean())
+    return PerplexityResult(perplexity=math.exp(loss), loss=loss, bits_per_token=loss / math.log(2),
+                            tokens=nll.numel(), window=window, stride=stride)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D token ids from `path`: prepared shards (spectra.data), a .npy array of ids, .jsonl with a
+    "text" field, a text file, or a folder of text files. Text needs `tokenizer` (a tokenizers.Tokenizer);
+    documents are joined with the end-of-text token when the tokenizer has one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"evaluation data {path} does not exist")
+    tokens = _prepared_tokens(path)
+    if tokens is None and path.suffix == ".npy":
+        tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64).reshape(-1))
+    if tokens is None:
+        tokens = _tokenize_documents(_read_documents(path), tokenizer, path)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if tokens.numel() < 2:
+        raise DataError(f"{path} holds {tokens.numel()} tokens; perplexity needs at least 2")
+    return tokens
+
+
+def _prepared_tokens(path: Path) -> torch.Tensor | None:
+    """Tokens of a directory of prepared shards, read through spectra.data when that module provides it."""
+    try:
+        from .. import data as data_module  # written by the pretraining pipeline; optional here
+    except ImportError:
+        return None
+    reader = getattr(data_module, "read_tokens", None)
+    if reader is None or not path.is_dir() or not any(path.glob("*.json")):
+        return None
+    try:
+        return torch.as_tensor(np.asarray(reader(path)), dtype=torch.long).reshape(-1)
+    except DataError:
+        return None  # not a shard directory after all: read it as text
+
+
+def _read_documents(path: Path) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+        if not files:
+            raise DataError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)}, .jsonl) nor prepared shards")
+        return [doc for f in files for doc in _read_documents(f)]
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
+        return docs
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; pass text, .jsonl, .npy token ids or prepared shards") from None
+
+
+def _tokenize_documents(docs: list[str], tokenizer, path: Path) -> torch.Tensor:
+    if tokenizer is None:
+        raise DataError(f"{path} is text but no tokenizer was given; use a checkpoint that has tokenizer.json")
+    from ..tokenizer import eos_id
+
+    sep = eos_id(tokenizer)
+    ids: list[int] = []
+    for doc in docs:
+        if not doc.strip():
+            continue
+        if ids and sep is not None:
+            ids.append(sep)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False).ids)
+    if not ids:
+        raise DataError(f"{path} holds no text")
+    return torch.tensor(ids, dtype=torch.long)
