@@ -60,9 +60,11 @@ class PackedTernaryLinear(nn.Module):
         self.format, self.format_version = fmt.name, format_version
         self.in_features, self.out_features = in_features, out_features
         self.shard_axis, self.parts = shard_axis, parts
-        # Start from packed all-zero trits (a valid encoding) rather than zero bytes (all -1 in TQ2).
-        zero_row = fmt.pack(torch.zeros(1, in_features, dtype=torch.int8))
-        self.register_buffer("qweight", zero_row.expand(out_features, -1).clone().to(device))
+        # Start from packed all-zero trits (a valid encoding) rather than zero bytes (all -1 in TQ2). The
+        # pattern is packed on CPU explicitly so meta-device models (size accounting) build too.
+        zero_row = fmt.pack(torch.zeros(1, in_features, dtype=torch.int8, device="cpu"))
+        qweight = torch.empty(out_features, zero_row.shape[1], dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", qweight.copy_(zero_row.expand(out_features, -1)))
         # Scales stay fp32 whatever the activation dtype: the dense weight is built in fp32 (exact trits * s).
         self.register_buffer("scales", torch.ones(parts, dtype=torch.float32, device=device))
 
