@@ -79,6 +79,10 @@ class _TernarySTE(torch.autograd.Function):
 
 def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> torch.Tensor:
     """scale * round(clamp(W/scale, -1, 1)) with gradients passed straight through to W."""
+    if hasattr(weight, "device_mesh"):
+        # A tensor-parallel DTensor: each rank ternarizes its own shard with its own scale (spectra.parallel).
+        from .parallel import sharded_ternary_weight_ste
+        return sharded_ternary_weight_ste(weight, parts, axis)
     return _TernarySTE.apply(weight, parts, axis)
 
 

@@ -1,0 +1,250 @@
+"""Distributed pretraining on CPU (gloo, 2 processes): DP and TP equal the single-process run.
+
+One torchrun launch (this file run as a script) trains every 2-rank scenario and writes its losses,
+per-shard scales, logits and checkpoints to a directory; the tests compare them with single-process runs
+computed here. Same seed, same global batches, same model-parallel size: only fp32 reduction order differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectra import SpectraLM, get_config, ternarize
+from spectra.checkpoint import load_checkpoint
+from spectra.distributed import load_training_checkpoint, save_training_checkpoint
+from spectra.errors import CheckpointError, ConfigError
+from spectra.parallel import (
+    ParallelContext,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    config_for_tensor_parallel,
+    init_parallel,
+    local_batch,
+    mean_over_data_parallel,
+    parallelize,
+)
+
+STEPS, SAVE_AT, BATCH, SEQ = 6, 3, 4, 24
+LOSS_TOL = 2e-5  # fp32 reduction order (sharded matmuls, all-reduce of gradients) over a few steps
+CORPUS = torch.randint(0, 1024, (97,), generator=torch.Generator().manual_seed(7)).repeat(8)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """The same global batch on every rank and mesh: windows of a repeating sequence the model can learn."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    starts = torch.randint(0, CORPUS.numel() - SEQ - 1, (BATCH,), generator=gen)
+    return torch.stack([CORPUS[s:s + SEQ + 1] for s in starts.tolist()])
+
+
+def build(ctx: ParallelContext, mp: int, dp_mode: str = "fsdp") -> tuple[SpectraLM, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = SpectraLM(get_config("tiny", weight_kind="ternary", model_parallel_size=mp)).to(ctx.device)
+    parallelize(model, ctx, dp_mode)
+    # eps 1e-6 rather than 1e-8: with 1e-8 Adam turns the reduction-order noise of near-zero gradients
+    # into lr-sized steps of random sign, and the runs drift apart for reasons unrelated to parallelism.
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
+
+
+def train(ctx: ParallelContext, mp: int, dp_mode: str = "fsdp", resume: Path | None = None,
+          save_dir: Path | None = None) -> tuple[SpectraLM, list[float]]:
+    """A minimal loop: AdamW, global-norm clipping (active at 0.5), loss averaged over data parallel."""
+    model, opt = build(ctx, mp, dp_mode)
+    start = load_training_checkpoint(resume, model, opt, ctx)["step"] if resume else 0
+    losses = []
+    for step in range(start, STEPS):
+        batch = local_batch(global_batch(step), ctx)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        clip_grad_norm_(model, 0.5, ctx)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(mean_over_data_parallel(loss, ctx).item())
+        if save_dir is not None and step + 1 == SAVE_AT:
+            save_training_checkpoint(save_dir, model, opt, ctx, meta={"step": step + 1})
+    return model, losses
+
+
+SINGLE = ParallelContext(0, 1, 0, torch.device("cpu"), 1, 1, None)
+
+
+# --- the 2-process worker (run by torchrun) -------------------------------------------------------
+
+def _record_weight_seen(model: SpectraLM, seen: dict) -> None:
+    """Forward pre-hooks noting what weight each ternary layer of block 0 ternarizes."""
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        module = model.model.layers[0].get_submodule(name)
+
+        def hook(mod, args, name=name):
+            seen.setdefault(name, [type(mod.weight).__name__, list(mod.weight.shape)])
+        module.register_forward_pre_hook(hook)
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    results: dict = {}
+    ctx = init_parallel(dp=2, tp=1)
+    model, _ = build(ctx, mp=2)
+    seen: dict = {}
+    _record_weight_seen(model, seen)
+    model(local_batch(global_batch(0), ctx)[:, :-1])
+    results["fsdp_weight_seen"] = seen
+    _, results["fsdp"] = train(ctx, mp=2)
+    _, results["ddp"] = train(ctx, mp=2, dp_mode="ddp")
+
+    ctx = init_parallel(dp=1, tp=2)
+    model, results["tp"] = train(ctx, mp=2, save_dir=out / "tp_step3")
+    scales = {}
+    for name in ("self_attn.q_proj", "self_attn.o_proj"):
+        layer = model.model.layers[0].get_submodule(name)
+        scales[name] = ternarize(layer.weight.to_local(), 1, layer.shard_axis)[1].tolist()
+    everyone = [None] * ctx.world_size
+    dist.all_gather_object(everyone, scales)
+    results["tp_local_scales"] = everyone
+    with torch.no_grad():
+        results["tp_logits"] = model.eval()(global_batch(99)[:, :-1]).tolist()
+    save_training_checkpoint(out / "tp_final", model, None, ctx, meta={"step": STEPS})
+    _, results["tp_resumed_tp"] = train(ctx, mp=2, resume=out / "tp_step3")
+
+    ctx = init_parallel(dp=2, tp=1)
+    _, results["tp_resumed_dp"] = train(ctx, mp=2, resume=out / "tp_step3")
+    if ctx.is_main:
+        (out / "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def single_runs() -> dict[str, list[float]]:
+    return {"mp2": train(SINGLE, mp=2)[1], "mp1": train(SINGLE, mp=1)[1]}
+
+
+def test_data_parallel_fsdp_and_ddp_match_single_process(two_ranks, single_runs):
+    results, _ = two_ranks
+    reference = single_runs["mp2"]
+    assert reference[-1] < reference[0] - 0.3  # the run learns, so the comparison covers moving weights
+    for mode in ("fsdp", "ddp"):
+        assert results[mode] == pytest.approx(reference, abs=LOSS_TOL), mode
+
+
+def test_fsdp_ternarizes_the_gathered_matrix_not_a_shard(two_ranks):
+    # Each rank stores half of every matrix; the forward must see the all-gathered plain tensor.
+    seen = two_ranks[0]["fsdp_weight_seen"]
+    config = get_config("tiny")
+    d, h = config.hidden_size, config.intermediate_size
+    assert seen == {"self_attn.q_proj": ["Parameter", [d, d]], "mlp.down_proj": ["Parameter", [d, h]]}
+
+
+def test_tensor_parallel_matches_model_parallel_size_and_not_a_global_scale(two_ranks, single_runs):
+    results, _ = two_ranks
+    assert results["tp"] == pytest.approx(single_runs["mp2"], abs=LOSS_TOL)
+    # One scale over the whole matrix (an all-reduced scale) would follow the mp=1 run instead.
+    assert max(abs(a - b) for a, b in zip(results["tp"], single_runs["mp1"])) > 50 * LOSS_TOL
+
+
+def test_tensor_parallel_scale_is_each_shards_own_mean(two_ranks):
+    results, out = two_ranks
+    model = _fresh(mp=2)
+    assert load_training_checkpoint(out / "tp_final", model, None, SINGLE) == {"step": STEPS}
+    for name in ("self_attn.q_proj", "self_attn.o_proj"):
+        layer = model.model.layers[0].get_submodule(name)
+        expected = ternarize(layer.weight, 2, layer.shard_axis)[1]
+        got = torch.tensor([rank[name][0] for rank in results["tp_local_scales"]])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        assert not torch.allclose(got[0], got[1])
+
+
+def test_tensor_parallel_checkpoint_loads_in_one_process_with_identical_logits(two_ranks):
+    results, out = two_ranks
+    tp_logits = torch.tensor(results["tp_logits"])
+    frozen = load_checkpoint(out / "tp_final")
+    assert frozen.config.model_parallel_size == 2
+    assert frozen.model.layers[0].self_attn.q_proj.scales.numel() == 2
+    tokens = global_batch(99)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(tokens), tp_logits, rtol=1e-5, atol=1e-5)
+        latent = _fresh(mp=2)
+        load_training_checkpoint(out / "tp_final", latent, None, SINGLE)
+        torch.testing.assert_close(latent.eval()(tokens), tp_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_exactly_on_the_same_another_and_one_process(two_ranks, single_runs):
+    results, out = two_ranks
+    tail = results["tp"][SAVE_AT:]
+    assert results["tp_resumed_tp"] == tail  # same mesh: bit-identical
+    assert results["tp_resumed_dp"] == pytest.approx(tail, abs=LOSS_TOL)
+    _, resumed_single = train(SINGLE, mp=2, resume=out / "tp_step3")
+    assert resumed_single == pytest.approx(single_runs["mp2"][SAVE_AT:], abs=LOSS_TOL)
+
+
+def _fresh(mp: int) -> SpectraLM:
+    return SpectraLM(get_config("tiny", weight_kind="ternary", model_parallel_size=mp))
+
+
+# --- single-process checks of the API's bad input -------------------------------------------------
+
+def test_tensor_parallel_config_checks():
+    tiny = get_config("tiny", weight_kind="ternary")
+    assert config_for_tensor_parallel(tiny, 2).model_parallel_size == 2
+    assert config_for_tensor_parallel(tiny.replace(model_parallel_size=4), 2).model_parallel_size == 4
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        check_tensor_parallel(tiny.replace(model_parallel_size=3), 2)
+    with pytest.raises(ConfigError, match="num_heads"):
+        check_tensor_parallel(tiny, 3)
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        check_tensor_parallel(tiny.replace(intermediate_size=174, model_parallel_size=4), 2)
+    with pytest.raises(ConfigError, match="kinds"):
+        check_tensor_parallel(tiny.replace(weight_kind="ternary_frozen"), 2)
+
+
+def test_launch_and_batch_errors(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 4"):
+        init_parallel(dp=2, tp=2)
+    with pytest.raises(ConfigError, match="positive"):
+        init_parallel(dp=0)
+    with pytest.raises(ConfigError, match="fsdp"):
+        parallelize(_fresh(1), SINGLE, dp_mode="zero3")
+    ctx = ParallelContext(0, 2, 0, torch.device("cpu"), 2, 1, object())
+    with pytest.raises(ConfigError, match="divisible by 2"):
+        local_batch(torch.zeros(3, 5), ctx)
+    assert local_batch(torch.arange(8).view(4, 2), ParallelContext(1, 2, 1, torch.device("cpu"), 2, 1,
+                                                                     object())).tolist() == [[4, 5], [6, 7]]
+    assert mean_over_data_parallel(torch.tensor(2.5), SINGLE).item() == 2.5
+
+
+def test_single_process_training_checkpoint_round_trip(tmp_path):
+    model, losses = train(SINGLE, mp=2, save_dir=tmp_path / "ckpt")
+    assert len(losses) == STEPS
+    assert load_checkpoint(tmp_path / "ckpt").config.model_parallel_size == 2
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_training_checkpoint(tmp_path, _fresh(2), None, SINGLE)
+    with pytest.raises(CheckpointError, match="shape"):
+        load_training_checkpoint(tmp_path / "ckpt", SpectraLM(get_config("tiny", hidden_size=32)), None, SINGLE)
+    (tmp_path / "ckpt" / "train_state.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_training_checkpoint(tmp_path / "ckpt", _fresh(2), None, SINGLE)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
