@@ -14,6 +14,7 @@ losslessly (`to_storage`, `from_storage`). Padding columns hold trit 0. See docs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,12 +45,12 @@ def row_bytes(in_features: int, trits_per_byte: int, align: int = ROW_ALIGN_BYTE
 
 
 def _planes(trits: torch.Tensor, trits_per_byte: int, align: int) -> torch.Tensor:
-    """Digits t+1 in {0,1,2} as int32 of shape [n, G, Q] (plane i = columns i*Q .. i*Q+Q-1)."""
+    """Digits t+1 in {0,1,2} as uint8 of shape [n, G, Q] (plane i = columns i*Q .. i*Q+Q-1)."""
     _check_trits(trits)
     n, k = trits.shape
     q = row_bytes(k, trits_per_byte, align)
-    digits = torch.ones(n, trits_per_byte * q, dtype=torch.int32, device=trits.device)
-    digits[:, :k] = trits.to(torch.int32) + 1
+    digits = torch.ones(n, trits_per_byte * q, dtype=torch.uint8, device=trits.device)
+    digits[:, :k] = (trits + 1).to(torch.uint8)
     return digits.view(n, trits_per_byte, q)
 
 
@@ -62,19 +63,39 @@ def _check_packed(packed: torch.Tensor, in_features: int, trits_per_byte: int, n
                           f"{row_bytes(in_features, trits_per_byte, align)}; the file is corrupt or mislabeled")
 
 
+def _decode_table(planes_of_bytes: Callable[[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+    """[256, G] int8 trits of every byte value: decoding a tensor is then one gather (CPU speed)."""
+    return (torch.stack(planes_of_bytes(torch.arange(256, dtype=torch.int32)), dim=1) - 1).to(torch.int8)
+
+
+@functools.cache
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    return _TABLES[name].to(device)
+
+
+def _unpack_with_table(packed: torch.Tensor, in_features: int, table: str) -> torch.Tensor:
+    n = packed.shape[0]
+    trits = _table(table, packed.device)[packed.to(torch.int32)]  # [n, Q, G]
+    return trits.transpose(1, 2).reshape(n, -1)[:, :in_features].contiguous()
+
+
+def tq2_codes(b: torch.Tensor) -> list[torch.Tensor]:
+    """The four 2-bit codes (plane 0 in the low bits) of TQ2 bytes."""
+    b = b.to(torch.int32)
+    return [(b >> (2 * i)) & 3 for i in range(4)]
+
+
 def pack_tq2(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     """[n, k] trits -> [n, row_bytes(k, 4)] uint8; trit of plane i in bits 2i..2i+1, stored as t + 1."""
     d = _planes(trits, 4, align)
-    return (d[:, 0] | (d[:, 1] << 2) | (d[:, 2] << 4) | (d[:, 3] << 6)).to(torch.uint8)
+    return d[:, 0] | (d[:, 1] << 2) | (d[:, 2] << 4) | (d[:, 3] << 6)
 
 
 def unpack_tq2(packed: torch.Tensor, in_features: int, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     _check_packed(packed, in_features, 4, "TQ2", align)
-    b = packed.to(torch.int32)
-    planes = torch.stack([(b >> (2 * i)) & 3 for i in range(4)], dim=1)
-    if planes.numel() and int(planes.max()) > 2:
+    if bool((packed & (packed >> 1) & 0x55).any()):  # some 2-bit field with both bits set: code 3
         raise FormatError("TQ2 data holds the invalid 2-bit code 3; the file is corrupt")
-    return (planes.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+    return _unpack_with_table(packed, in_features, "tq2")
 
 
 def pack_tq1(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
@@ -85,8 +106,8 @@ def pack_tq1(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     d_i = ((q * 3^i) mod 256) * 3 >> 8.
     """
     d = _planes(trits, 5, align)
-    v = d[:, 0] * 81 + d[:, 1] * 27 + d[:, 2] * 9 + d[:, 3] * 3 + d[:, 4]
-    return ((v * 256 + 242) // 243).to(torch.uint8)
+    v = d[:, 0] * 81 + d[:, 1] * 27 + d[:, 2] * 9 + d[:, 3] * 3 + d[:, 4]  # <= 242: fits in uint8
+    return _table("tq1_encode", v.device)[v.to(torch.int32)]
 
 
 def tq1_digits(q: torch.Tensor) -> list[torch.Tensor]:
@@ -97,8 +118,16 @@ def tq1_digits(q: torch.Tensor) -> list[torch.Tensor]:
 
 def unpack_tq1(packed: torch.Tensor, in_features: int, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
     _check_packed(packed, in_features, 5, "TQ1", align)
-    planes = torch.stack(tq1_digits(packed), dim=1)
-    return (planes.reshape(packed.shape[0], -1)[:, :in_features] - 1).to(torch.int8)
+    return _unpack_with_table(packed, in_features, "tq1")
+
+
+# Lookup tables built from the formulas above (and tested against them on all 256 bytes).
+_TABLES: dict[str, torch.Tensor] = {
+    "tq2": _decode_table(tq2_codes),
+    "tq1": _decode_table(tq1_digits),
+    # Index v in 0..242 -> ceil(v * 256 / 243); entries past 242 are never used.
+    "tq1_encode": torch.tensor([min(255, (v * 256 + 242) // 243) for v in range(256)], dtype=torch.uint8),
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""PackedTernaryLinear and packed checkpoints: bit-exact against FrozenTernaryLinear, same greedy tokens,
+the storage layout on disk, sizes reported from stored bytes, and one clear error per kind of bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spectra
+from spectra.checkpoint import load_checkpoint, save_checkpoint
+from spectra.cli.info import info
+from spectra.cli.main import main
+from spectra.errors import CheckpointError, FormatError
+from spectra.formats import STORAGE_ALIGN_BYTES, get_format
+from spectra.generate import generate
+from spectra.kernels import ternary_matmul_reference
+from spectra.linear import FrozenTernaryLinear
+from spectra.packed import PackedTernaryLinear, pack_checkpoint, pack_model, pack_report
+from spectra.tokenizer import load_tokenizer, train_tokenizer
+
+FORMATS = ("tq2", "tq1")
+
+
+def random_frozen(out_features, in_features, parts, axis, seed):
+    g = torch.Generator().manual_seed(seed)
+    trits = torch.randint(-1, 2, (out_features, in_features), generator=g, dtype=torch.int8)
+    scales = torch.rand(parts, generator=g) + 0.05
+    return FrozenTernaryLinear.from_trits(trits, scales, axis)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), out_features=st.integers(2, 70), in_features=st.integers(2, 300),
+       parts=st.integers(1, 2), axis=st.sampled_from([0, 1]), batch=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_packed_layer_equals_frozen_layer_bit_exactly(fmt, out_features, in_features, parts, axis, batch, seed):
+    frozen = random_frozen(out_features, in_features, parts, axis, seed)
+    packed = PackedTernaryLinear.from_trits(frozen.trits, frozen.scales, axis, fmt)
+    x = torch.randn(batch, 3, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(packed(x), frozen(x))
+    assert torch.equal(packed.trits(), frozen.trits)
+    assert torch.equal(packed.dense_weight(), frozen.dense_weight(torch.float32))
+    ref = ternary_matmul_reference(x, packed.qweight, fmt, in_features, packed.scales, axis)
+    assert torch.equal(ref, torch.nn.functional.linear(x, frozen.dense_weight(torch.float32)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_state_dict_holds_storage_layout_and_round_trips(fmt):
+    frozen = random_frozen(23, 333, 2, 1, 0)
+    packed = PackedTernaryLinear.from_trits(frozen.trits, frozen.scales, 1, fmt)
+    state = packed.state_dict()
+    assert state["qweight"].shape == (23, get_format(fmt).row_bytes(333, STORAGE_ALIGN_BYTES))
+    assert packed.qweight.shape == (23, get_format(fmt).row_bytes(333))
+    fresh = PackedTernaryLinear(333, 23, shard_axis=1, parts=2, format=fmt)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.qweight, packed.qweight) and torch.equal(fresh.scales, packed.scales)
+
+
+def test_config_weight_kind_builds_packed_layers():
+    model = spectra.SpectraLM(spectra.get_config("tiny", weight_kind="tq1", model_parallel_size=2))
+    layers = model.linear_layers()
+    assert all(isinstance(m, PackedTernaryLinear) and m.format == "tq1" for m in layers.values())
+    assert layers["model.layers.0.self_attn.o_proj"].shard_axis == 1
+    with pytest.raises(FormatError, match="unknown packed weight options"):
+        spectra.SpectraLM(spectra.get_config("tiny", weight_kind="tq2", weight_options={"bits": 2}))
+
+
+def test_storage_bits_on_a_meta_3_9b_model():
+    with torch.device("meta"):
+        model = spectra.SpectraLM(spectra.get_config("3.9B", weight_kind="tq1"))
+    layers = model.linear_layers().values()
+    bpw = sum(m.storage_bits() for m in layers) / sum(m.in_features * m.out_features for m in layers)
+    assert 1.6 <= bpw <= 1.61
+
+
+# --- models and checkpoints ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog; ternary weights are small."] * 20, 300)
+
+
+def frozen_model(parts=2, seed=0):
+    torch.manual_seed(seed)
+    model = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, model_parallel_size=parts))
+    return spectra.freeze_ternary(model).eval()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_model_logits_bit_exact_and_config(fmt):
+    model = frozen_model()
+    tokens = torch.randint(0, 320, (2, 19))
+    packed = pack_model(copy.deepcopy(model), fmt)
+    assert packed.config.weight_kind == fmt and packed.config.weight_options == {"format_version": 1}
+    assert torch.equal(packed(tokens), model(tokens))
+    # From latent TernaryLinear weights directly, and from another packed format.
+    torch.manual_seed(1)
+    latent = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, model_parallel_size=2)).eval()
+    expected = spectra.freeze_ternary(copy.deepcopy(latent))(tokens)
+    assert torch.equal(pack_model(latent, fmt)(tokens), expected)
+    other = "tq1" if fmt == "tq2" else "tq2"
+    assert torch.equal(pack_model(pack_model(copy.deepcopy(model), other), fmt)(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_checkpoint_logits_and_greedy_tokens(tmp_path, tokenizer, fmt):
+    model = frozen_model()
+    save_checkpoint(model, tmp_path / "tri", tokenizer=tokenizer, dtype=torch.float16)
+    report = pack_checkpoint(tmp_path / "tri", tmp_path / fmt, fmt)
+    unpacked = load_checkpoint(tmp_path / "tri")
+    packed = load_checkpoint(tmp_path / fmt)
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedTernaryLinear)
+    tokens = torch.randint(0, 320, (3, 21))
+    assert torch.equal(packed(tokens), unpacked(tokens))
+    prompt = tokenizer.encode("the quick").ids
+    assert torch.equal(generate(packed, prompt, 24, temperature=0), generate(unpacked, prompt, 24, temperature=0))
+    assert load_tokenizer(tmp_path / fmt).to_str() == tokenizer.to_str()
+    # Sizes come from the stored bytes: spectra info agrees with the pack report.
+    stored = info(str(tmp_path / fmt))["stored"]
+    assert stored["bits_per_linear_weight"] == pytest.approx(report.bits_per_weight)
+    assert report == pack_report(tmp_path / fmt)
+    nominal = 8 / get_format(fmt).trits_per_byte
+    assert nominal < report.bits_per_weight < nominal + 0.05  # 64- and 176-wide rows: some padding
+    assert report.packed_linear_bytes * 7 < report.fp16_linear_bytes
+
+
+def test_pack_a_float_loaded_ternary_checkpoint(tmp_path):
+    """A SpectraSuite-style unpacked checkpoint loaded as float still packs (its values are ternary)."""
+    model = frozen_model()
+    save_checkpoint(model, tmp_path / "tri")
+    as_float = load_checkpoint(tmp_path / "tri", kind="float")
+    tokens = torch.randint(0, 320, (1, 9))
+    assert torch.equal(pack_model(as_float, "tq1")(tokens), model(tokens))
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_packing_a_float_checkpoint_fails_clearly(tmp_path):
+    torch.manual_seed(0)
+    floatlm = spectra.SpectraLM(spectra.get_config("tiny", weight_kind="float"))
+    save_checkpoint(floatlm, tmp_path / "float")
+    with pytest.raises(FormatError, match="is not ternary.*distinct magnitudes"):
+        pack_checkpoint(tmp_path / "float", tmp_path / "out", "tq2")
+    assert not (tmp_path / "out").exists()
+    assert main(["pack", str(tmp_path / "float"), "--format", "tq2", "--out", str(tmp_path / "out")]) == 2
+
+
+@pytest.fixture
+def packed_dir(tmp_path):
+    save_checkpoint(frozen_model(), tmp_path / "tri")
+    pack_checkpoint(tmp_path / "tri", tmp_path / "packed", "tq1")
+    return tmp_path / "packed"
+
+
+def test_truncated_packed_file_fails_clearly(packed_dir):
+    weights = packed_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(packed_dir)
+
+
+def test_unknown_format_version_fails_clearly(packed_dir):
+    config_file = packed_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["spectra"]["weight_options"]["format_version"] = 99
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="format version 99 is unknown"):
+        load_checkpoint(packed_dir)
+    assert main(["generate", str(packed_dir), "--max-new-tokens", "1"]) == 2
+
+
+def test_corrupt_packed_bytes_fail_clearly(packed_dir):
+    from safetensors.torch import load_file, save_file
+
+    weights = packed_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.up_proj.qweight"
+    noncanonical = next(b for b in range(256) if b not in {-(-v * 256 // 243) for v in range(243)})
+    tensors[name][0, 0] = noncanonical
+    save_file(tensors, str(weights))
+    with pytest.raises(FormatError, match=f"{name}: TQ1 data holds byte values"):
+        load_checkpoint(packed_dir)
+
+
+def test_cli_pack_reports_sizes(tmp_path, capsys, tokenizer):
+    save_checkpoint(frozen_model(), tmp_path / "tri", tokenizer=tokenizer, dtype=torch.float16)
+    assert main(["pack", str(tmp_path / "tri"), "--format", "tq2", "--out", str(tmp_path / "tq2"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "tq2" and report["bits_per_weight"] == pytest.approx(2.0, abs=0.01)
+    assert report["fp16_linear_bytes"] == 2 * report["linear_weights"]
+    assert main(["pack", str(tmp_path / "tri"), "--format", "tq1", "--out", str(tmp_path / "tq1")]) == 0
+    out = capsys.readouterr().out
+    assert "bits/weight" in out and "fp16" in out
