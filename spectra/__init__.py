@@ -3,6 +3,7 @@
 from .config import PRESETS, SUITE, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DataError, DeviceError, FormatError, SpectraError
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
+from .gguf_export import export_gguf, write_gguf
 from .linear import (
     FloatLinear,
     FrozenTernaryLinear,
@@ -25,5 +26,5 @@ __all__ = [
     "FloatLinear", "FrozenTernaryLinear", "TernaryLinear", "freeze_ternary", "make_linear",
     "register_linear_kind", "ternarize",
     "SpectraLM", "count_parameters", "size_in_bits",
-    "PackedTernaryLinear", "pack_checkpoint", "pack_model",
+    "PackedTernaryLinear", "pack_checkpoint", "pack_model", "export_gguf", "write_gguf",
 ]
