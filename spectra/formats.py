@@ -203,8 +203,8 @@ def from_storage(stored: torch.Tensor, fmt: str, in_features: int) -> torch.Tens
 
 # The 243 bytes a TQ1 encoder can emit (q = ceil(v * 256 / 243) is injective on 0..242); the other 13 byte
 # values decode to some digits but only appear in corrupt data.
-_TQ1_CANONICAL = torch.zeros(256, dtype=torch.bool)
-_TQ1_CANONICAL[[(v * 256 + 242) // 243 for v in range(243)]] = True
+_TABLES["tq1_canonical"] = torch.zeros(256, dtype=torch.bool)
+_TABLES["tq1_canonical"][[(v * 256 + 242) // 243 for v in range(243)]] = True
 
 
 def validate_packed(packed: torch.Tensor, fmt: str, in_features: int, align: int = ROW_ALIGN_BYTES) -> None:
@@ -215,11 +215,14 @@ def validate_packed(packed: torch.Tensor, fmt: str, in_features: int, align: int
     _check_packed(packed, in_features, f.trits_per_byte, name, align)
     q = packed.shape[1]
     if fmt.lower() == "tq1" and packed.numel():
-        if not bool(_TQ1_CANONICAL.to(packed.device)[packed.long()].all()):
+        if not bool(_table("tq1_canonical", packed.device)[packed.to(torch.int32)].all()):
             raise FormatError("TQ1 data holds byte values no TQ1 encoder produces; the file is corrupt")
-    full = f.trits_per_byte * q
-    for start, end in _row_chunks(packed.shape[0], full):
-        trits = f.unpack(packed[start:end], full, align)  # also rejects TQ2 code 3
-        if bool(trits[:, in_features:].any()):
+    if fmt.lower() == "tq2" and bool((packed & (packed >> 1) & 0x55).any()):
+        raise FormatError("TQ2 data holds the invalid 2-bit code 3; the file is corrupt")
+    # Padding columns c >= in_features sit in plane c // Q at byte c % Q: decode only those digits.
+    planes = tq2_codes if f.trits_per_byte == 4 else tq1_digits
+    for plane in range(in_features // q if q else 0, f.trits_per_byte):
+        first = max(0, in_features - plane * q)
+        if first < q and bool(planes(packed[:, first:])[plane].ne(1).any()):
             raise FormatError(f"{name} padding columns (past in_features={in_features}) hold nonzero trits; "
                               f"the data is corrupt or was packed for a different in_features")
