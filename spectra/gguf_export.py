@@ -252,12 +252,13 @@ def _add_hparams(writer, config, qtype: str, name: str) -> None:
 def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0",
                 progress: bool = False) -> GGUFExportReport:
     """Export a checkpoint directory (dense, ternary or packed, with tokenizer.json) to a GGUF file."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_config
     from .tokenizer import load_tokenizer
 
     checkpoint = Path(checkpoint)
     if qtype.lower() not in GGUF_TYPES:
         raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    read_config(checkpoint)  # a missing or foreign directory fails here, before the tokenizer is looked for
     tokenizer = load_tokenizer(checkpoint)
     model = load_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
     return write_gguf(model, tokenizer, path, qtype, name=checkpoint.name, progress=progress)
