@@ -15,6 +15,7 @@ from .linear import (
 )
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
+from .quant import QuantConfig, QuantLinear, quantize_model
 from .size import count_parameters, size_in_bits
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "register_linear_kind", "ternarize",
     "SpectraLM", "count_parameters", "size_in_bits",
     "PackedTernaryLinear", "pack_checkpoint", "pack_model", "export_gguf", "write_gguf",
+    "QuantConfig", "QuantLinear", "quantize_model",
 ]

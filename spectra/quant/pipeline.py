@@ -1,0 +1,179 @@
+"""Quantize a FloatLM into a QuantLM, block by block (the sequential procedure of GPTQ, Sec. 4).
+
+Calibration sequences are embedded once; each transformer block then sees the outputs of the blocks before
+it *after* they were quantized, so every layer corrects for the error already made upstream. Within a block
+the layers go in four steps (q/k/v, o, gate/up, down), re-running the block before each step so that, e.g.,
+o_proj's Hessian is built from the outputs of the already quantized q/k/v projections.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from ..model import SpectraLM
+from .gptq import HessianAccumulator, gptq_quantize, output_error
+from .grid import QuantConfig
+from .linear import KIND, QuantizedWeight, QuantLinear
+from .rtn import rtn_quantize
+
+REPORT_FILE = "quantization.json"
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did; `layers` maps each linear layer to its relative output error
+    ||WX - QX|| / ||WX|| on the calibration inputs, for GPTQ and for RTN on the same inputs."""
+
+    config: QuantConfig
+    calibration_tokens: int = 0
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "calibration_tokens": self.calibration_tokens,
+                "layers": self.layers}
+
+
+def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig) -> QuantizedWeight:
+    """Codes of one weight matrix by `config.method`; GPTQ needs the layer's input Hessian."""
+    if config.method == "rtn":
+        return rtn_quantize(weight, config.bits, config.group_size, config.sym)
+    if hessian is None:
+        raise DataError("GPTQ needs calibration data; pass calibration tokens or use method='rtn'")
+    return gptq_quantize(weight, hessian, config.bits, config.group_size, config.sym, config.act_order,
+                         config.damp, config.block_size)
+
+
+@torch.no_grad()
+def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Tensor | None = None,
+                   batch_size: int = 8, progress: bool = True) -> QuantReport:
+    """Replace every block linear layer of the FloatLM `model` by a QuantLinear, in place.
+
+    `calibration` holds token ids [samples, seq_len]; GPTQ requires it, RTN only uses it to report errors.
+    Embeddings, norms and the lm head stay in floating point, as in the Spectra papers' QuantLMs.
+    """
+    if model.config.weight_kind != "float":
+        raise ConfigError(f"quantization starts from a FloatLM, but this model's weight kind is "
+                          f"{model.config.weight_kind!r}; load dense checkpoints with kind='float'")
+    model.eval()
+    report = QuantReport(config)
+    bar = tqdm(total=len(model.linear_layers()), desc=f"{config.method.upper()} {config.bits}-bit",
+               unit="layer", disable=not progress)
+    if calibration is None:
+        if config.method != "rtn":
+            raise DataError("GPTQ needs calibration data; pass calibration tokens or use method='rtn'")
+        for name, module in model.linear_layers().items():
+            bar.set_postfix_str(name)
+            _replace(model, name, module, quantize_layer(module.dense_weight(), None, config), config)
+            bar.update()
+    else:
+        _quantize_sequentially(model, config, _check_tokens(model, calibration), batch_size, report, bar)
+    bar.close()
+    model.config = model.config.replace(weight_kind=KIND, weight_options=config.weight_options())
+    return report
+
+
+def _check_tokens(model: SpectraLM, tokens: torch.Tensor) -> torch.Tensor:
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise DataError(f"calibration tokens must be a non-empty [samples, seq_len] tensor, got {tuple(tokens.shape)}")
+    if tokens.shape[1] > model.config.max_seq_len:
+        raise DataError(f"calibration sequences of {tokens.shape[1]} tokens exceed the model's max_seq_len "
+                        f"{model.config.max_seq_len}; use --seq-len {model.config.max_seq_len} or less")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= model.config.vocab_size:
+        raise DataError(f"calibration token ids must lie in [0, {model.config.vocab_size}); was the data "
+                        f"tokenized with this checkpoint's tokenizer?")
+    return tokens.to(model.model.embed_tokens.weight.device, torch.long)
+
+
+def _quantize_sequentially(model: SpectraLM, config: QuantConfig, tokens: torch.Tensor, batch_size: int,
+                           report: QuantReport, bar: tqdm) -> None:
+    report.calibration_tokens = tokens.numel()
+    hidden = [model.model.embed_tokens(batch) for batch in tokens.split(batch_size)]
+    dtype = hidden[0].dtype
+    length = tokens.shape[1]
+    cos, sin = model.rope_cos[:length].to(dtype), model.rope_sin[:length].to(dtype)
+    for index, block in enumerate(model.model.layers):
+        for group in SEQUENTIAL_GROUPS:
+            hessians = _capture_hessians(block, group, hidden, cos, sin)
+            for sub in group:
+                name = f"model.layers.{index}.{sub}"
+                bar.set_postfix_str(name)
+                module = block.get_submodule(sub)
+                weight, hessian = module.dense_weight().float(), hessians[sub]
+                quantized = quantize_layer(weight, hessian, config)
+                report.layers[name] = _relative_errors(weight, hessian, quantized, config)
+                _replace(model, name, module, quantized, config)
+                bar.update()
+        hidden = [block(x, cos, sin, None, None) for x in hidden]
+
+
+def _capture_hessians(block: nn.Module, names: tuple[str, ...], hidden: list[torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor) -> dict[str, torch.Tensor]:
+    accumulators, handles = {}, []
+    for sub in names:
+        module = block.get_submodule(sub)
+        acc = accumulators[sub] = HessianAccumulator(module.in_features, hidden[0].device)
+        handles.append(module.register_forward_hook(lambda mod, args, out, acc=acc: acc.add(args[0])))
+    try:
+        for x in hidden:
+            block(x, cos, sin, None, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {sub: acc.hessian for sub, acc in accumulators.items()}
+
+
+def _relative_errors(weight: torch.Tensor, hessian: torch.Tensor, quantized: QuantizedWeight,
+                     config: QuantConfig) -> dict[str, float]:
+    reference = output_error(weight, torch.zeros_like(weight), hessian)
+    errors = {config.method: output_error(weight, quantized.dequantize(), hessian)}
+    if config.method != "rtn":
+        rtn = rtn_quantize(weight, config.bits, config.group_size, config.sym)
+        errors["rtn"] = output_error(weight, rtn.dequantize(), hessian)
+    return {k: math.sqrt(max(v, 0.0) / max(reference, 1e-30)) for k, v in errors.items()}
+
+
+def _replace(model: SpectraLM, name: str, module: nn.Module, quantized: QuantizedWeight, config: QuantConfig) -> None:
+    layer = QuantLinear.from_quantized(quantized, config.sym, config.method, module.shard_axis, module.parts)
+    model.set_submodule(name, layer)
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig, calib: str | Path | None = None,
+                        samples: int = 128, seq_len: int | None = None, seed: int = 0, device: str = "cpu",
+                        save_dtype: torch.dtype | None = torch.float16, batch_size: int = 8,
+                        progress: bool = True) -> QuantReport:
+    """Quantize the FloatLM checkpoint `source` and write the QuantLM checkpoint `out` (with the tokenizer
+    and a quantization.json report). `calib` is calibration data (prepared shards, .npy, .jsonl, text file or
+    folder); `seq_len` defaults to min(2048, the model's max_seq_len)."""
+    from ..checkpoint import DENSE_KINDS, load_checkpoint, read_config, save_checkpoint
+    from ..tokenizer import TOKENIZER_FILE, load_tokenizer
+    from .calib import calibration_tokens
+
+    source = Path(source)
+    stored_kind = read_config(source).weight_kind
+    if stored_kind not in DENSE_KINDS:
+        raise ConfigError(f"{source} holds {stored_kind!r} weights; quantize the FloatLM checkpoint it came from")
+    tokenizer = load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
+    model = load_checkpoint(source, device=device, kind="float")
+    tokens = None
+    if calib is not None:
+        seq_len = seq_len or min(2048, model.config.max_seq_len)
+        tokens = calibration_tokens(calib, tokenizer, samples, seq_len, seed)
+    elif config.method == "gptq":
+        raise DataError("GPTQ needs calibration data: pass --calib (text, a folder of text or prepared shards), "
+                        "or use --method rtn")
+    report = quantize_model(model, config, tokens, batch_size=batch_size, progress=progress)
+    text = json.dumps({"source": str(source), "calibration": str(calib) if calib else None,
+                       "samples": samples if calib else 0, "seq_len": seq_len if calib else 0, "seed": seed,
+                       **report.to_dict()}, indent=2)
+    save_checkpoint(model, out, tokenizer=tokenizer, dtype=save_dtype, extra_files={REPORT_FILE: text + "\n"})
+    return report
