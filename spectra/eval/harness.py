@@ -226,16 +226,25 @@ def set_offline(offline: bool = True) -> None:
         pass
 
 
-def task_availability(tasks: list[str] | tuple[str, ...], include_path: str | Path | None = None
-                      ) -> dict[str, str | None]:
-    """Task name -> None when its data loads locally, else the reason it does not."""
+def task_manager(tasks: list[str] | tuple[str, ...], include_path: str | Path | None = None) -> Any:
+    """An lm-eval TaskManager that knows `tasks`; lm-eval's own task index is skipped (it costs seconds)
+    when every task is defined under `include_path`."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    if include_path:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(name in local.all_tasks for name in tasks):
+            return local
+        return TaskManager(include_path=str(include_path))
+    return TaskManager()
+
+
+def task_availability(tasks: list[str] | tuple[str, ...], manager: Any) -> dict[str, str | None]:
+    """Task name -> None when its data loads locally, else the reason it does not."""
     status: dict[str, str | None] = {}
     for name in tasks:
         if name not in manager.all_tasks:
-            status[name] = "unknown task (not in lm-eval's registry nor in --include-path)"
+            status[name] = "unknown task (not in lm-eval's registry nor under --include-path)"
             continue
         try:
             manager.load([name])
@@ -255,13 +264,15 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
     """Run lm-eval `tasks` on a checkpoint directory (or a SpectraLM with its tokenizer).
 
     Offline by default: a task whose dataset is not in the local Hugging Face cache raises a DataError
-    naming it (or is skipped with `skip_unavailable`). Returns lm-eval's results dict.
+    naming it (or is skipped with `skip_unavailable`). Returns lm-eval's results dict, plus
+    "skipped_tasks" (name -> reason).
     """
     import lm_eval
 
     set_offline(not online)
     tasks = list(tasks)
-    status = task_availability(tasks, include_path)
+    manager = task_manager(tasks, include_path)
+    status = task_availability(tasks, manager)
     missing = {name: why for name, why in status.items() if why is not None}
     if missing and (not skip_unavailable or len(missing) == len(tasks)):
         lines = "; ".join(f"{name}: {why}" for name, why in missing.items())
@@ -269,10 +280,8 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
                         f"into the Hugging Face cache on a machine with network (or pass --online), point "
                         f"--include-path at local task YAMLs, or pass --skip-unavailable")
     runnable = [name for name in tasks if name not in missing]
-    lm = SpectraEvalLM(model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    lm = model if isinstance(model, SpectraEvalLM) else SpectraEvalLM(model, tokenizer=tokenizer, device=device,
+                                                                      batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=runnable, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=log_samples, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -285,7 +294,8 @@ def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
     flat: dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in key:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in key \
+                    or key == "sample_len":
                 continue
             metric, _, filt = key.partition(",")
             name = f"{task}/{metric}" if filt in ("", "none") else f"{task}/{metric}[{filt}]"

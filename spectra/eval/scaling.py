@@ -9,6 +9,7 @@ comparable only between laws with the same units.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -182,13 +183,24 @@ def _fit_theta(log_n, log_d, log_l, delta: float, inits: list[np.ndarray],
         values = [_objective(t, log_n, log_d, log_l, delta)[0] for t in inits]
         inits = [inits[i] for i in np.argsort(values)[:starts]]
     best, best_value = None, np.inf
-    for init in inits:
-        res = minimize(_objective, init, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B")
-        if np.all(np.isfinite(res.x)) and res.fun < best_value:
-            best, best_value = res.x, float(res.fun)
+    with _single_threaded_blas():
+        for init in inits:
+            res = minimize(_objective, init, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B")
+            if np.all(np.isfinite(res.x)) and res.fun < best_value:
+                best, best_value = res.x, float(res.fun)
     if best is None:
         raise DataError("the scaling-law fit diverged from every initialisation; check the points")
     return best, best_value
+
+
+def _single_threaded_blas() -> contextlib.AbstractContextManager:
+    # L-BFGS-B makes thousands of 5-element BLAS calls; a multi-threaded OpenBLAS spends 10-50x longer
+    # waking its threads than computing, worst on a busy machine.
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _law_from_theta(theta: np.ndarray, n_unit: float, d_unit: float, name: str) -> ScalingLaw:

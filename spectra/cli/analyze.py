@@ -1,0 +1,55 @@
+"""`spectra analyze weights`: per-layer weight statistics and Shannon entropy, as a table and a plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import parse_dtype
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("analyze", help="study a checkpoint's weights",
+                              description="Study checkpoints: `weights` reports per-layer statistics.")
+    sub = p.add_subparsers(dest="analyze_command", metavar="WHAT", required=True)
+    w = sub.add_parser("weights", help="per-layer std, zero fraction, entropy; table and PNG",
+                       description="Per linear layer: mean, std, fraction of zeros among the ternarized weights "
+                                   "and Shannon entropy of the weight histogram at several bin counts. Several "
+                                   "checkpoints (e.g. sizes of one family) share the plot.")
+    w.add_argument("checkpoints", nargs="+", help="checkpoint directories (or preset names, randomly initialised)")
+    w.add_argument("--bins", default="4,16,64,256,1024", help="entropy bin counts (default 4,16,64,256,1024)")
+    w.add_argument("--plot", default="weights.png", help="PNG to write (default weights.png)")
+    w.add_argument("--json", dest="json_out", help="write the statistics as JSON here")
+    w.add_argument("--dtype", default=None, help="load dtype (default float32)")
+    w.set_defaults(func=run_weights)
+
+
+def run_weights(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_model
+    from ..errors import ConfigError
+    from ..eval.analysis import analyze_weights, mean_entropy, plot_weight_stats, stats_table
+    from ..eval.results import write_json
+
+    try:
+        bins = tuple(int(b) for b in args.bins.split(","))
+    except ValueError:
+        raise ConfigError(f"--bins must be comma-separated integers, got {args.bins!r}") from None
+    per_model = {}
+    for source in args.checkpoints:
+        model = load_model(source, dtype=parse_dtype(args.dtype))
+        stats = analyze_weights(model, bins, progress=True)
+        label = Path(source).name or source
+        per_model[label] = stats
+        print(f"\n{source}  (weight kind {model.config.weight_kind})")
+        print(stats_table(stats))
+        ent = mean_entropy(stats)
+        print("size-weighted mean entropy: " + ", ".join(f"{b} bins {h:.3f} bits" for b, h in ent.items()))
+    plot = plot_weight_stats(per_model, args.plot)
+    print(f"\nplot written to {plot}")
+    if args.json_out:
+        write_json({label: {"layers": [s.to_dict() for s in stats],
+                            "mean_entropy": {str(b): h for b, h in mean_entropy(stats).items()}}
+                    for label, stats in per_model.items()}, args.json_out)
+        print(f"statistics written to {args.json_out}")
+    return 0
+
