@@ -2,6 +2,7 @@
 
 from .config import PRESETS, SUITE, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DataError, DeviceError, FormatError, SpectraError
+from .eval import ScalingLaw, analyze_weights, fit_scaling_law, perplexity, plot_comparison
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
 from .gguf_export import export_gguf, write_gguf
 from .linear import (
@@ -16,7 +17,7 @@ from .linear import (
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
 from .quant import QuantConfig, QuantLinear, quantize_model
-from .size import count_parameters, size_in_bits
+from .size import count_parameters, model_size_bits, size_in_bits
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,6 @@ __all__ = [
     "SpectraLM", "count_parameters", "size_in_bits",
     "PackedTernaryLinear", "pack_checkpoint", "pack_model", "export_gguf", "write_gguf",
     "QuantConfig", "QuantLinear", "quantize_model",
+    "ScalingLaw", "analyze_weights", "fit_scaling_law", "perplexity", "plot_comparison",
+    "model_size_bits",
 ]
