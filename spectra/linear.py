@@ -40,7 +40,7 @@ def expand_scales(scales: torch.Tensor, shape: tuple[int, int], axis: int) -> to
     """Broadcastable per-element scale tensor for per-shard `scales` (length P) of a [out, in] weight."""
     size = shape[axis]
     counts = torch.tensor([e - s for s, e in shard_bounds(size, scales.numel())], device=scales.device)
-    per_feature = torch.repeat_interleave(scales, counts)
+    per_feature = torch.repeat_interleave(scales, counts, output_size=size)  # known size: compile-friendly
     return per_feature[:, None] if axis == 0 else per_feature[None, :]
 
 

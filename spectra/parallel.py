@@ -180,22 +180,29 @@ def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int) -> t
 # --- applying parallelism -------------------------------------------------------------------------
 
 def parallelize(model: nn.Module, ctx: ParallelContext, dp_mode: str = "fsdp",
-                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                compile: bool = False) -> nn.Module:
     """Apply tensor parallelism on the "tp" mesh dimension, then FSDP2 or DDP on "dp"; returns the model.
 
     The model must live on `ctx.device` and be identical on every rank (same seed or same checkpoint).
     `param_dtype` (FSDP only) all-gathers and computes in that dtype while keeping fp32 master weights and
-    fp32 gradient reduction. Module and parameter names stay unchanged, so state dicts match a plain model.
+    fp32 gradient reduction. `compile` compiles each decoder block (after TP, before FSDP, as torchtitan
+    does), which also fuses the ternarization (absmean, round, rescale) into a few kernels.
+    Module and parameter names stay unchanged, so state dicts match a plain model.
     """
     if dp_mode not in DP_MODES:
         raise ConfigError(f"unknown data-parallel mode {dp_mode!r}; use one of {', '.join(DP_MODES)}")
     if not ctx.distributed:
+        if compile:
+            apply_compile(model)
         return model
     config = model.config
     check_tensor_parallel(config, ctx.tp)
     _check_same_weights(model, ctx)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
+    if compile:
+        apply_compile(model)
     if ctx.dp > 1 or (dp_mode == "fsdp" and param_dtype is not None):
         if dp_mode == "fsdp":
             apply_fsdp(model, ctx.mesh["dp"], param_dtype, reshard_after_forward)
@@ -226,6 +233,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(layer, tp_mesh, plan)
         # Attention reshapes its projections into heads; after column sharding a rank holds num_heads / tp.
         layer.self_attn.num_heads = model.config.num_heads // tp
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every decoder block in place (names unchanged); blocks share one compiled graph."""
+    for layer in model.model.layers:
+        layer.compile()
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None,
