@@ -1,7 +1,18 @@
 """spectra: ternary language models (TriLM), their float (FloatLM) and quantized (QuantLM) peers."""
 
+from . import train  # a callable module: spectra.train(...) runs spectra.train.loop.train
 from .config import PRESETS, SUITE, ModelConfig, get_config
-from .errors import CheckpointError, ConfigError, DataError, DeviceError, FormatError, SpectraError
+from .data import TokenDataset, WindowLoader, prepare_data
+from .demo import run_demo
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    FormatError,
+    SpectraError,
+    TrainingError,
+)
 from .eval import ScalingLaw, analyze_weights, fit_scaling_law, perplexity, plot_comparison
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
 from .gguf_export import export_gguf, write_gguf
@@ -16,8 +27,10 @@ from .linear import (
 )
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
+from .plot import plot_runs
 from .quant import QuantConfig, QuantLinear, quantize_model
 from .size import count_parameters, model_size_bits, size_in_bits
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -32,4 +45,6 @@ __all__ = [
     "QuantConfig", "QuantLinear", "quantize_model",
     "ScalingLaw", "analyze_weights", "fit_scaling_law", "perplexity", "plot_comparison",
     "model_size_bits",
+    "TokenDataset", "WindowLoader", "prepare_data", "TrainConfig", "train", "TrainingError", "plot_runs",
+    "run_demo",
 ]

@@ -23,3 +23,7 @@ class DeviceError(SpectraError):
 
 class DataError(SpectraError):
     """Training or evaluation data that is missing, empty or incompatible."""
+
+
+class TrainingError(SpectraError):
+    """A training run that cannot go on (a non-finite loss, a run directory that would be overwritten)."""

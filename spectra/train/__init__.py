@@ -1,0 +1,36 @@
+"""Pretraining: the loop (`train`), its configuration, the Spectra TriLM schedule and resumable state.
+
+The package itself is callable: ``spectra.train(...)`` is :func:`spectra.train.loop.train`. A plain function
+re-exported as ``spectra.train`` would shadow this package, and ``import spectra.train.loop`` (or
+``mock.patch("spectra.train.loop...")``) would then fail; a callable module keeps both working.
+"""
+
+import sys
+import types
+
+from .config import DEFAULT_LR, TrainConfig
+from .loop import (
+    TrainResult,
+    build_loaders,
+    build_model,
+    build_optimizer,
+    evaluate,
+    is_main_process,
+    read_metrics,
+    train,
+    train_step,
+)
+from .schedule import Schedule, SchedulePhase, spectra_phases
+from .state import list_checkpoints, load_training_state, resolve_resume, save_training_state
+
+__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "build_loaders", "build_model", "build_optimizer", "evaluate",
+           "is_main_process", "read_metrics", "train", "train_step", "Schedule", "SchedulePhase", "spectra_phases",
+           "list_checkpoints", "load_training_state", "resolve_resume", "save_training_state"]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,374 @@
+"""The pretraining loop, read top to bottom: build model, optimizer and loaders, then step, evaluate, save.
+
+Each piece is its own function (`build_model`, `build_optimizer`, `build_loaders`, `train_step`,
+`evaluate`) so that distributed training can wrap the model (`parallelize(model, mesh)`) and shard the
+batches without touching the loop; logging and checkpointing go through `is_main_process()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
+from ..config import get_config
+from ..data import TokenDataset, WindowLoader
+from ..errors import CheckpointError, ConfigError, DataError, DeviceError, TrainingError
+from ..model import SpectraLM
+from .config import TrainConfig
+from .schedule import Schedule
+from .state import (
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    read_training_meta,
+    resolve_resume,
+    save_training_state,
+    step_dir,
+)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+TRAINABLE_KINDS = ("float", "ternary")
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len",
+                "weight_kind", "model_parallel_size")
+MAX_CONSECUTIVE_SKIPS = 10
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a plain single process): the one that logs, shows progress and writes checkpoints."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None          # the last training checkpoint (resumable)
+    export_dir: Path | None          # the plain final checkpoint, when asked for
+    step: int
+    train_loss: float                # on fixed training batches after the last step
+    val_loss: float | None           # on the fixed validation batches after the last step
+    tokens: int                      # training tokens consumed (all steps, resumed ones included)
+    tokens_per_s: float              # training throughput of this process (steps only, no eval or saving)
+    train_seconds: float
+    model: SpectraLM = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "model"}
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, device: torch.device) -> SpectraLM:
+    """A fresh model of preset `cfg.model` (seeded), or one initialised from the checkpoint directory `cfg.model`."""
+    torch.manual_seed(cfg.seed)
+    if Path(cfg.model).is_dir():
+        model = load_checkpoint(cfg.model, device=device, dtype=torch.float32, kind=cfg.kind)
+        if cfg.model_overrides:
+            raise ConfigError("model overrides apply to presets only; a checkpoint keeps its own shape")
+    else:
+        model = SpectraLM(get_config(cfg.model, weight_kind=cfg.kind, **cfg.model_overrides))
+    return model.to(device).train()
+
+
+def check_compatible(model: SpectraLM, dataset: TokenDataset, seq_len: int) -> None:
+    config = model.config
+    if config.weight_kind not in TRAINABLE_KINDS:
+        raise ConfigError(f"cannot train weight kind {config.weight_kind!r}; train 'ternary' or 'float' "
+                          f"(load checkpoints with kind='ternary' to continue a TriLM)")
+    if dataset.vocab_size > config.vocab_size:
+        raise ConfigError(f"the tokenizer of {dataset.path} has {dataset.vocab_size} tokens but the model's "
+                          f"vocab_size is {config.vocab_size}; give the model a larger vocabulary "
+                          f"(--vocab-size {dataset.vocab_size}) or prepare the data with a smaller tokenizer")
+    if seq_len > config.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}; "
+                          f"use --seq-len {config.max_seq_len} or less")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear, embedding, lm head) only; norm gains are never decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    schedule = cfg.make_schedule()
+    # foreach=False: the same per-parameter kernels on every run, so a resumed run repeats the bits exactly.
+    return torch.optim.AdamW(groups, lr=schedule.lr(0), betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def build_loaders(cfg: TrainConfig, dataset: TokenDataset, seq_len: int) -> tuple[WindowLoader, list, list]:
+    """The shuffled training loader and the fixed evaluation batches of the validation and training splits."""
+    train = WindowLoader(dataset, "train", seq_len, cfg.batch_size, seed=cfg.seed)
+    train_fixed = WindowLoader(dataset, "train", seq_len, cfg.batch_size, shuffle=False).fixed_batches(
+        cfg.eval_batches)
+    val_batches: list = []
+    if dataset.num_tokens("val") > seq_len:
+        val_batches = WindowLoader(dataset, "val", seq_len, cfg.batch_size, shuffle=False).fixed_batches(
+            cfg.eval_batches)
+    return train, val_batches, train_fixed
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (fp32 master weights and optimizer), plain fp32 on CPU unless asked otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: WindowLoader, cfg: TrainConfig,
+               schedule: Schedule, step: int, device: torch.device) -> tuple[float, float]:
+    """One optimizer step over `cfg.grad_accum` micro-batches; returns (mean loss, gradient norm).
+
+    A non-finite loss or gradient norm leaves the weights untouched (the caller decides to stop or skip).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = schedule.lr(step)
+        group["weight_decay"] = schedule.weight_decay_at(step) if group.get("name") == "decay" else 0.0
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.grad_accum):
+        inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        with autocast_context(device, cfg.precision):
+            _, loss = model(inputs, targets)
+        (loss / cfg.grad_accum).backward()
+        total += loss.detach().float()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
+    loss_value, norm_value = float(total) / cfg.grad_accum, float(norm)
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, device: torch.device, precision: str) -> float | None:
+    """Mean loss per token over fixed batches (None when there are none)."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        with autocast_context(device, precision):
+            _, loss = model(inputs.to(device), targets.to(device))
+        total += float(loss) * targets.numel()
+        count += targets.numel()
+    model.train(was_training)
+    return total / count
+
+
+# --- run directory --------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Append-only JSONL of training records, written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (a resumed run writes them again), atomically."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        _write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a run directory's metrics.jsonl (or of that file)."""
+    path = Path(path)
+    file = path / METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"no {METRICS_FILE} at {path}; pass a run directory written by `spectra train`")
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
+    current = model.config.to_dict()
+    for name in SHAPE_FIELDS:
+        if saved.get(name) != current[name]:
+            raise CheckpointError(f"{source} was saved from a model with {name}={saved.get(name)!r}, but this run "
+                                  f"builds {name}={current[name]!r}; resume with the model it was saved with")
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+          initial_model: SpectraLM | None = None,
+          callback: Callable[[dict], None] | None = None, **options: Any) -> TrainResult:
+    """Pretrain a TriLM or FloatLM on a prepared dataset; see TrainConfig for every option.
+
+    `spectra.train(data="data/", out_dir="runs/x", model="mini", steps=2000)` builds the config from keyword
+    arguments. `resume` (a run directory or one of its checkpoints) continues a run: with no config the saved
+    one is used, with `options` overriding fields. `initial_model` replaces the built model (its shape must suit the
+    data). `callback(record)` receives every metrics record as it is written.
+    """
+    checkpoint = resolve_resume(resume) if resume is not None else None
+    saved = read_training_meta(checkpoint)["meta"] if checkpoint is not None else None
+    if config is None:
+        if saved is not None:
+            config = TrainConfig.from_dict({**saved["config"], **options})
+        else:
+            config = TrainConfig(**options)
+    elif options:
+        config = config.replace(**options)
+    cfg = config
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # Everything that can be wrong is checked before anything is written.
+    dataset = TokenDataset(cfg.data)
+    device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(cfg, device) if initial_model is None else initial_model.to(device).train()
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    check_compatible(model, dataset, seq_len)
+    run_dir = Path(cfg.out_dir)
+    if saved is not None:
+        _check_resume_shape(saved["model_config"], model, checkpoint)
+        if saved["dataset"] != dataset.fingerprint():
+            raise DataError(f"{checkpoint} was trained on other data (tokenizer or token counts differ from "
+                            f"{dataset.path}); resume with the dataset it was trained on")
+    elif list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                            f"or choose another output directory")
+    loader, val_batches, train_fixed = build_loaders(cfg, dataset, seq_len)
+    schedule = cfg.make_schedule()
+    optimizer = build_optimizer(model, cfg)
+    tokenizer = dataset.tokenizer()
+
+    start_step, tokens_seen = 0, 0
+    if checkpoint is not None:
+        meta = load_training_state(checkpoint, model, optimizer)
+        loader.load_state_dict(meta["loader"])
+        start_step, tokens_seen = int(meta["step"]), int(meta["tokens"])
+    main = is_main_process()
+    log = MetricsLog(run_dir / METRICS_FILE, main)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
+                                                      model.config.to_dict(), "schedule": schedule.describe()},
+                                                     indent=2) + "\n")
+        log.truncate_after(start_step)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def emit(record: dict) -> None:
+        log.write(record)
+        if callback is not None:
+            callback(record)
+
+    def save(step: int) -> Path:
+        meta = {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(), "config": cfg.to_dict(),
+                "model_config": model.config.to_dict(), "dataset": dataset.fingerprint(),
+                "lr": schedule.lr(max(0, step - 1)), "weight_decay": schedule.weight_decay_at(max(0, step - 1))}
+        path = save_training_state(step_dir(run_dir, step), model, optimizer, meta, tokenizer=tokenizer)
+        prune_checkpoints(run_dir, cfg.keep_last)
+        return path
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    bar = _progress_bar(cfg, start_step, main)
+    train_seconds, window_losses, window_seconds, skips_in_row = 0.0, [], 0.0, 0
+    last_saved: Path | None = checkpoint
+    step = start_step
+    try:
+        while step < cfg.steps:
+            started = time.perf_counter()
+            try:
+                loss, norm = train_step(step_model, optimizer, loader, cfg, schedule, step, device)
+            except _OOM:
+                raise DeviceError(f"GPU out of memory at step {step + 1} with micro-batches of {cfg.batch_size} x "
+                                  f"{seq_len} tokens; lower --batch-size (raise --grad-accum to keep the same "
+                                  f"global batch) or use a shorter --seq-len") from None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            step += 1
+            tokens_seen += tokens_per_step
+            train_seconds += elapsed
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                skips_in_row = _handle_non_finite(cfg, step, loss, norm, skips_in_row, run_dir, emit)
+            else:
+                skips_in_row = 0
+                window_losses.append(loss)
+                window_seconds += elapsed
+            if main:
+                bar.update(1)
+            if window_losses and (step % cfg.log_every == 0 or step == cfg.steps):
+                record = {"split": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
+                          "lr": schedule.lr(step - 1), "weight_decay": schedule.weight_decay_at(step - 1),
+                          "grad_norm": norm, "tokens": tokens_seen,
+                          "tokens_per_s": len(window_losses) * tokens_per_step / max(window_seconds, 1e-9)}
+                emit(record)
+                if main:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                window_losses, window_seconds = [], 0.0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val_batches:
+                emit({"split": "val", "step": step, "loss": evaluate(step_model, val_batches, device, cfg.precision),
+                      "tokens": tokens_seen})
+            if cfg.save_every and step % cfg.save_every == 0 and main:
+                last_saved = save(step)
+    finally:
+        bar.close()
+
+    val_loss = evaluate(step_model, val_batches, device, cfg.precision)
+    train_loss = evaluate(step_model, train_fixed, device, cfg.precision)
+    if val_loss is not None:
+        emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
+    emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
+    if main and last_saved != step_dir(run_dir, step):
+        last_saved = save(step)
+    export = None
+    if cfg.export_dir and main:
+        export = save_checkpoint(model, cfg.export_dir, tokenizer=tokenizer)
+    steps_run = step - start_step
+    return TrainResult(run_dir=run_dir, checkpoint=last_saved, export_dir=export, step=step, train_loss=train_loss,
+                       val_loss=val_loss, tokens=tokens_seen,
+                       tokens_per_s=steps_run * tokens_per_step / max(train_seconds, 1e-9),
+                       train_seconds=train_seconds, model=model)
+
+
+def _handle_non_finite(cfg: TrainConfig, step: int, loss: float, norm: float, skips_in_row: int, run_dir: Path,
+                       emit: Callable[[dict], None]) -> int:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4f})"
+    saved = list_checkpoints(run_dir)
+    last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was written before it"
+    if cfg.on_nan == "skip":
+        emit({"split": "train", "step": step, "skipped": True, "loss": None, "reason": what})
+        if skips_in_row + 1 >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"{MAX_CONSECUTIVE_SKIPS} steps in a row (up to step {step}) had a non-finite "
+                                f"{what}; {last}. Lower the learning rate and resume from it")
+        return skips_in_row + 1
+    raise TrainingError(f"non-finite {what} at step {step}; the weights were not updated and {last}. Lower the "
+                        f"learning rate (--lr) or tighten --grad-clip and resume from it, or pass --on-nan skip")
+
+
+def _progress_bar(cfg: TrainConfig, start: int, main: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.kind}", unit="step", dynamic_ncols=True,
+                disable=not (cfg.progress and main))
