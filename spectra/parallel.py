@@ -139,16 +139,18 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
                           f"load the checkpoint with kind='ternary' or 'float'")
     if config.num_heads % tp:
         raise ConfigError(f"--tp {tp} must divide num_heads ({config.num_heads}): each rank keeps whole heads")
-    mp = config.model_parallel_size if config.weight_kind == "ternary" else 1
-    if mp % tp:
-        raise ConfigError(f"--tp {tp} must divide the model-parallel size {mp} (one scale per shard); "
-                          f"set model_parallel_size to a multiple of {tp}")
+    split = tp
+    if config.weight_kind == "ternary":
+        split = config.model_parallel_size
+        if split % tp:
+            raise ConfigError(f"--tp {tp} must divide the model-parallel size {split} (one scale per shard); "
+                              f"set model_parallel_size to a multiple of {tp}")
     for name, size in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
         # DTensor shards like torch.chunk, per-shard scales like torch.tensor_split: they agree when
         # the size divides evenly, so require that rather than silently ternarizing misaligned shards.
-        if size % max(mp, tp):
-            raise ConfigError(f"{name} ({size}) must be divisible by {max(mp, tp)} for {tp}-way tensor "
-                              f"parallelism with {mp} scales per matrix")
+        if size % split:
+            raise ConfigError(f"{name} ({size}) must be divisible by {split} for {tp}-way tensor parallelism"
+                              + (f" with {split} scales per matrix" if config.weight_kind == "ternary" else ""))
 
 
 # --- ternary weights under tensor parallelism -----------------------------------------------------

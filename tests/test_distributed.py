@@ -213,6 +213,10 @@ def test_tensor_parallel_config_checks():
         check_tensor_parallel(tiny, 3)
     with pytest.raises(ConfigError, match="intermediate_size"):
         check_tensor_parallel(tiny.replace(intermediate_size=174, model_parallel_size=4), 2)
+    floatlm = get_config("tiny", weight_kind="float")
+    assert config_for_tensor_parallel(floatlm, 2).model_parallel_size == 1
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        check_tensor_parallel(floatlm.replace(intermediate_size=175), 2)
     with pytest.raises(ConfigError, match="kinds"):
         check_tensor_parallel(tiny.replace(weight_kind="ternary_frozen"), 2)
 
