@@ -64,20 +64,20 @@ def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Ten
     if model.config.weight_kind != "float":
         raise ConfigError(f"quantization starts from a FloatLM, but this model's weight kind is "
                           f"{model.config.weight_kind!r}; load dense checkpoints with kind='float'")
+    if calibration is None and config.method != "rtn":
+        raise DataError("GPTQ needs calibration data; pass calibration tokens or use method='rtn'")
+    tokens = None if calibration is None else _check_tokens(model, calibration)
     model.eval()
     report = QuantReport(config)
-    bar = tqdm(total=len(model.linear_layers()), desc=f"{config.method.upper()} {config.bits}-bit",
-               unit="layer", disable=not progress)
-    if calibration is None:
-        if config.method != "rtn":
-            raise DataError("GPTQ needs calibration data; pass calibration tokens or use method='rtn'")
-        for name, module in model.linear_layers().items():
-            bar.set_postfix_str(name)
-            _replace(model, name, module, quantize_layer(module.dense_weight(), None, config), config)
-            bar.update()
-    else:
-        _quantize_sequentially(model, config, _check_tokens(model, calibration), batch_size, report, bar)
-    bar.close()
+    with tqdm(total=len(model.linear_layers()), desc=f"{config.method.upper()} {config.bits}-bit", unit="layer",
+              disable=not progress) as bar:
+        if tokens is None:
+            for name, module in model.linear_layers().items():
+                bar.set_postfix_str(name)
+                _replace(model, name, module, quantize_layer(module.dense_weight(), None, config), config)
+                bar.update()
+        else:
+            _quantize_sequentially(model, config, tokens, batch_size, report, bar)
     model.config = model.config.replace(weight_kind=KIND, weight_options=config.weight_options())
     return report
 
