@@ -33,6 +33,7 @@ from .state import (
     load_training_state,
     prune_checkpoints,
     read_training_meta,
+    remove_stale_staging,
     resolve_resume,
     save_training_state,
     step_dir,
@@ -183,8 +184,14 @@ class MetricsLog:
         """Drop records of steps after `step` (a resumed run writes them again), atomically."""
         if not (self.enabled and self.path.is_file()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a killed process
+            if record.get("step", 0) <= step:
+                kept.append(line)
         _write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -275,6 +282,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                                                       model.config.to_dict(), "schedule": schedule.describe()},
                                                      indent=2) + "\n")
         log.truncate_after(start_step)
+        remove_stale_staging(run_dir)
     step_model = torch.compile(model) if cfg.compile else model
 
     def emit(record: dict) -> None:

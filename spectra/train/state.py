@@ -69,6 +69,14 @@ def resolve_resume(path: str | Path) -> Path:
                           f"pass a run directory written by `spectra train` or one of its checkpoints")
 
 
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Delete half-written checkpoints (hidden staging directories) left by a process that was killed."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for path in root.glob(".step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
