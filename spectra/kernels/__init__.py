@@ -1,7 +1,9 @@
 """Matrix multiplication with packed ternary weights: a dispatcher over fast kernels and the reference.
 
-``ternary_matmul`` is the single entry point the packed linear layer calls. Fast paths are used where
-they apply; everywhere else (CPU, unsupported dtypes) the plain PyTorch reference runs.
+``ternary_matmul`` is the single entry point the packed linear layer calls. CUDA tensors go to the Triton
+kernels of :mod:`spectra.kernels.tq_triton` (a tensor-core kernel on the packed weights with split-k for
+small batches, or dequantize-then-cuBLAS where the tuned table says that is faster); everything else
+(CPU tensors, no Triton) runs the plain PyTorch reference.
 """
 
 from __future__ import annotations
@@ -10,10 +12,50 @@ import torch
 
 from .reference import ternary_dense_weight, ternary_matmul_reference
 
-__all__ = ["ternary_matmul", "ternary_matmul_reference", "ternary_dense_weight"]
+__all__ = ["ternary_matmul", "ternary_matmul_reference", "ternary_dense_weight", "triton_available"]
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16)
+_config_memo: dict[tuple, object] = {}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
                    scales: torch.Tensor, shard_axis: int) -> torch.Tensor:
     """y = x @ (trits * scales)^T for x [..., in_features] and packed trits [out_features, row_bytes]."""
-    return ternary_matmul_reference(x, packed, fmt, in_features, scales, shard_axis)
+    if not (x.is_cuda and triton_available()):
+        return ternary_matmul_reference(x, packed, fmt, in_features, scales, shard_axis)
+    from . import dispatch
+
+    dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
+    n = packed.shape[0]
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if x.dtype not in _FAST_DTYPES:
+        # fp32 activations: decode on the GPU, then an fp32 cuBLAS product (exact weights, no tensor-core
+        # rounding of x); the packed kernels are for the fp16/bf16 inference path.
+        w = dispatch.dequantize(packed, fmt, in_features, scales.contiguous(), shard_axis, x.dtype)
+        return torch.matmul(x2, w.t()).reshape(*x.shape[:-1], n)
+    mode = dispatch.scale_mode(scales, shard_axis)
+    key = (fmt, n, in_features, dispatch.m_bucket(m), x.dtype, mode, x.device)
+    cfg = _config_memo.get(key)
+    if cfg is None:
+        cfg = dispatch.lookup_config(fmt, n, in_features, m, x.dtype, mode, x.device)
+        _config_memo[key] = cfg
+    y = dispatch.run_config(x2, packed, fmt, in_features, scales.contiguous(), shard_axis, cfg)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def clear_config_memo() -> None:
+    """Forget the per-shape config choices (after tuning)."""
+    _config_memo.clear()

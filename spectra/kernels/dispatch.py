@@ -1,0 +1,306 @@
+"""Launching the Triton kernels: validation, configs, split-k sizing, workspace, autotune cache.
+
+A config is either a tensor-core launch of ``tq_matmul_kernel`` (tile sizes, split-k, warps, stages) or
+``dequant`` (decode the whole weight to a dense matrix with ``tq_dequant_kernel``, then cuBLAS). Configs
+are chosen per (format, n, k, m bucket, activation dtype, scale mode, GPU name): from the tuned table shipped
+beside this file (``tuned_configs.json``), then from the user cache (``$SPECTRA_CACHE`` or
+``~/.cache/spectra/kernel_configs.json``) written by :func:`tune`, else from a heuristic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DeviceError, FormatError
+from ..formats import get_format
+from ..linear import shard_bounds
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_SHIPPED = Path(__file__).with_name("tuned_configs.json")
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str = "tc"          # "tc" (tensor-core kernel on packed weights) or "dequant" (decode + cuBLAS)
+    block_m: int = 16
+    block_n: int = 64
+    block_j: int = 128        # packed bytes per row per K step (block_j * G weights)
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @staticmethod
+    def from_dict(d: dict) -> KernelConfig:
+        return KernelConfig(**d)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the largest bucket for anything bigger)."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1] * (1 + (m - 1) // M_BUCKETS[-1])
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def config_key(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int, gpu: str) -> str:
+    return f"{gpu}|{fmt}|{n}x{k}|m{m_bucket(m)}|{str(dtype).replace('torch.', '')}|s{scale_mode}"
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("SPECTRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spectra")
+    return Path(root) / "kernel_configs.json"
+
+
+_table: dict[str, dict] | None = None
+
+
+def _load_table() -> dict[str, dict]:
+    global _table
+    if _table is None:
+        table: dict[str, dict] = {}
+        for path in (_SHIPPED, _cache_path()):
+            try:
+                table.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass  # no cache yet, or an unreadable one: fall back to the heuristic
+        _table = table
+    return _table
+
+
+def save_configs(entries: dict[str, KernelConfig], path: Path | None = None) -> Path:
+    """Merge tuned entries into the user cache (atomic write)."""
+    path = path or _cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _lock:
+        table = {}
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        table.update({key: asdict(cfg) for key, cfg in entries.items()})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
+        _load_table().update({key: asdict(cfg) for key, cfg in entries.items()})
+    return path
+
+
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def heuristic_config(n: int, k: int, m: int, fmt: str, sms: int) -> KernelConfig:
+    """A sane default: the tensor-core kernel, split-k until the grid covers the GPU a few times over."""
+    g = get_format(fmt).trits_per_byte
+    q = get_format(fmt).row_bytes(k)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    bn = 64
+    bj = 128 if q >= 512 else 64 if q >= 128 else 32
+    tiles = -(-n // bn) * -(-m // bm)
+    blocks = -(-q // bj)
+    split = 1
+    # Aim for ~4 programs per SM; keep at least 4 K steps per program so the pipeline has work.
+    while tiles * split < 4 * sms and blocks // (split * 2) >= 4:
+        split *= 2
+    del g
+    return KernelConfig("tc", bm, bn, bj, split, 4, 4 if bm <= 32 else 3)
+
+
+def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[KernelConfig]:
+    """What :func:`tune` tries: the heuristic and neighbours in split, tile width and depth, plus dequant."""
+    base = heuristic_config(n, k, m, fmt, sms)
+    q = get_format(fmt).row_bytes(k)
+    out = {base}
+    if m <= 16:
+        # Decode-bound GEMV regime: depth and occupancy matter (each wgmma waits for its register operand).
+        depths = [(32, 4), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3)]
+    else:
+        depths = [(64, 3), (128, 3)]
+    for bj, stages in depths:
+        if bj <= max(32, q):
+            for split in {max(1, base.split // 2), base.split, base.split * 2}:
+                if -(-q // bj) >= split:
+                    out.add(KernelConfig("tc", base.block_m, base.block_n, bj, split, 4, stages))
+    if m > 16:
+        for bm in (64, 128):
+            if bm != base.block_m and bm <= max(64, m_bucket(m)):
+                out.add(KernelConfig("tc", bm, 64, 64, 1, 4, 3))
+        out.add(KernelConfig("tc", base.block_m, 128, 64, base.split, 8, 3))
+    out.add(KernelConfig("dequant"))
+    return sorted(out, key=lambda c: (c.kind, c.block_m, c.block_j, c.split))
+
+
+def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
+                  device: torch.device) -> KernelConfig:
+    key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
+    entry = _load_table().get(key)
+    if entry is None and scale_mode:
+        # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.
+        entry = _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)))
+    if entry is None:
+        # An untuned bucket borrows the nearest tuned one that uses the same tile height.
+        same_tile = [b for b in M_BUCKETS if heuristic_config(n, k, b, fmt, 1).block_m
+                     == heuristic_config(n, k, m, fmt, 1).block_m]
+        for b in sorted(same_tile, key=lambda b: abs(b - m_bucket(m))):
+            entry = _load_table().get(config_key(fmt, n, k, b, dtype, 0, gpu_name(device)))
+            if entry is not None:
+                break
+    if entry is not None:
+        return KernelConfig.from_dict(entry)
+    return heuristic_config(n, k, m, fmt, num_sms(device))
+
+
+class _Workspace:
+    """Per-device fp32 split-k accumulator and arrival counters, kept zeroed by the kernel itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, cnt = self.buffers.get(device, (None, None))
+        if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+            size = max(numel, 0 if ws is None else ws.numel(), 1 << 16)
+            ntiles = max(tiles, 0 if cnt is None else cnt.numel(), 1024)
+            ws = torch.zeros(size, dtype=torch.float32, device=device)
+            cnt = torch.zeros(ntiles, dtype=torch.int32, device=device)
+            self.buffers[device] = (ws, cnt)
+        return ws, cnt
+
+
+WORKSPACE = _Workspace()
+
+
+def scale_mode(scales: torch.Tensor, shard_axis: int) -> int:
+    return 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
+
+
+def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                 shard_axis: int) -> None:
+    """Shape/dtype checks shared by every path, with messages that say what to fix."""
+    spec = get_format(fmt)
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise FormatError(f"packed weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != spec.row_bytes(in_features):
+        raise FormatError(f"{fmt} rows hold {packed.shape[1]} bytes but in_features={in_features} needs "
+                          f"{spec.row_bytes(in_features)}")
+    if x.shape[-1] != in_features:
+        raise FormatError(f"activations have {x.shape[-1]} features, the layer expects {in_features}")
+    if shard_axis not in (0, 1):
+        raise FormatError(f"shard_axis must be 0 (output rows) or 1 (input columns), got {shard_axis}")
+    if scales.dim() > 1 or scales.numel() < 1:
+        raise FormatError(f"scales must be a 1-D tensor of P >= 1 per-shard scales, got shape {tuple(scales.shape)}")
+    shard_bounds((packed.shape[0], in_features)[shard_axis], scales.numel())  # ConfigError if P is too large
+    if x.device != packed.device or scales.device != packed.device:
+        raise DeviceError(f"activations ({x.device}), packed weights ({packed.device}) and scales "
+                          f"({scales.device}) must be on one device")
+
+
+def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+              shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None,
+              use_asm: bool = True) -> torch.Tensor:
+    """Tensor-core kernel on a 2-D, row-contiguous x2 [m, k]; returns y [m, n] in x2's dtype."""
+    import triton
+    import triton.language as tl
+
+    from .ptx import decode_asm
+    from .tq_triton import tq_matmul_kernel
+
+    m, k = x2.shape
+    n, q = packed.shape
+    spec = get_format(fmt)
+    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
+    use_asm = use_asm and x2.dtype != torch.float32
+    asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    blocks = triton.cdiv(q, cfg.block_j)
+    split = max(1, min(cfg.split, blocks))
+    j_per_split = triton.cdiv(blocks, split) * cfg.block_j
+    split = triton.cdiv(q, j_per_split)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    if split > 1:
+        ws, cnt = WORKSPACE.get(x2.device, m * n, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y  # unused
+    tq_matmul_kernel[grid](
+        x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
+        G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
+        BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
+        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def dequantize(packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor, shard_axis: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Dense [n, k] weight (trits * scales) in `dtype`, decoded on the GPU."""
+    import triton
+
+    from .tq_triton import tq_dequant_kernel
+
+    n, q = packed.shape
+    out = torch.empty((n, in_features), dtype=dtype, device=packed.device)
+    bn, bj = 32, 128
+    grid = (triton.cdiv(n, bn), triton.cdiv(q, bj))
+    tq_dequant_kernel[grid](packed, scales, out, n, in_features, q, scales.numel(),
+                            G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis),
+                            BN=bn, BJ=bj, num_warps=4)
+    return out
+
+
+def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+               shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
+    if cfg.kind == "dequant":
+        w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)
+        return torch.matmul(x2, w.t())
+    return launch_tc(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
+
+
+def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
+         candidates: list[KernelConfig] | None = None, reps: int = 50, trials: int = 3,
+         save: bool = True) -> tuple[KernelConfig, dict[KernelConfig, float]]:
+    """Time every candidate on cold random weights of this shape; cache and return the fastest.
+
+    Candidates that fail to compile or run (e.g. out of shared memory) are skipped, not fatal.
+    """
+    from .bench import copies_for, l2_size, random_packed, time_graph
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise DeviceError("kernel tuning needs a CUDA GPU; none is available")
+    gen = torch.Generator(device=device).manual_seed(1)
+    candidates = candidates or candidate_configs(n, k, m, fmt, num_sms(device))
+    x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
+    base = random_packed(n, k, fmt, device, gen)
+    copies = copies_for(base.numel(), l2_size(device))
+    packs = [base] + [base.roll(c, 0) for c in range(1, copies)]
+    scales = torch.rand(1, device=device, generator=gen) + 0.5
+    ref = torch.matmul(x.float(), (get_format(fmt).unpack(base, k).float() * scales).t())
+    times: dict[KernelConfig, float] = {}
+    for cfg in candidates:
+        try:
+            y = run_config(x, base, fmt, k, scales, 0, cfg)
+            err = float((y.float() - ref).norm() / ref.norm())
+            if not err < 2e-2:  # also catches NaN
+                continue
+            times[cfg] = time_graph(lambda i, cfg=cfg: run_config(x, packs[i], fmt, k, scales, 0, cfg),
+                                    copies, reps, trials)
+        except Exception:  # noqa: BLE001 - a config the compiler or the GPU rejects is just not a candidate
+            torch.cuda.synchronize()
+            continue
+    if not times:
+        raise DeviceError(f"no kernel config ran for {fmt} {n}x{k} m={m}")
+    best = min(times, key=times.get)
+    if save:
+        save_configs({config_key(fmt, n, k, m, dtype, 0, gpu_name(device)): best})
+    return best, times

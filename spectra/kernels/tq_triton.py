@@ -1,0 +1,177 @@
+"""Triton kernels for y = x @ W^T with W = trits * per-shard scales held in the canonical TQ2/TQ1 layout.
+
+One tensor-core kernel covers every batch size m. It computes the transposed product
+``acc[BN rows of W, BM rows of x] = W_tile @ x_tile^T`` so that the weight rows fill the 64-row side of
+Hopper's wgmma and a decode batch of m = 1..16 only pads the narrow side (16); the weight tile is decoded
+in registers and fed to the tensor cores as the A operand, so decoded weights never touch shared memory.
+
+Per K step the kernel loads a [BN, BJ] byte tile (coalesced, 16-byte aligned rows) and, for each plane
+i < G, pairs decoded plane i with the activation slice x[:, i*Q + j0 : i*Q + j0 + BJ]: the planar layout of
+spectra/formats.py was chosen for exactly this. Split-k (grid axis 2) splits the byte columns; partial
+sums go to an fp32 workspace with atomics and the last program of each output tile (an arrival counter)
+writes the result and re-zeroes its workspace and counter, so one launch does everything and is safe
+to capture in a CUDA graph.
+
+Scales: one scale, or P shards (torch.tensor_split boundaries) of the output rows (applied to the fp32
+accumulator) or of the input columns (applied to x in fp32 before its cast to the operand dtype).
+
+USE_ASM selects the inline-PTX decode (spectra/kernels/ptx.py); the plain-Triton decode computes the same
+values and is what runs under TRITON_INTERPRET=1 on the CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shard_of(idx, size, P):
+    """Shard index of positions `idx` in a dimension of `size` split into P torch.tensor_split parts."""
+    base = size // P
+    extra = size - base * P
+    big = base + 1
+    head = extra * big
+    return tl.where(idx < head, idx // big, extra + (idx - head) // tl.maximum(base, 1))
+
+
+@triton.jit
+def _tq2_plane(b, i: tl.constexpr, DT: tl.constexpr):
+    return (((b >> (2 * i)) & 3).to(tl.int32) - 1).to(DT)
+
+
+@triton.jit
+def _tq1_plane(b, i: tl.constexpr, DT: tl.constexpr):
+    q = b.to(tl.int32)
+    p: tl.constexpr = 3 ** i
+    return ((((q * p) & 255) * 3 >> 8) - 1).to(DT)
+
+
+@triton.jit
+def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.constexpr, DT: tl.constexpr):
+    """x[rm, cols]^T as a [BJ, BM] operand; out-of-range columns load 0 (never garbage times a trit)."""
+    mask = col_ok[:, None] & (rm[None, :] < M)
+    xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None], mask=mask, other=0.0)
+    if COL_SCALE:
+        s = tl.load(s_ptr + _shard_of(cols, K, P), mask=col_ok, other=0.0).to(tl.float32)
+        xt = (xt.to(tl.float32) * s[:, None]).to(DT)
+    return xt
+
+
+@triton.jit
+def _dot(w_plane, xt, acc, DT: tl.constexpr):
+    if DT == tl.float32:
+        return tl.dot(w_plane, xt, acc, input_precision="ieee")
+    return tl.dot(w_plane, xt, acc)
+
+
+@triton.jit
+def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
+                     G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
+                     USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
+    # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns
+    pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rj = tl.arange(0, BJ)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
+    row_ok = rn[:, None] < N
+    j_start = pid_k * J_PER_SPLIT
+    j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    ET = x_ptr.dtype.element_ty  # DT as a real dtype (a constexpr inside a tuple is not unwrapped)
+    for jb in tl.range(j_start, j_end, BJ, num_stages=NUM_STAGES):
+        j = jb + rj
+        j_ok = j < Q
+        # Rows past N load zeros (decoded as -1): their outputs are never stored.
+        b = tl.load(w_rows + j[None, :], mask=row_ok & j_ok[None, :])
+        if G == 4:
+            if USE_ASM:
+                p0, p1, p2, p3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(ET,) * 4,
+                                                           is_pure=True, pack=2)
+            else:
+                p0 = _tq2_plane(b, 0, DT)
+                p1 = _tq2_plane(b, 1, DT)
+                p2 = _tq2_plane(b, 2, DT)
+                p3 = _tq2_plane(b, 3, DT)
+        else:
+            if USE_ASM:
+                p0, p1, p2, p3, p4 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,r", [b],
+                                                               dtype=(ET,) * 5, is_pure=True, pack=2)
+            else:
+                p0 = _tq1_plane(b, 0, DT)
+                p1 = _tq1_plane(b, 1, DT)
+                p2 = _tq1_plane(b, 2, DT)
+                p3 = _tq1_plane(b, 3, DT)
+                p4 = _tq1_plane(b, 4, DT)
+        # All activation tiles first, then the dots back to back: with a load between two dots Triton
+        # waits for each wgmma to finish before issuing the next (seen in the SASS).
+        cs = SCALE_MODE == 2
+        x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT)
+        x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT)
+        x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT)
+        x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT)
+        if G == 5:
+            x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT)
+        acc = _dot(p0, x0, acc, DT)
+        acc = _dot(p1, x1, acc, DT)
+        acc = _dot(p2, x2, acc, DT)
+        acc = _dot(p3, x3, acc, DT)
+        if G == 5:
+            acc = _dot(p4, x4, acc, DT)
+
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr).to(tl.float32)
+    elif SCALE_MODE == 1:
+        s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
+        acc = acc * s_row[:, None]
+    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
+    y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+    if not SPLIT_K:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_ptrs = ws_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
+        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+        # Every thread's partial sums must be issued before this program announces its arrival.
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:
+            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            # Leave the workspace and the counter zeroed for the next launch (no memset kernel needed).
+            tl.store(ws_ptrs, tl.zeros((BN, BM), dtype=tl.float32), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def tq_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, Q, P,
+                      G: tl.constexpr, SCALE_MODE: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    """out[n, i*Q + j] = (digit_i(w[n, j]) - 1) * scale, cast like the reference (fp32 product, then cast)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    row_ok = rn < N
+    b = tl.load(w_ptr + rn[:, None].to(tl.int64) * Q + j[None, :], mask=row_ok[:, None] & (j < Q)[None, :])
+    if SCALE_MODE == 0:
+        s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BN,), dtype=tl.float32)
+    elif SCALE_MODE == 1:
+        s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        s_row = tl.full((BN,), 1.0, dtype=tl.float32)
+    out_rows = out_ptr + rn[:, None].to(tl.int64) * K
+    for i in tl.static_range(G):
+        if G == 4:
+            t = _tq2_plane(b, i, tl.float32)
+        else:
+            t = _tq1_plane(b, i, tl.float32)
+        cols = i * Q + j
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        w = t * s_row[:, None]
+        if SCALE_MODE == 2:
+            s_col = tl.load(s_ptr + _shard_of(cols, K, P), mask=cols < K, other=0.0).to(tl.float32)
+            w = w * s_col[None, :]
+        tl.store(out_rows + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
