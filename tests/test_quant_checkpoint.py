@@ -13,7 +13,7 @@ from quant_support import hamlet, trained_float_lm
 from spectra.checkpoint import load_checkpoint, save_checkpoint
 from spectra.cli.info import info
 from spectra.cli.main import main
-from spectra.errors import FormatError
+from spectra.errors import DataError, FormatError
 from spectra.quant import (
     QuantConfig,
     QuantLinear,
@@ -154,3 +154,21 @@ def test_rtn_without_calibration_matches_rtn_quantize():
     name = "model.layers.1.self_attn.o_proj"
     expected = rtn_quantize(model.get_submodule(name).weight, 3, 32).dequantize()
     assert torch.equal(quantized.get_submodule(name).dense_weight(), expected)
+
+
+def test_calibration_from_prepared_shards_uses_the_training_split(float_checkpoint, tmp_path):
+    from spectra.data import TokenDataset, prepare_data
+    from spectra.quant import calibration_tokens
+    from spectra.tokenizer import train_tokenizer
+
+    _, calib = float_checkpoint
+    tokenizer = trained_float_lm()[0].tokenizer
+    data = prepare_data([calib], tmp_path / "shards", tokenizer=tokenizer, val_fraction=0.2, shard_tokens=700,
+                        progress=False)
+    windows = calibration_tokens(data.path, tokenizer, samples=12, seq_len=40, seed=5)
+    assert windows.shape == (12, 40)
+    train = [torch.as_tensor(s.astype("int64")) for s in TokenDataset(data.path).shards("train")]
+    for row in windows:  # every window is a contiguous stretch of one training shard
+        assert any(torch.equal(s[i:i + 40], row) for s in train for i in range(len(s) - 39) if s[i] == row[0])
+    with pytest.raises(DataError, match="another tokenizer"):
+        calibration_tokens(data.path, train_tokenizer([hamlet(5000)], 300), samples=2, seq_len=40)
