@@ -130,6 +130,19 @@ def config_for_tensor_parallel(config: ModelConfig, tp: int) -> ModelConfig:
     return config
 
 
+def tensor_parallel_overrides(preset: str, kind: str, overrides: dict, tp: int) -> dict:
+    """Model overrides of a `tp`-way run of a preset, with its model-parallel size written out.
+
+    Recording the size in the run's overrides keeps it on resume with another --tp (or on one process).
+    """
+    if tp == 1 or "model_parallel_size" in overrides:
+        return overrides
+    from .config import get_config
+
+    config = config_for_tensor_parallel(get_config(preset, weight_kind=kind, **overrides), tp)
+    return {**overrides, "model_parallel_size": config.model_parallel_size}
+
+
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     """Raise ConfigError unless `tp`-way sharding splits every matrix on its per-shard-scale boundaries."""
     if tp == 1:
@@ -295,6 +308,25 @@ def local_batch(batch: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
                           f"use a batch size divisible by {ctx.dp}")
     rows = batch.shape[0] // ctx.dp
     return batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
+
+
+class RankShardedLoader:
+    """Wraps a loader whose ``next_batch()`` gives global (inputs, targets): yields this rank's rows.
+
+    The position (``state_dict``) is the wrapped loader's, identical on every rank and every mesh.
+    """
+
+    def __init__(self, loader, ctx: ParallelContext) -> None:
+        self.loader, self.ctx = loader, ctx
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return tuple(local_batch(t, self.ctx) for t in self.loader.next_batch())
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def mean_over_data_parallel(value: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

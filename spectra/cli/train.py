@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import ConfigError
 from ..train import TrainConfig, train
+from ..train.loop import is_main_process
 
 S = argparse.SUPPRESS  # unset flags stay absent, so a resumed run keeps its saved values
 
@@ -64,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--on-nan", choices=("stop", "skip"), default=S, help="non-finite loss: stop (default) or skip")
     g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    g = p.add_argument_group("parallelism (launch with `torchrun --nproc-per-node DP*TP -m spectra train ...`)")
+    g.add_argument("--dp", type=int, default=S, help="data-parallel ranks (default 1); --batch-size is split over them")
+    g.add_argument("--tp", type=int, default=S, help="tensor-parallel ranks (default 1); a TriLM keeps one scale "
+                                                      "per shard")
+    g.add_argument("--dp-mode", choices=("fsdp", "ddp"), default=S, help="FSDP2 (default) or DDP for --dp")
     p.set_defaults(func=run)
 
 
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(f"{' and '.join(missing)} required (or --resume DIR to continue a run)")
     result = train(resume=args.resume, **options)
+    if not is_main_process():
+        return 0
     print(f"step {result.step}: train loss {result.train_loss:.4f}"
           + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
           + f", {result.tokens_per_s:,.0f} tokens/s")

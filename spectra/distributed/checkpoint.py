@@ -112,12 +112,15 @@ _MODEL_PREFIX, _OPTIM_PREFIX = "model::", "optim::"
 
 
 def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                             ctx: ParallelContext, meta: dict | None = None, tokenizer=None) -> Path:
+                             ctx: ParallelContext, meta: dict | None = None, tokenizer=None,
+                             extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a core checkpoint (config.json + model.safetensors) plus the unsharded training state.
 
     Collective: every rank calls it; rank 0 writes. The core part loads with :func:`spectra.load_checkpoint`
     on one process; the training state (latent weights, optimizer, `meta`) resumes on any mesh through
-    :func:`load_training_checkpoint`. The directory appears in one rename, so a crash leaves no half-write.
+    :func:`load_training_checkpoint`, and on one process through ``spectra.train`` (same layout:
+    ``model::<name>``, ``optim::<name>::<slot>``, plus rank 0's `extra_tensors`, e.g. ``rng::`` states).
+    The directory appears in one rename, so a crash leaves no half-write.
     """
     from safetensors.torch import save_file
 
@@ -137,6 +140,7 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
             optim_tensors, optim_meta = optimizer_state_to_tensors(optim_state)
             tensors = {_MODEL_PREFIX + k: v.contiguous() for k, v in model_state.items()}
             tensors.update({_OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
             save_file(tensors, str(target / TRAIN_STATE_FILE), metadata={"format": "pt"})
             record = {"meta": meta or {}, "optimizer": optim_meta if optimizer is not None else None,
                       "saved_with": {"dp": ctx.dp, "tp": ctx.tp}}

@@ -64,6 +64,9 @@ class TrainConfig:
     export_dir: str | None = None               # also save the final model here (plain checkpoint + tokenizer)
     progress: bool = True                       # tqdm progress bar
     threads: int | None = None                  # torch CPU threads (None: torch's default)
+    dp: int = 1                                 # data-parallel ranks under torchrun (spectra.parallel)
+    tp: int = 1                                 # tensor-parallel ranks; a TriLM gets one scale per shard
+    dp_mode: str = "fsdp"                       # data parallelism: "fsdp" (FSDP2) or "ddp"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -86,6 +89,12 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.on_nan not in ON_NAN:
             raise ConfigError(f"on_nan must be one of {', '.join(ON_NAN)}, got {self.on_nan!r}")
+        if self.dp < 1 or self.tp < 1 or self.dp_mode not in ("fsdp", "ddp"):
+            raise ConfigError(f"dp and tp must be >= 1 and dp_mode fsdp or ddp, got dp={self.dp} tp={self.tp} "
+                              f"dp_mode={self.dp_mode!r}")
+        if self.batch_size % self.dp:
+            raise ConfigError(f"batch_size {self.batch_size} (the global micro-batch) must be divisible by "
+                              f"dp={self.dp}: each data-parallel rank takes batch_size / dp of its sequences")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive (or None to disable), got {self.grad_clip}")
         self.make_schedule()  # validates LR, decay and phases

@@ -24,17 +24,29 @@ import torch.nn as nn
 from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from ..config import get_config
 from ..data import TokenDataset, WindowLoader
+from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError, DeviceError, TrainingError
 from ..model import SpectraLM
+from ..parallel import (
+    ParallelContext,
+    RankShardedLoader,
+    clip_grad_norm_,
+    init_parallel,
+    mean_over_data_parallel,
+    parallelize,
+    tensor_parallel_overrides,
+)
 from .config import TrainConfig
 from .schedule import Schedule
 from .state import (
+    RNG_PREFIX,
     list_checkpoints,
     load_training_state,
     prune_checkpoints,
     read_training_meta,
     remove_stale_staging,
     resolve_resume,
+    rng_tensors,
     save_training_state,
     step_dir,
 )
@@ -131,10 +143,13 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: WindowLoader, cfg: TrainConfig,
-               schedule: Schedule, step: int, device: torch.device) -> tuple[float, float]:
+               schedule: Schedule, step: int, device: torch.device,
+               ctx: ParallelContext | None = None) -> tuple[float, float]:
     """One optimizer step over `cfg.grad_accum` micro-batches; returns (mean loss, gradient norm).
 
     A non-finite loss or gradient norm leaves the weights untouched (the caller decides to stop or skip).
+    Under a parallel `ctx` the norm is the global one over all shards and the loss the global-batch mean,
+    so every rank takes the same decision.
     """
     for group in optimizer.param_groups:
         group["lr"] = schedule.lr(step)
@@ -146,8 +161,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Windo
             _, loss = model(inputs, targets)
         (loss / cfg.grad_accum).backward()
         total += loss.detach().float()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
+    if ctx is not None and ctx.distributed:
+        norm = clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip is not None else math.inf, ctx)
+        total = mean_over_data_parallel(total, ctx)
+    else:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
     loss_value, norm_value = float(total) / cfg.grad_accum, float(norm)
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
@@ -245,6 +264,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             config = TrainConfig(**options)
     elif options:
         config = config.replace(**options)
+    if config.tp > 1 and not Path(config.model).is_dir():
+        config = config.replace(model_overrides=tensor_parallel_overrides(config.model, config.kind,
+                                                                          config.model_overrides, config.tp))
     cfg = config
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -252,6 +274,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     # Everything that can be wrong is checked before anything is written.
     dataset = TokenDataset(cfg.data)
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
+    device = ctx.device
     model = build_model(cfg, device) if initial_model is None else initial_model.to(device).train()
     seq_len = cfg.seq_len or model.config.max_seq_len
     check_compatible(model, dataset, seq_len)
@@ -264,14 +288,21 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     elif list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another output directory")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    model = parallelize(model, ctx, cfg.dp_mode, param_dtype=torch.bfloat16 if bf16 else None,
+                        compile=cfg.compile and ctx.distributed)
     loader, val_batches, train_fixed = build_loaders(cfg, dataset, seq_len)
+    loader = RankShardedLoader(loader, ctx) if ctx.dp > 1 else loader
     schedule = cfg.make_schedule()
     optimizer = build_optimizer(model, cfg)
     tokenizer = dataset.tokenizer()
 
     start_step, tokens_seen = 0, 0
     if checkpoint is not None:
-        meta = load_training_state(checkpoint, model, optimizer)
+        if ctx.distributed:
+            meta = load_training_checkpoint(checkpoint, model, optimizer, ctx)
+        else:
+            meta = load_training_state(checkpoint, model, optimizer)
         loader.load_state_dict(meta["loader"])
         start_step, tokens_seen = int(meta["step"]), int(meta["tokens"])
     main = is_main_process()
@@ -283,7 +314,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                                                      indent=2) + "\n")
         log.truncate_after(start_step)
         remove_stale_staging(run_dir)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model) if cfg.compile and not ctx.distributed else model
+    writes = main or ctx.distributed  # saving a parallel model gathers its shards: every rank takes part
 
     def emit(record: dict) -> None:
         log.write(record)
@@ -294,8 +326,14 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         meta = {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(), "config": cfg.to_dict(),
                 "model_config": model.config.to_dict(), "dataset": dataset.fingerprint(),
                 "lr": schedule.lr(max(0, step - 1)), "weight_decay": schedule.weight_decay_at(max(0, step - 1))}
-        path = save_training_state(step_dir(run_dir, step), model, optimizer, meta, tokenizer=tokenizer)
-        prune_checkpoints(run_dir, cfg.keep_last)
+        if ctx.distributed:
+            rng = {RNG_PREFIX + k: v for k, v in rng_tensors().items()}
+            path = save_training_checkpoint(step_dir(run_dir, step), model, optimizer, ctx, meta,
+                                            tokenizer=tokenizer, extra_tensors=rng)
+        else:
+            path = save_training_state(step_dir(run_dir, step), model, optimizer, meta, tokenizer=tokenizer)
+        if main:
+            prune_checkpoints(run_dir, cfg.keep_last)
         return path
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
@@ -307,7 +345,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         while step < cfg.steps:
             started = time.perf_counter()
             try:
-                loss, norm = train_step(step_model, optimizer, loader, cfg, schedule, step, device)
+                loss, norm = train_step(step_model, optimizer, loader, cfg, schedule, step, device, ctx)
             except _OOM:
                 raise DeviceError(f"GPU out of memory at step {step + 1} with micro-batches of {cfg.batch_size} x "
                                   f"{seq_len} tokens; lower --batch-size (raise --grad-accum to keep the same "
@@ -339,7 +377,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val_batches:
                 emit({"split": "val", "step": step, "loss": evaluate(step_model, val_batches, device, cfg.precision),
                       "tokens": tokens_seen})
-            if cfg.save_every and step % cfg.save_every == 0 and main:
+            if cfg.save_every and step % cfg.save_every == 0 and writes:
                 last_saved = save(step)
     finally:
         bar.close()
@@ -349,11 +387,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if val_loss is not None:
         emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
     emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
-    if main and last_saved != step_dir(run_dir, step):
+    if writes and last_saved != step_dir(run_dir, step):
         last_saved = save(step)
     export = None
-    if cfg.export_dir and main:
-        export = save_checkpoint(model, cfg.export_dir, tokenizer=tokenizer)
+    if cfg.export_dir:
+        plain = gather_model(model, ctx) if ctx.distributed else model
+        if main:
+            export = save_checkpoint(plain, cfg.export_dir, tokenizer=tokenizer)
     steps_run = step - start_step
     return TrainResult(run_dir=run_dir, checkpoint=last_saved, export_dir=export, step=step, train_loss=train_loss,
                        val_loss=val_loss, tokens=tokens_seen,
