@@ -172,3 +172,14 @@ def test_cli_tasks_writes_results(setup, tmp_path, capsys):
     assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_needs_hub", "--include-path",
                  str(setup.tasks)]) == 2
     assert "needs the Hugging Face hub" in capsys.readouterr().err
+
+
+def test_hub_access_is_restored():
+    import datasets.config
+
+    from spectra.eval.harness import hub_access
+
+    before = (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_HUB_OFFLINE)
+    with hub_access(online=True):
+        assert os.environ["HF_DATASETS_OFFLINE"] == "0" and datasets.config.HF_HUB_OFFLINE is False
+    assert (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_HUB_OFFLINE) == before

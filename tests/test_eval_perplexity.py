@@ -123,3 +123,14 @@ def test_cli_ppl_writes_result_json(tmp_path, capsys):
     assert record["metrics"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
     assert record["model"]["family"] == "TriLM" and record["model"]["parameters"] > 0
     assert main(["eval", "ppl", str(ckpt), "--data", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_prepared_shards_are_read_through_spectra_data(tmp_path):
+    data = pytest.importorskip("spectra.data")
+    tok = tiny_tokenizer()
+    (tmp_path / "corpus.txt").write_text(shakespeare(20_000))
+    dataset = data.prepare_data(tmp_path / "corpus.txt", tmp_path / "shards", tokenizer=tok, val_fraction=0.2,
+                                progress=False)
+    val = load_eval_tokens(tmp_path / "shards", tok)
+    assert val.tolist() == dataset.tokens("val").astype(int).tolist() and val.numel() > 0
+    assert load_eval_tokens(tmp_path / "shards", split="train").numel() == dataset.num_tokens("train")

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--stride", type=int, help="new tokens scored per window (default: half the window)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     ppl.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the data")
+    ppl.add_argument("--split", help="split of prepared shards (default: val, else train)")
+    ppl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ppl.set_defaults(func=run_ppl)
 
     tasks = sub.add_parser("tasks", help="lm-evaluation-harness tasks (the paper's zero-shot list by default)",
@@ -50,7 +52,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", help="family label for `spectra compare` (default: from the weight kind)")
     p.add_argument("--name", help="model name in the result file (default: the directory name)")
     p.add_argument("--out", help="write the result JSON here (it is always printed)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _emit(record: dict[str, Any], out: str | None) -> None:
@@ -69,10 +70,10 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, device=args.device or default_device(), dtype=parse_dtype(args.dtype))
     tokenizer = load_tokenizer(args.checkpoint) if Path(args.checkpoint, "tokenizer.json").is_file() else None
-    tokens = load_eval_tokens(args.data, tokenizer, args.max_tokens)
+    tokens = load_eval_tokens(args.data, tokenizer, args.max_tokens, args.split)
     result = perplexity(model, tokens, args.window, args.stride, args.batch_size, progress=not args.no_progress)
     metrics = {"perplexity": result.perplexity, "loss": result.loss, "bits_per_token": result.bits_per_token}
-    details = {"data": str(args.data), **result.to_dict()}
+    details = {"data": str(args.data), "split": args.split, **result.to_dict()}
     _emit(result_record(describe_model(model, args.checkpoint, args.family, args.name), metrics, details), args.out)
     return 0
 

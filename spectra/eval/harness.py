@@ -9,8 +9,10 @@ QuantLM checkpoints are scored by the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ class SpectraEvalLM(TemplateLM):
             from ..cli.common import parse_dtype
 
             dtype = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
-            self.model = load_model(pretrained, device=device or _default_device(), dtype=dtype, kind=kind)
+            self.model = load_model(pretrained, device=_usable_device(device), dtype=dtype, kind=kind)
             tokenizer = tokenizer or load_tokenizer(pretrained)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self._device = self.model.model.embed_tokens.weight.device
@@ -205,25 +207,48 @@ def _parse_batch_size(batch_size: int | str | None, max_batch_size: int | None) 
     return size
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _usable_device(device: str | None) -> str:
+    # lm-eval's command line passes device="cuda:0" unless told otherwise; like its Hugging Face model,
+    # fall back to the CPU (with a warning) rather than refuse to run on a machine without a GPU.
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available; running on the CPU", device)
+        return "cpu"
+    return str(device)
 
 
 # --- running tasks --------------------------------------------------------------------------------
 
-def set_offline(offline: bool = True) -> None:
-    """Forbid (or allow) Hugging Face hub access for datasets, even if `datasets` is already imported."""
-    value = "1" if offline else "0"
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        os.environ[var] = value
+@contextlib.contextmanager
+def hub_access(online: bool) -> Iterator[None]:
+    """Allow or forbid Hugging Face hub access for datasets inside the block (even if `datasets` is already
+    imported, which reads its environment once), restoring the previous settings afterwards."""
+    names = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    saved_env = {n: os.environ.get(n) for n in names}
+    modules = []
     try:
         import datasets.config
         import huggingface_hub.constants
 
-        datasets.config.HF_HUB_OFFLINE = offline
-        huggingface_hub.constants.HF_HUB_OFFLINE = offline
-    except (ImportError, AttributeError):
+        modules = [(datasets.config, "HF_HUB_OFFLINE"), (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    except ImportError:
         pass
+    saved_attrs = [(m, a, getattr(m, a, None)) for m, a in modules]
+    try:
+        for n in names:
+            os.environ[n] = "0" if online else "1"
+        for m, a in modules:
+            setattr(m, a, not online)
+        yield
+    finally:
+        for n, v in saved_env.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+        for m, a, v in saved_attrs:
+            setattr(m, a, v)
 
 
 def task_manager(tasks: list[str] | tuple[str, ...], include_path: str | Path | None = None) -> Any:
@@ -269,22 +294,23 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
     """
     import lm_eval
 
-    set_offline(not online)
     tasks = list(tasks)
-    manager = task_manager(tasks, include_path)
-    status = task_availability(tasks, manager)
-    missing = {name: why for name, why in status.items() if why is not None}
-    if missing and (not skip_unavailable or len(missing) == len(tasks)):
-        lines = "; ".join(f"{name}: {why}" for name, why in missing.items())
-        raise DataError(f"{len(missing)} of {len(tasks)} tasks cannot run: {lines}. Fix: download the datasets "
-                        f"into the Hugging Face cache on a machine with network (or pass --online), point "
-                        f"--include-path at local task YAMLs, or pass --skip-unavailable")
-    runnable = [name for name in tasks if name not in missing]
-    lm = model if isinstance(model, SpectraEvalLM) else SpectraEvalLM(model, tokenizer=tokenizer, device=device,
-                                                                      batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=runnable, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=log_samples, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    with hub_access(online):
+        manager = task_manager(tasks, include_path)
+        status = task_availability(tasks, manager)
+        missing = {name: why for name, why in status.items() if why is not None}
+        if missing and (not skip_unavailable or len(missing) == len(tasks)):
+            lines = "; ".join(f"{name}: {why}" for name, why in missing.items())
+            raise DataError(f"{len(missing)} of {len(tasks)} tasks cannot run: {lines}. Fix: download the "
+                            f"datasets into the Hugging Face cache on a machine with network (or pass --online), "
+                            f"point --include-path at local task YAMLs, or pass --skip-unavailable")
+        runnable = [name for name in tasks if name not in missing]
+        lm = model if isinstance(model, SpectraEvalLM) else SpectraEvalLM(model, tokenizer=tokenizer,
+                                                                          device=device, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=lm, tasks=runnable, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=log_samples, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed)
     results["skipped_tasks"] = missing
     return results
 

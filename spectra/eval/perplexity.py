@@ -110,15 +110,16 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window:
 
 # --- data -----------------------------------------------------------------------------------------
 
-def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = None) -> torch.Tensor:
-    """1-D token ids from `path`: prepared shards (spectra.data), a .npy array of ids, .jsonl with a
-    "text" field, a text file, or a folder of text files. Text needs `tokenizer` (a tokenizers.Tokenizer);
-    documents are joined with the end-of-text token when the tokenizer has one.
+def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = None,
+                     split: str | None = None) -> torch.Tensor:
+    """1-D token ids from `path`: prepared shards (`spectra data prepare`; `split`, default its validation
+    split), a .npy array of ids, .jsonl with a "text" field, a text file, or a folder of text files. Text
+    needs `tokenizer` (a tokenizers.Tokenizer); documents are joined with the end-of-text token.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"evaluation data {path} does not exist")
-    tokens = _prepared_tokens(path)
+    tokens = _prepared_tokens(path, split)
     if tokens is None and path.suffix == ".npy":
         tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64).reshape(-1))
     if tokens is None:
@@ -130,19 +131,15 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
     return tokens
 
 
-def _prepared_tokens(path: Path) -> torch.Tensor | None:
-    """Tokens of a directory of prepared shards, read through spectra.data when that module provides it."""
+def _prepared_tokens(path: Path, split: str | None) -> torch.Tensor | None:
+    """Tokens of a directory of prepared shards (spectra.data owns that format), else None."""
     try:
-        from .. import data as data_module  # written by the pretraining pipeline; optional here
-    except ImportError:
+        from ..data import INDEX_FILE, read_tokens
+    except ImportError:  # the pretraining data module is optional for evaluation
         return None
-    reader = getattr(data_module, "read_tokens", None)
-    if reader is None or not path.is_dir() or not any(path.glob("*.json")):
+    if not (path / INDEX_FILE).is_file():
         return None
-    try:
-        return torch.as_tensor(np.asarray(reader(path)), dtype=torch.long).reshape(-1)
-    except DataError:
-        return None  # not a shard directory after all: read it as text
+    return torch.from_numpy(read_tokens(path, split).astype(np.int64)).reshape(-1)
 
 
 def _read_documents(path: Path) -> list[str]:

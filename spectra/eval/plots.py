@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .results import load_results
+from .results import load_results, publish
 
 # Families keep one colour and marker across every figure.
 FAMILY_STYLE = {"TriLM": ("tab:blue", "o"), "FloatLM": ("tab:orange", "s")}
@@ -32,7 +32,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -77,6 +77,7 @@ def plot_comparison(entries: list[dict[str, Any]], metric: str, path: str | Path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     families: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for e in entries:
@@ -97,6 +98,8 @@ def plot_comparison(entries: list[dict[str, Any]], metric: str, path: str | Path
         ax.set_xscale("log")
         if lower and metric.split("/")[-1].startswith(("perplexity", "word_perplexity", "byte_perplexity")):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set(xlabel=xlabel, ylabel=metric + (" (lower is better)" if lower else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

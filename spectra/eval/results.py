@@ -65,11 +65,20 @@ def write_json(record: dict[str, Any], path: str | Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2, default=_jsonable)
             f.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temporary file the permissions of a normally created one, then rename it into place."""
+    # mkstemp creates files readable by their owner only; results and plots are meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
