@@ -201,6 +201,64 @@ def _fresh(mp: int) -> SpectraLM:
     return SpectraLM(get_config("tiny", weight_kind="ternary", model_parallel_size=mp))
 
 
+# --- `torchrun -m spectra train --dp/--tp` against the single-process loop -------------------------
+
+TRAIN_ARGS = dict(model="tiny", steps=4, batch_size=4, seq_len=32, eval_every=0, save_every=2, log_every=1,
+                  lr=1e-2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from spectra.data import prepare_data
+
+    root = tmp_path_factory.mktemp("train_data")
+    words = "the king queen lord lady sword crown castle night day love war peace honour death life".split()
+    gen = torch.Generator().manual_seed(3)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=gen).tolist()) + "."
+             for _ in range(1500)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    prepare_data(root / "corpus.txt", root / "data", vocab_size=300, progress=False)
+    return root
+
+
+def _train_losses(run: Path) -> list[float]:
+    from spectra.train import read_metrics
+
+    return [r["loss"] for r in read_metrics(run) if r.get("split") == "train"]
+
+
+def _torchrun_train(root: Path, name: str, *flags: str) -> Path:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN_ARGS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "localhost:0", "-m", "spectra", "train", "--data", str(root / "data"),
+           "--out", str(root / name), "--vocab-size", "300", "--no-progress", *args, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return root / name
+
+
+def test_spectra_train_cli_dp_and_tp_match_the_single_process_loop(prepared):
+    import shutil
+
+    import spectra.train as training
+
+    root = prepared
+    single = {mp: _train_losses(training.train(data=str(root / "data"), out_dir=str(root / f"single_mp{mp}"),
+                                               model_overrides={"vocab_size": 300, "model_parallel_size": mp},
+                                               progress=False, **TRAIN_ARGS).run_dir)
+              for mp in (1, 2)}
+    dp_run = _torchrun_train(root, "dp2", "--dp=2")
+    tp_run = _torchrun_train(root, "tp2", "--tp=2")
+    assert _train_losses(dp_run) == pytest.approx(single[1], abs=LOSS_TOL)
+    assert _train_losses(tp_run) == pytest.approx(single[2], abs=LOSS_TOL)
+    # The tensor-parallel checkpoint resumes in one process, keeping its 2 scales per matrix.
+    copy = shutil.copytree(tp_run, root / "tp2_resumed")
+    resumed = training.train(resume=copy / "checkpoints" / "step-0000002", out_dir=str(copy), tp=1)
+    assert resumed.model.config.model_parallel_size == 2
+    assert _train_losses(copy) == pytest.approx(_train_losses(tp_run), abs=LOSS_TOL)
+
+
 # --- single-process checks of the API's bad input -------------------------------------------------
 
 def test_tensor_parallel_config_checks():
