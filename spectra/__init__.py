@@ -27,6 +27,7 @@ from .linear import (
 )
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
+from .parallel import init_parallel, parallelize
 from .plot import plot_runs
 from .quant import QuantConfig, QuantLinear, quantize_model
 from .size import count_parameters, model_size_bits, size_in_bits
@@ -47,4 +48,5 @@ __all__ = [
     "model_size_bits",
     "TokenDataset", "WindowLoader", "prepare_data", "TrainConfig", "train", "TrainingError", "plot_runs",
     "run_demo",
+    "init_parallel", "parallelize",
 ]
