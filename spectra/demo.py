@@ -7,10 +7,15 @@ seed; only the weight kind and its optimization schedule differ (each kind's def
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +41,10 @@ class DemoSettings:
     steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
-    model: str = "tiny"          # hidden 64, 2 layers, 4 heads; vocabulary matched to the tokenizer below
+    model: str = "tiny"          # the tiny preset, reshaped by `shape`; vocabulary matched to the tokenizer
     vocab_size: int = 1024
+    shape: dict[str, int] = field(default_factory=lambda: {"hidden_size": 96, "num_layers": 3, "num_heads": 4,
+                                                           "intermediate_size": 256})
     eval_every: int = 50
     eval_batches: int = 8
     warmup_steps: int = 20
@@ -73,16 +80,18 @@ def _prepared(corpus: list[Path], data_dir: Path, vocab_size: int, progress: boo
 
 
 def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSettings(),
-             corpus: list[str | Path] | None = None, threads: int | None = 2, progress: bool = True,
-             echo=print) -> dict[str, Any]:
+             corpus: list[str | Path] | None = None, threads: int = 1, parallel: bool | None = None,
+             progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train both models, save them to `out_dir`/trilm and `out_dir`/floatlm, plot, and return the summary.
 
-    `echo` receives the lines of the report (the CLI prints them).
+    With `parallel` (default: when the machine has two cores or more) the two models train at the same time in
+    two processes of `threads` torch threads each; otherwise one after the other in this process. One thread
+    per model is the default: these matrices are too small to gain from a second thread, and on a busy
+    machine multi-threaded tiny matmuls slow down badly. `echo` receives the lines of the report.
     """
     out_dir = Path(out_dir)
     corpus_paths = [Path(p) for p in corpus] if corpus else [shakespeare_corpus()]
-    if threads:
-        torch.set_num_threads(threads)
+    parallel = (os.cpu_count() or 1) >= 2 if parallel is None else parallel
     started = time.perf_counter()
     dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress)
     unigram = unigram_loss(dataset)
@@ -91,22 +100,23 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
          f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
          f"loss {unigram:.3f}")
 
-    results = {}
+    configs = {}
     for name, kind in MODELS.items():
         run_dir = out_dir / "train" / name
         if (run_dir / "run.json").is_file():
             shutil.rmtree(run_dir)  # the demo's own earlier run: start over
-        cfg = TrainConfig(data=str(out_dir / "data"), out_dir=str(run_dir), model=settings.model, kind=kind,
-                          model_overrides={"vocab_size": settings.vocab_size}, steps=settings.steps,
-                          batch_size=settings.batch_size, seq_len=settings.seq_len,
-                          warmup_steps=settings.warmup_steps, eval_every=settings.eval_every,
-                          eval_batches=settings.eval_batches, save_every=0, keep_last=1,
-                          log_every=max(1, settings.steps // 100), seed=settings.seed, device="cpu",
-                          export_dir=str(out_dir / name), progress=progress)
-        echo(f"training {name}: {cfg.make_schedule().describe()}")
-        results[name] = train(cfg)
+        configs[name] = TrainConfig(
+            data=str(out_dir / "data"), out_dir=str(run_dir), model=settings.model, kind=kind,
+            model_overrides={"vocab_size": settings.vocab_size, **settings.shape}, steps=settings.steps,
+            batch_size=settings.batch_size, seq_len=settings.seq_len, warmup_steps=settings.warmup_steps,
+            eval_every=settings.eval_every, eval_batches=settings.eval_batches, save_every=0, keep_last=1,
+            log_every=max(1, settings.steps // 100), seed=settings.seed, device="cpu",
+            export_dir=str(out_dir / name), progress=progress and not parallel, threads=threads)
+        echo(f"{name}: {configs[name].make_schedule().describe()}")
+    results = _train_parallel(configs, progress) if parallel else {n: _train_one(c) for n, c in configs.items()}
 
     summary = _summary(results, dataset, unigram, settings)
+    summary["parallel"], summary["threads_per_model"] = parallel, threads
     for line in _table(summary):
         echo(line)
     for name in MODELS:
@@ -123,20 +133,54 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
     return summary
 
 
+def _train_one(cfg: TrainConfig) -> dict[str, Any]:
+    return train(cfg).to_dict()
+
+
+def _train_parallel(configs: dict[str, TrainConfig], progress: bool) -> dict[str, dict[str, Any]]:
+    """Both runs at once in spawned processes; one progress bar follows their metrics files."""
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
+    with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool:
+        futures = {name: pool.submit(_train_one, cfg) for name, cfg in configs.items()}
+        total = sum(cfg.steps for cfg in configs.values())
+        with tqdm(total=total, desc="training TriLM + FloatLM", unit="step", disable=not progress) as bar:
+            while not all(f.done() for f in futures.values()):
+                done = sum(_latest_step(Path(cfg.out_dir)) for cfg in configs.values())
+                bar.update(done - bar.n)
+                time.sleep(0.5)
+            bar.update(total - bar.n)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _latest_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written right now
+    return 0
+
+
 def _summary(results: dict, dataset: TokenDataset, unigram: float, settings: DemoSettings) -> dict[str, Any]:
     tokenizer = dataset.tokenizer()
-    summary: dict[str, Any] = {"unigram_loss": unigram, "settings": settings.__dict__}
+    summary: dict[str, Any] = {"unigram_loss": unigram, "settings": dataclasses.asdict(settings)}
     for name, result in results.items():
         # Reload what was saved: the TriLM comes back as exact trits and scales (FrozenTernaryLinear).
-        model = load_checkpoint(result.export_dir, device="cpu", dtype=torch.float32)
+        model = load_checkpoint(result["export_dir"], device="cpu", dtype=torch.float32)
         prompt = tokenizer.encode(SAMPLE_PROMPT).ids
         ids = generate(model, prompt, max_new_tokens=settings.sample_tokens, temperature=0.8, top_k=40,
                        seed=settings.seed, eos_id=eos_id(tokenizer))[0].tolist()
         summary[name] = {"kind": model.config.weight_kind, "parameters": count_parameters(model.config).total,
-                         "size_bits": model_size_bits(model), "train_loss": result.train_loss,
-                         "val_loss": result.val_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
-                         "train_seconds": result.train_seconds, "checkpoint": str(result.export_dir),
-                         "sample": SAMPLE_PROMPT + tokenizer.decode(ids[len(prompt):])}
+                         "size_bits": model_size_bits(model),
+                         "sample": SAMPLE_PROMPT + tokenizer.decode(ids[len(prompt):]),
+                         **{k: result[k] for k in ("train_loss", "val_loss", "tokens", "tokens_per_s",
+                                                   "train_seconds", "export_dir")}}
     return summary
 
 

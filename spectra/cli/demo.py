@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {DemoSettings.steps})")
     p.add_argument("--quick", action="store_true", help="a few steps on short windows (a smoke test, ~30 s)")
     p.add_argument("--corpus", nargs="+", default=None, help="use these files/folders instead of Shakespeare")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model (default 1)")
+    p.add_argument("--sequential", action="store_true",
+                   help="train the models one after the other (default: both at once on machines with 2+ cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -29,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         changes["steps"] = args.steps
     settings = dataclasses.replace(settings, **changes)
-    run_demo(args.out, settings, corpus=args.corpus, threads=args.threads, progress=not args.no_progress)
+    run_demo(args.out, settings, corpus=args.corpus, threads=args.threads,
+             parallel=False if args.sequential else None, progress=not args.no_progress)
     return 0
