@@ -23,12 +23,10 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .errors import ConfigError, DeviceError
-from .linear import FloatLinear, TernaryLinear, ternary_weight_ste
+from .linear import COLUMN_PARALLEL, FloatLinear, TernaryLinear, ternary_weight_ste
 
 DP_MODES = ("fsdp", "ddp")
 TRAINABLE_KINDS = ("float", "ternary")
-COLUMN_PARALLEL_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
 
 
 # --- process group and mesh -----------------------------------------------------------------------
@@ -235,16 +233,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = tp_mesh.size()
-    plan = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-    plan["self_attn.o_proj"] = RowwiseParallel()
-    plan.update({f"mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")})
-    plan["mlp.down_proj"] = RowwiseParallel()
     for layer in model.model.layers:
-        for name in plan:
-            module = layer.get_submodule(name)
+        plan = {}
+        for name, module in layer.named_modules():
+            if not name.endswith("_proj"):
+                continue
             if not isinstance(module, (FloatLinear, TernaryLinear)):
                 raise ConfigError(f"{name} is {type(module).__name__}; tensor parallelism trains FloatLinear "
                                   f"and TernaryLinear layers only")
+            # The layer's own shard_axis, the axis its per-shard scales split, decides the style, so the
+            # TP shards and the scale shards are the same slices (q/k/v/gate/up: 0, o/down: 1).
+            plan[name] = ColwiseParallel() if module.shard_axis == COLUMN_PARALLEL else RowwiseParallel()
         parallelize_module(layer, tp_mesh, plan)
         # Attention reshapes its projections into heads; after column sharding a rank holds num_heads / tp.
         layer.self_attn.num_heads = model.config.num_heads // tp
