@@ -45,11 +45,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    tokens = load_eval_tokens(args.data)  # the validation split of prepared shards
+    tokens = load_eval_tokens(args.data, max_tokens=args.max_tokens)  # the validation split of prepared shards
     rows = [("FloatLM (fp16 linear)", measure(Path(args.float), tokens), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
