@@ -150,3 +150,100 @@ def format_gemm_row(row: GemmRow, fmts: tuple[str, ...]) -> str:
                       for f in fmts)
     return (f"| {row.shapes} | {row.m} | {row.fp16_us:.1f} | {row.fp16_bytes / row.fp16_us / 1e3:.0f} | "
             f"{cols} |")
+
+
+# --- end-to-end decoding ------------------------------------------------------------------------------
+
+DECODE_MODELS = {
+    # name: (preset, overrides); "70b-slice" is LLaMA-70B-shaped (no GQA in this model family) cut to a few layers
+    "3.9b": ("3.9B", {}),
+    "70b-slice": ("3.9B", {"hidden_size": 8192, "intermediate_size": 28672, "num_heads": 64,
+                           "model_parallel_size": 8}),
+}
+
+
+def build_random_model(name: str, kind: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
+                       max_seq_len: int = 256, seed: int = 0):
+    """A model of the named shape with random weights: fp16 `float` weights, or random trits packed as `kind`."""
+    from .. import packed as _packed  # noqa: F401 - registers the tq2/tq1 weight kinds
+    from ..config import get_config
+    from ..model import SpectraLM
+
+    preset, overrides = DECODE_MODELS[name]
+    overrides = dict(overrides, weight_kind=kind, max_seq_len=max_seq_len)
+    if num_layers is not None:
+        overrides["num_layers"] = num_layers
+    cfg = get_config(preset, **overrides)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = SpectraLM(cfg)
+    model = model.to(dtype).eval()
+    if kind in ("tq2", "tq1"):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for module in model.linear_layers().values():
+            n, k = module.out_features, module.in_features
+            trits = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=gen)
+            module.qweight.copy_(get_format(kind).pack(trits))
+            module.scales = torch.rand(module.parts, device=device, generator=gen) * 0.01 + 0.01
+    return model
+
+
+@dataclass
+class DecodeRow:
+    model: str
+    layers: int
+    batch: int
+    step_s: dict[str, float]   # kind -> seconds per decode step
+
+
+def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple[int, ...] = (1, 16),
+                 kinds: tuple[str, ...] = ("float", "tq2", "tq1"), slice_layers: tuple[int, ...] = (2, 4),
+                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
+                 log: Callable[[str], None] | None = None) -> list[DecodeRow]:
+    """Seconds per CUDA-graph decode step for each model shape, batch and weight kind."""
+    from .cudagraph import GraphDecodeStep, time_decode
+
+    device = torch.device(device)
+    rows = []
+    for name in models:
+        for layers in ((None,) if name == "3.9b" else slice_layers):
+            for batch in batches:
+                row = DecodeRow(name, layers or 30, batch, {})
+                for kind in kinds:
+                    model = build_random_model(name, kind, dtype, device, layers)
+                    with GraphDecodeStep(model, batch, 128) as step:
+                        row.step_s[kind] = time_decode(step, batch, device, steps)
+                    del model
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                if log:
+                    log(format_decode_row(row, kinds))
+    return rows
+
+
+def format_decode_header(kinds: tuple[str, ...]) -> str:
+    cols = " | ".join(f"{k} steps/s | {k} tokens/s" for k in kinds)
+    ratios = " | ".join(f"{k} vs float" for k in kinds if k != "float")
+    return (f"| model | layers | batch | {cols} | {ratios} |\n|---|---|---|"
+            + "---|" * (2 * len(kinds) + len(kinds) - 1))
+
+
+def format_decode_row(row: DecodeRow, kinds: tuple[str, ...]) -> str:
+    cols = " | ".join(f"{1 / row.step_s[k]:.0f} | {row.batch / row.step_s[k]:.0f}" for k in kinds)
+    ratios = " | ".join(f"{row.step_s['float'] / row.step_s[k]:.2f}x" for k in kinds if k != "float")
+    return f"| {row.model} | {row.layers} | {row.batch} | {cols} | {ratios} |"
+
+
+def per_layer_speedup(rows: list[DecodeRow], kind: str) -> dict[tuple[str, int], float]:
+    """(model, batch) -> per-layer speedup from two layer counts: (t(L2) - t(L1)) cancels embedding and head."""
+    out = {}
+    by = {(r.model, r.batch, r.layers): r for r in rows}
+    for (model, batch, layers), r in by.items():
+        bigger = [b for (m, bb, b) in by if m == model and bb == batch and b > layers]
+        if bigger:
+            r2 = by[(model, batch, min(bigger))]
+            dl = r2.layers - r.layers
+            t_float = (r2.step_s["float"] - r.step_s["float"]) / dl
+            t_kind = (r2.step_s[kind] - r.step_s[kind]) / dl
+            out[(model, batch)] = t_float / t_kind
+    return out

@@ -100,6 +100,15 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+
+
+def smem_bytes(cfg: KernelConfig, fmt: str) -> int:
+    """Shared memory of the pipelined tensor-core kernel: byte tile + G activation tiles, per stage."""
+    g = get_format(fmt).trits_per_byte
+    return cfg.num_stages * (cfg.block_n * cfg.block_j + g * cfg.block_j * cfg.block_m * 2)
+
+
 def heuristic_config(n: int, k: int, m: int, fmt: str, sms: int) -> KernelConfig:
     """A sane default: the tensor-core kernel, split-k until the grid covers the GPU a few times over."""
     g = get_format(fmt).trits_per_byte
@@ -114,6 +123,8 @@ def heuristic_config(n: int, k: int, m: int, fmt: str, sms: int) -> KernelConfig
     while tiles * split < 4 * sms and blocks // (split * 2) >= 4:
         split *= 2
     del g
+    if bm >= 64:
+        bj = min(bj, 64 if bm == 64 else 32)
     return KernelConfig("tc", bm, bn, bj, split, 4, 4 if bm <= 32 else 3)
 
 
@@ -134,9 +145,11 @@ def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[Kernel
                     out.add(KernelConfig("tc", base.block_m, base.block_n, bj, split, 4, stages))
     if m > 16:
         for bm in (64, 128):
-            if bm != base.block_m and bm <= max(64, m_bucket(m)):
-                out.add(KernelConfig("tc", bm, 64, 64, 1, 4, 3))
-        out.add(KernelConfig("tc", base.block_m, 128, 64, base.split, 8, 3))
+            if bm <= max(64, m_bucket(m)):
+                for bj in (32, 64):
+                    out.add(KernelConfig("tc", bm, 64, bj, 1, 4, 3))
+                    out.add(KernelConfig("tc", bm, 128, bj, 1, 8, 3))
+    out = {c for c in out if smem_bytes(c, fmt) <= SMEM_LIMIT}
     out.add(KernelConfig("dequant"))
     return sorted(out, key=lambda c: (c.kind, c.block_m, c.block_j, c.split))
 

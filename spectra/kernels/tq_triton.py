@@ -59,10 +59,61 @@ def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.co
 
 
 @triton.jit
-def _dot(w_plane, xt, acc, DT: tl.constexpr):
-    if DT == tl.float32:
-        return tl.dot(w_plane, xt, acc, input_precision="ieee")
-    return tl.dot(w_plane, xt, acc)
+def _dot(w_plane, xt, acc, DT: tl.constexpr, FIRST: tl.constexpr):
+    # FIRST: no incoming accumulator, so its registers are first written by a wgmma. A zero-initialised
+    # accumulator is written by plain moves on the path that skips the loop, and then ptxas serialises
+    # every wgmma of the kernel (warning C7515), which cost more than a third of the GEMV speed.
+    if FIRST:
+        out = tl.dot(w_plane, xt, out_dtype=tl.float32, input_precision="ieee" if DT == tl.float32 else None)
+    else:
+        out = tl.dot(w_plane, xt, acc, input_precision="ieee" if DT == tl.float32 else None)
+    return out
+
+
+@triton.jit
+def _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+            G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
+            ASM: tl.constexpr, FIRST: tl.constexpr):
+    """One K step: decode a [BN, BJ] byte tile into G planes and multiply each with its activation slice."""
+    ET = x_ptr.dtype.element_ty  # DT as a real dtype (a constexpr inside a tuple is not unwrapped)
+    j = jb + rj
+    j_ok = j < Q
+    # Rows past N load zeros (decoded as -1): their outputs are never stored.
+    b = tl.load(w_rows + j[None, :], mask=row_ok & j_ok[None, :])
+    if G == 4:
+        if USE_ASM:
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(ET,) * 4,
+                                                       is_pure=True, pack=2)
+        else:
+            p0 = _tq2_plane(b, 0, DT)
+            p1 = _tq2_plane(b, 1, DT)
+            p2 = _tq2_plane(b, 2, DT)
+            p3 = _tq2_plane(b, 3, DT)
+    else:
+        if USE_ASM:
+            p0, p1, p2, p3, p4 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,r", [b], dtype=(ET,) * 5,
+                                                           is_pure=True, pack=2)
+        else:
+            p0 = _tq1_plane(b, 0, DT)
+            p1 = _tq1_plane(b, 1, DT)
+            p2 = _tq1_plane(b, 2, DT)
+            p3 = _tq1_plane(b, 3, DT)
+            p4 = _tq1_plane(b, 4, DT)
+    # All activation tiles first, then the dots back to back (fewer waits between wgmmas).
+    cs: tl.constexpr = SCALE_MODE == 2
+    x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT)
+    x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT)
+    x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT)
+    x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT)
+    if G == 5:
+        x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT)
+    acc = _dot(p0, x0, acc, DT, FIRST)
+    acc = _dot(p1, x1, acc, DT, False)
+    acc = _dot(p2, x2, acc, DT, False)
+    acc = _dot(p3, x3, acc, DT, False)
+    if G == 5:
+        acc = _dot(p4, x4, acc, DT, False)
+    return acc
 
 
 @triton.jit
@@ -80,49 +131,14 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     rj = tl.arange(0, BJ)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
     row_ok = rn[:, None] < N
+    # The host makes every split non-empty, so the first step is peeled out of the loop (see _dot).
     j_start = pid_k * J_PER_SPLIT
     j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    ET = x_ptr.dtype.element_ty  # DT as a real dtype (a constexpr inside a tuple is not unwrapped)
-    for jb in tl.range(j_start, j_end, BJ, num_stages=NUM_STAGES):
-        j = jb + rj
-        j_ok = j < Q
-        # Rows past N load zeros (decoded as -1): their outputs are never stored.
-        b = tl.load(w_rows + j[None, :], mask=row_ok & j_ok[None, :])
-        if G == 4:
-            if USE_ASM:
-                p0, p1, p2, p3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(ET,) * 4,
-                                                           is_pure=True, pack=2)
-            else:
-                p0 = _tq2_plane(b, 0, DT)
-                p1 = _tq2_plane(b, 1, DT)
-                p2 = _tq2_plane(b, 2, DT)
-                p3 = _tq2_plane(b, 3, DT)
-        else:
-            if USE_ASM:
-                p0, p1, p2, p3, p4 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,r", [b],
-                                                               dtype=(ET,) * 5, is_pure=True, pack=2)
-            else:
-                p0 = _tq1_plane(b, 0, DT)
-                p1 = _tq1_plane(b, 1, DT)
-                p2 = _tq1_plane(b, 2, DT)
-                p3 = _tq1_plane(b, 3, DT)
-                p4 = _tq1_plane(b, 4, DT)
-        # All activation tiles first, then the dots back to back: with a load between two dots Triton
-        # waits for each wgmma to finish before issuing the next (seen in the SASS).
-        cs = SCALE_MODE == 2
-        x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT)
-        x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT)
-        x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT)
-        x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT)
-        if G == 5:
-            x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT)
-        acc = _dot(p0, x0, acc, DT)
-        acc = _dot(p1, x1, acc, DT)
-        acc = _dot(p2, x2, acc, DT)
-        acc = _dot(p3, x3, acc, DT)
-        if G == 5:
-            acc = _dot(p4, x4, acc, DT)
+    acc = _k_step(0.0, j_start, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                  G, SCALE_MODE, DT, USE_ASM, ASM, True)
+    for jb in tl.range(j_start + BJ, j_end, BJ, num_stages=NUM_STAGES):
+        acc = _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                      G, SCALE_MODE, DT, USE_ASM, ASM, False)
 
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr).to(tl.float32)
@@ -169,7 +185,8 @@ def tq_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, Q, P,
         else:
             t = _tq1_plane(b, i, tl.float32)
         cols = i * Q + j
-        ok = row_ok[:, None] & (cols < K)[None, :]
+        # j < Q too: the tail of the last tile would otherwise overwrite the next plane's columns
+        ok = row_ok[:, None] & ((j < Q) & (cols < K))[None, :]
         w = t * s_row[:, None]
         if SCALE_MODE == 2:
             s_col = tl.load(s_ptr + _shard_of(cols, K, P), mask=cols < K, other=0.0).to(tl.float32)

@@ -1,0 +1,68 @@
+"""`spectra bench gemm|decode`: packed ternary kernels and CUDA-graph decoding against fp16, on a GPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import DeviceError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="GPU benchmarks of the packed ternary kernels",
+                              description="Benchmarks of the TQ2/TQ1 kernels against cuBLAS fp16 (needs CUDA).")
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    g = sub.add_parser("gemm", help="summed layer GEMM time vs torch.matmul fp16, cold weights")
+    g.add_argument("--shapes", default="70b,3.9b", help="comma-separated shape sets: 70b, 3.9b")
+    g.add_argument("--ms", default="1,2,4,8,16,32,64,128,256", help="batch sizes m")
+    g.add_argument("--formats", default="tq2,tq1")
+    g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    g.add_argument("--reps", type=int, default=200, help="launches per timed CUDA graph")
+    g.add_argument("--trials", type=int, default=5, help="timed replays; the median is reported")
+    g.set_defaults(func=run_gemm)
+    d = sub.add_parser("decode", help="CUDA-graph decode steps/s, packed vs fp16, random weights")
+    d.add_argument("--models", default="3.9b,70b-slice")
+    d.add_argument("--batches", default="1,16")
+    d.add_argument("--kinds", default="float,tq2,tq1")
+    d.add_argument("--slice-layers", default="2,4", help="layer counts of the 70B slice (per-layer speedup)")
+    d.add_argument("--steps", type=int, default=50)
+    d.set_defaults(func=run_decode)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _need_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise DeviceError("spectra bench needs a CUDA GPU and none is available")
+
+
+def run_gemm(args: argparse.Namespace) -> int:
+    _need_cuda()
+    from ..kernels import bench
+
+    fmts = tuple(args.formats.split(","))
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s "
+          f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")
+    for shapes in args.shapes.split(","):
+        print(bench.format_gemm_header(fmts))
+        bench.bench_gemm(shapes, tuple(int(m) for m in args.ms.split(",")), fmts,
+                         torch.float16 if args.dtype == "float16" else torch.bfloat16, reps=args.reps,
+                         trials=args.trials, log=print)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    _need_cuda()
+    from ..kernels import bench
+
+    kinds = tuple(args.kinds.split(","))
+    print(f"{torch.cuda.get_device_name(0)}; fp16 activations, CUDA-graph decode steps, random weights")
+    print(bench.format_decode_header(kinds))
+    rows = bench.bench_decode(tuple(args.models.split(",")), tuple(int(b) for b in args.batches.split(",")), kinds,
+                              tuple(int(n) for n in args.slice_layers.split(",")), steps=args.steps, log=print)
+    for kind in kinds:
+        if kind != "float":
+            for (model, batch), ratio in bench.per_layer_speedup(rows, kind).items():
+                print(f"per-layer speedup {kind} vs fp16, {model} batch {batch}: {ratio:.2f}x")
+    return 0

@@ -1,0 +1,236 @@
+"""Packed ternary kernels: interpreter-mode runs of every Triton kernel against the reference (CPU, CI),
+exhaustive checks of the inline-PTX decode constants, dispatcher checks, and GPU tests (marked `gpu`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.errors import ConfigError, FormatError
+from spectra.formats import get_format, tq1_digits
+from spectra.kernels import dispatch, ternary_matmul, ternary_matmul_reference
+from spectra.kernels.ptx import _TQ2
+
+triton = pytest.importorskip("triton")
+
+# The whole interpreter battery runs in one subprocess: TRITON_INTERPRET must be set before triton is
+# imported, and one process amortises the import. Small odd shapes; k=611 gives several K tiles per plane
+# (the tile tail then overlaps the next plane's columns, which masks must stop).
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from spectra.formats import get_format
+    from spectra.kernels import dispatch, ternary_matmul_reference
+    from spectra.linear import ternary_dense_weight
+    torch.manual_seed(0)
+    failures = []
+    cases = 0
+    for fmt in ("tq2", "tq1"):
+        for n, k in ((37, 77), (19, 611)):
+            trits = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+            packed = get_format(fmt).pack(trits)
+            for p, axis in ((1, 0), (2, 0), (3, 0), (2, 1), (3, 1)):
+                scales = torch.rand(p) + 0.5
+                # bf16 dots are wrong in the Triton interpreter itself (numpy has no bf16): fp16 and fp32 here,
+                # bf16 through the dequantize kernel below and on the GPU.
+                for dtype, m, cfg in ((torch.float16, 1, (16, 16, 16, 1, 1)), (torch.float32, 5, (16, 16, 16, 3, 2)),
+                                      (torch.float16, 3, (16, 32, 32, 2, 2))):
+                    x = torch.randn(m, k).to(dtype)
+                    bm, bn, bj, split, stages = cfg
+                    c = dispatch.KernelConfig("tc", bm, bn, bj, split, 4, stages)
+                    y = torch.full((m, n), float("nan"), dtype=dtype)
+                    dispatch.launch_tc(x, packed, fmt, k, scales, axis, c, out=y, use_asm=False)
+                    ref = ternary_matmul_reference(x.float(), packed, fmt, k, scales, axis)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    cases += 1
+                    if not err < (1e-5 if dtype == torch.float32 else 2e-3):
+                        failures.append(f"matmul {fmt} {n}x{k} P={p} axis={axis} {dtype} {cfg} rel={err:.3e}")
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    if dtype != torch.float32 and (p, axis) not in ((2, 0), (3, 1)):
+                        continue  # keep the CI time down: every scale mode once per low-precision dtype
+                    w = dispatch.dequantize(packed, fmt, k, scales, axis, dtype)
+                    want = ternary_dense_weight(trits, scales, axis, dtype)
+                    cases += 1
+                    # the interpreter truncates fp32 -> bf16 (the GPU rounds): allow one bf16 ulp there
+                    ok = (torch.equal(w, want) if dtype != torch.bfloat16
+                          else torch.allclose(w.float(), want.float(), rtol=2 ** -7, atol=0))
+                    if not ok:
+                        failures.append(f"dequant {fmt} {n}x{k} P={p} axis={axis} {dtype}")
+    print(f"cases={cases}")
+    for f in failures:
+        print("FAIL", f)
+    sys.exit(1 if failures else 0)
+""")
+
+
+def test_triton_kernels_in_interpreter_match_reference():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "cases=" in proc.stdout
+
+
+# --- the inline-PTX decode, emulated bit for bit over every byte value ---------------------------------
+
+def _f16(bits: int) -> float:
+    return float(np.array(bits, dtype=np.uint16).view(np.float16))
+
+
+def _bf16(bits: int) -> float:
+    return float(torch.tensor(bits << 16, dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+def _rn16(v: float) -> float:
+    return float(np.float16(v))  # v is exact in float64 here, so this is one IEEE rounding (fma semantics)
+
+
+def _rnbf(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16))
+
+
+def test_tq2_ptx_constants_decode_every_valid_byte_exactly():
+    for dtype, cvt, rnd in (("fp16", _f16, _rn16), ("bf16", _bf16, _rnbf)):
+        magic, scale, bias = _TQ2[dtype]
+        for byte in range(256):
+            for i in range(4):
+                digit = (byte >> (2 * i)) & 3
+                if digit == 3:
+                    continue  # invalid code, rejected by the format
+                v = cvt(magic | (byte & (3 << (2 * i))))
+                assert rnd(v * cvt(scale[i]) + cvt(bias[i])) == digit - 1, (dtype, byte, i)
+
+
+def test_tq1_ptx_constants_decode_every_byte_exactly():
+    for q in range(256):
+        digits = [int(d) for d in tq1_digits(torch.tensor([q]))]
+        for i in range(5):
+            lane = (q * 4 * 3 ** i) & 0xFFFF
+            a = _f16((lane & 0x03FC) | 0x5C01)                # fp16 256 + m + 1/4
+            r = _rn16(a * _f16(0x2200) + _f16(0x63FB))        # rounds to 1025 + d
+            assert _rn16(r + _f16(0xE402)) == digits[i] - 1, (q, i)
+            bits = int(np.array(r, dtype=np.float16).view(np.uint16))
+            vb = _bf16((bits & 3) | 0x4300)                   # bf16 128 + d + 1
+            assert _rnbf(vb * _bf16(0x3F80) + _bf16(0xC302)) == digits[i] - 1, (q, i)
+
+
+def test_tq1_lane_overflow_does_not_reach_the_high_lane_digits():
+    # Two bytes share a 32-bit multiply; the low lane's carry (bit 16) must not change the high lane's bits 2..9.
+    for q0 in (0, 200, 255):
+        for q1 in range(256):
+            word = q0 | (q1 << 16)
+            for i in range(5):
+                t = (word * 4 * 3 ** i) & 0xFFFFFFFF
+                assert (t >> 18) & 0xFF == (q1 * 3 ** i) & 0xFF
+
+
+# --- dispatcher ---------------------------------------------------------------------------------------
+
+def test_cpu_dispatch_is_the_reference():
+    trits = torch.randint(-1, 2, (9, 33), dtype=torch.int8)
+    packed = get_format("tq1").pack(trits)
+    x, s = torch.randn(2, 3, 33), torch.rand(3) + 0.5
+    assert torch.equal(ternary_matmul(x, packed, "tq1", 33, s, 0), ternary_matmul_reference(x, packed, "tq1", 33, s, 0))
+
+
+def test_check_inputs_rejects_bad_shapes_with_clear_errors():
+    packed = get_format("tq2").pack(torch.zeros(8, 40, dtype=torch.int8))
+    s = torch.ones(1)
+    with pytest.raises(FormatError, match="features"):
+        dispatch.check_inputs(torch.randn(2, 41), packed, "tq2", 40, s, 0)
+    with pytest.raises(FormatError, match="bytes"):
+        dispatch.check_inputs(torch.randn(2, 80), packed, "tq2", 80, s, 0)
+    with pytest.raises(FormatError, match="uint8"):
+        dispatch.check_inputs(torch.randn(2, 40), packed.to(torch.int8), "tq2", 40, s, 0)
+    with pytest.raises(FormatError, match="shard_axis"):
+        dispatch.check_inputs(torch.randn(2, 40), packed, "tq2", 40, s, 2)
+    with pytest.raises(ConfigError):
+        dispatch.check_inputs(torch.randn(2, 40), packed, "tq2", 40, torch.ones(9), 0)
+    with pytest.raises(FormatError, match="unknown ternary format"):
+        dispatch.check_inputs(torch.randn(2, 40), packed, "tq3", 40, s, 0)
+
+
+def test_configs_fit_shared_memory_and_buckets_are_monotone():
+    for m in (1, 3, 16, 17, 64, 100, 256, 1000):
+        for fmt in ("tq2", "tq1"):
+            for cfg in dispatch.candidate_configs(8192, 28672, m, fmt, 132):
+                if cfg.kind == "tc":
+                    assert dispatch.smem_bytes(cfg, fmt) <= dispatch.SMEM_LIMIT
+    buckets = [dispatch.m_bucket(m) for m in range(1, 600)]
+    assert buckets == sorted(buckets) and all(b >= m for m, b in zip(range(1, 600), buckets))
+
+
+def test_tuning_without_cuda_raises_device_error():
+    from spectra.errors import DeviceError
+
+    with pytest.raises(DeviceError):
+        dispatch.tune("tq2", 64, 64, 1, device="cpu")
+
+
+# --- GPU ---------------------------------------------------------------------------------------------
+
+def _fp32_reference(x, packed, fmt, k, scales, axis):
+    from spectra.linear import expand_scales
+
+    trits = get_format(fmt).unpack(packed.cpu(), k).float()
+    w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
+    return (x.float().cpu() @ w.t()).to(x.device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_kernels_many_shapes_poisoned_outputs(fmt, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    configs = [dispatch.KernelConfig("tc", 16, 64, 64, 3, 4, 4), dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3),
+               dispatch.KernelConfig("tc", 128, 64, 32, 2, 4, 3), dispatch.KernelConfig("dequant")]
+    for n, k in ((1, 16), (37, 77), (130, 999), (1000, 3001), (515, 8192)):
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
+        for m in (1, 7, 33, 100):
+            x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)
+            for p, axis in ((1, 0), (3, 0), (2, 1)):
+                if p > (n, k)[axis]:
+                    continue
+                scales = torch.rand(p, device="cuda", generator=gen) + 0.5
+                ref = _fp32_reference(x, packed, fmt, k, scales, axis)
+                for cfg in configs:
+                    y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    if cfg.kind == "tc":
+                        dispatch.launch_tc(x, packed, fmt, k, scales, axis, cfg, out=y)
+                    else:
+                        y.copy_(dispatch.run_config(x, packed, fmt, k, scales, axis, cfg))
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (n, k, m, p, axis, cfg, err)
+        # the public entry point, 3-D and strided activations
+        x = torch.randn(2, 3, 2 * k, dtype=dtype, device="cuda", generator=gen)[..., ::2]
+        s = torch.rand(1, device="cuda", generator=gen) + 0.5
+        y = ternary_matmul(x, packed, fmt, k, s, 0)
+        ref = _fp32_reference(x.reshape(-1, k), packed, fmt, k, s, 0).reshape(2, 3, n)
+        assert float((y.float() - ref).norm() / ref.norm()) < 1.6e-2
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
+    from spectra import packed as packed_mod
+    from spectra.config import get_config
+    from spectra.generate import generate
+    from spectra.kernels.cudagraph import generate_cuda_graph
+    from spectra.model import SpectraLM
+
+    torch.manual_seed(0)
+    model = SpectraLM(get_config("mini", weight_kind="ternary")).cuda().float().eval()
+    packed_mod.pack_model(model, "tq2")
+    model = model.half()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    fast = generate_cuda_graph(model, prompt, max_new_tokens=24, temperature=0)
+    # the reference path: plain eager forward, packed weights decoded by the PyTorch reference
+    monkeypatch.setattr(packed_mod, "ternary_matmul", ternary_matmul_reference)
+    ref = generate(model, prompt, max_new_tokens=24, temperature=0)
+    assert torch.equal(fast.cpu(), ref.cpu())
