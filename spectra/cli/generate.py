@@ -55,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
 
-    generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream)
+    run_generate = generate
+    if str(device).startswith("cuda"):
+        # one-token steps replayed from a CUDA graph, so kernel launches don't dominate decoding
+        from ..kernels.cudagraph import generate_cuda_graph as run_generate
+    run_generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream)
     sys.stdout.write(tokenizer.decode(generated)[len(printed):] + "\n")
     return 0
