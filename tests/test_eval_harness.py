@@ -149,7 +149,8 @@ def test_registered_and_built_from_arg_string(setup):
 
 
 def test_unavailable_and_unknown_tasks_are_clear_errors(setup):
-    with pytest.raises(DataError, match="spectra_needs_hub: its dataset is not available locally"):
+    with pytest.raises(DataError, match=r"1 of 2 tasks cannot run offline — spectra_needs_hub: needs the Hugging "
+                                        r"Face hub \(allenai/ai2_arc\)"):
         evaluate_tasks(setup.model, ["spectra_local_mc", "spectra_needs_hub"], tokenizer=setup.tok,
                        include_path=setup.tasks)
     # (Only the local index here: an unknown name makes evaluate_tasks index all of lm-eval's tasks.)

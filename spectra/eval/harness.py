@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,8 @@ def task_availability(tasks: list[str] | tuple[str, ...], manager: Any) -> dict[
             manager.load([name])
             status[name] = None
         except (ConnectionError, OSError) as err:
-            status[name] = f"its dataset is not available locally and needs the Hugging Face hub ({err})"
+            repo = re.search(r"reach '([^']+)'", str(err))  # datasets' "Couldn't reach 'org/name' on the Hub"
+            status[name] = f"needs the Hugging Face hub ({repo.group(1) if repo else err})"
         except Exception as err:  # lm-eval and datasets raise many kinds while building a task
             status[name] = f"{type(err).__name__}: {err}"
     return status
@@ -301,9 +303,9 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
         missing = {name: why for name, why in status.items() if why is not None}
         if missing and (not skip_unavailable or len(missing) == len(tasks)):
             lines = "; ".join(f"{name}: {why}" for name, why in missing.items())
-            raise DataError(f"{len(missing)} of {len(tasks)} tasks cannot run: {lines}. Fix: download the "
-                            f"datasets into the Hugging Face cache on a machine with network (or pass --online), "
-                            f"point --include-path at local task YAMLs, or pass --skip-unavailable")
+            raise DataError(f"{len(missing)} of {len(tasks)} tasks cannot run offline — {lines}. Fix: put the "
+                            f"datasets in the local Hugging Face cache (download them where there is network), "
+                            f"pass --online, point --include-path at local task YAMLs, or pass --skip-unavailable")
         runnable = [name for name in tasks if name not in missing]
         lm = model if isinstance(model, SpectraEvalLM) else SpectraEvalLM(model, tokenizer=tokenizer,
                                                                           device=device, batch_size=batch_size)

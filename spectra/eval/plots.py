@@ -134,9 +134,10 @@ def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.nd
     losses = law.loss(grid_n, grid_d)
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.5))
-    levels = np.quantile(losses, np.linspace(0.03, 0.97, 12))
-    cs = ax0.contour(grid_d, grid_n, losses, levels=np.unique(np.round(levels, 3)), cmap="viridis")
-    ax0.clabel(cs, fontsize=7, fmt="%.3g")
+    # Log-spaced levels: losses span a wide range at small D and bunch up near E, where detail matters.
+    levels = np.unique(np.round(np.geomspace(*np.quantile(losses, [0.02, 0.9]), 10), 3))
+    cs = ax0.contour(grid_d, grid_n, losses, levels=levels, cmap="viridis")
+    ax0.clabel(cs, fontsize=8, fmt="%.3g")
     budgets = np.geomspace(6 * n_range[0] * d_range[0], 6 * n_range[1] * d_range[1], 100)
     n_opt, d_opt = law.compute_optimal(budgets)
     inside = (n_opt >= n_range[0]) & (n_opt <= n_range[1]) & (d_opt >= d_range[0]) & (d_opt <= d_range[1])
