@@ -38,21 +38,21 @@ SAMPLE_PROMPT = "**HAMLET**  \n"
 class DemoSettings:
     """The demo's defaults: sized to finish in a few minutes on a 2-core CPU (docs/training.md has figures)."""
 
-    steps: int = 400
+    steps: int = 900
     batch_size: int = 16
     seq_len: int = 128
     model: str = "tiny"          # the tiny preset, reshaped by `shape`; vocabulary matched to the tokenizer
     vocab_size: int = 1024
     shape: dict[str, int] = field(default_factory=lambda: {"hidden_size": 96, "num_layers": 3, "num_heads": 4,
                                                            "intermediate_size": 256})
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     warmup_steps: int = 20
     seed: int = 0
     sample_tokens: int = 60
 
 
-QUICK = DemoSettings(steps=20, batch_size=8, seq_len=64, eval_every=10, eval_batches=2, warmup_steps=2,
+QUICK = DemoSettings(steps=12, batch_size=8, seq_len=64, eval_every=6, eval_batches=2, warmup_steps=2,
                      sample_tokens=20)
 
 
@@ -180,7 +180,7 @@ def _summary(results: dict, dataset: TokenDataset, unigram: float, settings: Dem
                          "size_bits": model_size_bits(model),
                          "sample": SAMPLE_PROMPT + tokenizer.decode(ids[len(prompt):]),
                          **{k: result[k] for k in ("train_loss", "val_loss", "tokens", "tokens_per_s",
-                                                   "train_seconds", "export_dir")}}
+                                                   "train_seconds", "cpu_seconds", "export_dir")}}
     return summary
 
 

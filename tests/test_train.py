@@ -196,7 +196,7 @@ def test_cli_train_resume_and_plot(data_dir, tmp_path, capsys):
     run = tmp_path / "cli"
     args = ["train", "--data", data_dir, "--out", str(run), "--model", "tiny", "--vocab-size", "400",
             "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2", "--log-every", "1",
-            "--kind", "float", "--no-progress"]
+            "--kind", "float", "--eval-batches", "2", "--no-progress"]
     assert main(args) == 0
     assert "step 4: train loss" in capsys.readouterr().out
     # Resuming with more steps continues from the saved configuration.

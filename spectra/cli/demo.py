@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "table and samples, write the loss plot and both checkpoints.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {DemoSettings.steps})")
-    p.add_argument("--quick", action="store_true", help="a few steps on short windows (a smoke test, ~30 s)")
+    p.add_argument("--quick", action="store_true", help="12 steps on short windows (a smoke test, well under a minute)")
     p.add_argument("--corpus", nargs="+", default=None, help="use these files/folders instead of Shakespeare")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model (default 1)")
     p.add_argument("--sequential", action="store_true",

@@ -39,6 +39,7 @@ from ..parallel import (
 from .config import TrainConfig
 from .schedule import Schedule
 from .state import (
+    CHECKPOINTS_DIR,
     RNG_PREFIX,
     list_checkpoints,
     load_training_state,
@@ -77,6 +78,7 @@ class TrainResult:
     tokens: int                      # training tokens consumed (all steps, resumed ones included)
     tokens_per_s: float              # training throughput of this process (steps only, no eval or saving)
     train_seconds: float
+    cpu_seconds: float               # CPU time of this process over the whole loop (all threads; evaluation included)
     model: SpectraLM = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +211,7 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a killed process
-            if record.get("step", 0) <= step:
+            if record.get("step", 0) <= step and record.get("split") != "final":
                 kept.append(line)
         _write_atomic(self.path, "".join(line + "\n" for line in kept))
 
@@ -259,7 +261,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     saved = read_training_meta(checkpoint)["meta"] if checkpoint is not None else None
     if config is None:
         if saved is not None:
-            config = TrainConfig.from_dict({**saved["config"], **options})
+            # Keep writing next to the checkpoint, wherever the run directory has moved since.
+            here = {"out_dir": str(checkpoint.parent.parent)} if checkpoint.parent.name == CHECKPOINTS_DIR else {}
+            config = TrainConfig.from_dict({**saved["config"], **here, **options})
         else:
             config = TrainConfig(**options)
     elif options:
@@ -341,6 +345,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     train_seconds, window_losses, window_seconds, skips_in_row = 0.0, [], 0.0, 0
     last_saved: Path | None = checkpoint
     step = start_step
+    cpu_started = time.process_time()
     try:
         while step < cfg.steps:
             started = time.perf_counter()
@@ -398,7 +403,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     return TrainResult(run_dir=run_dir, checkpoint=last_saved, export_dir=export, step=step, train_loss=train_loss,
                        val_loss=val_loss, tokens=tokens_seen,
                        tokens_per_s=steps_run * tokens_per_step / max(train_seconds, 1e-9),
-                       train_seconds=train_seconds, model=model)
+                       train_seconds=train_seconds, cpu_seconds=time.process_time() - cpu_started, model=model)
 
 
 def _handle_non_finite(cfg: TrainConfig, step: int, loss: float, norm: float, skips_in_row: int, run_dir: Path,
