@@ -141,13 +141,15 @@ def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.nd
     budgets = np.geomspace(6 * n_range[0] * d_range[0], 6 * n_range[1] * d_range[1], 100)
     n_opt, d_opt = law.compute_optimal(budgets)
     inside = (n_opt >= n_range[0]) & (n_opt <= n_range[1]) & (d_opt >= d_range[0]) & (d_opt <= d_range[1])
-    ax0.plot(d_opt[inside], n_opt[inside], "r--", label="compute-optimal (C = 6ND)")
+    if inside.any():
+        ax0.plot(d_opt[inside], n_opt[inside], "r--", label="compute-optimal (C = 6ND)")
     if points is not None:
         sc = ax0.scatter(d_pts, n_pts, c=l_pts, cmap="viridis", edgecolors="k", zorder=3, label="data")
         fig.colorbar(sc, ax=ax0, label="loss")
     ax0.set(xscale="log", yscale="log", xlabel="training tokens D", ylabel="parameters N",
             title=f"iso-loss contours: {law.name}")
-    ax0.legend(fontsize=8, loc="lower right")
+    if ax0.get_legend_handles_labels()[0]:
+        ax0.legend(fontsize=8, loc="lower right")
 
     sizes = np.unique(n_pts) if points is not None else np.geomspace(*n_range, 5)
     colours = plt.cm.plasma(np.linspace(0, 0.85, len(sizes)))
