@@ -73,3 +73,13 @@ def test_plot_and_cli(tmp_path, capsys):
     data = json.loads(out_json.read_text())["trilm"]
     assert len(data["layers"]) == 14 and set(data["mean_entropy"]) == {"4", "32"}
     assert main(["analyze", "weights", str(ckpt), "--bins", "4,x"]) == 2
+
+
+def test_packed_and_quantized_layers_are_analysed():
+    packed = pytest.importorskip("spectra.packed")
+    tri = tiny_model("ternary", seed=8)
+    reference = analyze_weights(tri, entropy_bins=(8,))
+    packed.pack_model(tri, "tq1")
+    for a, b in zip(reference, analyze_weights(tri, entropy_bins=(8,))):
+        assert (a.zero_fraction, a.entropy, a.hist_counts) == (b.zero_fraction, b.entropy, b.hist_counts)
+        assert a.std == pytest.approx(b.std, rel=1e-6)

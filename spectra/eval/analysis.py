@@ -75,6 +75,8 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
                 ) -> LayerStats:
     weight = module.dense_weight().detach().float().cpu()
     trits = getattr(module, "trits", None)
+    if callable(trits):  # packed layers decode their trits on request
+        trits = trits()
     if trits is None:
         trits, _ = ternarize(weight, getattr(module, "parts", 1), getattr(module, "shard_axis", 0))
     abs_mean = float(weight.abs().mean())
