@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from eval_support import save_tiny_checkpoint, shakespeare, tiny_tokenizer
 
-from spectra import DataError
+from spectra import ConfigError, DataError
 from spectra.checkpoint import load_model
 from spectra.cli.main import main
 from spectra.eval import perplexity
@@ -146,6 +146,10 @@ def test_registered_and_built_from_arg_string(setup):
     lm = cls.create_from_arg_string(f"pretrained={setup.ckpt},max_length=32", {"batch_size": "auto:4",
                                                                              "max_batch_size": 5})
     assert lm.max_length == 32 and lm.batch_size == 5 and lm.eot_token_id == 0
+    with pytest.raises(ConfigError, match="max_length 4096"):
+        SpectraEvalLM(setup.model, tokenizer=setup.tok, max_length=4096)
+    with pytest.raises(ConfigError, match="batch size must be an integer"):
+        SpectraEvalLM(setup.model, tokenizer=setup.tok, batch_size="many")
 
 
 def test_unavailable_and_unknown_tasks_are_clear_errors(setup):

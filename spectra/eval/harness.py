@@ -49,6 +49,8 @@ class SpectraEvalLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  kind: str | None = None, **unused: Any) -> None:
         super().__init__()
+        if unused:
+            log.warning("spectra model: ignoring unknown arguments %s", sorted(unused))
         if isinstance(pretrained, torch.nn.Module):
             self.model = pretrained.eval()
             if tokenizer is None:
@@ -56,7 +58,8 @@ class SpectraEvalLM(TemplateLM):
         else:
             from ..cli.common import parse_dtype
 
-            dtype = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
+            if isinstance(dtype, str):
+                dtype = None if dtype == "auto" else parse_dtype(dtype)
             self.model = load_model(pretrained, device=_usable_device(device), dtype=dtype, kind=kind)
             tokenizer = tokenizer or load_tokenizer(pretrained)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -66,6 +69,9 @@ class SpectraEvalLM(TemplateLM):
             raise CheckpointError("the tokenizer has no <|endoftext|> token, which lm-eval needs as the "
                                   "prefix of empty contexts; use a tokenizer trained by spectra.train_tokenizer")
         self.max_length = int(max_length or self.model.config.max_seq_len)
+        if not 1 < self.max_length <= self.model.config.max_seq_len:
+            raise ConfigError(f"max_length {self.max_length} must lie in 2..{self.model.config.max_seq_len} "
+                              f"(the model's max_seq_len)")
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = _parse_batch_size(batch_size, max_batch_size)
 
