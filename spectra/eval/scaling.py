@@ -68,8 +68,8 @@ class ScalingLaw:
                 f"  (N in {_unit_name(self.n_unit)} parameters, D in {_unit_name(self.d_unit)} tokens)")
 
 
-# Spectra 1.1 (arXiv 2506.23025, eq. 2), TriLMs. The summary we work from does not state N and D units;
-# millions of parameters and billions of tokens give losses in the range the paper reports (2.5-3 nats).
+# Spectra 1.1 (arXiv 2506.23025, eq. 2), TriLMs. The summary we work from does not state the units of N and
+# D; millions of parameters and billions of tokens is our assumption (see docs/evaluation.md, "Units").
 LAW_PRESETS: dict[str, ScalingLaw] = {
     "spectra-1.1": ScalingLaw(E=2.19, A=4.73, alpha=0.32, B=5.18, beta=0.81, n_unit=1e6, d_unit=1e9,
                               name="spectra-1.1"),
