@@ -207,14 +207,15 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
     rows = []
     for name in models:
         for layers in ((None,) if name == "3.9b" else slice_layers):
-            for batch in batches:
-                row = DecodeRow(name, layers or 30, batch, {})
-                for kind in kinds:
-                    model = build_random_model(name, kind, dtype, device, layers)
+            by_batch = {b: DecodeRow(name, layers or 30, b, {}) for b in batches}
+            for kind in kinds:  # build each model once, time every batch on it
+                model = build_random_model(name, kind, dtype, device, layers)
+                for batch in batches:
                     with GraphDecodeStep(model, batch, 128) as step:
-                        row.step_s[kind] = time_decode(step, batch, device, steps)
-                    del model
-                    torch.cuda.empty_cache()
+                        by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps)
+                del model
+                torch.cuda.empty_cache()
+            for row in by_batch.values():
                 rows.append(row)
                 if log:
                     log(format_decode_row(row, kinds))
