@@ -72,6 +72,9 @@ def test_plot_and_cli(tmp_path, capsys):
     assert "H@32" in capsys.readouterr().out and out_png.stat().st_size > 1000
     data = json.loads(out_json.read_text())["trilm"]
     assert len(data["layers"]) == 14 and set(data["mean_entropy"]) == {"4", "32"}
+    layer = data["layers"][0]
+    assert len(layer["hist_counts"]) + 1 == len(data["histogram_edges_over_abs_mean"])
+    assert sum(layer["hist_counts"]) == layer["shape"][0] * layer["shape"][1]
     assert main(["analyze", "weights", str(ckpt), "--bins", "4,x"]) == 2
 
 

@@ -25,9 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_weights(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..checkpoint import load_model
     from ..errors import ConfigError
-    from ..eval.analysis import analyze_weights, mean_entropy, plot_weight_stats, stats_table
+    from ..eval.analysis import (
+        HISTOGRAM_BINS,
+        HISTOGRAM_RANGE,
+        analyze_weights,
+        mean_entropy,
+        plot_weight_stats,
+        stats_table,
+    )
     from ..eval.results import write_json
 
     try:
@@ -47,7 +56,9 @@ def run_weights(args: argparse.Namespace) -> int:
     plot = plot_weight_stats(per_model, args.plot)
     print(f"\nplot written to {plot}")
     if args.json_out:
-        write_json({label: {"layers": [s.to_dict() for s in stats],
+        edges = np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1).tolist()
+        write_json({label: {"layers": [s.to_dict(with_histogram=True) for s in stats],
+                            "histogram_edges_over_abs_mean": edges,
                             "mean_entropy": {str(b): h for b, h in mean_entropy(stats).items()}}
                     for label, stats in per_model.items()}, args.json_out)
         print(f"statistics written to {args.json_out}")
