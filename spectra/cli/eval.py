@@ -80,8 +80,13 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..eval.harness import PAPER_TASKS, SpectraEvalLM, evaluate_tasks, flatten_metrics
     from ..eval.results import describe_model, result_record
+
+    try:
+        from ..eval.harness import PAPER_TASKS, SpectraEvalLM, evaluate_tasks, flatten_metrics
+    except ImportError as err:
+        raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with "
+                          f"pip install 'spectra-lm[eval]'") from None
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)
     if not names:
