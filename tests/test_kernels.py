@@ -200,7 +200,8 @@ def test_gpu_kernels_many_shapes_poisoned_outputs(fmt, dtype):
                     continue
                 scales = torch.rand(p, device="cuda", generator=gen) + 0.5
                 ref = _fp32_reference(x, packed, fmt, k, scales, axis)
-                for cfg in configs:
+                # every compiled variant costs seconds: all configs with one scale, split-k with every scale mode
+                for cfg in (configs if p == 1 else configs[:1]):
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                     if cfg.kind == "tc":
                         dispatch.launch_tc(x, packed, fmt, k, scales, axis, cfg, out=y)
