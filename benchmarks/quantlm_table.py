@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -51,31 +51,33 @@ def main() -> None:
     torch.manual_seed(0)
 
     tokens = load_eval_tokens(args.data, max_tokens=args.max_tokens)  # the validation split of prepared shards
-    rows = [("FloatLM (fp16 linear)", measure(Path(args.float), tokens), 0.0)]
+    rows = [("FloatLM (fp16 linear)", measure(Path(args.float), tokens), None)]
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             for method in ("rtn", "gptq"):
-                config = QuantConfig(bits=bits, group_size=args.group_size, act_order=args.act_order, method=method)
+                config = QuantConfig(bits=bits, group_size=args.group_size, method=method,
+                                     act_order=args.act_order and method == "gptq")
                 out = Path(tmp) / f"{method}{bits}"
-                started = time.perf_counter()
-                quantize_checkpoint(args.float, out, config, calib=args.data, samples=args.samples,
-                                    seq_len=args.seq_len, progress=False)
-                seconds = time.perf_counter() - started
-                rows.append((f"QuantLM {bits}-bit {method.upper()}", measure(out, tokens), seconds))
+                report = quantize_checkpoint(args.float, out, config, calib=args.data, samples=args.samples,
+                                             seq_len=args.seq_len, progress=False)
+                error = statistics.fmean(layer[method] for layer in report.layers.values())
+                rows.append((f"QuantLM {bits}-bit {method.upper()}", measure(out, tokens), error))
     if args.trilm:
-        rows.append(("TriLM (ternary)", measure(Path(args.trilm), tokens), 0.0))
+        rows.append(("TriLM (ternary)", measure(Path(args.trilm), tokens), None))
 
     base = rows[0][1]["perplexity"]
     print(f"validation tokens: {tokens.numel():,}; group size {args.group_size}, asymmetric, "
           f"act_order {args.act_order}, {args.samples} calibration windows\n")
-    print("| model | bits / linear weight | size (Mbit) | val perplexity | vs FloatLM | quantize time (s) |")
+    print("| model | bits / linear weight | size (Mbit) | val perplexity | vs FloatLM | mean layer error |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, row, seconds in rows:
+    for name, row, error in rows:
         print(f"| {name} | {row['linear_bits_per_weight']:.3f} | {row['size_bits'] / 1e6:.3f} | "
               f"{row['perplexity']:.3f} | {100 * (row['perplexity'] / base - 1):+.2f}% | "
-              f"{f'{seconds:.1f}' if seconds else ''} |")
+              f"{'' if error is None else f'{error:.4f}'} |")
+    print("\nmean layer error: ||WX - QX|| / ||WX|| averaged over the 7 x layers linear layers, on the "
+          "calibration inputs each layer saw during quantization")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"model": n, **r, "seconds": s} for n, r, s in rows], indent=2))
+        Path(args.json).write_text(json.dumps([{"model": n, **r, "layer_error": e} for n, r, e in rows], indent=2))
 
 
 if __name__ == "__main__":
