@@ -1,6 +1,7 @@
 """spectra: ternary language models (TriLM), their float (FloatLM) and quantized (QuantLM) peers."""
 
 from . import train  # a callable module: spectra.train(...) runs spectra.train.loop.train
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .config import PRESETS, SUITE, ModelConfig, get_config
 from .data import TokenDataset, WindowLoader, prepare_data
 from .demo import run_demo
@@ -15,6 +16,7 @@ from .errors import (
 )
 from .eval import ScalingLaw, analyze_weights, fit_scaling_law, perplexity, plot_comparison
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
+from .generate import generate
 from .gguf_export import export_gguf, write_gguf
 from .linear import (
     FloatLinear,
@@ -31,6 +33,7 @@ from .parallel import init_parallel, parallelize
 from .plot import plot_runs
 from .quant import QuantConfig, QuantLinear, quantize_model
 from .size import count_parameters, model_size_bits, size_in_bits
+from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from .train import TrainConfig
 
 __version__ = "0.1.0"
@@ -42,6 +45,8 @@ __all__ = [
     "FloatLinear", "FrozenTernaryLinear", "TernaryLinear", "freeze_ternary", "make_linear",
     "register_linear_kind", "ternarize",
     "SpectraLM", "count_parameters", "size_in_bits",
+    "load_checkpoint", "load_model", "save_checkpoint", "generate",
+    "load_tokenizer", "save_tokenizer", "train_tokenizer",
     "PackedTernaryLinear", "pack_checkpoint", "pack_model", "export_gguf", "write_gguf",
     "QuantConfig", "QuantLinear", "quantize_model",
     "ScalingLaw", "analyze_weights", "fit_scaling_law", "perplexity", "plot_comparison",

@@ -214,7 +214,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 def _cast(model: SpectraLM, dtype: torch.dtype) -> SpectraLM:
     # Cast floating parameters and scales; integer buffers (trits, packed bytes, codes) keep their type.
     for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
+        for _name, p in list(module.named_parameters(recurse=False)):
             p.data = p.data.to(dtype)
         for name, b in list(module.named_buffers(recurse=False)):
             # Scales stay fp32 (exact for fp16 scales); RoPE tables are cast at use.

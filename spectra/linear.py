@@ -7,7 +7,8 @@ The model asks :func:`make_linear` for its layers and never learns which kind it
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -197,7 +198,7 @@ def make_linear(kind: str, in_features: int, out_features: int, shard_axis: Shar
 @torch.no_grad()
 def freeze_ternary(model: nn.Module) -> nn.Module:
     """Replace every TernaryLinear in `model` by a FrozenTernaryLinear holding its exact trits and scales."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, TernaryLinear):
                 trits, scales = child.freeze()
