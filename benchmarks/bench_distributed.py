@@ -84,7 +84,7 @@ def _tiny_run(ctx: ParallelContext, steps: int = 8) -> tuple[SpectraLM, list[flo
     model = SpectraLM(config).to(ctx.device)
     parallelize(model, ctx)
     # eps 1e-6: Adam with 1e-8 turns reduction-order noise in near-zero gradients into lr-sized steps.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.1, foreach=False)
     losses = []
     for step in range(steps):
         batch = local_batch(_tiny_batch(step, ctx.device), ctx)
@@ -109,7 +109,9 @@ def throughput_worker(args: argparse.Namespace) -> dict:
             model = SpectraLM(config)
         dtype = torch.bfloat16 if ctx.device.type == "cuda" else None
         parallelize(model, ctx, param_dtype=dtype, compile=args.compile == "on")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        # foreach=False as in spectra.train: under TP the plain (embedding, norms) and DTensor parameters
+        # cannot share one multi-tensor kernel.
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False)
         gen = torch.Generator(device=ctx.device).manual_seed(1)
         global_batch = args.micro_batch * args.dp
         step_times = []
@@ -128,6 +130,8 @@ def throughput_worker(args: argparse.Namespace) -> dict:
             if step >= args.warmup:
                 step_times.append(time.perf_counter() - start)
         step_s = sorted(step_times)[len(step_times) // 2]  # median: robust to one slow step
+        if args.profile and ctx.device.type == "cuda":  # every rank steps (collectives), rank 0 prints
+            _print_profile(model, opt, batch, f"{kind} dp={args.dp} tp={args.tp}", ctx.is_main)
         tokens_per_step = global_batch * args.seq
         rows.append({"kind": kind, "size": args.size, "gpus": ctx.world_size, "dp": args.dp, "tp": args.tp,
                      "compile": args.compile, "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
@@ -140,6 +144,21 @@ def throughput_worker(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     return {"rows": rows, "device": _device_name(ctx.device)}
+
+
+def _print_profile(model, opt, batch: torch.Tensor, label: str, main: bool) -> None:
+    """One more forward + backward under torch.profiler: the ops that take the device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    if not main:
+        return
+    print(f"profile of one forward + backward, {label}", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
 
 
 def _sync(ctx: ParallelContext) -> None:
@@ -172,11 +191,14 @@ def launch(args: argparse.Namespace, worker: str, nproc: int, dp: int = 1, tp: i
                "--out", str(out), "--dp", str(dp), "--tp", str(tp), "--compile", compile_mode,
                "--size", args.size, "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        cmd += ["--profile"] if args.profile else []
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr)[-4000:]
             return {"error": f"{worker} on {nproc} process(es) dp={dp} tp={tp} failed:\n{tail}"}
+        if args.profile:
+            print(proc.stdout, flush=True)
         return json.loads(out.read_text())
 
 
@@ -216,7 +238,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
     p.add_argument("--skip-check", action="store_true", help="skip the NCCL equivalence check")
+    p.add_argument("--max-gpus", type=int, default=2, help="run only the configurations with at most this many GPUs")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per run (GPU)")
     p.add_argument("--worker", choices=("check", "throughput"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--dp", type=int, default=1, help=argparse.SUPPRESS)
@@ -246,7 +270,7 @@ def main() -> int:
     modes = ("off", "on") if args.compile == "both" else (args.compile,)
     rows, device = [], "?"
     for compile_mode in modes:
-        for nproc, dp, tp in CONFIGS:
+        for nproc, dp, tp in [c for c in CONFIGS if c[0] <= args.max_gpus]:
             result = launch(args, "throughput", nproc, dp, tp, compile_mode)
             if "error" in result:
                 print(result["error"])

@@ -52,39 +52,70 @@ def ternary_dense_weight(trits: torch.Tensor, scales: torch.Tensor, shard_axis: 
     return (trits.float() * scale).to(dtype)
 
 
+def shard_scales(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> torch.Tensor:
+    """Per-shard scales mean|W| + eps (float32, length `parts`); shards split `axis` like torch.tensor_split.
+
+    Every path that ternarizes (training forward, freezing, packing, analysis) uses this one function, so
+    they agree to the bit. ``vector_norm(ord=1)`` reads each shard once without materialising |W|.
+    """
+    if parts == 1:  # the common case, without the split and stack
+        return (torch.linalg.vector_norm(weight.detach(), 1, dtype=torch.float32) / weight.numel() + SCALE_EPS)[None]
+    pieces = torch.tensor_split(weight.detach(), parts, dim=axis)
+    return torch.stack([torch.linalg.vector_norm(p, 1, dtype=torch.float32) / p.numel() for p in pieces]) + SCALE_EPS
+
+
 def ternarize(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ternary values and per-shard scales: scale = mean|W| + eps, trit = round(clamp(W/scale, -1, 1)).
 
     Returns (trits as int8 with the weight's shape, scales as float32 of length `parts`).
     """
     w = weight.detach().float()
-    pieces = torch.tensor_split(w, parts, dim=axis)
-    scales = torch.stack([p.abs().mean() + SCALE_EPS for p in pieces])
+    scales = shard_scales(w, parts, axis)
     scale_full = expand_scales(scales, tuple(w.shape), axis)
     trits = torch.round(torch.clamp(w / scale_full, -1.0, 1.0)).to(torch.int8)
     return trits, scales
 
 
+def _fused_ternarize_available(weight: torch.Tensor) -> bool:
+    if not weight.is_cuda:
+        return False
+    from .kernels import triton_available
+    return triton_available()
+
+
 class _TernarySTE(torch.autograd.Function):
-    """Forward: scale * ternary(W); backward: identity to the latent weights (straight-through)."""
+    """Forward: scale * ternary(W) in `out_dtype`; backward: identity to the latent weights (straight-through)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, parts: int, axis: int) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, parts: int, axis: int, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.weight_dtype = weight.dtype
+        if _fused_ternarize_available(weight):
+            from .kernels.ternarize import ternary_weight_fused
+            return ternary_weight_fused(weight.detach(), shard_scales(weight, parts, axis), axis, out_dtype)
         trits, scales = ternarize(weight, parts, axis)
-        return ternary_dense_weight(trits, scales, axis, weight.dtype)
+        return ternary_dense_weight(trits, scales, axis, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, None
+        return grad.to(ctx.weight_dtype), None, None, None
 
 
-def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> torch.Tensor:
-    """scale * round(clamp(W/scale, -1, 1)) with gradients passed straight through to W."""
+def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * round(clamp(W/scale, -1, 1)) in `out_dtype` (default: W's), gradients passed straight to W."""
+    out_dtype = out_dtype or weight.dtype
     if hasattr(weight, "device_mesh"):
         # A tensor-parallel DTensor: each rank ternarizes its own shard with its own scale (spectra.parallel).
         from .parallel import sharded_ternary_weight_ste
-        return sharded_ternary_weight_ste(weight, parts, axis)
-    return _TernarySTE.apply(weight, parts, axis)
+        return sharded_ternary_weight_ste(weight, parts, axis, out_dtype)
+    return _TernarySTE.apply(weight, parts, axis, out_dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer multiplies in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class FloatLinear(nn.Linear):
@@ -113,8 +144,8 @@ class TernaryLinear(nn.Linear):
         self.shard_axis, self.parts = shard_axis, parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = ternary_weight_ste(self.weight, self.parts, self.shard_axis)
-        return F.linear(x, w.to(x.dtype))
+        w = ternary_weight_ste(self.weight, self.parts, self.shard_axis, compute_dtype(x))
+        return F.linear(x, w)  # w is already in the compute dtype
 
     def freeze(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 trits, float32 per-shard scales) of the current latent weights."""

@@ -166,7 +166,8 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
 
 # --- ternary weights under tensor parallelism -----------------------------------------------------
 
-def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int) -> torch.Tensor:
+def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """STE ternarization of a tensor-parallel DTensor weight: each rank scales its own shard(s).
 
     `parts` is the model's model-parallel size; a rank holding 1/n of the matrix along `axis` ternarizes
@@ -185,7 +186,7 @@ def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int) -> t
     if parts % sharded:
         raise ConfigError(f"weight split {sharded} ways cannot hold {parts} per-shard scales; "
                           f"use a model-parallel size that is a multiple of the tensor-parallel size")
-    local = ternary_weight_ste(weight.to_local(), parts // sharded, axis)
+    local = ternary_weight_ste(weight.to_local(), parts // sharded, axis, out_dtype)
     return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
                               shape=weight.shape, stride=weight.stride())
 
