@@ -21,7 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DeviceError
-from .linear import ROW_PARALLEL, FloatLinear, FrozenTernaryLinear, TernaryLinear, shard_bounds
+from .linear import (
+    ROW_PARALLEL,
+    FloatLinear,
+    FrozenTernaryLinear,
+    TernaryLinear,
+    latent_from_ternary,
+    shard_bounds,
+)
 from .model import SpectraLM
 
 CONFIG_FILE = "config.json"
@@ -252,6 +259,11 @@ def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str
                 trits, scales = detected[name]
                 module.trits.copy_(trits)
                 module.scales = scales.float()
+            elif kind == "ternary" and detected[name] is not None:
+                # Continue training a ternary checkpoint: latent weights that ternarize to the same trits and
+                # scales (a plain copy of trits * scale would shrink every scale by the nonzero fraction).
+                trits, scales = detected[name]
+                _copy(module.weight, latent_from_ternary(trits, scales, _axis(name)), f"{name}.weight", path)
             else:
                 _copy(module.weight, linear[name], f"{name}.weight", path)
     return model

@@ -76,6 +76,22 @@ def ternarize(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> tuple[torc
     return trits, scales
 
 
+def latent_from_ternary(trits: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Latent weights whose ternarization gives back `trits` and `scales` (to fp32 rounding of the mean).
+
+    Copying trits * s into the latent weights would not do: their mean |W| is s times the shard's nonzero
+    fraction, so training would resume with smaller scales. Each shard is stretched by 1 / (nonzero
+    fraction) and the eps that :func:`shard_scales` adds is taken off.
+    """
+    parts = scales.numel()
+    out = torch.empty(trits.shape, dtype=torch.float32, device=trits.device)
+    for t, o, s in zip(torch.tensor_split(trits, parts, dim=axis), torch.tensor_split(out, parts, dim=axis),
+                       scales.float().tolist()):
+        nonzero = float(t.count_nonzero()) / max(t.numel(), 1)
+        o.copy_(t.float() * (max(s - SCALE_EPS, 0.0) / nonzero if nonzero else 0.0))
+    return out
+
+
 def _fused_ternarize_available(weight: torch.Tensor) -> bool:
     if not weight.is_cuda:
         return False

@@ -89,6 +89,22 @@ def test_trainable_reload_and_sharded_save(tmp_path):
     assert len(load_tensors(tmp_path / "s")) == len(model.state_dict())
 
 
+def test_trainable_reload_keeps_trits_and_scales(tmp_path):
+    # Continuing to train a ternary checkpoint must start from the same ternary model: same trits, same
+    # per-shard scales, same logits (a plain copy of trits * scale into the latent weights would shrink them).
+    torch.manual_seed(4)
+    save_checkpoint(SpectraLM(get_config("tiny", weight_kind="ternary", model_parallel_size=2)), tmp_path / "s")
+    frozen = load_checkpoint(tmp_path / "s")  # the exact trits and (fp16-rounded) scales stored
+    loaded = load_checkpoint(tmp_path / "s", kind="ternary")
+    for name, layer in frozen.linear_layers().items():
+        got_trits, got_scales = loaded.linear_layers()[name].freeze()
+        assert torch.equal(got_trits, layer.trits), name
+        torch.testing.assert_close(got_scales, layer.scales, rtol=5e-5, atol=0)  # fp32 mean of ~2k values
+    tokens = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), frozen(tokens), rtol=1e-4, atol=1e-4)
+
+
 def test_detect_ternary_rejects_float_matrix():
     w = torch.randn(8, 12)
     assert detect_ternary(w, 1, 0) is None
