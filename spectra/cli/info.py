@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import read_config, weight_files
+from ..checkpoint import read_config
 from ..config import ModelConfig, get_config
+from ..packed import stored_tensor_bytes
 from ..size import KIND_BITS, count_parameters, size_in_bits
 from .common import human_bytes
 
@@ -23,33 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def stored_linear_bits(path: Path, config: ModelConfig) -> dict[str, float]:
     """Bytes actually stored for the block linear layers vs the rest, from the safetensors headers."""
-    from safetensors import safe_open
-
-    linear_bytes = other_bytes = 0
-    for file in weight_files(path):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                nbytes = numel * _dtype_bytes(sl.get_dtype())
-                if "_proj." in name:
-                    linear_bytes += nbytes
-                else:
-                    other_bytes += nbytes
+    sizes = stored_tensor_bytes(path)
+    linear_bytes = sum(n for name, n in sizes.items() if "_proj." in name)
+    other_bytes = sum(sizes.values()) - linear_bytes
     linear_params = count_parameters(config).linear
     return {"linear_bytes": linear_bytes, "other_bytes": other_bytes,
             "bits_per_linear_weight": 8 * linear_bytes / linear_params,
             "total_bytes": linear_bytes + other_bytes}
-
-
-def _dtype_bytes(name: str) -> int:
-    name = name.upper()
-    for key, size in (("64", 8), ("32", 4), ("16", 2), ("8", 1), ("BOOL", 1)):
-        if key in name:
-            return size
-    return 4
 
 
 def info(source: str) -> dict:
