@@ -17,6 +17,10 @@ accumulator) or of the input columns (applied to x in fp32 before its cast to th
 
 USE_ASM selects the inline-PTX decode (spectra/kernels/ptx.py); the plain-Triton decode computes the same
 values and is what runs under TRITON_INTERPRET=1 on the CPU.
+
+tq_matmul_sk_kernel runs the same K steps as a persistent stream-K launch (one program per SM, each taking
+an equal share of all tiles' K steps), for the GEMM regime where a one-program-per-tile grid leaves a partial
+last wave.
 """
 
 from __future__ import annotations
@@ -74,7 +78,13 @@ def _dot(w_plane, xt, acc, DT: tl.constexpr, FIRST: tl.constexpr):
 def _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
             G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
             ASM: tl.constexpr, FIRST: tl.constexpr):
-    """One K step: decode a [BN, BJ] byte tile into G planes and multiply each with its activation slice."""
+    """One K step: decode a [BN, BJ] byte tile into G planes and multiply each with its activation slice.
+
+    One dot per plane on purpose: Triton waits for each plane's wgmmas before the next step decodes into
+    registers. (Joining the planes into one [BN, 4 * BJ] operand gives a single dot that Triton 3.6 keeps in
+    flight across the next step's decode, which overwrites the A registers of wgmmas still running: measured
+    wrong results on an H200, 2026-11-23; see docs/performance.md.)
+    """
     ET = x_ptr.dtype.element_ty  # DT as a real dtype (a constexpr inside a tuple is not unwrapped)
     j = jb + rj
     j_ok = j < Q
@@ -162,6 +172,68 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
             # Leave the workspace and the counter zeroed for the next launch (no memset kernel needed).
             tl.store(ws_ptrs, tl.zeros((BN, BM), dtype=tl.float32), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit(do_not_specialize=["TILES_M", "STEPS", "TOTAL"])
+def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, Q, stride_xm, stride_ym, P, TILES_M, STEPS, TOTAL,
+                        G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
+                        USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Persistent stream-K launch of the same product, for the GEMM regime (large m).
+
+    The grid is a fixed number of programs (about one per SM). The work is TOTAL = tiles * STEPS K steps,
+    tile-major (the K steps of one output tile are consecutive, and the m tiles of one weight tile are
+    neighbours); program p takes the contiguous range [p * TOTAL / grid, (p + 1) * TOTAL / grid). Every program
+    therefore gets the same number of K steps whatever the tile count, which removes the partial last wave
+    of a one-program-per-tile grid (e.g. 144 tiles on 132 SMs). A tile covered by one program is stored
+    directly; a tile split between programs is summed in the fp32 workspace with atomics, and the program
+    whose K steps complete the tile's STEPS (an arrival counter of steps) writes it out and re-zeroes the
+    workspace and the counter, as in the split-k path of tq_matmul_kernel. No program ever waits for another.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    start = ((pid.to(tl.int64) * TOTAL) // nprog).to(tl.int32)
+    end = (((pid + 1).to(tl.int64) * TOTAL) // nprog).to(tl.int32)
+    rj = tl.arange(0, BJ)
+    it = start
+    while it < end:
+        tile = it // STEPS
+        ks = it - tile * STEPS
+        ke = tl.minimum(STEPS, end - tile * STEPS)
+        pid_m = tile % TILES_M
+        pid_n = tile // TILES_M
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
+        row_ok = rn[:, None] < N
+        # First K step peeled (see _dot): the accumulator is born in a wgmma.
+        acc = _k_step(0.0, ks * BJ, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                      G, SCALE_MODE, DT, USE_ASM, ASM, True)
+        for jb in tl.range((ks + 1) * BJ, ke * BJ, BJ, num_stages=NUM_STAGES):
+            acc = _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                          G, SCALE_MODE, DT, USE_ASM, ASM, False)
+        if SCALE_MODE == 0:
+            acc = acc * tl.load(s_ptr).to(tl.float32)
+        elif SCALE_MODE == 1:
+            s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
+            acc = acc * s_row[:, None]
+        out_mask = (rn[:, None] < N) & (rm[None, :] < M)
+        y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+        if (ks == 0) & (ke == STEPS):
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            ws_ptrs = ws_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
+            tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+            # Every thread's partial sums must be issued before this program reports its steps.
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + tile, ke - ks, sem="acq_rel")
+            if done + (ke - ks) == STEPS:
+                total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(ws_ptrs, tl.zeros((BN, BM), dtype=tl.float32), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+        it = tile * STEPS + ke
 
 
 @triton.jit
