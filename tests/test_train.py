@@ -212,3 +212,13 @@ def test_cli_train_resume_and_plot(data_dir, tmp_path, capsys):
 
 def test_unused_helpers_are_importable():
     assert callable(train_step) and np is not None
+
+
+def test_optimizer_foreach_only_without_mixed_tensor_types():
+    # Multi-tensor AdamW is torch's default choice (fast on GPU) unless tensor parallelism mixes DTensor
+    # and plain parameters, which one multi-tensor kernel cannot take (it raised on CUDA before).
+    cfg = TrainConfig(data="unused", out_dir="unused", kind="ternary", steps=10, warmup_steps=2)
+    model = spectra.SpectraLM(spectra.get_config("tiny", weight_kind="ternary"))
+    assert build_optimizer(model, cfg).defaults["foreach"] is None
+    model.model.layers[0].self_attn.q_proj.weight.device_mesh = None  # stands in for a tensor-parallel DTensor
+    assert build_optimizer(model, cfg).defaults["foreach"] is False
