@@ -74,8 +74,10 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
 
 
 def _unpack_with_table(packed: torch.Tensor, in_features: int, table: str) -> torch.Tensor:
-    n = packed.shape[0]
-    trits = _table(table, packed.device)[packed.to(torch.int32)]  # [n, Q, G]
+    n, q = packed.shape
+    lut = _table(table, packed.device)  # [256, G]
+    # index_select, not advanced indexing: about twice as fast on the CPU for the same gather.
+    trits = lut.index_select(0, packed.reshape(-1).to(torch.int32)).view(n, q, lut.shape[1])  # [n, Q, G]
     return trits.transpose(1, 2).reshape(n, -1)[:, :in_features].contiguous()
 
 
