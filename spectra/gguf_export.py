@@ -204,7 +204,12 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
         tensors.append((names.get_name(hf_name, try_suffixes=(".weight",)), array, kind))
 
     if report.fallbacks:
-        lines = "; ".join(f"{n}: {why}" for n, why in report.fallbacks.items())
+        # One line per distinct reason (a model usually has one or two), naming a few of the matrices.
+        by_reason: dict[str, list[str]] = {}
+        for name, why in report.fallbacks.items():
+            by_reason.setdefault(why, []).append(name)
+        lines = "; ".join(f"{why}: {len(ns)} ({', '.join(ns[:2])}{', ...' if len(ns) > 2 else ''})"
+                          for why, ns in by_reason.items())
         warnings.warn(f"{len(report.fallbacks)} ternary matrices written as F16 instead of {qtype.upper()}: {lines}",
                       GGUFFallbackWarning, stacklevel=2)
 
