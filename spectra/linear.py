@@ -99,17 +99,22 @@ def _fused_ternarize_available(weight: torch.Tensor) -> bool:
     return triton_available()
 
 
+def ternary_weight(weight: torch.Tensor, parts: int, axis: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """scale * round(clamp(W/scale, -1, 1)) in `out_dtype`, without autograd (the forward of the STE)."""
+    if _fused_ternarize_available(weight):
+        from .kernels.ternarize import ternary_weight_fused
+        return ternary_weight_fused(weight.detach(), shard_scales(weight, parts, axis), axis, out_dtype)
+    trits, scales = ternarize(weight, parts, axis)
+    return ternary_dense_weight(trits, scales, axis, out_dtype)
+
+
 class _TernarySTE(torch.autograd.Function):
     """Forward: scale * ternary(W) in `out_dtype`; backward: identity to the latent weights (straight-through)."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, parts: int, axis: int, out_dtype: torch.dtype) -> torch.Tensor:
         ctx.weight_dtype = weight.dtype
-        if _fused_ternarize_available(weight):
-            from .kernels.ternarize import ternary_weight_fused
-            return ternary_weight_fused(weight.detach(), shard_scales(weight, parts, axis), axis, out_dtype)
-        trits, scales = ternarize(weight, parts, axis)
-        return ternary_dense_weight(trits, scales, axis, out_dtype)
+        return ternary_weight(weight, parts, axis, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .errors import ConfigError, DeviceError
-from .linear import COLUMN_PARALLEL, FloatLinear, TernaryLinear, ternary_weight_ste
+from .linear import COLUMN_PARALLEL, FloatLinear, TernaryLinear, ternary_weight
 
 DP_MODES = ("fsdp", "ddp")
 TRAINABLE_KINDS = ("float", "ternary")
@@ -173,7 +173,7 @@ def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int,
     `parts` is the model's model-parallel size; a rank holding 1/n of the matrix along `axis` ternarizes
     its local tensor in parts/n pieces, with no communication (as the released TriLMs were trained).
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     sharded = 1
     for mesh_dim, placement in enumerate(weight.placements):
@@ -186,9 +186,28 @@ def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int,
     if parts % sharded:
         raise ConfigError(f"weight split {sharded} ways cannot hold {parts} per-shard scales; "
                           f"use a model-parallel size that is a multiple of the tensor-parallel size")
-    local = ternary_weight_ste(weight.to_local(), parts // sharded, axis, out_dtype)
-    return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                              shape=weight.shape, stride=weight.stride())
+    return _ShardedTernarySTE.apply(weight, parts // sharded, axis, out_dtype or weight.dtype)
+
+
+class _ShardedTernarySTE(torch.autograd.Function):
+    """The local ternarization as one autograd node: to_local / from_local inside it are not recorded, which
+    saves two DTensor autograd nodes per linear layer and step (eager TP is bound by that CPU work)."""
+
+    @staticmethod
+    def forward(ctx, weight, local_parts: int, axis: int, out_dtype: torch.dtype):
+        from torch.distributed.tensor import DTensor
+
+        ctx.mesh, ctx.placements, ctx.weight_dtype = weight.device_mesh, weight.placements, weight.dtype
+        local = ternary_weight(weight.to_local(), local_parts, axis, out_dtype)
+        return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                  shape=weight.shape, stride=weight.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Straight through, on the weight's own placements (the matmul's gradient may come out otherwise).
+        if tuple(grad.placements) != tuple(ctx.placements):
+            grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad.to(ctx.weight_dtype), None, None, None
 
 
 # --- applying parallelism -------------------------------------------------------------------------
