@@ -292,8 +292,8 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def _progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit="doc", leave=False)
+    from .progress import progress_bar
+    return progress_bar(items, desc=desc, unit="doc", leave=False)
 
 
 # --- reading shards -------------------------------------------------------------------------------

@@ -139,13 +139,13 @@ def _train_one(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train_parallel(configs: dict[str, TrainConfig], progress: bool) -> dict[str, dict[str, Any]]:
     """Both runs at once in spawned processes; one progress bar follows their metrics files."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
     with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool:
         futures = {name: pool.submit(_train_one, cfg) for name, cfg in configs.items()}
         total = sum(cfg.steps for cfg in configs.values())
-        with tqdm(total=total, desc="training TriLM + FloatLM", unit="step", disable=not progress) as bar:
+        with progress_bar(total=total, desc="training TriLM + FloatLM", unit="step", disable=not progress) as bar:
             while not all(f.done() for f in futures.values()):
                 done = sum(_latest_step(Path(cfg.out_dir)) for cfg in configs.values())
                 bar.update(done - bar.n)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import CheckpointError, FormatError, SpectraError
 from .linear import FloatLinear, shard_bounds
 from .model import SpectraLM
+from .progress import progress_bar
 
 GGUF_TYPES = ("tq1_0", "tq2_0", "f16")
 QK_K = 256  # weights per TQ1_0 / TQ2_0 block
@@ -188,7 +188,7 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
     linear = model.linear_layers()
 
     tensors: list[tuple[str, np.ndarray, object]] = []
-    for hf_name, module in tqdm(linear.items(), desc=f"GGUF {qtype}", disable=not progress, leave=False):
+    for hf_name, module in progress_bar(linear.items(), desc=f"GGUF {qtype}", disable=not progress, leave=False):
         data, kind, misfit = _linear_tensor(hf_name, module, config, qtype)
         gname = names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
         tensors.append((gname, data, kind))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .errors import CheckpointError, FormatError
 from .formats import (
@@ -40,6 +39,7 @@ from .linear import (
     shard_bounds,
     ternary_dense_weight,
 )
+from .progress import progress_bar
 
 PACKED_KINDS = ("tq2", "tq1")
 
@@ -158,7 +158,7 @@ def pack_model(model: nn.Module, fmt: str, progress: bool = False) -> nn.Module:
     fmt = get_format(fmt).name
     layers = model.linear_layers()
     values = {name: ternary_values(name, m) for name, m in layers.items()}  # all checks before any change
-    for name, module in tqdm(layers.items(), desc=f"packing {fmt}", disable=not progress, leave=False):
+    for name, module in progress_bar(layers.items(), desc=f"packing {fmt}", disable=not progress, leave=False):
         trits, scales = values[name]
         packed = PackedTernaryLinear.from_trits(trits, scales.float(), module.shard_axis, fmt)
         parent_name, _, child = name.rpartition(".")

@@ -89,11 +89,11 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
 def analyze_weights(model: torch.nn.Module, entropy_bins: tuple[int, ...] = DEFAULT_ENTROPY_BINS,
                     progress: bool = False) -> list[LayerStats]:
     """Statistics of every linear layer of `model`, in model order."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     layers = model.linear_layers()
     return [layer_stats(name, module, tuple(entropy_bins))
-            for name, module in tqdm(layers.items(), desc="layers", disable=not progress)]
+            for name, module in progress_bar(layers.items(), desc="layers", disable=not progress)]
 
 
 def stats_table(stats: list[LayerStats]) -> str:

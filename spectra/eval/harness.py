@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
 from ..errors import CheckpointError, ConfigError, DataError
 from ..generate import sample_next
+from ..progress import progress_bar
 from ..tokenizer import eos_id, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class SpectraEvalLM(TemplateLM):
         # Longest first: the first batch fails fast on memory, and batches hold similar lengths.
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc="loglikelihood", unit="batch", disable=disable_tqdm):
+        for batch in progress_bar(batches, desc="loglikelihood", unit="batch", disable=disable_tqdm):
             rows = [self._score_row(requests[i][1], requests[i][2]) for i in batch]
             length = max(len(inp) for inp, _ in rows)
             inputs = torch.zeros(len(rows), length, dtype=torch.long)
@@ -148,7 +148,7 @@ class SpectraEvalLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, when the task asks) continuations cut at the first stop sequence."""
         outputs = []
-        for req in tqdm(requests, desc="generate_until", unit="request", disable=disable_tqdm):
+        for req in progress_bar(requests, desc="generate_until", unit="request", disable=disable_tqdm):
             context, gen_kwargs = req.args
             text = self._generate_one(context, dict(gen_kwargs))
             outputs.append(text)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..progress import progress_bar
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 
@@ -67,7 +67,7 @@ def token_nll(model: torch.nn.Module, tokens: torch.Tensor, windows: list[Window
     device = model.model.embed_tokens.weight.device
     out: list[torch.Tensor] = []
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="perplexity", unit="batch", disable=not progress):
         length = max(w.end - 1 - w.start for w in batch)
         # Right padding is harmless for a causal model: padded positions come after every scored one.
         inputs = torch.zeros(len(batch), length, dtype=torch.long)

@@ -261,13 +261,13 @@ def fit_scaling_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float
 
 
 def _bootstrap(log_n, log_d, log_l, delta, theta, rounds: int, seed: int, progress: bool) -> dict:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     rng = np.random.default_rng(seed)
     # Resamples start from the full fit and two far-off points: the full grid per resample buys nothing.
     inits = [theta, np.array([0.0, 3.0, -1.0, 0.25, 0.75]), np.array([3.0, 0.0, 0.5, 0.75, 0.25])]
     samples = []
-    for _ in tqdm(range(rounds), desc="bootstrap", disable=not progress):
+    for _ in progress_bar(range(rounds), desc="bootstrap", disable=not progress):
         idx = rng.integers(0, log_n.size, log_n.size)
         t, _ = _fit_theta(log_n[idx], log_d[idx], log_l[idx], delta, inits)
         samples.append([np.exp(t[2]), np.exp(t[0]), t[3], np.exp(t[1]), t[4]])

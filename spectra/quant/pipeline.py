@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..model import SpectraLM
+from ..progress import progress_bar
 from .gptq import HessianAccumulator, gptq_quantize, output_error
 from .grid import QuantConfig
 from .linear import KIND, QuantizedWeight, QuantLinear
@@ -69,7 +69,7 @@ def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Ten
     tokens = None if calibration is None else _check_tokens(model, calibration)
     model.eval()
     report = QuantReport(config)
-    with tqdm(total=len(model.linear_layers()), desc=f"{config.method.upper()} {config.bits}-bit", unit="layer",
+    with progress_bar(total=len(model.linear_layers()), desc=f"{config.method.upper()} {config.bits}-bit", unit="layer",
               disable=not progress) as bar:
         if tokens is None:
             for name, module in model.linear_layers().items():
@@ -95,7 +95,7 @@ def _check_tokens(model: SpectraLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_sequentially(model: SpectraLM, config: QuantConfig, tokens: torch.Tensor, batch_size: int,
-                           report: QuantReport, bar: tqdm) -> None:
+                           report: QuantReport, bar) -> None:
     report.calibration_tokens = tokens.numel()
     hidden = [model.model.embed_tokens(batch) for batch in tokens.split(batch_size)]
     dtype = hidden[0].dtype

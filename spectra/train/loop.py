@@ -427,6 +427,6 @@ def _handle_non_finite(cfg: TrainConfig, step: int, loss: float, norm: float, sk
 
 
 def _progress_bar(cfg: TrainConfig, start: int, main: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.kind}", unit="step", dynamic_ncols=True,
+    from ..progress import progress_bar
+    return progress_bar(total=cfg.steps, initial=start, desc=f"train {cfg.kind}", unit="step", dynamic_ncols=True,
                 disable=not (cfg.progress and main))
