@@ -237,23 +237,30 @@ def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
                           f"({scales.device}) must be on one device")
 
 
+def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, out: torch.Tensor | None, use_asm: bool):
+    """What every tensor-core launch needs: sizes, format, Triton dtype, the decode asm and the output."""
+    import triton.language as tl
+
+    from .ptx import decode_asm
+
+    m, k = x2.shape
+    n, q = packed.shape
+    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
+    use_asm = use_asm and x2.dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
+    asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    return m, k, n, q, get_format(fmt), dt, use_asm, asm, y
+
+
 def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
               shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None,
               use_asm: bool = True) -> torch.Tensor:
     """Tensor-core kernel on a 2-D, row-contiguous x2 [m, k]; returns y [m, n] in x2's dtype."""
     import triton
-    import triton.language as tl
 
-    from .ptx import decode_asm
     from .tq_triton import tq_matmul_kernel
 
-    m, k = x2.shape
-    n, q = packed.shape
-    spec = get_format(fmt)
-    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
-    use_asm = use_asm and x2.dtype != torch.float32
-    asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
-    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
     blocks = triton.cdiv(q, cfg.block_j)
     split = max(1, min(cfg.split, blocks))
     j_per_split = triton.cdiv(blocks, split) * cfg.block_j
@@ -277,18 +284,10 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
               use_asm: bool = True) -> torch.Tensor:
     """Persistent stream-K launch of the tensor-core kernel (same inputs and result as :func:`launch_tc`)."""
     import triton
-    import triton.language as tl
 
-    from .ptx import decode_asm
     from .tq_triton import tq_matmul_sk_kernel
 
-    m, k = x2.shape
-    n, q = packed.shape
-    spec = get_format(fmt)
-    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
-    use_asm = use_asm and x2.dtype != torch.float32
-    asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
-    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     steps = triton.cdiv(q, cfg.block_j)
     total = tiles_m * tiles_n * steps

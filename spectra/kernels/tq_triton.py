@@ -40,6 +40,18 @@ def _shard_of(idx, size, P):
 
 
 @triton.jit
+def _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE: tl.constexpr):
+    """Apply the scale to a [BN, BM] accumulator: one per tensor (mode 0) or per output-row shard (mode 1).
+    Mode 2 (shards of the input columns) was applied to the activations inside the K loop."""
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr).to(tl.float32)
+    elif SCALE_MODE == 1:
+        s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
+        acc = acc * s_row[:, None]
+    return acc
+
+
+@triton.jit
 def _tq2_plane(b, i: tl.constexpr, DT: tl.constexpr):
     return (((b >> (2 * i)) & 3).to(tl.int32) - 1).to(DT)
 
@@ -150,11 +162,7 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc = _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
                       G, SCALE_MODE, DT, USE_ASM, ASM, False)
 
-    if SCALE_MODE == 0:
-        acc = acc * tl.load(s_ptr).to(tl.float32)
-    elif SCALE_MODE == 1:
-        s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
-        acc = acc * s_row[:, None]
+    acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
     y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
     if not SPLIT_K:
@@ -213,11 +221,7 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         for jb in tl.range((ks + 1) * BJ, ke * BJ, BJ, num_stages=NUM_STAGES):
             acc = _k_step(acc, jb, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
                           G, SCALE_MODE, DT, USE_ASM, ASM, False)
-        if SCALE_MODE == 0:
-            acc = acc * tl.load(s_ptr).to(tl.float32)
-        elif SCALE_MODE == 1:
-            s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
-            acc = acc * s_row[:, None]
+        acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
         out_mask = (rn[:, None] < N) & (rm[None, :] < M)
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
         if (ks == 0) & (ke == STEPS):
