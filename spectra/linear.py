@@ -93,7 +93,8 @@ def latent_from_ternary(trits: torch.Tensor, scales: torch.Tensor, axis: int = 0
 
 
 def _fused_ternarize_available(weight: torch.Tensor) -> bool:
-    if not weight.is_cuda:
+    # Under torch.compile the plain torch form is traced instead: inductor fuses it into the surrounding graph.
+    if not weight.is_cuda or torch.compiler.is_compiling():
         return False
     from .kernels import triton_available
     return triton_available()
