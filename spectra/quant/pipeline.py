@@ -73,7 +73,7 @@ def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Ten
               disable=not progress) as bar:
         if tokens is None:
             for name, module in model.linear_layers().items():
-                bar.set_postfix_str(name)
+                bar.set_postfix_str(name, refresh=False)  # drawn at the next update (quiet in logs)
                 _replace(model, name, module, quantize_layer(module.dense_weight(), None, config), config)
                 bar.update()
         else:
@@ -106,7 +106,7 @@ def _quantize_sequentially(model: SpectraLM, config: QuantConfig, tokens: torch.
             hessians = _capture_hessians(block, group, hidden, cos, sin)
             for sub in group:
                 name = f"model.layers.{index}.{sub}"
-                bar.set_postfix_str(name)
+                bar.set_postfix_str(name, refresh=False)  # drawn at the next update (quiet in logs)
                 module = block.get_submodule(sub)
                 weight, hessian = module.dense_weight().float(), hessians[sub]
                 quantized = quantize_layer(weight, hessian, config)
