@@ -18,6 +18,15 @@ from .errors import ConfigError
 SUITE_VOCAB_SIZE = 50304
 
 
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """`cls(**data)`, with one clear error naming the keys `cls` does not have (e.g. from a newer version)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {sorted(unknown)}; known keys: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = SUITE_VOCAB_SIZE
@@ -64,11 +73,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown config keys {sorted(unknown)}; known keys: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "config")
 
     # --- Hugging Face LlamaConfig interop -------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
