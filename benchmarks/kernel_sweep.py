@@ -91,16 +91,9 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--quick-check", action="store_true", help="only the dequant and tall-tile paths")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "sweep.log", "w")
     t0 = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - t0:6.1f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+    out = Path(args.out)
+    log = bench.timestamped_log(out / "sweep.log")
 
     import triton
     dev = torch.device("cuda")

@@ -181,24 +181,17 @@ def main() -> int:
     if args.summarize:
         print(summarize(args.summarize, tuple(w for w in args.exclude.split(",") if w)))
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "sweep.log", "w")
-    tunef = open(out / "tune.jsonl", "w")
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - t0:6.1f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
-
     import torch
     import triton
 
     from spectra.formats import get_format
     from spectra.kernels import bench, clear_config_memo, dispatch
     from spectra.kernels.dispatch import KernelConfig
+
+    out = Path(args.out)
+    t0 = time.time()
+    log = bench.timestamped_log(out / "sweep.log")
+    tunef = open(out / "tune.jsonl", "w")
 
     dev = torch.device("cuda")
     gpu = dispatch.gpu_name(dev)

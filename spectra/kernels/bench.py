@@ -10,8 +10,10 @@ kernels, not of Python launch overhead (small kernels would otherwise be launch-
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,6 +80,23 @@ def random_packed(n: int, k: int, fmt: str, device: torch.device, generator: tor
     trits = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
     return get_format(fmt).pack(trits)
 
+
+
+def timestamped_log(path: str | Path) -> Callable[[str], None]:
+    """A `log(msg)` for long device runs: prints "[  12.3s] msg" and appends it to `path` at once, so the file
+    holds everything up to the moment a run is stopped by its time limit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    start = time.time()
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - start:6.1f}s] {msg}"
+        print(line, flush=True)
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+    return log
 
 @dataclass
 class GemmRow:
