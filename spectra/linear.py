@@ -39,9 +39,18 @@ def shard_bounds(size: int, parts: int) -> list[tuple[int, int]]:
 
 def expand_scales(scales: torch.Tensor, shape: tuple[int, int], axis: int) -> torch.Tensor:
     """Broadcastable per-element scale tensor for per-shard `scales` (length P) of a [out, in] weight."""
-    size = shape[axis]
-    counts = torch.tensor([e - s for s, e in shard_bounds(size, scales.numel())], device=scales.device)
-    per_feature = torch.repeat_interleave(scales, counts, output_size=size)  # known size: compile-friendly
+    size, parts = shape[axis], scales.numel()
+    shard_bounds(size, parts)  # validates the split
+    if parts == 1:
+        per_feature = scales.reshape(1).expand(size)
+    else:
+        # Shard of each feature for torch.tensor_split sizes (the first `extra` shards one longer), computed on
+        # the scales' device: no host-to-device copy, so no stall per layer and safe inside CUDA-graph capture.
+        base, extra = divmod(size, parts)
+        head = extra * (base + 1)
+        feature = torch.arange(size, device=scales.device)
+        shard = torch.where(feature < head, feature // (base + 1), extra + (feature - head) // base)
+        per_feature = scales[shard]
     return per_feature[:, None] if axis == 0 else per_feature[None, :]
 
 

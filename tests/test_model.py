@@ -85,3 +85,11 @@ def test_sequence_longer_than_max_is_rejected():
     model = SpectraLM(get_config("tiny", max_seq_len=16))
     with pytest.raises(ConfigError, match="exceeds the model's max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("size,parts", [(1, 1), (7, 1), (7, 3), (10, 4), (12, 6), (13, 13)])
+def test_expand_scales_follows_tensor_split(size, parts):
+    scales = torch.rand(parts) + 0.5
+    want = torch.cat([torch.full((e - s,), float(scales[i])) for i, (s, e) in enumerate(shard_bounds(size, parts))])
+    assert torch.equal(expand_scales(scales, (size, 5), 0), want[:, None])
+    assert torch.equal(expand_scales(scales, (5, size), 1), want[None, :])
