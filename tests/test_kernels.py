@@ -110,8 +110,8 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
                 if not err < (1e-5 if dtype == torch.float32 else 2e-3):
                     failures.append(f"{fmt} {n}x{k} m={m} P={p} axis={axis} {dtype} {cfg} rel={err:.3e}")
     ws, cnt = dispatch.WORKSPACE.buffers[torch.device("cpu")]
-    if float(ws.abs().max()) != 0 or int(cnt.abs().max()) != 0:
-        failures.append("stream-K workspace or counters not left zeroed")
+    if int(cnt.abs().max()) != 0:
+        failures.append("stream-K arrival counters not left zeroed")
     print(f"cases={count}")
     for f in failures:
         print("FAIL", f)
@@ -301,22 +301,30 @@ def test_gpu_stream_k_poisoned_outputs(fmt):
 
 @pytest.mark.gpu
 def test_gpu_split_k_stress_many_launches():
-    # Once seen on an H200: rel. error 2.1e-2 from this split-k config (a tile finished before all partial sums
-    # arrived?). Many back-to-back launches on fresh inputs, each checked, so a rare race shows up here.
+    # Split-k and stream-K tiles are finished by whichever program arrives last. With float atomics into a
+    # shared workspace this gave wrong tiles in 1 to 30 of 30 launches on H100 and H200 (rel. error up to
+    # 0.59); many back-to-back launches on fresh inputs, each checked, and a repeated launch must give the
+    # same bits (the slots are summed in a fixed order).
     gen = torch.Generator(device="cuda").manual_seed(13)
     n, k = 9216, 3072
     packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
-    cfg = dispatch.KernelConfig("tc", 128, 64, 32, 4, 4, 3)
-    for m in (128, 256):
+    K = dispatch.KernelConfig
+    cases = [(K("tc", 16, 64, 64, 8, 4, 4), 1), (K("tc", 16, 64, 64, 8, 4, 4), 16), (K("tc", 16, 64, 64, 4, 4, 4), 128),
+             (K("tc", 128, 64, 32, 4, 4, 3), 256), (K("sk", 128, 64, 32, 1, 4, 3), 128),
+             (K("sk", 128, 128, 32, 1, 8, 3), 256)]
+    for cfg, m in cases:
         worst = 0.0
-        for _ in range(40):
+        for _ in range(25):
             x = torch.randn(m, k, dtype=torch.float16, device="cuda", generator=gen)
             y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-            dispatch.launch_tc(x, packed, "tq2", k, scales, 0, cfg, out=y)
+            launch = dispatch.launch_sk if cfg.kind == "sk" else dispatch.launch_tc
+            launch(x, packed, "tq2", k, scales, 0, cfg, out=y)
+            again = launch(x, packed, "tq2", k, scales, 0, cfg)
+            assert torch.equal(y, again), (cfg, m)
             ref = _fp32_reference(x, packed, "tq2", k, scales, 0)
             worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
-        assert worst < 2e-3, (m, worst)
+        assert worst < 2e-3, (cfg, m, worst)
 
 
 @pytest.mark.gpu
@@ -336,4 +344,23 @@ def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
     # the reference path: plain eager forward, packed weights decoded by the PyTorch reference
     monkeypatch.setattr(packed_mod, "ternary_matmul", ternary_matmul_reference)
     ref = generate(model, prompt, max_new_tokens=24, temperature=0)
+    assert torch.equal(fast.cpu(), ref.cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_frozen_ternary_per_shard_scales_equal_eager():
+    # an unpacked ternary checkpoint (int8 trits, 2 scales per matrix) under CUDA-graph capture: expand_scales
+    # must not copy from the host inside the graph, and the replayed tokens must match plain eager decoding
+    from spectra.config import get_config
+    from spectra.generate import generate
+    from spectra.kernels.cudagraph import generate_cuda_graph
+    from spectra.linear import freeze_ternary
+    from spectra.model import SpectraLM
+
+    torch.manual_seed(1)
+    model = SpectraLM(get_config("mini", weight_kind="ternary", model_parallel_size=2)).cuda().eval()
+    model = freeze_ternary(model).half()
+    prompt = torch.randint(0, model.config.vocab_size, (3, 4))
+    fast = generate_cuda_graph(model, prompt, max_new_tokens=20, temperature=0)
+    ref = generate(model, prompt, max_new_tokens=20, temperature=0)
     assert torch.equal(fast.cpu(), ref.cpu())

@@ -267,14 +267,14 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     split = triton.cdiv(q, j_per_split)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     if split > 1:
-        ws, cnt = WORKSPACE.get(x2.device, m * n, grid[0] * grid[1])
+        ws, cnt = WORKSPACE.get(x2.device, split * m * n, grid[0] * grid[1])
     else:
         ws, cnt = y, y  # unused
     tq_matmul_kernel[grid](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
         G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
-        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages,
+        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -293,13 +293,13 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     total = tiles_m * tiles_n * steps
     programs = cfg.programs or (num_sms(x2.device) if x2.is_cuda else 4)
     programs = max(1, min(programs, total))
-    ws, cnt = WORKSPACE.get(x2.device, m * n, tiles_m * tiles_n)
+    ws, cnt = WORKSPACE.get(x2.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
     tq_matmul_sk_kernel[(programs,)](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(),
         tiles_m, steps, total,
         G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm, ASM=asm,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -7,10 +7,12 @@ in registers and fed to the tensor cores as the A operand, so decoded weights ne
 
 Per K step the kernel loads a [BN, BJ] byte tile (coalesced, 16-byte aligned rows) and, for each plane
 i < G, pairs decoded plane i with the activation slice x[:, i*Q + j0 : i*Q + j0 + BJ]: the planar layout of
-spectra/formats.py was chosen for exactly this. Split-k (grid axis 2) splits the byte columns; partial
-sums go to an fp32 workspace with atomics and the last program of each output tile (an arrival counter)
-writes the result and re-zeroes its workspace and counter, so one launch does everything and is safe
-to capture in a CUDA graph.
+spectra/formats.py was chosen for exactly this. Split-k (grid axis 2) splits the byte columns; each split
+stores its partial tile in its own fp32 workspace slot, and the last split of each output tile to arrive
+(an arrival counter) sums the slots in a fixed order, writes the result and re-zeroes its counter, so one
+launch does everything, the result is bitwise reproducible, and the launch is safe to capture in a CUDA
+graph. (Float atomics into one shared workspace, the first design, gave wrong tiles on H100 and H200:
+measured 2026-11-23, e.g. rel. error 0.59 at m = 16 with split 8; see docs/performance.md.)
 
 Scales: one scale, or P shards (torch.tensor_split boundaries) of the output rows (applied to the fp32
 accumulator) or of the input columns (applied to x in fp32 before its cast to the operand dtype).
@@ -49,6 +51,20 @@ def _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE: tl.constexpr):
         s_row = tl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(tl.float32)
         acc = acc * s_row[:, None]
     return acc
+
+
+@triton.jit
+def _gpu_fence(token, ON: tl.constexpr):
+    """Every thread waits until its own global writes and reductions are visible GPU-wide (``fence.sc.gpu``).
+
+    Split-k and stream-K publish partial sums with fire-and-forget atomics and then bump an arrival counter
+    from one thread. A CTA barrier alone does not wait for other threads' outstanding reductions, so without
+    this fence the last arrival could read a tile before a partial sum landed (the CUDA pattern is: each
+    thread writes, fences, then the block synchronises and one thread signals). Off under TRITON_INTERPRET.
+    """
+    if ON:
+        tl.inline_asm_elementwise("fence.sc.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -143,7 +159,8 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                      G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
-                     USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
+                     USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     FENCE: tl.constexpr):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
@@ -168,17 +185,22 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     if not SPLIT_K:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
-        ws_ptrs = ws_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
-        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
-        # Every thread's partial sums must be issued before this program announces its arrival.
+        # Each split stores its partial tile in its own fp32 slot (plain stores, no float atomics); the last
+        # split to arrive sums the slots in a fixed order, so the result is also bitwise reproducible.
+        S = tl.num_programs(2)
+        slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None]
+        tl.store(slot, acc, mask=out_mask)
+        _gpu_fence(pid_k, FENCE)
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(1) + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == tl.num_programs(2) - 1:
-            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+        if arrived == S - 1:
+            _gpu_fence(pid_k, FENCE)
+            total = tl.zeros((BN, BM), dtype=tl.float32)
+            for s in range(0, S):
+                total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn[:, None], mask=out_mask,
+                                 other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            # Leave the workspace and the counter zeroed for the next launch (no memset kernel needed).
-            tl.store(ws_ptrs, tl.zeros((BN, BM), dtype=tl.float32), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
@@ -187,7 +209,8 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                         M, N, K, Q, stride_xm, stride_ym, P, TILES_M, STEPS, TOTAL,
                         G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
-                        USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
+                        USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
+                        FENCE: tl.constexpr):
     """Persistent stream-K launch of the same product, for the GEMM regime (large m).
 
     The grid is a fixed number of programs (about one per SM). The work is TOTAL = tiles * STEPS K steps,
@@ -195,9 +218,10 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     neighbours); program p takes the contiguous range [p * TOTAL / grid, (p + 1) * TOTAL / grid). Every program
     therefore gets the same number of K steps whatever the tile count, which removes the partial last wave
     of a one-program-per-tile grid (e.g. 144 tiles on 132 SMs). A tile covered by one program is stored
-    directly; a tile split between programs is summed in the fp32 workspace with atomics, and the program
-    whose K steps complete the tile's STEPS (an arrival counter of steps) writes it out and re-zeroes the
-    workspace and the counter, as in the split-k path of tq_matmul_kernel. No program ever waits for another.
+    directly; each program's share of a tile split between programs goes to that program's workspace slot,
+    and the program whose K steps complete the tile's STEPS (an arrival counter of steps) sums the slots,
+    writes the tile and re-zeroes the counter, as in the split-k path of tq_matmul_kernel. No program ever
+    waits for another.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -227,15 +251,25 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         if (ks == 0) & (ke == STEPS):
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:
-            ws_ptrs = ws_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
-            tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
-            # Every thread's partial sums must be issued before this program reports its steps.
+            # A tile shared between programs: each contributor stores its partial tile in its own slot (two per
+            # program: its first tile and its last one, the only ones it can share), and the program that
+            # completes the tile's K steps sums the contributors' slots in program order (bitwise reproducible).
+            loc = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+            which = (tile != start // STEPS).to(tl.int64)
+            tl.store(ws_ptr + (pid.to(tl.int64) * 2 + which) * (BM * BN) + loc, acc)
+            _gpu_fence(pid, FENCE)
             tl.debug_barrier()
             done = tl.atomic_add(cnt_ptr + tile, ke - ks, sem="acq_rel")
             if done + (ke - ks) == STEPS:
-                total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                _gpu_fence(pid, FENCE)
+                # contributors: the programs whose step ranges hold the tile's first and last K step
+                first = ((tile.to(tl.int64) * STEPS + 1) * nprog + TOTAL - 1) // TOTAL - 1
+                last = (((tile.to(tl.int64) + 1) * STEPS) * nprog + TOTAL - 1) // TOTAL - 1
+                total = tl.zeros((BN, BM), dtype=tl.float32)
+                for q in range(first, last + 1):
+                    q_which = (tile != ((q * TOTAL) // nprog) // STEPS).to(tl.int64)
+                    total += tl.load(ws_ptr + (q * 2 + q_which) * (BM * BN) + loc, cache_modifier=".cg")
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(ws_ptrs, tl.zeros((BN, BM), dtype=tl.float32), mask=out_mask)
                 tl.atomic_xchg(cnt_ptr + tile, 0)
         it = tile * STEPS + ke
 
