@@ -179,7 +179,7 @@ def _device_name(device: torch.device) -> str:
 
 # --- launcher -------------------------------------------------------------------------------------
 
-CONFIGS = [(1, 1, 1), (2, 2, 1), (2, 1, 2)]  # (processes, dp, tp)
+CONFIGS = {"1gpu": (1, 1, 1), "fsdp": (2, 2, 1), "tp": (2, 1, 2)}  # name: (processes, dp, tp)
 
 
 def launch(args: argparse.Namespace, worker: str, nproc: int, dp: int = 1, tp: int = 1,
@@ -239,6 +239,8 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
     p.add_argument("--skip-check", action="store_true", help="skip the NCCL equivalence check")
     p.add_argument("--max-gpus", type=int, default=2, help="run only the configurations with at most this many GPUs")
+    p.add_argument("--meshes", default="1gpu,fsdp,tp",
+                   help="comma-separated configurations to time: 1gpu, fsdp (dp=2), tp (tp=2)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per run (GPU)")
     p.add_argument("--worker", choices=("check", "throughput"), help=argparse.SUPPRESS)
@@ -246,6 +248,9 @@ def main() -> int:
     p.add_argument("--dp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = set(args.meshes.split(",")) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown --meshes {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
 
     if args.worker:
         result = check_worker(args) if args.worker == "check" else throughput_worker(args)
@@ -270,14 +275,18 @@ def main() -> int:
     modes = ("off", "on") if args.compile == "both" else (args.compile,)
     rows, device = [], "?"
     for compile_mode in modes:
-        for nproc, dp, tp in [c for c in CONFIGS if c[0] <= args.max_gpus]:
+        for name in args.meshes.split(","):
+            nproc, dp, tp = CONFIGS[name]
+            if nproc > args.max_gpus:
+                continue
             result = launch(args, "throughput", nproc, dp, tp, compile_mode)
             if "error" in result:
                 print(result["error"])
                 continue
             rows += result["rows"]
             device = result["device"]
-            print(f"done: {nproc} process(es) dp={dp} tp={tp} compile={compile_mode}", flush=True)
+            steps = ", ".join(f"{r['kind']} {r['step_s']:.3f} s/step" for r in result["rows"])
+            print(f"done: {nproc} process(es) dp={dp} tp={tp} compile={compile_mode}: {steps}", flush=True)
     peak = peak_flops(device, args.peak_tflops)
     print(f"\n{device}; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else f"\n{device}")
     print(table(rows, peak))
