@@ -252,6 +252,14 @@ def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, out: torch.T
     return m, k, n, q, get_format(fmt), dt, use_asm, asm, y
 
 
+def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int]:
+    """Which column masks a launch needs: whether some K step runs past the q byte columns, and a bitmask of
+    the planes whose activation columns i*q .. (i+1)*q - 1 can pass k (rows are padded to an alignment, so
+    that can be more than the last plane). Unmasked loads carry no per-step predicate arithmetic."""
+    mask_j = q % block_j != 0
+    return mask_j, sum(1 << i for i in range(planes) if mask_j or (i + 1) * q > k)
+
+
 def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
               shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None,
               use_asm: bool = True) -> torch.Tensor:
@@ -261,6 +269,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     from .tq_triton import tq_matmul_kernel
 
     m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
+    mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
     blocks = triton.cdiv(q, cfg.block_j)
     split = max(1, min(cfg.split, blocks))
     j_per_split = triton.cdiv(blocks, split) * cfg.block_j
@@ -274,8 +283,8 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
         G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
-        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j,
+        PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -288,6 +297,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     from .tq_triton import tq_matmul_sk_kernel
 
     m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
+    mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     steps = triton.cdiv(q, cfg.block_j)
     total = tiles_m * tiles_n * steps
@@ -299,7 +309,8 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         tiles_m, steps, total,
         G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm, ASM=asm,
-        NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j, PLANE_MASK=plane_mask,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -57,10 +57,9 @@ def _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE: tl.constexpr):
 def _gpu_fence(token, ON: tl.constexpr):
     """Every thread waits until its own global writes and reductions are visible GPU-wide (``fence.sc.gpu``).
 
-    Split-k and stream-K publish partial sums with fire-and-forget atomics and then bump an arrival counter
-    from one thread. A CTA barrier alone does not wait for other threads' outstanding reductions, so without
-    this fence the last arrival could read a tile before a partial sum landed (the CUDA pattern is: each
-    thread writes, fences, then the block synchronises and one thread signals). Off under TRITON_INTERPRET.
+    Split-k and stream-K programs store their partial tiles from every thread and then bump an arrival
+    counter from one thread; the last arrival reads all partial tiles. The CUDA pattern for that is: each
+    thread writes, fences, then the block synchronises and one thread signals. Off under TRITON_INTERPRET.
     """
     if ON:
         tl.inline_asm_elementwise("fence.sc.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
@@ -80,9 +79,15 @@ def _tq1_plane(b, i: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.constexpr, DT: tl.constexpr):
-    """x[rm, cols]^T as a [BJ, BM] operand; out-of-range columns load 0 (never garbage times a trit)."""
-    mask = col_ok[:, None] & (rm[None, :] < M)
+def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.constexpr, DT: tl.constexpr,
+            MASK_COLS: tl.constexpr):
+    """x[rm, cols]^T as a [BJ, BM] operand; out-of-range columns load 0 (never garbage times a trit).
+    MASK_COLS=False: the host guarantees every column is in range, so only the (loop-invariant) row mask
+    remains, and the loads carry no per-step predicate arithmetic."""
+    if MASK_COLS:
+        mask = col_ok[:, None] & (rm[None, :] < M)
+    else:
+        mask = rm[None, :] < M
     xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None], mask=mask, other=0.0)
     if COL_SCALE:
         s = tl.load(s_ptr + _shard_of(cols, K, P), mask=col_ok, other=0.0).to(tl.float32)
@@ -103,17 +108,21 @@ def _dot(w_plane, xt, acc, DT: tl.constexpr, FIRST: tl.constexpr):
 
 
 @triton.jit
-def _load_bytes(w_rows, row_ok, jb, rj, j_end):
+def _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J: tl.constexpr):
     """The [BN, BJ] packed byte tile at byte column jb. Rows past N and columns past j_end load zeros
-    (rows past N decode as -1: their outputs are never stored)."""
+    (rows past N decode as -1: their outputs are never stored). MASK_J=False: no step runs past j_end."""
     j = jb + rj
-    return tl.load(w_rows + j[None, :], mask=row_ok & (j < j_end)[None, :], other=0)
+    if MASK_J:
+        mask = row_ok & (j < j_end)[None, :]
+    else:
+        mask = row_ok
+    return tl.load(w_rows + j[None, :], mask=mask, other=0)
 
 
 @triton.jit
 def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
             G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
-            ASM: tl.constexpr, FIRST: tl.constexpr):
+            ASM: tl.constexpr, FIRST: tl.constexpr, PLANE_MASK: tl.constexpr):
     """One K step: decode the [BN, BJ] byte tile `b` (byte columns jb..) into G planes and multiply each with
     its activation slice.
 
@@ -146,12 +155,16 @@ def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
             p4 = _tq1_plane(b, 4, DT)
     # All activation tiles first, then the dots back to back (fewer waits between wgmmas).
     cs: tl.constexpr = SCALE_MODE == 2
-    x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT)
-    x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT)
-    x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT)
-    x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT)
+    # Bit i of PLANE_MASK: plane i's columns need a bounds mask (see dispatch._plane_mask).
+    x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT, (PLANE_MASK & 1) != 0)
+    x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT, (PLANE_MASK & 2) != 0)
+    x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT,
+                 (PLANE_MASK & 4) != 0)
+    x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT,
+                 (PLANE_MASK & 8) != 0)
     if G == 5:
-        x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT)
+        x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT,
+                     (PLANE_MASK & 16) != 0)
     acc = _dot(p0, x0, acc, DT, FIRST)
     acc = _dot(p1, x1, acc, DT, False)
     acc = _dot(p2, x2, acc, DT, False)
@@ -167,8 +180,10 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
                      USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
-                     FENCE: tl.constexpr):
-    # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns
+                     FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
+    # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns.
+    # MASK_J: some K step runs past the byte columns (Q % BJ != 0); PLANE_MASK: bit i set if plane i's
+    # activation columns need a bounds mask. Real layer shapes need few or none: no per-step predicates.
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -182,13 +197,13 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
     # (Prefetching the next step's bytes into registers by hand was measured 1.3-1.9x slower on an H100,
     # 2026-11-23: it replaces the cp.async pipeline Triton builds for this loop with a register round trip.)
-    b = _load_bytes(w_rows, row_ok, j_start, rj, j_end)
+    b = _load_bytes(w_rows, row_ok, j_start, rj, j_end, MASK_J)
     acc = _k_step(0.0, b, j_start, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                  G, SCALE_MODE, DT, USE_ASM, ASM, True)
+                  G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
     for jb in tl.range(j_start + BJ, j_end, BJ, num_stages=NUM_STAGES):
-        b = _load_bytes(w_rows, row_ok, jb, rj, j_end)
+        b = _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J)
         acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                      G, SCALE_MODE, DT, USE_ASM, ASM, False)
+                      G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
 
     acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
@@ -221,7 +236,7 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                         G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
                         USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
-                        FENCE: tl.constexpr):
+                        FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
     """Persistent stream-K launch of the same product, for the GEMM regime (large m).
 
     The grid is a fixed number of programs (about one per SM). The work is TOTAL = tiles * STEPS K steps,
@@ -251,13 +266,13 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
         row_ok = rn[:, None] < N
         # First K step peeled (see _dot): the accumulator is born in a wgmma.
-        b = _load_bytes(w_rows, row_ok, ks * BJ, rj, Q)
+        b = _load_bytes(w_rows, row_ok, ks * BJ, rj, Q, MASK_J)
         acc = _k_step(0.0, b, ks * BJ, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                      G, SCALE_MODE, DT, USE_ASM, ASM, True)
+                      G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
         for jb in tl.range((ks + 1) * BJ, ke * BJ, BJ, num_stages=NUM_STAGES):
-            b = _load_bytes(w_rows, row_ok, jb, rj, Q)
+            b = _load_bytes(w_rows, row_ok, jb, rj, Q, MASK_J)
             acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                          G, SCALE_MODE, DT, USE_ASM, ASM, False)
+                          G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
         acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
         out_mask = (rn[:, None] < N) & (rm[None, :] < M)
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
