@@ -40,7 +40,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                 scales = torch.rand(p) + 0.5
                 # bf16 dots are wrong in the Triton interpreter itself (numpy has no bf16): fp16 and fp32 here,
                 # bf16 through the dequantize kernel below and on the GPU.
-                # block_j 64 on 32-byte-aligned rows: the masked K-step path (q % block_j != 0) runs too
+                # block_j 64 on 16-byte-aligned rows: the masked K-step path (q % block_j != 0) runs too
                 for dtype, m, cfg in ((torch.float16, 1, (16, 16, 16, 1, 1)), (torch.float32, 5, (16, 16, 16, 3, 2)),
                                       (torch.float16, 3, (16, 32, 32, 2, 2)), (torch.float32, 2, (16, 16, 64, 1, 1))):
                     x = torch.randn(m, k).to(dtype)
