@@ -194,3 +194,31 @@ def test_cli_pack_reports_sizes(tmp_path, capsys, tokenizer):
     assert main(["pack", str(tmp_path / "tri"), "--format", "tq1", "--out", str(tmp_path / "tq1")]) == 0
     out = capsys.readouterr().out
     assert "bits/weight" in out and "fp16" in out
+
+
+def test_torch_compile_keeps_packed_matmul_as_one_op_with_equal_logits():
+    # Under torch.compile a packed layer calls the opaque spectra::ternary_matmul op (its fake gives the
+    # output shape); the traced graph must contain it and compute the same logits as eager, cache included.
+    model = pack_model(frozen_model(), "tq2")
+    tokens = torch.randint(0, 320, (2, 7))
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(tokens), model(tokens))
+        model.setup_cache(2, 16)
+        model(tokens, input_pos=torch.arange(7))
+        step = torch.randint(0, 320, (2, 1))
+        want = model(step, input_pos=torch.tensor([7]))
+        model.setup_cache(2, 16)
+        model(tokens, input_pos=torch.arange(7))
+        got = compiled(step, input_pos=torch.tensor([7]))
+        model.clear_cache()
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert sum("spectra.ternary_matmul" in t for t in seen) >= 2 * len(model.linear_layers())

@@ -12,7 +12,8 @@ import torch
 
 from .reference import ternary_dense_weight, ternary_matmul_reference
 
-__all__ = ["ternary_matmul", "ternary_matmul_reference", "ternary_dense_weight", "triton_available"]
+__all__ = ["ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
+           "triton_available"]
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _config_memo: dict[tuple, object] = {}
@@ -54,6 +55,19 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
         _config_memo[key] = cfg
     y = dispatch.run_config(x2, packed, fmt, in_features, scales.contiguous(), shard_axis, cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("spectra::ternary_matmul", mutates_args=())
+def ternary_matmul_op(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                      shard_axis: int) -> torch.Tensor:
+    """:func:`ternary_matmul` as an opaque PyTorch op, so ``torch.compile`` keeps our kernels and fuses the
+    rest of the model (norms, rotary embedding, SwiGLU) around them."""
+    return ternary_matmul(x, packed, fmt, in_features, scales, shard_axis)
+
+
+@ternary_matmul_op.register_fake
+def _ternary_matmul_fake(x, packed, fmt, in_features, scales, shard_axis):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
 def clear_config_memo() -> None:

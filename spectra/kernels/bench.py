@@ -218,8 +218,9 @@ class DecodeRow:
 def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple[int, ...] = (1, 16),
                  kinds: tuple[str, ...] = ("float", "tq2", "tq1"), slice_layers: tuple[int, ...] = (2, 4),
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
-                 log: Callable[[str], None] | None = None) -> list[DecodeRow]:
-    """Seconds per CUDA-graph decode step for each model shape, batch and weight kind."""
+                 log: Callable[[str], None] | None = None, compile: bool = False) -> list[DecodeRow]:
+    """Seconds per CUDA-graph decode step for each model shape, batch and weight kind (every kind's step
+    compiled with ``torch.compile`` first when `compile` is set)."""
     from .cudagraph import GraphDecodeStep, time_decode
 
     device = torch.device(device)
@@ -230,9 +231,10 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
             for kind in kinds:  # build each model once, time every batch on it
                 model = build_random_model(name, kind, dtype, device, layers)
                 for batch in batches:
-                    with GraphDecodeStep(model, batch, 128) as step:
+                    with GraphDecodeStep(model, batch, 128, compile=compile) as step:
                         by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps)
                 del model
+                torch._dynamo.reset()  # drop compiled code that holds the model
                 torch.cuda.empty_cache()
             for row in by_batch.values():
                 rows.append(row)
