@@ -129,6 +129,37 @@ for _kind in PACKED_KINDS:
     register_linear_kind(_kind, functools.partial(PackedTernaryLinear, format=_kind))
 
 
+def concat_output_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``cat([layer(x) for layer in layers], -1)`` exactly, or None where that is not
+    possible. Float layers join freely; frozen-ternary and packed layers must share kind, format, sizes and
+    shard count P, with their P scales on the output rows (or P = 1), and n % P == 0: then the k * P scales of
+    the joined layer cover exactly the rows they covered before (torch.tensor_split of k * n rows)."""
+    first = layers[0]
+    kind = type(first)
+    if any(type(layer) is not kind or layer.in_features != first.in_features for layer in layers):
+        return None
+    out_features = sum(layer.out_features for layer in layers)
+    if kind is FloatLinear:
+        fused = FloatLinear(first.in_features, out_features, device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        return fused
+    if kind not in (FrozenTernaryLinear, PackedTernaryLinear):
+        return None
+    same = all(layer.out_features == first.out_features and layer.parts == first.parts
+               and getattr(layer, "format", None) == getattr(first, "format", None) for layer in layers)
+    if not same or (first.parts > 1 and (first.shard_axis != 0 or first.out_features % first.parts)):
+        return None
+    scales = torch.cat([layer.scales.reshape(-1) for layer in layers])
+    if kind is FrozenTernaryLinear:
+        return FrozenTernaryLinear.from_trits(torch.cat([layer.trits for layer in layers]), scales, 0,
+                                              dtype=first.scales.dtype)
+    fused = PackedTernaryLinear(first.in_features, out_features, 0, scales.numel(), device=first.qweight.device,
+                                format=first.format)
+    fused.qweight = torch.cat([layer.qweight for layer in layers])
+    fused.scales = scales.to(torch.float32)
+    return fused
+
+
 # --- packing a model in place ------------------------------------------------------------------------
 
 def ternary_values(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

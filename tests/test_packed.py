@@ -222,3 +222,51 @@ def test_torch_compile_keeps_packed_matmul_as_one_op_with_equal_logits():
     torch._dynamo.reset()
     assert torch.equal(got, want)
     assert sum("spectra.ternary_matmul" in t for t in seen) >= 2 * len(model.linear_layers())
+
+
+@pytest.mark.parametrize("kind", ["frozen", "tq2", "tq1", "float"])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_fuse_projections_same_outputs_and_fewer_layers(kind, parts):
+    torch.manual_seed(3)
+    if kind == "float":
+        model = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, weight_kind="float")).eval()
+    else:
+        model = frozen_model(parts=parts, seed=3)
+        if kind != "frozen":
+            model = pack_model(model, kind)
+    tokens = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        want = model(tokens)
+        fused = copy.deepcopy(model)
+        assert fused.fuse_projections() == 2 * model.config.num_layers
+        assert fused.fuse_projections() == 0  # idempotent
+        names = set(fused.linear_layers())
+        assert "model.layers.0.self_attn.qkv_proj" in names and "model.layers.0.mlp.gate_up_proj" in names
+        assert not {n.rsplit(".", 1)[-1] for n in names} & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        torch.testing.assert_close(fused(tokens), want, rtol=1e-5, atol=1e-5)
+        # the KV-cache decoding path too
+        fused.setup_cache(2, 16)
+        fused(tokens[:, :5], input_pos=torch.arange(5))
+        step = fused(tokens[:, 5:6], input_pos=torch.tensor([5]))
+        torch.testing.assert_close(step[:, 0], want[:, 5], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_are_not_saved_and_mismatched_shards_stay_separate(tmp_path):
+    model = frozen_model(parts=2)
+    model.fuse_projections()
+    with pytest.raises(spectra.errors.ConfigError, match="before fusing"):
+        spectra.save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    # per-shard scales that would land on other rows after joining: the layers are left alone
+    from spectra.linear import FrozenTernaryLinear
+    from spectra.packed import concat_output_rows
+
+    trits = torch.randint(-1, 2, (6, 8), dtype=torch.int8)
+    a = FrozenTernaryLinear.from_trits(trits, torch.tensor([0.5, 1.0, 2.0]), 1)  # column shards
+    assert concat_output_rows([a, a]) is None
+    b = FrozenTernaryLinear.from_trits(trits[:5], torch.tensor([0.5, 1.0]), 0)   # 5 rows in 2 shards
+    assert concat_output_rows([b, b]) is None
+    c = FrozenTernaryLinear.from_trits(trits, torch.tensor([0.5, 1.0]), 0)
+    joined = concat_output_rows([c, c])
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(joined(x), torch.cat([c(x), c(x)], -1))

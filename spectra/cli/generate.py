@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    model.fuse_projections()  # q/k/v and gate/up as one product each: fewer, larger matmuls per token
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")

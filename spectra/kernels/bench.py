@@ -218,9 +218,11 @@ class DecodeRow:
 def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple[int, ...] = (1, 16),
                  kinds: tuple[str, ...] = ("float", "tq2", "tq1"), slice_layers: tuple[int, ...] = (2, 4),
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
-                 log: Callable[[str], None] | None = None, compile: bool = False) -> list[DecodeRow]:
+                 log: Callable[[str], None] | None = None, compile: bool = False,
+                 fuse: bool = True) -> list[DecodeRow]:
     """Seconds per CUDA-graph decode step for each model shape, batch and weight kind (every kind's step
-    compiled with ``torch.compile`` first when `compile` is set)."""
+    compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up fused into one product
+    each, for every kind, unless `fuse` is False)."""
     from .cudagraph import GraphDecodeStep, time_decode
 
     device = torch.device(device)
@@ -230,6 +232,8 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
             by_batch = {b: DecodeRow(name, layers or 30, b, {}) for b in batches}
             for kind in kinds:  # build each model once, time every batch on it
                 model = build_random_model(name, kind, dtype, device, layers)
+                if fuse:
+                    model.fuse_projections()
                 for batch in batches:
                     with GraphDecodeStep(model, batch, 128, compile=compile) as step:
                         by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps)
