@@ -51,6 +51,12 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
     assert out.startswith("To be") and len(out) > len("To be\n")
 
 
+def test_generate_compile_on_cpu_is_a_clear_error(tiny_checkpoint):
+    result = run_cli("generate", str(tiny_checkpoint), "--device", "cpu", "--compile")
+    assert result.returncode == 2 and "--compile applies to CUDA decoding" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_generate_on_missing_cuda_is_clear(tiny_checkpoint):
     result = run_cli("generate", str(tiny_checkpoint), "--device", "cuda")

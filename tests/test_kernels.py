@@ -393,3 +393,26 @@ def test_gpu_compiled_cuda_graph_step_matches_eager_step():
     ref = generate_cuda_graph(model, prompt, max_new_tokens=12, temperature=0)
     torch._dynamo.reset()
     assert (fast.cpu() == ref.cpu()).float().mean() >= 0.9
+
+
+@pytest.mark.gpu
+def test_gpu_fused_projections_greedy_tokens_equal_separate():
+    # What `spectra generate --device cuda` runs: a fused, graph-captured step. In fp32 the packed layers
+    # decode to an exact fp32 weight, so fused and separate products differ only by fp32 rounding.
+    import copy
+
+    from spectra import packed as packed_mod
+    from spectra.config import get_config
+    from spectra.generate import generate
+    from spectra.kernels.cudagraph import generate_cuda_graph
+    from spectra.model import SpectraLM
+
+    torch.manual_seed(2)
+    model = SpectraLM(get_config("mini", weight_kind="ternary", model_parallel_size=2)).cuda().float().eval()
+    packed_mod.pack_model(model, "tq1")
+    fused = copy.deepcopy(model)
+    assert fused.fuse_projections() == 2 * model.config.num_layers
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6))
+    ref = generate(model, prompt, max_new_tokens=16, temperature=0)
+    fast = generate_cuda_graph(fused, prompt, max_new_tokens=16, temperature=0)
+    assert torch.equal(fast.cpu(), ref.cpu())
