@@ -416,3 +416,14 @@ def test_gpu_fused_projections_greedy_tokens_equal_separate():
     ref = generate(model, prompt, max_new_tokens=16, temperature=0)
     fast = generate_cuda_graph(fused, prompt, max_new_tokens=16, temperature=0)
     assert torch.equal(fast.cpu(), ref.cpu())
+
+
+def test_growing_workspace_keeps_the_buffers_a_captured_graph_may_use():
+    ws_pool = dispatch._Workspace()
+    dev = torch.device("cpu")
+    ws1, cnt1 = ws_pool.get(dev, 100, 10)
+    assert ws_pool.get(dev, 50, 5)[0] is ws1           # big enough: reused
+    ws2, cnt2 = ws_pool.get(dev, 1 << 20, 10)           # grows: the old pair stays referenced
+    assert ws2.numel() >= 1 << 20 and ws2 is not ws1
+    assert any(old is ws1 and c is cnt1 for old, c in ws_pool.retired)
+    assert int(cnt2.abs().sum()) == 0 and ws2.numel() >= 2 * ws1.numel()

@@ -193,16 +193,26 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
 
 
 class _Workspace:
-    """Per-device fp32 split-k accumulator and arrival counters, kept zeroed by the kernel itself."""
+    """Per-device fp32 slots for split-k / stream-K partial tiles and their arrival counters (the kernels
+    leave the counters at zero; the slots are overwritten by every launch).
+
+    A grown workspace never frees the buffers it replaces: a CUDA graph captured earlier (a decode step) keeps
+    their addresses, and a later, larger launch (the prompt's prefill) must not hand that memory to other
+    tensors while the graph can still replay into it.
+    """
 
     def __init__(self) -> None:
         self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         ws, cnt = self.buffers.get(device, (None, None))
         if ws is None or ws.numel() < numel or cnt.numel() < tiles:
-            size = max(numel, 0 if ws is None else ws.numel(), 1 << 16)
-            ntiles = max(tiles, 0 if cnt is None else cnt.numel(), 1024)
+            if ws is not None:
+                self.retired.append((ws, cnt))
+            # grow geometrically so a sequence of growing launches retires few buffers
+            size = max(numel, 0 if ws is None else 2 * ws.numel(), 1 << 16)
+            ntiles = max(tiles, 0 if cnt is None else 2 * cnt.numel(), 1024)
             ws = torch.zeros(size, dtype=torch.float32, device=device)
             cnt = torch.zeros(ntiles, dtype=torch.int32, device=device)
             self.buffers[device] = (ws, cnt)
