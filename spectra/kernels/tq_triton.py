@@ -67,6 +67,25 @@ def _gpu_fence(token, ON: tl.constexpr):
 
 
 @triton.jit
+def _publish_partial(slot_ptrs, acc, mask, cnt_ptr, tile, count, token, FENCE: tl.constexpr):
+    """Store this program's partial tile in its own fp32 slot and add `count` to the tile's arrival counter;
+    returns the counter before the add. Whoever brings the counter to its total sums every contributor's slot
+    (after a _gpu_fence of its own) and then calls _finish_tile. Plain stores, a per-thread fence, a CTA
+    barrier, then one acq_rel atomic: float atomics into a shared workspace lost partial sums on the GPU."""
+    tl.store(slot_ptrs, acc, mask=mask)
+    _gpu_fence(token, FENCE)
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + tile, count, sem="acq_rel")
+
+
+@triton.jit
+def _finish_tile(y_ptrs, total, mask, cnt_ptr, tile):
+    """Write a tile summed from its slots and re-zero its arrival counter for the next launch."""
+    tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+    tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
 def _tq2_plane(b, i: tl.constexpr, DT: tl.constexpr):
     return (((b >> (2 * i)) & 3).to(tl.int32) - 1).to(DT)
 
@@ -214,20 +233,15 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         # Each split stores its partial tile in its own fp32 slot (plain stores, no float atomics); the last
         # split to arrive sums the slots in a fixed order, so the result is also bitwise reproducible.
         S = tl.num_programs(2)
-        slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None]
-        tl.store(slot, acc, mask=out_mask)
-        _gpu_fence(pid_k, FENCE)
-        tl.debug_barrier()
         tile = pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == S - 1:
+        slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None]
+        if _publish_partial(slot, acc, out_mask, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
             _gpu_fence(pid_k, FENCE)
             total = tl.zeros((BN, BM), dtype=tl.float32)
             for s in range(0, S):
                 total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn[:, None], mask=out_mask,
                                  other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _finish_tile(y_ptrs, total, out_mask, cnt_ptr, tile)
 
 
 @triton.jit(do_not_specialize=["TILES_M", "STEPS", "TOTAL"])
@@ -284,11 +298,8 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
             # completes the tile's K steps sums the contributors' slots in program order (bitwise reproducible).
             loc = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
             which = (tile != start // STEPS).to(tl.int64)
-            tl.store(ws_ptr + (pid.to(tl.int64) * 2 + which) * (BM * BN) + loc, acc)
-            _gpu_fence(pid, FENCE)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + tile, ke - ks, sem="acq_rel")
-            if done + (ke - ks) == STEPS:
+            slot = ws_ptr + (pid.to(tl.int64) * 2 + which) * (BM * BN) + loc
+            if _publish_partial(slot, acc, None, cnt_ptr, tile, ke - ks, pid, FENCE) + (ke - ks) == STEPS:
                 _gpu_fence(pid, FENCE)
                 # contributors: the programs whose step ranges hold the tile's first and last K step
                 first = ((tile.to(tl.int64) * STEPS + 1) * nprog + TOTAL - 1) // TOTAL - 1
@@ -297,8 +308,7 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                 for q in range(first, last + 1):
                     q_which = (tile != ((q * TOTAL) // nprog) // STEPS).to(tl.int64)
                     total += tl.load(ws_ptr + (q * 2 + q_which) * (BM * BN) + loc, cache_modifier=".cg")
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
+                _finish_tile(y_ptrs, total, out_mask, cnt_ptr, tile)
         it = tile * STEPS + ke
 
 
