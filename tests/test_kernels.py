@@ -71,12 +71,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_triton_kernels_in_interpreter_match_reference():
+def _run_in_interpreter(script: str) -> str:
+    """Run a kernel battery in a fresh process under TRITON_INTERPRET=1; its stdout, after asserting exit 0."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "cases=" in proc.stdout
+    return proc.stdout
+
+
+def test_triton_kernels_in_interpreter_match_reference():
+    assert "cases=" in _run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 # The persistent stream-K launch: its programs split output tiles at arbitrary K steps (several programs
@@ -121,11 +125,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
 
 
 def test_stream_k_kernel_in_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_STREAM_K_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "cases=16" in proc.stdout
+    assert "cases=16" in _run_in_interpreter(_INTERPRETER_STREAM_K_SCRIPT)
 
 
 def test_large_m_candidates_include_stream_k_and_old_tables_load():

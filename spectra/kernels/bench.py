@@ -81,7 +81,6 @@ def random_packed(n: int, k: int, fmt: str, device: torch.device, generator: tor
     return get_format(fmt).pack(trits)
 
 
-
 def timestamped_log(path: str | Path) -> Callable[[str], None]:
     """A `log(msg)` for long device runs: prints "[  12.3s] msg" and appends it to `path` at once, so the file
     holds everything up to the moment a run is stopped by its time limit."""
@@ -97,6 +96,7 @@ def timestamped_log(path: str | Path) -> Callable[[str], None]:
             f.write(line + "\n")
 
     return log
+
 
 @dataclass
 class GemmRow:
