@@ -72,7 +72,7 @@ def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: t
     """
     from .tokenizer import save_tokenizer
 
-    if getattr(model, "projections_fused", False):
+    if model.projections_fused:
         raise ConfigError("this model's q/k/v and gate/up projections were fused for inference "
                           "(fuse_projections); save the model before fusing, or reload it from its checkpoint")
     path = Path(path)

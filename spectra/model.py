@@ -210,9 +210,13 @@ class SpectraLM(nn.Module):
                     delattr(owner, name)
                 owner.add_module(new, joined)
                 fused += 1
-        if fused:
-            self.projections_fused = True
         return fused
+
+    @property
+    def projections_fused(self) -> bool:
+        """Whether :meth:`fuse_projections` joined any block's projections (such a model cannot be saved)."""
+        return any(hasattr(layer.self_attn, "qkv_proj") or hasattr(layer.mlp, "gate_up_proj")
+                   for layer in self.model.layers)
 
     def linear_layers(self) -> dict[str, nn.Module]:
         """Name -> module of the seven linear layers of every block (the ones weight kinds replace)."""
