@@ -15,23 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .tq_triton import _shard_of
+
 BLOCK_ROWS = 32
 BLOCK_COLS = 128
 
 
 @triton.jit
-def _ternary_weight_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, stride_w, stride_out, shard_base, shard_extra,
+def _ternary_weight_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, stride_w, stride_out, parts,
                            SCALE_PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     w = tl.load(w_ptr + r[:, None] * stride_w + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Shard of each feature along the scale axis, for torch.tensor_split sizes: the first `shard_extra`
-    # shards hold shard_base + 1 features, the rest shard_base.
+    # Shard of each feature along the scale axis, for torch.tensor_split sizes (the packed kernels' helper).
     f = r if SCALE_PER_ROW else c
-    big = shard_extra * (shard_base + 1)
-    shard = tl.where(f < big, f // (shard_base + 1), shard_extra + (f - big) // shard_base)
-    s = tl.load(scale_ptr + shard, mask=f < (rows if SCALE_PER_ROW else cols), other=1.0)
+    size = rows if SCALE_PER_ROW else cols
+    s = tl.load(scale_ptr + _shard_of(f, size, parts), mask=f < size, other=1.0)
     s = s[:, None] if SCALE_PER_ROW else s[None, :]
     # Correctly rounded division, as torch does, so values at the +-0.5 boundary round the same way.
     q = tl.math.div_rn(w, s)
@@ -53,12 +53,11 @@ def ternary_weight_fused(weight: torch.Tensor, scales: torch.Tensor, axis: int,
         weight = weight.contiguous()
     rows, cols = weight.shape
     parts = scales.numel()
-    shard_base, shard_extra = divmod((rows, cols)[axis], parts)
-    if shard_base < 1:
+    if (rows, cols)[axis] < parts:
         raise ValueError(f"{parts} shards do not fit {(rows, cols)[axis]} features")
     out = torch.empty((rows, cols), dtype=out_dtype, device=weight.device)
     scale = scales.reshape(-1).to(torch.float32).contiguous()
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
-    _ternary_weight_kernel[grid](weight, scale, out, rows, cols, weight.stride(0), out.stride(0), shard_base,
-                                 shard_extra, SCALE_PER_ROW=axis == 0, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+    _ternary_weight_kernel[grid](weight, scale, out, rows, cols, weight.stride(0), out.stride(0), parts,
+                                 SCALE_PER_ROW=axis == 0, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
     return out
