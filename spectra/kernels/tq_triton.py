@@ -194,6 +194,22 @@ def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
 
 
 @triton.jit
+def _k_range(j_start, j_stop, j_end, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+             G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, BJ: tl.constexpr, USE_ASM: tl.constexpr,
+             ASM: tl.constexpr, NUM_STAGES: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
+    """The fp32 accumulator of the K steps at byte columns j_start, j_start + BJ, .. < j_stop (at least one;
+    bytes at or past j_end are masked). The first step is peeled out of the loop (see _dot)."""
+    b = _load_bytes(w_rows, row_ok, j_start, rj, j_end, MASK_J)
+    acc = _k_step(0.0, b, j_start, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
+                  G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
+    for jb in tl.range(j_start + BJ, j_stop, BJ, num_stages=NUM_STAGES):
+        b = _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J)
+        acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
+                      G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
+    return acc
+
+
+@triton.jit
 def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                      G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
@@ -211,18 +227,13 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     rj = tl.arange(0, BJ)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
     row_ok = rn[:, None] < N
-    # The host makes every split non-empty, so the first step is peeled out of the loop (see _dot).
+    # The host makes every split non-empty: _k_range peels the first K step.
     j_start = pid_k * J_PER_SPLIT
     j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
     # (Prefetching the next step's bytes into registers by hand was measured 1.3-1.9x slower on an H100,
     # 2026-11-23: it replaces the cp.async pipeline Triton builds for this loop with a register round trip.)
-    b = _load_bytes(w_rows, row_ok, j_start, rj, j_end, MASK_J)
-    acc = _k_step(0.0, b, j_start, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                  G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
-    for jb in tl.range(j_start + BJ, j_end, BJ, num_stages=NUM_STAGES):
-        b = _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J)
-        acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                      G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
+    acc = _k_range(j_start, j_end, j_end, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                   G, SCALE_MODE, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
 
     acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
@@ -279,14 +290,8 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         rn = pid_n * BN + tl.arange(0, BN)
         w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
         row_ok = rn[:, None] < N
-        # First K step peeled (see _dot): the accumulator is born in a wgmma.
-        b = _load_bytes(w_rows, row_ok, ks * BJ, rj, Q, MASK_J)
-        acc = _k_step(0.0, b, ks * BJ, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                      G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
-        for jb in tl.range((ks + 1) * BJ, ke * BJ, BJ, num_stages=NUM_STAGES):
-            b = _load_bytes(w_rows, row_ok, jb, rj, Q, MASK_J)
-            acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                          G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
+        acc = _k_range(ks * BJ, ke * BJ, Q, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
+                       G, SCALE_MODE, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
         acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
         out_mask = (rn[:, None] < N) & (rm[None, :] < M)
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
