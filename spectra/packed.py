@@ -35,6 +35,7 @@ from .linear import (
     FrozenTernaryLinear,
     ShardAxis,
     TernaryLinear,
+    expand_scales,
     register_linear_kind,
     shard_bounds,
     ternary_dense_weight,
@@ -88,6 +89,13 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # an opaque op for torch.compile: the graph keeps our kernel, inductor fuses what surrounds it
+            if self.shard_axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+                # Column-shard scales: the GPU path multiplies x by them (fp32 product, cast back) before the
+                # kernel; written here as a pointwise op, inductor fuses it into x's producer instead of the op
+                # launching a kernel for it. Bitwise the same x, then a unit scale.
+                col = expand_scales(self.scales.float(), (self.out_features, self.in_features), 1)
+                x = (x.float() * col).to(x.dtype)
+                return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales.new_ones(1), 0)
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
 

@@ -64,6 +64,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                           else torch.allclose(w.float(), want.float(), rtol=2 ** -7, atol=0))
                     if not ok:
                         failures.append(f"dequant {fmt} {n}x{k} P={p} axis={axis} {dtype}")
+    # column-shard scales are applied to x before the matmul launch: bit-identical to fp32 product then cast,
+    # on uneven shards and a row stride wider than k
+    from spectra.linear import expand_scales
+    for k, p in ((611, 7), (1500, 3), (64, 1)):
+        for dtype in (torch.float16, torch.float32):
+            x = torch.randn(3, k + 5).to(dtype)[:, :k]
+            scales = torch.rand(p) + 0.5
+            got = dispatch.scale_columns(x, scales, k)
+            want = (x.float() * expand_scales(scales, (1, k), 1)).to(dtype)
+            cases += 1
+            if not torch.equal(got, want):
+                failures.append(f"scale_columns k={k} P={p} {dtype}")
     print(f"cases={cases}")
     for f in failures:
         print("FAIL", f)
@@ -378,9 +390,11 @@ def test_gpu_compiled_cuda_graph_step_matches_eager_step():
     from spectra.model import SpectraLM
 
     torch.manual_seed(0)
-    model = SpectraLM(get_config("mini", weight_kind="ternary")).cuda().float().eval()
+    # two model-parallel shards: o/down carry column-shard scales, which the compiled step applies to x itself
+    model = SpectraLM(get_config("mini", weight_kind="ternary", model_parallel_size=2)).cuda().float().eval()
     packed_mod.pack_model(model, "tq2")
     model = model.half()
+    assert any(m.shard_axis == 1 and m.parts == 2 for m in model.linear_layers().values())
     tok = torch.randint(0, model.config.vocab_size, (2, 1), device="cuda")
     pos = torch.tensor([3], device="cuda")
     with GraphDecodeStep(model, 2, 32) as eager_step:

@@ -247,19 +247,39 @@ def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
                           f"({scales.device}) must be on one device")
 
 
-def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, out: torch.Tensor | None, use_asm: bool):
-    """What every tensor-core launch needs: sizes, format, Triton dtype, the decode asm and the output."""
+def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x2 [m, k] times the scale of each column's shard (P tensor_split shards of k), computed in fp32 and cast
+    back to x2's dtype, in one kernel: how the tensor-core kernels take column-shard scales."""
+    import triton
+
+    from .tq_triton import tq_scale_columns_kernel
+
+    m = x2.shape[0]
+    out = torch.empty((m, in_features), dtype=x2.dtype, device=x2.device)
+    bk = 1024
+    tq_scale_columns_kernel[(m, triton.cdiv(in_features, bk))](x2, scales, out, m, in_features, scales.numel(),
+                                                                x2.stride(0), BK=bk, num_warps=4)
+    return out
+
+
+def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, shard_axis: int,
+                  out: torch.Tensor | None, use_asm: bool):
+    """What every tensor-core launch needs: the activations (column-shard scales applied), sizes, format,
+    scale mode, Triton dtype, the decode asm and the output."""
     import triton.language as tl
 
     from .ptx import decode_asm
 
+    mode = scale_mode(scales, shard_axis)
+    if mode == 2:
+        x2 = scale_columns(x2, scales, x2.shape[1])
     m, k = x2.shape
     n, q = packed.shape
     dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
     use_asm = use_asm and x2.dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
     asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    return m, k, n, q, get_format(fmt), dt, use_asm, asm, y
+    return x2, m, k, n, q, get_format(fmt), mode, dt, use_asm, asm, y
 
 
 def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int]:
@@ -278,7 +298,8 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
 
     from .tq_triton import tq_matmul_kernel
 
-    m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
+    x2, m, k, n, q, spec, mode, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out,
+                                                                   use_asm)
     mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
     blocks = triton.cdiv(q, cfg.block_j)
     split = max(1, min(cfg.split, blocks))
@@ -291,7 +312,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         ws, cnt = y, y  # unused
     tq_matmul_kernel[grid](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
-        G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
+        G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
         USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j,
         PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -306,7 +327,8 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
 
     from .tq_triton import tq_matmul_sk_kernel
 
-    m, k, n, q, spec, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, out, use_asm)
+    x2, m, k, n, q, spec, mode, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out,
+                                                                   use_asm)
     mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     steps = triton.cdiv(q, cfg.block_j)
@@ -317,7 +339,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     tq_matmul_sk_kernel[(programs,)](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(),
         tiles_m, steps, total,
-        G=spec.trits_per_byte, SCALE_MODE=scale_mode(scales, shard_axis), DT=dt,
+        G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm, ASM=asm,
         NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j, PLANE_MASK=plane_mask,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

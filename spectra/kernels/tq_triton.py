@@ -15,7 +15,11 @@ graph. (Float atomics into one shared workspace, the first design, gave wrong ti
 measured 2026-11-23, e.g. rel. error 0.59 at m = 16 with split 8; see docs/performance.md.)
 
 Scales: one scale, or P shards (torch.tensor_split boundaries) of the output rows (applied to the fp32
-accumulator) or of the input columns (applied to x in fp32 before its cast to the operand dtype).
+accumulator) or of the input columns. Column shards are applied to x before the launch, by
+tq_scale_columns_kernel (x in fp32 times its column's scale, cast back to the operand dtype): the matmul
+kernel then runs with no scale at all. (Applying them to each activation tile inside the K loop, the first
+design, made the row-parallel o/down projections of a sharded model 3.5-6.6x slower at m = 1 on an H100,
+measured 2026-11-23: the per-column shard index is an integer division in the latency-bound loop.)
 
 USE_ASM selects the inline-PTX decode (spectra/kernels/ptx.py); the plain-Triton decode computes the same
 values and is what runs under TRITON_INTERPRET=1 on the CPU.
@@ -44,7 +48,7 @@ def _shard_of(idx, size, P):
 @triton.jit
 def _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE: tl.constexpr):
     """Apply the scale to a [BN, BM] accumulator: one per tensor (mode 0) or per output-row shard (mode 1).
-    Mode 2 (shards of the input columns) was applied to the activations inside the K loop."""
+    Mode 2 (shards of the input columns) was applied to the activations before the launch."""
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr).to(tl.float32)
     elif SCALE_MODE == 1:
@@ -98,8 +102,7 @@ def _tq1_plane(b, i: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.constexpr, DT: tl.constexpr,
-            MASK_COLS: tl.constexpr):
+def _x_tile(x_ptr, rm, cols, col_ok, M, stride_xm, MASK_COLS: tl.constexpr):
     """x[rm, cols]^T as a [BJ, BM] operand; out-of-range columns load 0 (never garbage times a trit).
     MASK_COLS=False: the host guarantees every column is in range, so only the (loop-invariant) row mask
     remains, and the loads carry no per-step predicate arithmetic."""
@@ -107,11 +110,7 @@ def _x_tile(x_ptr, s_ptr, rm, cols, col_ok, M, K, P, stride_xm, COL_SCALE: tl.co
         mask = col_ok[:, None] & (rm[None, :] < M)
     else:
         mask = rm[None, :] < M
-    xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None], mask=mask, other=0.0)
-    if COL_SCALE:
-        s = tl.load(s_ptr + _shard_of(cols, K, P), mask=col_ok, other=0.0).to(tl.float32)
-        xt = (xt.to(tl.float32) * s[:, None]).to(DT)
-    return xt
+    return tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -139,8 +138,8 @@ def _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J: tl.constexpr):
 
 
 @triton.jit
-def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-            G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
+def _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm,
+            G: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
             ASM: tl.constexpr, FIRST: tl.constexpr, PLANE_MASK: tl.constexpr):
     """One K step: decode the [BN, BJ] byte tile `b` (byte columns jb..) into G planes and multiply each with
     its activation slice.
@@ -173,17 +172,13 @@ def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
             p3 = _tq1_plane(b, 3, DT)
             p4 = _tq1_plane(b, 4, DT)
     # All activation tiles first, then the dots back to back (fewer waits between wgmmas).
-    cs: tl.constexpr = SCALE_MODE == 2
-    # Bit i of PLANE_MASK: plane i's columns need a bounds mask (see dispatch._plane_mask).
-    x0 = _x_tile(x_ptr, s_ptr, rm, j, j_ok & (j < K), M, K, P, stride_xm, cs, DT, (PLANE_MASK & 1) != 0)
-    x1 = _x_tile(x_ptr, s_ptr, rm, Q + j, j_ok & (Q + j < K), M, K, P, stride_xm, cs, DT, (PLANE_MASK & 2) != 0)
-    x2 = _x_tile(x_ptr, s_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, K, P, stride_xm, cs, DT,
-                 (PLANE_MASK & 4) != 0)
-    x3 = _x_tile(x_ptr, s_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, K, P, stride_xm, cs, DT,
-                 (PLANE_MASK & 8) != 0)
+    # Bit i of PLANE_MASK: plane i's columns need a bounds mask (see dispatch._column_masks).
+    x0 = _x_tile(x_ptr, rm, j, j_ok & (j < K), M, stride_xm, (PLANE_MASK & 1) != 0)
+    x1 = _x_tile(x_ptr, rm, Q + j, j_ok & (Q + j < K), M, stride_xm, (PLANE_MASK & 2) != 0)
+    x2 = _x_tile(x_ptr, rm, 2 * Q + j, j_ok & (2 * Q + j < K), M, stride_xm, (PLANE_MASK & 4) != 0)
+    x3 = _x_tile(x_ptr, rm, 3 * Q + j, j_ok & (3 * Q + j < K), M, stride_xm, (PLANE_MASK & 8) != 0)
     if G == 5:
-        x4 = _x_tile(x_ptr, s_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, K, P, stride_xm, cs, DT,
-                     (PLANE_MASK & 16) != 0)
+        x4 = _x_tile(x_ptr, rm, 4 * Q + j, j_ok & (4 * Q + j < K), M, stride_xm, (PLANE_MASK & 16) != 0)
     acc = _dot(p0, x0, acc, DT, FIRST)
     acc = _dot(p1, x1, acc, DT, False)
     acc = _dot(p2, x2, acc, DT, False)
@@ -194,18 +189,16 @@ def _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
 
 
 @triton.jit
-def _k_range(j_start, j_stop, j_end, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
-             G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr, BJ: tl.constexpr, USE_ASM: tl.constexpr,
+def _k_range(j_start, j_stop, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
+             G: tl.constexpr, DT: tl.constexpr, BJ: tl.constexpr, USE_ASM: tl.constexpr,
              ASM: tl.constexpr, NUM_STAGES: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
     """The fp32 accumulator of the K steps at byte columns j_start, j_start + BJ, .. < j_stop (at least one;
     bytes at or past j_end are masked). The first step is peeled out of the loop (see _dot)."""
     b = _load_bytes(w_rows, row_ok, j_start, rj, j_end, MASK_J)
-    acc = _k_step(0.0, b, j_start, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                  G, SCALE_MODE, DT, USE_ASM, ASM, True, PLANE_MASK)
+    acc = _k_step(0.0, b, j_start, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, True, PLANE_MASK)
     for jb in tl.range(j_start + BJ, j_stop, BJ, num_stages=NUM_STAGES):
         b = _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J)
-        acc = _k_step(acc, b, jb, x_ptr, s_ptr, rm, rj, M, K, Q, P, stride_xm,
-                      G, SCALE_MODE, DT, USE_ASM, ASM, False, PLANE_MASK)
+        acc = _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, False, PLANE_MASK)
     return acc
 
 
@@ -216,7 +209,8 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
                      USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
                      FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
-    # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns.
+    # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
+    # applied to x by tq_scale_columns_kernel).
     # MASK_J: some K step runs past the byte columns (Q % BJ != 0); PLANE_MASK: bit i set if plane i's
     # activation columns need a bounds mask. Real layer shapes need few or none: no per-step predicates.
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
@@ -232,8 +226,8 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
     # (Prefetching the next step's bytes into registers by hand was measured 1.3-1.9x slower on an H100,
     # 2026-11-23: it replaces the cp.async pipeline Triton builds for this loop with a register round trip.)
-    acc = _k_range(j_start, j_end, j_end, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
-                   G, SCALE_MODE, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
+    acc = _k_range(j_start, j_end, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
+                   G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
 
     acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
@@ -290,8 +284,8 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         rn = pid_n * BN + tl.arange(0, BN)
         w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
         row_ok = rn[:, None] < N
-        acc = _k_range(ks * BJ, ke * BJ, Q, x_ptr, s_ptr, w_rows, row_ok, rm, rj, M, K, Q, P, stride_xm,
-                       G, SCALE_MODE, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
+        acc = _k_range(ks * BJ, ke * BJ, Q, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
+                       G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
         acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
         out_mask = (rn[:, None] < N) & (rm[None, :] < M)
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
@@ -345,3 +339,15 @@ def tq_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, Q, P,
             s_col = tl.load(s_ptr + _shard_of(cols, K, P), mask=cols < K, other=0.0).to(tl.float32)
             w = w * s_col[None, :]
         tl.store(out_rows + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def tq_scale_columns_kernel(x_ptr, s_ptr, out_ptr, M, K, P, stride_xm, BK: tl.constexpr):
+    """out[m, c] = x[m, c] * scale of c's shard (P torch.tensor_split shards of the K columns), computed in fp32
+    and cast to out's dtype: column-shard scales applied once per call instead of inside every K step."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BK + tl.arange(0, BK)
+    ok = c < K
+    x = tl.load(x_ptr + row * stride_xm + c, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + _shard_of(c, K, P), mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * K + c, (x * s).to(out_ptr.dtype.element_ty), mask=ok)
