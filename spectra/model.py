@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels.attention import cached_attention
 from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
 
 
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and pos is not None:
             k, v = self.cache.update(pos, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = cached_attention(q, k, v, pos, mask)  # decode steps read only the filled part of the cache
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
