@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--kinds", default="float,tq2,tq1")
     d.add_argument("--slice-layers", default="2,4", help="layer counts of the 70B slice (per-layer speedup)")
     d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--context", type=int, default=8,
+                   help="cached positions before the first timed step (long-context decoding: e.g. 4000)")
     d.add_argument("--compile", action="store_true",
                    help="compile each model's decode step with torch.compile before capturing it (all kinds)")
     d.add_argument("--no-fuse", action="store_true",
@@ -63,11 +65,12 @@ def run_decode(args: argparse.Namespace) -> int:
     kinds = tuple(args.kinds.split(","))
     print(f"{torch.cuda.get_device_name(0)}; fp16 activations, CUDA-graph decode steps"
           f"{' of the torch.compile-d step' if args.compile else ''}, "
-          f"{'separate' if args.no_fuse else 'fused'} q/k/v and gate/up, random weights")
+          f"{'separate' if args.no_fuse else 'fused'} q/k/v and gate/up, random weights, "
+          f"steps from position {args.context}")
     print(bench.format_decode_header(kinds))
     rows = bench.bench_decode(tuple(args.models.split(",")), tuple(int(b) for b in args.batches.split(",")), kinds,
                               tuple(int(n) for n in args.slice_layers.split(",")), steps=args.steps, log=print,
-                              compile=args.compile, fuse=not args.no_fuse)
+                              compile=args.compile, fuse=not args.no_fuse, context=args.context)
     for kind in kinds:
         if kind != "float":
             for (model, batch), ratio in bench.per_layer_speedup(rows, kind).items():

@@ -219,24 +219,28 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
                  kinds: tuple[str, ...] = ("float", "tq2", "tq1"), slice_layers: tuple[int, ...] = (2, 4),
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
                  log: Callable[[str], None] | None = None, compile: bool = False,
-                 fuse: bool = True) -> list[DecodeRow]:
+                 fuse: bool = True, context: int = 8) -> list[DecodeRow]:
     """Seconds per CUDA-graph decode step for each model shape, batch and weight kind (every kind's step
     compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up fused into one product
-    each, for every kind, unless `fuse` is False)."""
+    each, for every kind, unless `fuse` is False). The timed steps attend to `context` cached positions and
+    more (attention reads only the filled part of the cache)."""
     from .cudagraph import GraphDecodeStep, time_decode
 
     device = torch.device(device)
+    if context < 0:
+        raise ValueError(f"context must be >= 0 cached positions, got {context}")
+    max_len = max(128, context + steps + 2)  # the cache: the context, the timed steps and the warm-up step
     rows = []
     for name in models:
         for layers in ((None,) if name == "3.9b" else slice_layers):
             by_batch = {b: DecodeRow(name, layers or 30, b, {}) for b in batches}
             for kind in kinds:  # build each model once, time every batch on it
-                model = build_random_model(name, kind, dtype, device, layers)
+                model = build_random_model(name, kind, dtype, device, layers, max_seq_len=max_len)
                 if fuse:
                     model.fuse_projections()
                 for batch in batches:
-                    with GraphDecodeStep(model, batch, 128, compile=compile) as step:
-                        by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps)
+                    with GraphDecodeStep(model, batch, max_len, compile=compile) as step:
+                        by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps, start=context)
                 del model
                 torch._dynamo.reset()  # drop compiled code that holds the model
                 torch.cuda.empty_cache()
