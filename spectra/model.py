@@ -1,7 +1,8 @@
 """The one LLaMA-style model of the Spectra suite (TriLM, FloatLM and QuantLM share it).
 
 RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
-scaled_dot_product_attention, no biases, untied embedding and lm head. Linear layers come from
+scaled_dot_product_attention (one-token decode steps on a GPU: a split-KV kernel over the filled part of the
+KV cache, spectra/kernels/attention.py), no biases, untied embedding and lm head. Linear layers come from
 :func:`spectra.linear.make_linear`, so the weight kind is a config field, not a code path.
 Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
 """
