@@ -152,6 +152,25 @@ def test_large_m_candidates_include_stream_k_and_old_tables_load():
     assert dispatch.KernelConfig.from_dict(old) == dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3, 0)
 
 
+def test_prefill_sized_m_dispatches_to_dequantize_then_cublas(monkeypatch, tmp_path):
+    # past the tuned buckets, from the measured crossover on, unless a tuned entry for that bucket exists
+    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_table", None)
+    dev = torch.device("cpu")
+
+    def kind(fmt: str, m: int) -> str:
+        return dispatch.lookup_config(fmt, 3072, 9216, m, torch.float16, 0, dev).kind
+
+    assert [kind("tq2", m) for m in (1, 256, 512, 1024, 1025, 4096)] == ["tc", "tc", "tc", "tc", "dequant",
+                                                                         "dequant"]
+    assert [kind("tq1", m) for m in (256, 300, 512, 513, 2048)] == ["tc", "tc", "tc", "dequant", "dequant"]
+    tuned = dispatch.KernelConfig("sk", 128, 128, 32, 1, 8, 3)
+    dispatch.save_configs({dispatch.config_key("tq2", 3072, 9216, 2048, torch.float16, 0, "Test GPU"): tuned})
+    assert dispatch.lookup_config("tq2", 3072, 9216, 2048, torch.float16, 0, dev) == tuned
+
+
 # --- the inline-PTX decode, emulated bit for bit over every byte value ---------------------------------
 
 def _f16(bits: int) -> float:

@@ -172,6 +172,14 @@ def large_m_configs(m: int) -> list[KernelConfig]:
     return [KernelConfig("sk", bm, 128, 32, 1, 8, 3)]
 
 
+# Prefill-sized m, past the tuned buckets: above this m, decoding the weight once per call and running cuBLAS
+# beats the packed kernel (H100, 2026-11-23, both layer-shape sets, benchmarks/results/
+# h100_prefill_dequant_crossover.txt: TQ2 70B m = 1024 3048 vs 3110 us (a tie), m = 2048 5533 vs 6230; TQ1 70B
+# m = 512 1919 vs 2034, m = 2048 5671 vs 7793). The decode is amortised over m rows; the kernel's tensor-core
+# loop is not. Compared on the m bucket (multiples of 256 here), so every m of a bucket gets the same choice.
+DEQUANT_ABOVE_M = {"tq2": 1024, "tq1": 512}
+
+
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
                   device: torch.device) -> KernelConfig:
     key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
@@ -179,6 +187,8 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
     if entry is None and scale_mode:
         # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.
         entry = _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)))
+    if entry is None and m_bucket(m) > DEQUANT_ABOVE_M.get(fmt, 1 << 62):
+        return KernelConfig("dequant")
     if entry is None:
         # An untuned bucket borrows the nearest tuned one that uses the same tile height.
         same_tile = [b for b in M_BUCKETS if heuristic_config(n, k, b, fmt, 1).block_m
