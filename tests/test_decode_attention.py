@@ -25,7 +25,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     from spectra.kernels.attention import decode_attention, decode_attention_reference
     torch.manual_seed(0)
     failures, cases = [], 0
-    for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 100, 149)),
+    # pos past the cache (a caller's bug) reads no memory past it: all L positions, as the reference's mask says
+    for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 100, 149, 170)),
                                               (1, 2, 2200, 16, torch.float32, (2150,)),
                                               (1, 2, 97, 32, torch.float16, (5, 96))):
         q = torch.randn(b, h, 1, d).to(dtype)
@@ -54,7 +55,7 @@ def test_decode_attention_kernels_in_interpreter_match_sdpa():
     proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "cases=8" in proc.stdout
+    assert "cases=9" in proc.stdout
 
 
 def test_decode_attention_rejects_bad_shapes():

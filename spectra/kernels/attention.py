@@ -39,7 +39,7 @@ if triton is not None:
                              D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr):
         bh = tl.program_id(0)  # sequence * heads + head
         c = tl.program_id(1)   # chunk of cache positions
-        n = tl.load(pos_ptr).to(tl.int32) + 1  # positions 0..pos are filled
+        n = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, L)  # positions 0..pos are filled (never past L)
         start = c * CHUNK_N
         if start < n:
             rd = tl.arange(0, BD)
@@ -63,10 +63,10 @@ if triton is not None:
             tl.store(acc_ptr + slot.to(tl.int64) * D + rd, acc, mask=d_ok)
 
     @triton.jit
-    def _decode_attn_combine(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, S,
+    def _decode_attn_combine(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, L, S,
                              D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, CHUNK_N: tl.constexpr):
         bh = tl.program_id(0)
-        n = tl.load(pos_ptr).to(tl.int32) + 1
+        n = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, L)
         used = (n + CHUNK_N - 1) // CHUNK_N  # chunks that ran (the others left their slots untouched)
         rd = tl.arange(0, BD)
         d_ok = rd < D
@@ -113,7 +113,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bd = triton.next_power_of_2(d)
     _decode_attn_partial[(b * h, splits)](q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5,
                                           D=d, BD=bd, CHUNK_N=CHUNK, num_warps=4)
-    _decode_attn_combine[(b * h,)](m, l_sum, acc, pos, out, splits, D=d, BD=bd,
+    _decode_attn_combine[(b * h,)](m, l_sum, acc, pos, out, length, splits, D=d, BD=bd,
                                    BS=min(32, triton.next_power_of_2(splits)), CHUNK_N=CHUNK, num_warps=4)
     return out
 
