@@ -97,7 +97,14 @@ def unpack_tq2(packed: torch.Tensor, in_features: int, align: int = ROW_ALIGN_BY
     _check_packed(packed, in_features, 4, "TQ2", align)
     if bool((packed & (packed >> 1) & 0x55).any()):  # some 2-bit field with both bits set: code 3
         raise FormatError("TQ2 data holds the invalid 2-bit code 3; the file is corrupt")
-    return _unpack_with_table(packed, in_features, "tq2")
+    # Plane i = (byte >> 2i) & 3, written straight into its column block: 6-9x faster on the CPU than the
+    # table gather plus plane transpose TQ1 uses (a 1536x512 layer: 1.66 -> 0.26 ms on the 2-core dev machine).
+    n, q = packed.shape
+    planes = torch.empty(n, 4, q, dtype=torch.uint8, device=packed.device)
+    for i in range(4):
+        torch.bitwise_and(packed >> (2 * i), 3, out=planes[:, i])
+    trits = planes.view(torch.int8).sub_(1).view(n, 4 * q)
+    return trits if 4 * q == in_features else trits[:, :in_features].contiguous()
 
 
 def pack_tq1(trits: torch.Tensor, align: int = ROW_ALIGN_BYTES) -> torch.Tensor:
