@@ -249,9 +249,8 @@ def main() -> int:
             fp16_us[(n, k, m)] = 1e6 * bench.time_graph(
                 lambda i, x=x, ws=ws, yo=yo: torch.matmul(x, ws[i].t(), out=yo), nd, 50, 3)
             del ws
-        base = bench.random_packed(n, k, fmt, dev, gen)
-        copies = bench.copies_for(base.numel(), l2)
-        packs = [base] + [base.roll(c, 0) for c in range(1, copies)]
+        packs = bench.cold_copies(bench.random_packed(n, k, fmt, dev, gen), l2)
+        base, copies = packs[0], len(packs)
         scales = torch.rand(1, device=dev, generator=gen) + 0.5
         ref = torch.matmul(x.float(), (get_format(fmt).unpack(base, k).float() * scales).t())
         times = {}

@@ -71,6 +71,12 @@ def copies_for(nbytes: int, l2_bytes: int, factor: int = 4) -> int:
     return max(2, -(-factor * l2_bytes // max(nbytes, 1)))
 
 
+def cold_copies(base: torch.Tensor, l2_bytes: int) -> list[torch.Tensor]:
+    """`base` and row-rotated copies of it, enough (:func:`copies_for`) that cycling through them keeps the
+    working set several times the L2, so every timed call reads its weights from HBM."""
+    return [base] + [base.roll(c, 0) for c in range(1, copies_for(base.numel(), l2_bytes))]
+
+
 def l2_size(device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
@@ -143,10 +149,8 @@ def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: t
             fp16_bytes += dense_bytes + 2 * (m * k + m * n)
             ws = None  # free before the packed copies
             for fmt in fmts:
-                nbytes = n * get_format(fmt).row_bytes(k)
-                npk = copies_for(nbytes, l2)
-                base = random_packed(n, k, fmt, device, gen)
-                packs = [base] + [base.roll(c, 0) for c in range(1, npk)]
+                packs = cold_copies(random_packed(n, k, fmt, device, gen), l2)
+                npk = len(packs)
                 scales = torch.rand(1, device=device, generator=gen) * 0.05 + 0.01
                 ours_total[fmt] += time_graph(
                     lambda i, x=x, p=packs, f=fmt, k=k, s=scales: matmul(x, p[i], f, k, s, 0), npk, reps, trials)

@@ -392,7 +392,7 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     candidates whose result is off by more than the dtype's rounding (2e-3 relative for fp16, 1.6e-2 for
     bf16): a larger error is a bug, and the fastest wrong kernel must never be cached.
     """
-    from .bench import copies_for, l2_size, random_packed, time_graph
+    from .bench import cold_copies, l2_size, random_packed, time_graph
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -400,9 +400,8 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     gen = torch.Generator(device=device).manual_seed(1)
     candidates = candidates or candidate_configs(n, k, m, fmt, num_sms(device))
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
-    base = random_packed(n, k, fmt, device, gen)
-    copies = copies_for(base.numel(), l2_size(device))
-    packs = [base] + [base.roll(c, 0) for c in range(1, copies)]
+    packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))
+    base, copies = packs[0], len(packs)
     scales = torch.rand(1, device=device, generator=gen) + 0.5
     ref = torch.matmul(x.float(), (get_format(fmt).unpack(base, k).float() * scales).t())
     times: dict[KernelConfig, float] = {}
