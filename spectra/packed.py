@@ -29,13 +29,12 @@ from .formats import (
     get_format,
     to_storage,
 )
-from .kernels import ternary_matmul, ternary_matmul_op
+from .kernels import scale_columns_reference, ternary_matmul, ternary_matmul_op
 from .linear import (
     FloatLinear,
     FrozenTernaryLinear,
     ShardAxis,
     TernaryLinear,
-    expand_scales,
     register_linear_kind,
     shard_bounds,
     ternary_dense_weight,
@@ -93,8 +92,7 @@ class PackedTernaryLinear(nn.Module):
                 # Column-shard scales: the GPU path multiplies x by them (fp32 product, cast back) before the
                 # kernel; written here as a pointwise op, inductor fuses it into x's producer instead of the op
                 # launching a kernel for it. Bitwise the same x, then a unit scale.
-                col = expand_scales(self.scales.float(), (self.out_features, self.in_features), 1)
-                x = (x.float() * col).to(x.dtype)
+                x = scale_columns_reference(x, self.scales, self.in_features)
                 return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales.new_ones(1), 0)
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)

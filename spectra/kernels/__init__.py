@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .reference import ternary_dense_weight, ternary_matmul_reference
+from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
 __all__ = ["ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
-           "triton_available"]
+           "scale_columns_reference", "triton_available"]
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _config_memo: dict[tuple, object] = {}

@@ -259,7 +259,8 @@ def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
 
 def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     """x2 [m, k] times the scale of each column's shard (P tensor_split shards of k), computed in fp32 and cast
-    back to x2's dtype, in one kernel: how the tensor-core kernels take column-shard scales."""
+    back to x2's dtype, in one kernel (reference: scale_columns_reference): how the tensor-core kernels take
+    column-shard scales."""
     import triton
 
     from .tq_triton import tq_scale_columns_kernel

@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import get_format
-from ..linear import ternary_dense_weight
+from ..linear import expand_scales, ternary_dense_weight
 
 
 def ternary_matmul_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
                              scales: torch.Tensor, shard_axis: int) -> torch.Tensor:
     trits = get_format(fmt).unpack(packed, in_features)
     return F.linear(x, ternary_dense_weight(trits, scales, shard_axis, x.dtype))
+
+
+def scale_columns_reference(x: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., k] times the scale of each column's shard (P tensor_split shards of k), in fp32, cast back to x's
+    dtype: what dispatch.scale_columns computes in one kernel before a launch with column-shard scales."""
+    return (x.float() * expand_scales(scales.float(), (1, in_features), 1)).to(x.dtype)
