@@ -1,9 +1,10 @@
 """The one LLaMA-style model of the Spectra suite (TriLM, FloatLM and QuantLM share it).
 
 RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
-scaled_dot_product_attention (one-token decode steps on a GPU: a split-KV kernel over the filled part of the
-KV cache, spectra/kernels/attention.py), no biases, untied embedding and lm head. Linear layers come from
-:func:`spectra.linear.make_linear`, so the weight kind is a config field, not a code path.
+scaled_dot_product_attention, no biases, untied embedding and lm head. One-token decode steps on a GPU take
+spectra/kernels/attention.py instead: rotary embedding, cache write and a split-KV attention over the filled
+part of the KV cache, in two kernels. Linear layers come from :func:`spectra.linear.make_linear`, so the
+weight kind is a config field, not a code path.
 Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
 """
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels.attention import cached_attention
+from .kernels.attention import cached_step_attention, uses_decode_kernel
 from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
 
 
@@ -80,10 +81,14 @@ class Attention(nn.Module):
         else:
             q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.cache is not None and uses_decode_kernel(t, x.device, pos):
+            # one token per sequence on a GPU: rotary embedding, cache write and attention in two kernels
+            y = cached_step_attention(q, k, v, cos, sin, self.cache.k, self.cache.v, pos)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and pos is not None:
             k, v = self.cache.update(pos, k, v)
-            y = cached_attention(q, k, v, pos, mask)  # decode steps read only the filled part of the cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -162,7 +167,9 @@ class SpectraLM(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
-            mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
+            mask = None
+            if not uses_decode_kernel(t, tokens.device, input_pos):  # the decode kernels need no mask
+                mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos.to(x.dtype), sin.to(x.dtype), input_pos, mask)

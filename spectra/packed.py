@@ -67,6 +67,9 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("qweight", qweight.copy_(zero_row.expand(out_features, -1)))
         # Scales stay fp32 whatever the activation dtype: the dense weight is built in fp32 (exact trits * s).
         self.register_buffer("scales", torch.ones(parts, dtype=torch.float32, device=device))
+        # the unit scale the compiled path passes once x carries the column-shard scales (a buffer, so a
+        # compiled step does not launch a kernel per layer to create it)
+        self.register_buffer("unit_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
 
     @classmethod
     def from_trits(cls, trits: torch.Tensor, scales: torch.Tensor, shard_axis: ShardAxis = 0,
@@ -93,7 +96,7 @@ class PackedTernaryLinear(nn.Module):
                 # kernel; written here as a pointwise op, inductor fuses it into x's producer instead of the op
                 # launching a kernel for it. Bitwise the same x, then a unit scale.
                 x = scale_columns_reference(x, self.scales, self.in_features)
-                return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales.new_ones(1), 0)
+                return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.unit_scale, 0)
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
 

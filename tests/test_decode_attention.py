@@ -43,6 +43,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             cases += 1
             if not err < (1e-5 if dtype == torch.float32 else 2e-3):
                 failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p}: max err {err:.3e}")
+""")
+
+
+# every interpreter script ends by reporting its cases and failures
+_REPORT = textwrap.dedent("""
     print(f"cases={cases}")
     for f in failures:
         print("FAIL", f)
@@ -50,12 +55,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_decode_attention_kernels_in_interpreter_match_sdpa():
+def _run_in_interpreter(script: str, cases: int) -> None:
+    """Run a kernel script in a fresh process under TRITON_INTERPRET=1 (set before triton is imported)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", script + _REPORT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "cases=9" in proc.stdout
+    assert f"cases={cases}" in proc.stdout
+
+
+def test_decode_attention_kernels_in_interpreter_match_sdpa():
+    _run_in_interpreter(_INTERPRETER_SCRIPT, 9)
 
 
 def test_decode_attention_rejects_bad_shapes():
@@ -69,14 +79,74 @@ def test_decode_attention_rejects_bad_shapes():
         decode_attention(q[:, :, :1], cache, cache, torch.tensor([2, 3]))
 
 
-def test_cpu_cached_attention_is_sdpa_with_mask():
-    from spectra.kernels.attention import cached_attention, decode_attention_reference
+def test_decode_kernels_only_for_one_token_gpu_steps():
+    from spectra.kernels.attention import uses_decode_kernel
 
-    torch.manual_seed(1)
-    q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16)
-    pos = torch.tensor([7])
-    mask = pos[:, None] >= torch.arange(20)[None, :]
-    assert torch.equal(cached_attention(q, k, v, pos, mask), decode_attention_reference(q, k, v, pos))
+    pos = torch.tensor([3])
+    assert not uses_decode_kernel(1, torch.device("cpu"), pos)  # CPU: SDPA with the mask
+    assert not uses_decode_kernel(4, torch.device("cuda"), pos)  # prefill
+    assert not uses_decode_kernel(1, torch.device("cuda"), None)
+    assert not uses_decode_kernel(1, torch.device("cuda"), torch.tensor([3, 4]))
+    assert uses_decode_kernel(1, torch.device("cuda"), pos)
+
+
+# The fused step: q, k, v are strided views of one [B, 1, 3, H, D] projection (as the model's fused qkv gives),
+# cos/sin the rotary rows of the position; the caches hold garbage past pos. Checked: the output, the cache rows
+# written at pos (rotary k, plain v) and that no other cache row changed (also for pos past the cache).
+_FUSED_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from spectra.kernels.attention import decode_step_attention, decode_step_attention_reference
+    from spectra.model import rope_tables
+    torch.manual_seed(3)
+    failures, cases = [], 0
+    for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 149, 155)),
+                                              (1, 2, 97, 32, torch.float16, (5, 96))):
+        cos_t, sin_t = rope_tables(d, length + 16, 10000.0)
+        for p in positions:
+            qkv = torch.randn(b, 1, 3, h, d).to(dtype)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            kc = torch.randn(b, h, length, d).to(dtype)
+            vc = torch.randn(b, h, length, d).to(dtype)
+            kc[:, :, p + 1:] = 1e4
+            vc[:, :, p + 1:] = -1e4
+            pos = torch.tensor([p])
+            cos, sin = cos_t[p].to(dtype), sin_t[p].to(dtype)
+            k_got, v_got = kc.clone(), vc.clone()
+            got = decode_step_attention(q, k, v, cos, sin, k_got, v_got, pos)
+            cases += 1
+            if p >= length:  # a caller's bug: nothing is written past the cache
+                if not (torch.equal(k_got, kc) and torch.equal(v_got, vc)):
+                    failures.append(f"pos {p} past L={length} changed the cache")
+                continue
+            k_want, v_want = kc.clone(), vc.clone()
+            want = decode_step_attention_reference(q, k, v, cos, sin, k_want, v_want, pos)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            err = float((got.float() - want.float()).abs().max())
+            kerr = float((k_got.float() - k_want.float()).abs().max())
+            if not (err < tol and kerr <= (1e-6 if dtype == torch.float32 else 1e-3) and torch.equal(v_got, v_want)):
+                failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p}: out err {err:.3e}, k err {kerr:.3e}")
+""")
+
+
+def test_fused_decode_step_in_interpreter_matches_reference():
+    _run_in_interpreter(_FUSED_SCRIPT, 7)
+
+
+def test_fused_decode_step_rejects_bad_inputs():
+    from spectra.kernels.attention import decode_step_attention
+
+    q = torch.randn(1, 2, 1, 8)
+    cache = torch.randn(1, 2, 10, 8)
+    rows = torch.randn(8)
+    with pytest.raises(ValueError, match="one shape"):
+        decode_step_attention(q, q[..., :6], q, rows, rows, cache, cache.clone(), torch.tensor([2]))
+    with pytest.raises(ValueError, match="rotary rows"):
+        decode_step_attention(q, q, q, rows[:4], rows, cache, cache.clone(), torch.tensor([2]))
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_step_attention(q, q, q, rows, rows, cache.transpose(2, 3).contiguous().transpose(2, 3),
+                              cache.clone(), torch.tensor([2]))
 
 
 @pytest.mark.gpu
@@ -100,3 +170,35 @@ def test_gpu_decode_attention_matches_sdpa_and_replays_in_a_graph(dtype):
             want = decode_attention_reference(q.float(), k.float(), v.float(), pos)
             tol = 2e-3 if dtype == torch.float16 else 1.6e-2
             assert float((out.float() - want).abs().max()) <= tol * max(1.0, float(want.abs().max())), (b, h, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fused_decode_step_matches_reference_and_replays_in_a_graph(dtype):
+    from spectra.kernels.attention import decode_step_attention, decode_step_attention_reference
+    from spectra.model import rope_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for b, h, length, d in ((1, 24, 4096, 128), (16, 24, 128, 128), (3, 5, 999, 72)):
+        cos_t, sin_t = (t.to("cuda", dtype) for t in rope_tables(d, length, 10000.0))
+        qkv = torch.randn(b, 1, 3, h, d, device="cuda", dtype=dtype, generator=gen)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        kc = torch.randn(b, h, length, d, device="cuda", dtype=dtype, generator=gen)
+        vc = torch.randn(b, h, length, d, device="cuda", dtype=dtype, generator=gen)
+        pos = torch.tensor([0], device="cuda")
+        cos, sin = cos_t[0].clone(), sin_t[0].clone()
+        out = decode_step_attention(q, k, v, cos, sin, kc, vc, pos)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_step_attention(q, k, v, cos, sin, kc, vc, pos)
+        for p in sorted({0, 1, 63, 64, length // 2, length - 1}):
+            pos.fill_(p)
+            cos.copy_(cos_t[p])
+            sin.copy_(sin_t[p])
+            k_want, v_want = kc.clone(), vc.clone()
+            want = decode_step_attention_reference(q, k, v, cos, sin, k_want, v_want, pos)
+            graph.replay()
+            tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+            assert float((out.float() - want.float()).abs().max()) <= tol * max(1.0, float(want.abs().max())), (b, h, p)
+            assert float((kc[:, :, p].float() - k_want[:, :, p].float()).abs().max()) <= tol, (b, h, p)
+            assert torch.equal(vc[:, :, p], v_want[:, :, p]), (b, h, p)

@@ -373,8 +373,12 @@ def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
     model = model.half()
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
     fast = generate_cuda_graph(model, prompt, max_new_tokens=24, temperature=0)
-    # the reference path: plain eager forward, packed weights decoded by the PyTorch reference
+    # the reference path: plain eager forward, packed weights decoded by the PyTorch reference, rotary
+    # embedding, cache writes and attention in PyTorch (SDPA with the position mask), not the decode kernels
+    from spectra import model as model_mod
+
     monkeypatch.setattr(packed_mod, "ternary_matmul", ternary_matmul_reference)
+    monkeypatch.setattr(model_mod, "uses_decode_kernel", lambda *args: False)
     ref = generate(model, prompt, max_new_tokens=24, temperature=0)
     assert torch.equal(fast.cpu(), ref.cpu())
 
@@ -460,3 +464,18 @@ def test_growing_workspace_keeps_the_buffers_a_captured_graph_may_use():
     assert ws2.numel() >= 1 << 20 and ws2 is not ws1
     assert any(old is ws1 and c is cnt1 for old, c in ws_pool.retired)
     assert int(cnt2.abs().sum()) == 0 and ws2.numel() >= 2 * ws1.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scale_columns_reference_broadcast_form_equals_per_column_form(dtype):
+    # Equal shards take a [.., P, k / P] broadcast (what torch.compile fuses cleanly); it must give the same
+    # bits as scaling each column by its shard's scale. Unequal shards take the per-column form itself.
+    from spectra.kernels import scale_columns_reference
+    from spectra.linear import expand_scales
+
+    gen = torch.Generator().manual_seed(7)
+    for k, parts in ((3072, 6), (96, 8), (100, 3), (7, 7)):
+        x = (torch.randn(2, 3, k, generator=gen) * 3).to(dtype)
+        scales = torch.rand(parts, generator=gen) + 0.01
+        want = (x.float() * expand_scales(scales, (1, k), 1)).to(dtype)
+        assert torch.equal(scale_columns_reference(x, scales, k), want), (k, parts)

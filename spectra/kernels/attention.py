@@ -6,9 +6,16 @@ mask then reads and masks the whole cache every step, so a step's time grows wit
 position reached (measured on an H100: 346 -> 288 steps/s for a 3.9B TQ2 model between max_len 128 and 4096).
 
 Here the number of positions to read comes from the device (``pos``), so one captured graph serves every
-position. Two kernels: ``_decode_attn_partial`` gives each (sequence, head, chunk of CHUNK positions) program
-the running max, sum and weighted value sum of its chunk (programs whose chunk starts past pos exit at once);
-``_decode_attn_combine`` merges the chunks of each (sequence, head). Softmax and sums in fp32.
+position. One kernel, ``_decode_attn_partial``: each (sequence, head, chunk of CHUNK positions) program
+computes the running max, sum and weighted value sum of its chunk (programs whose chunk starts past pos exit
+at once), and the last chunk of a (sequence, head) to finish merges them (``_merge_chunks``; a second
+launch for the merge cost about 1.9 us per layer). Softmax and sums in fp32.
+
+The model's decode step (:func:`decode_step_attention`) also hands the kernel the step's raw query, key and
+value: the kernel applies the rotary embedding to the query (and the new key), and the program whose chunk
+holds ``pos`` writes the new key and value into the caches and uses them in place of the row it loaded. That
+replaces three pointwise launches per layer (rotary q, rotary k + cache write, v cache write): on an H100 they
+took about 117 us of a 1.9 ms 3.9B decode step (30 layers x 3 launches).
 """
 
 from __future__ import annotations
@@ -32,61 +39,151 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
 
 
+def rope_rows_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's half-split rotary embedding of x [..., D] with cos/sin rows [D], in fp32, cast back once:
+    what the fused decode kernel computes (the model's apply_rope, as torch.compile evaluates it)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def decode_step_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    pos: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch :func:`decode_step_attention`: rotary q and k, write k and v at pos, attend (q [B, H, 1, D])."""
+    k_cache.index_copy_(2, pos.reshape(1), rope_rows_reference(k, cos, sin))
+    v_cache.index_copy_(2, pos.reshape(1), v)
+    return decode_attention_reference(rope_rows_reference(q, cos, sin), k_cache, v_cache, pos)
+
+
 if triton is not None:
 
     @triton.jit
+    def _rope_row(x_ptr, cos_ptr, sin_ptr, rd, d_ok, D: tl.constexpr, ROPE: tl.constexpr):
+        """Row x[0..D) in fp32, rotated (half-split layout) when ROPE: x * cos + rotate_half(x) * sin."""
+        x = tl.load(x_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+        if ROPE:
+            half: tl.constexpr = D // 2
+            partner = tl.where(rd < half, rd + half, rd - half)
+            other = tl.load(x_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)
+            rotated = tl.where(rd < half, -other, other)
+            cos = tl.load(cos_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+            x = x * cos + rotated * sin
+        return x
+
+    @triton.jit
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
-                             D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr):
+                             kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
+                             D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, BS: tl.constexpr,
+                             ROPE: tl.constexpr, WRITE: tl.constexpr):
         bh = tl.program_id(0)  # sequence * heads + head
         c = tl.program_id(1)   # chunk of cache positions
-        n = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, L)  # positions 0..pos are filled (never past L)
+        b = bh // H
+        h = bh - b * H
+        p = tl.load(pos_ptr).to(tl.int32)
+        n = tl.minimum(p + 1, L)  # positions 0..pos are filled (never past L)
         start = c * CHUNK_N
         if start < n:
             rd = tl.arange(0, BD)
             d_ok = rd < D
+            base = bh.to(tl.int64) * L * D
             rn = start + tl.arange(0, CHUNK_N)
             n_ok = rn < n
-            q = tl.load(q_ptr + bh * D + rd, mask=d_ok, other=0.0).to(tl.float32)
-            base = bh.to(tl.int64) * L * D
             offs = base + rn[:, None].to(tl.int64) * D + rd[None, :]
             kv_mask = n_ok[:, None] & d_ok[None, :]
+            # Every load below depends only on pos, so they are all in flight at once (a decode step is a chain
+            # of short launches: each dependent round trip to memory costs about a microsecond).
             k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            q = _rope_row(q_ptr + b * sq_b + h * sq_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
+            q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the rotated query is rounded like the reference's
+            if WRITE:
+                # The program whose chunk holds pos stores the step's key (rotated) and value, and uses them in
+                # place of the row it loaded; programs of earlier chunks never read pos.
+                if (p < start + CHUNK_N) & (p < L):
+                    k_new = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
+                    k_new = k_new.to(k_ptr.dtype.element_ty)
+                    v_new = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+                    row = base + p.to(tl.int64) * D + rd
+                    tl.store(k_ptr + row, k_new, mask=d_ok)
+                    tl.store(v_ptr + row, v_new, mask=d_ok)
+                    at_p = (rn == p)[:, None]
+                    k = tl.where(at_p, k_new.to(tl.float32)[None, :], k)
+                    v = tl.where(at_p, v_new.to(tl.float32)[None, :], v)
             scores = tl.sum(k * q[None, :], axis=1) * sm_scale
             scores = tl.where(n_ok, scores, float("-inf"))
             m = tl.max(scores, axis=0)
-            p = tl.exp(scores - m)
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = tl.sum(p[:, None] * v, axis=0)
+            e = tl.exp(scores - m)
+            acc = tl.sum(e[:, None] * v, axis=0)
             slot = bh * S + c
             tl.store(m_ptr + slot, m)
-            tl.store(l_ptr + slot, tl.sum(p, axis=0))
+            tl.store(l_ptr + slot, tl.sum(e, axis=0))
             tl.store(acc_ptr + slot.to(tl.int64) * D + rd, acc, mask=d_ok)
+            # The last of the (sequence, head)'s chunks to finish merges them (an arrival counter, as the
+            # split-k matmul does): no second launch. The CTA barrier before the acq_rel atomic orders every
+            # thread's stores (release is cumulative); the merging program reads the slots from L2.
+            used = (n + CHUNK_N - 1) // CHUNK_N
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == used - 1:
+                _merge_chunks(m_ptr, l_ptr, acc_ptr, out_ptr, bh, used, S, rd, d_ok, D, BS)
+                tl.atomic_xchg(cnt_ptr + bh, 0)
 
     @triton.jit
-    def _decode_attn_combine(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, L, S,
-                             D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, CHUNK_N: tl.constexpr):
-        bh = tl.program_id(0)
-        n = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, L)
-        used = (n + CHUNK_N - 1) // CHUNK_N  # chunks that ran (the others left their slots untouched)
-        rd = tl.arange(0, BD)
-        d_ok = rd < D
+    def _merge_chunks(m_ptr, l_ptr, acc_ptr, out_ptr, bh, used, S, rd, d_ok, D: tl.constexpr, BS: tl.constexpr):
+        """out[bh] from the running max, sum and weighted value sum of its `used` chunks (fp32)."""
         m_all = tl.full((BS,), float("-inf"), dtype=tl.float32)
         for s0 in range(0, used, BS):  # the largest chunk maximum first
             rs = s0 + tl.arange(0, BS)
-            m_all = tl.maximum(m_all, tl.load(m_ptr + bh * S + rs, mask=rs < used, other=float("-inf")))
+            m_all = tl.maximum(m_all, tl.load(m_ptr + bh * S + rs, mask=rs < used, other=float("-inf"),
+                                              cache_modifier=".cg"))
         m_max = tl.max(m_all, axis=0)
-        num = tl.zeros((BD,), dtype=tl.float32)
+        num = tl.zeros_like(rd).to(tl.float32)
         den = tl.zeros((BS,), dtype=tl.float32)
         for s0 in range(0, used, BS):
             rs = s0 + tl.arange(0, BS)
             ok = rs < used
-            w = tl.exp(tl.load(m_ptr + bh * S + rs, mask=ok, other=float("-inf")) - m_max)
-            den += w * tl.load(l_ptr + bh * S + rs, mask=ok, other=0.0)
+            w = tl.exp(tl.load(m_ptr + bh * S + rs, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_max)
+            den += w * tl.load(l_ptr + bh * S + rs, mask=ok, other=0.0, cache_modifier=".cg")
             part = tl.load(acc_ptr + (bh * S + rs[:, None]).to(tl.int64) * D + rd[None, :],
-                           mask=ok[:, None] & d_ok[None, :], other=0.0)
+                           mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
             num += tl.sum(w[:, None] * part, axis=0)
         out = num / tl.sum(den, axis=0)
         tl.store(out_ptr + bh * D + rd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> None:
+    b, h, t, d = q.shape
+    if t != 1 or k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:
+        raise ValueError(f"decode_attention needs q [B, H, 1, D] and caches [B, H, L, D], got q {tuple(q.shape)}, "
+                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if pos.numel() != 1:
+        raise ValueError(f"decode_attention takes one position shared by the batch, got {pos.numel()}")
+
+
+def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
+    from .dispatch import WORKSPACE
+
+    b, h, _, d = q.shape
+    length = k_cache.shape[2]
+    splits = triton.cdiv(length, CHUNK)
+    m = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty(b * h * splits, d, dtype=torch.float32, device=q.device)
+    out = torch.empty((b, h, 1, d), dtype=q.dtype, device=q.device)
+    # arrival counters, one per (sequence, head): the matmuls' (left at zero by every kernel that uses them)
+    _, counters = WORKSPACE.get(q.device, 1, b * h)
+    write = new_k is not None
+    rope = cos is not None
+    kn, vn = (new_k, new_v) if write else (q, q)  # unused pointers when not writing
+    cs, sn = (cos, sin) if rope else (q, q)
+    _decode_attn_partial[(b * h, splits)](
+        q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
+        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
+        D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, BS=min(32, triton.next_power_of_2(splits)),
+        ROPE=rope, WRITE=write, num_warps=4)
+    return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,46 +193,54 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``pos`` is a 1-element integer tensor on the caches' device (the position just written); only chunks
     up to it are read. Same result as :func:`decode_attention_reference` up to fp32 rounding.
     """
-    b, h, t, d = q.shape
-    if t != 1 or k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:
-        raise ValueError(f"decode_attention needs q [B, H, 1, D] and caches [B, H, L, D], got q {tuple(q.shape)}, "
-                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    if pos.numel() != 1:
-        raise ValueError(f"decode_attention takes one position shared by the batch, got {pos.numel()}")
-    length = k_cache.shape[2]
-    splits = triton.cdiv(length, CHUNK)
+    _check_decode_shapes(q, k_cache, v_cache, pos)
     q = q.contiguous()
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    m = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty(b * h * splits, d, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
-    bd = triton.next_power_of_2(d)
-    _decode_attn_partial[(b * h, splits)](q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5,
-                                          D=d, BD=bd, CHUNK_N=CHUNK, num_warps=4)
-    _decode_attn_combine[(b * h,)](m, l_sum, acc, pos, out, length, splits, D=d, BD=bd,
-                                   BS=min(32, triton.next_power_of_2(splits)), CHUNK_N=CHUNK, num_warps=4)
-    return out
+    return _launch(q, k_cache.contiguous(), v_cache.contiguous(), pos, None, None, None, None)
 
 
-@torch.library.custom_op("spectra::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        pos: torch.Tensor) -> torch.Tensor:
-    """:func:`decode_attention` as an opaque op for ``torch.compile``."""
-    return decode_attention(q, k_cache, v_cache, pos)
+def decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One decode step's attention from the raw projections, in two launches: rotary embedding of q and k
+    (cos/sin: the [D] rows at pos), k and v written into the caches at ``pos``, then attention of q to
+    positions 0..pos. q, k, v are [B, H, 1, D] (any strides, unit stride along D); the caches [B, H, L, D]
+    are updated in place. Same result as :func:`decode_step_attention_reference` up to fp32 rounding."""
+    _check_decode_shapes(q, k_cache, v_cache, pos)
+    d = q.shape[-1]
+    if k.shape != q.shape or v.shape != q.shape or d % 2:
+        raise ValueError(f"decode_step_attention needs q, k, v of one shape [B, H, 1, D] with D even, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cos.numel() != d or sin.numel() != d:
+        raise ValueError(f"decode_step_attention takes the rotary rows of one position ({d} values), got "
+                         f"{cos.numel()} and {sin.numel()}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("decode_step_attention writes the caches in place: they must be contiguous")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _launch(q, k_cache, v_cache, pos, k, v, cos.reshape(d).contiguous(), sin.reshape(d).contiguous())
 
 
-@decode_attention_op.register_fake
-def _decode_attention_fake(q, k_cache, v_cache, pos):
-    return torch.empty_like(q)
+@torch.library.custom_op("spectra::decode_step_attention", mutates_args=("k_cache", "v_cache"))
+def decode_step_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             pos: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_step_attention` as an opaque op for ``torch.compile`` (it updates the caches in place)."""
+    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
 
 
-def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """What the model's attention calls once a KV cache is set up: one-token decode steps on a GPU read only
-    the filled positions (:func:`decode_attention`); prefill and CPU use SDPA with the position mask."""
-    if q.shape[2] == 1 and q.is_cuda and triton is not None and pos.numel() == 1:
-        if torch.compiler.is_compiling():
-            return decode_attention_op(q, k_cache, v_cache, pos)
-        return decode_attention(q, k_cache, v_cache, pos)
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+@decode_step_attention_op.register_fake
+def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def uses_decode_kernel(t: int, device: torch.device, pos: torch.Tensor | None) -> bool:
+    """Whether a cached step takes the decode kernels (one new token per sequence on a GPU), which need no
+    attention mask; prefill and CPU steps use SDPA with the position mask."""
+    return t == 1 and device.type == "cuda" and triton is not None and pos is not None and pos.numel() == 1
+
+
+def cached_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A GPU decode step (see :func:`uses_decode_kernel`) from raw q, k, v [B, H, 1, D]: rotary embedding,
+    cache update and attention in the fused kernels."""
+    if torch.compiler.is_compiling():
+        return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos)
+    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)

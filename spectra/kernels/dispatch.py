@@ -202,6 +202,14 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
     return heuristic_config(n, k, m, fmt, num_sms(device))
 
 
+# How split-k / stream-K programs order their partial-tile stores before the arrival counter (see
+# tq_triton._gpu_fence): 1 = per-thread fence.sc.gpu, 2 = per-thread fence.acq_rel.gpu, 3 = CTA barrier only.
+# 3 measured on an H100 (2026-11-23, benchmarks/results/h100_fence_modes.txt): correct in the split-k / stream-K
+# stress (480 launches, 0 failures) and 1-9% faster per split-k shape than 1 (70B TQ2 m = 1: 136.7 -> 134.2 us
+# per layer; 3.9B TQ1 49.9 -> 47.5); 2 is no faster than 1.
+FENCE_MODE = 3
+
+
 class _Workspace:
     """Per-device fp32 slots for split-k / stream-K partial tiles and their arrival counters (the kernels
     leave the counters at zero; the slots are overwritten by every launch).
@@ -325,7 +333,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
         G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
-        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j,
+        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0, MASK_J=mask_j,
         PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -352,7 +360,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         tiles_m, steps, total,
         G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
         BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm, ASM=asm,
-        NUM_STAGES=cfg.num_stages, FENCE=x2.is_cuda, MASK_J=mask_j, PLANE_MASK=plane_mask,
+        NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0, MASK_J=mask_j, PLANE_MASK=plane_mask,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

@@ -58,15 +58,19 @@ def _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE: tl.constexpr):
 
 
 @triton.jit
-def _gpu_fence(token, ON: tl.constexpr):
-    """Every thread waits until its own global writes and reductions are visible GPU-wide (``fence.sc.gpu``).
+def _gpu_fence(token, FENCE: tl.constexpr):
+    """Every thread waits until its own global writes are visible GPU-wide, for FENCE 1 (``fence.sc.gpu``) or
+    2 (``fence.acq_rel.gpu``); nothing for 0 (TRITON_INTERPRET) and 3 (the CTA barrier before the counter's
+    acq_rel atomic orders the writes: PTX release is cumulative, the pattern CUTLASS's semaphores use).
 
     Split-k and stream-K programs store their partial tiles from every thread and then bump an arrival
-    counter from one thread; the last arrival reads all partial tiles. The CUDA pattern for that is: each
-    thread writes, fences, then the block synchronises and one thread signals. Off under TRITON_INTERPRET.
+    counter from one thread; the last arrival reads all partial tiles.
     """
-    if ON:
+    if FENCE == 1:
         tl.inline_asm_elementwise("fence.sc.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    elif FENCE == 2:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
 
@@ -74,7 +78,7 @@ def _gpu_fence(token, ON: tl.constexpr):
 def _publish_partial(slot_ptrs, acc, mask, cnt_ptr, tile, count, token, FENCE: tl.constexpr):
     """Store this program's partial tile in its own fp32 slot and add `count` to the tile's arrival counter;
     returns the counter before the add. Whoever brings the counter to its total sums every contributor's slot
-    (after a _gpu_fence of its own) and then calls _finish_tile. Plain stores, a per-thread fence, a CTA
+    (after a _gpu_fence of its own) and then calls _finish_tile. Plain stores, a fence (see _gpu_fence), a CTA
     barrier, then one acq_rel atomic: float atomics into a shared workspace lost partial sums on the GPU."""
     tl.store(slot_ptrs, acc, mask=mask)
     _gpu_fence(token, FENCE)
