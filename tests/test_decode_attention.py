@@ -5,13 +5,11 @@ The Triton kernels run under TRITON_INTERPRET=1 in a subprocess on CPU tensors (
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_support import run_in_interpreter
 
 pytest.importorskip("triton")
 
@@ -55,17 +53,12 @@ _REPORT = textwrap.dedent("""
 """)
 
 
-def _run_in_interpreter(script: str, cases: int) -> None:
-    """Run a kernel script in a fresh process under TRITON_INTERPRET=1 (set before triton is imported)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script + _REPORT], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"cases={cases}" in proc.stdout
+def _run_cases(script: str, cases: int) -> None:
+    assert f"cases={cases}" in run_in_interpreter(script + _REPORT)
 
 
 def test_decode_attention_kernels_in_interpreter_match_sdpa():
-    _run_in_interpreter(_INTERPRETER_SCRIPT, 9)
+    _run_cases(_INTERPRETER_SCRIPT, 9)
 
 
 def test_decode_attention_rejects_bad_shapes():
@@ -131,7 +124,7 @@ _FUSED_SCRIPT = textwrap.dedent("""
 
 
 def test_fused_decode_step_in_interpreter_matches_reference():
-    _run_in_interpreter(_FUSED_SCRIPT, 7)
+    _run_cases(_FUSED_SCRIPT, 7)
 
 
 def test_fused_decode_step_rejects_bad_inputs():

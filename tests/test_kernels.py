@@ -3,14 +3,12 @@ exhaustive checks of the inline-PTX decode constants, dispatcher checks, and GPU
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from kernel_support import run_in_interpreter
 
 from spectra.errors import ConfigError, FormatError
 from spectra.formats import get_format, tq1_digits
@@ -83,16 +81,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_in_interpreter(script: str) -> str:
-    """Run a kernel battery in a fresh process under TRITON_INTERPRET=1; its stdout, after asserting exit 0."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
 def test_triton_kernels_in_interpreter_match_reference():
-    assert "cases=" in _run_in_interpreter(_INTERPRETER_SCRIPT)
+    assert "cases=" in run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 # The persistent stream-K launch: its programs split output tiles at arbitrary K steps (several programs
@@ -137,7 +127,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
 
 
 def test_stream_k_kernel_in_interpreter_matches_reference():
-    assert "cases=16" in _run_in_interpreter(_INTERPRETER_STREAM_K_SCRIPT)
+    assert "cases=16" in run_in_interpreter(_INTERPRETER_STREAM_K_SCRIPT)
 
 
 def test_large_m_candidates_include_stream_k_and_old_tables_load():
