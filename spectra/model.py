@@ -3,7 +3,7 @@
 RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
 scaled_dot_product_attention, no biases, untied embedding and lm head. One-token decode steps on a GPU take
 spectra/kernels/attention.py instead: rotary embedding, cache write and a split-KV attention over the filled
-part of the KV cache, in two kernels. Linear layers come from :func:`spectra.linear.make_linear`, so the
+part of the KV cache, in one kernel. Linear layers come from :func:`spectra.linear.make_linear`, so the
 weight kind is a config field, not a code path.
 Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
 """
@@ -82,7 +82,7 @@ class Attention(nn.Module):
             q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
-            # one token per sequence on a GPU: rotary embedding, cache write and attention in two kernels
+            # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
             y = cached_step_attention(q, k, v, cos, sin, self.cache.k, self.cache.v, pos)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -166,9 +166,9 @@ class SpectraLM(nn.Module):
             cos, sin, mask = self.rope_cos[:t], self.rope_sin[:t], None
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
             mask = None
             if not uses_decode_kernel(t, tokens.device, input_pos):  # the decode kernels need no mask
+                cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:

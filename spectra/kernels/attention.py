@@ -40,12 +40,11 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def rope_rows_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LLaMA's half-split rotary embedding of x [..., D] with cos/sin rows [D], in fp32, cast back once:
-    what the fused decode kernel computes (the model's apply_rope, as torch.compile evaluates it)."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
+    """The model's rotary embedding (apply_rope) of x [..., D] with cos/sin rows [D], evaluated in fp32 and cast
+    back once (as torch.compile evaluates it): what the fused decode kernel computes."""
+    from ..model import apply_rope  # the model imports this module
+
+    return apply_rope(x.float(), cos.float(), sin.float()).to(x.dtype)
 
 
 def decode_step_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -200,7 +199,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One decode step's attention from the raw projections, in two launches: rotary embedding of q and k
+    """One decode step's attention from the raw projections, in one launch: rotary embedding of q and k
     (cos/sin: the [D] rows at pos), k and v written into the caches at ``pos``, then attention of q to
     positions 0..pos. q, k, v are [B, H, 1, D] (any strides, unit stride along D); the caches [B, H, L, D]
     are updated in place. Same result as :func:`decode_step_attention_reference` up to fp32 rounding."""
@@ -240,7 +239,7 @@ def uses_decode_kernel(t: int, device: torch.device, pos: torch.Tensor | None) -
 def cached_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """A GPU decode step (see :func:`uses_decode_kernel`) from raw q, k, v [B, H, 1, D]: rotary embedding,
-    cache update and attention in the fused kernels."""
+    cache update and attention in one kernel."""
     if torch.compiler.is_compiling():
         return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos)
     return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
