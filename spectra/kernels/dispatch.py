@@ -140,7 +140,7 @@ def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[Kernel
     out = {base}
     if m <= 16:
         # Decode-bound GEMV regime: depth and occupancy matter (each wgmma waits for its register operand).
-        depths = [(32, 4), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3)]
+        depths = [(32, 4), (64, 2), (64, 3), (64, 4), (64, 5), (128, 2), (128, 3), (128, 4)]
     else:
         depths = [(64, 3), (128, 3)]
     for bj, stages in depths:
