@@ -282,9 +282,9 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
 
 
 def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, shard_axis: int,
-                  out: torch.Tensor | None, use_asm: bool):
-    """What every tensor-core launch needs: the activations (column-shard scales applied), sizes, format,
-    scale mode, Triton dtype, the decode asm and the output."""
+                  out: torch.Tensor | None, use_asm: bool, cfg: KernelConfig):
+    """What every tensor-core launch needs: the activations (column-shard scales applied), sizes, the output,
+    and the launch options both kernels share (format, scale mode, dtype, tiles, decode asm, masks, fence)."""
     import triton.language as tl
 
     from .ptx import decode_asm
@@ -294,11 +294,16 @@ def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torc
         x2 = scale_columns(x2, scales, x2.shape[1])
     m, k = x2.shape
     n, q = packed.shape
+    planes = get_format(fmt).trits_per_byte
     dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
     use_asm = use_asm and x2.dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
     asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
+    mask_j, plane_mask = _column_masks(q, k, planes, cfg.block_j)
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    return x2, m, k, n, q, get_format(fmt), mode, dt, use_asm, asm, y
+    shared = dict(G=planes, SCALE_MODE=mode, DT=dt, BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j,
+                  USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0,
+                  MASK_J=mask_j, PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return x2, m, k, n, q, shared, y
 
 
 def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int]:
@@ -317,9 +322,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
 
     from .tq_triton import tq_matmul_kernel
 
-    x2, m, k, n, q, spec, mode, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out,
-                                                                   use_asm)
-    mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
+    x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
     blocks = triton.cdiv(q, cfg.block_j)
     split = max(1, min(cfg.split, blocks))
     j_per_split = triton.cdiv(blocks, split) * cfg.block_j
@@ -331,10 +334,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         ws, cnt = y, y  # unused
     tq_matmul_kernel[grid](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(), j_per_split,
-        G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
-        BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, SPLIT_K=split > 1,
-        USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0, MASK_J=mask_j,
-        PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT_K=split > 1, **shared)
     return y
 
 
@@ -346,9 +346,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
 
     from .tq_triton import tq_matmul_sk_kernel
 
-    x2, m, k, n, q, spec, mode, dt, use_asm, asm, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out,
-                                                                   use_asm)
-    mask_j, plane_mask = _column_masks(q, k, spec.trits_per_byte, cfg.block_j)
+    x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     steps = triton.cdiv(q, cfg.block_j)
     total = tiles_m * tiles_n * steps
@@ -357,11 +355,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     ws, cnt = WORKSPACE.get(x2.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
     tq_matmul_sk_kernel[(programs,)](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(),
-        tiles_m, steps, total,
-        G=spec.trits_per_byte, SCALE_MODE=mode, DT=dt,
-        BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm, ASM=asm,
-        NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0, MASK_J=mask_j, PLANE_MASK=plane_mask,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tiles_m, steps, total, **shared)
     return y
 
 
