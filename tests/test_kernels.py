@@ -257,6 +257,36 @@ def test_tuning_without_cuda_raises_device_error():
         dispatch.tune("tq2", 64, 64, 1, device="cpu")
 
 
+def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
+    import spectra
+    from spectra.kernels.bench import SHAPE_SETS
+
+    config = spectra.get_config("tiny", weight_kind="ternary_frozen")
+    model = spectra.SpectraLM(config)
+    separate = {(m.out_features, m.in_features) for m in model.linear_layers().values()}
+    model.fuse_projections()
+    fused = {(m.out_features, m.in_features) for m in model.linear_layers().values()}
+    assert fused != separate
+    assert set(dispatch.model_linear_shapes(config)) == fused | separate
+    # the 3.9B benchmark shapes (k, n) are the fused decode shapes of the 3.9B preset
+    assert {(n, k) for k, n in SHAPE_SETS["3.9b"]} <= set(dispatch.model_linear_shapes(spectra.get_config("3.9B")))
+
+
+def test_bench_tune_cli_checks_its_arguments_then_needs_cuda(capsys, tmp_path):
+    from spectra.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the error on a machine without CUDA")
+    for argv, message in ((["--size", "9B"], "unknown model size '9B'"),
+                          (["--size", "99M", "--formats", "tq3"], "unknown format tq3"),
+                          (["--size", "99M", "--ms", "1,x"], "--ms takes comma-separated batch sizes"),
+                          (["--size", "99M", "--ms", "0"], "batch sizes >= 1"),
+                          (["--checkpoint", str(tmp_path)], "has no config.json"),
+                          (["--size", "99M"], "needs a CUDA GPU")):
+        assert main(["bench", "tune", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 # --- GPU ---------------------------------------------------------------------------------------------
 
 def _fp32_reference(x, packed, fmt, k, scales, axis):
@@ -469,3 +499,16 @@ def test_scale_columns_reference_broadcast_form_equals_per_column_form(dtype):
         scales = torch.rand(parts, generator=gen) + 0.01
         want = (x.float() * expand_scales(scales, (1, k), 1)).to(dtype)
         assert torch.equal(scale_columns_reference(x, scales, k), want), (k, parts)
+
+
+@pytest.mark.gpu
+def test_gpu_tune_shapes_fills_the_user_cache_that_lookup_reads(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_table", None)
+    dev = torch.device("cuda")
+    shape = (200, 136)  # (n, k): in no shipped table
+    entries = dispatch.tune_shapes([shape], ("tq2",), (3,), log=lambda msg: None)
+    (key, cfg), = entries.items()
+    assert (tmp_path / "kernel_configs.json").is_file()
+    monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
+    assert dispatch.lookup_config("tq2", *shape, 3, torch.float16, 0, dev) == cfg

@@ -34,6 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate products (default: fused, for every kind)")
     d.set_defaults(func=run_decode)
+    t = sub.add_parser("tune", help="tune the kernels for a model's layer shapes on this GPU (user cache)",
+                       description="Time every kernel configuration for each ternary layer shape of a model and "
+                                   "batch bucket on this GPU, and keep the fastest in the user cache "
+                                   "($SPECTRA_CACHE or ~/.cache/spectra/kernel_configs.json), which the packed "
+                                   "layers then use. Shapes without an entry run a heuristic configuration.")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--size", help="a model size preset, e.g. 1.5B or 3.9B")
+    src.add_argument("--checkpoint", help="a checkpoint directory (only its config.json is read)")
+    t.add_argument("--formats", default=None,
+                   help="tq2,tq1 (default: the checkpoint's packed format, else both)")
+    t.add_argument("--ms", default="1,2,4,8,16", help="batch sizes m to tune (each stands for its bucket)")
+    t.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    t.set_defaults(func=run_tune)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -75,4 +88,40 @@ def run_decode(args: argparse.Namespace) -> int:
         if kind != "float":
             for (model, batch), ratio in bench.per_layer_speedup(rows, kind).items():
                 print(f"per-layer speedup {kind} vs fp16, {model} batch {batch}: {ratio:.2f}x")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from ..config import get_config
+    from ..errors import ConfigError
+    from ..formats import FORMATS
+    from ..kernels import dispatch
+
+    if args.checkpoint:
+        from ..checkpoint import read_config
+
+        config = read_config(args.checkpoint)
+    else:
+        config = get_config(args.size)
+    if args.formats:
+        fmts = tuple(f.strip().lower() for f in args.formats.split(","))
+    elif config.weight_kind in FORMATS:
+        fmts = (config.weight_kind,)
+    else:
+        fmts = ("tq2", "tq1")
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown format {', '.join(unknown)}; use tq2 and/or tq1")
+    try:
+        ms = tuple(int(m) for m in args.ms.split(","))
+    except ValueError:
+        raise ConfigError(f"--ms takes comma-separated batch sizes, got {args.ms!r}") from None
+    if not ms or min(ms) < 1:
+        raise ConfigError(f"--ms takes batch sizes >= 1, got {args.ms!r}")
+    _need_cuda()
+    shapes = dispatch.model_linear_shapes(config)
+    print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
+          f"batch sizes ({args.dtype})")
+    dispatch.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)
+    print(f"saved to {dispatch.user_cache_path()}")
     return 0

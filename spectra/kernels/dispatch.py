@@ -62,7 +62,7 @@ def config_key(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode:
     return f"{gpu}|{fmt}|{n}x{k}|m{m_bucket(m)}|{str(dtype).replace('torch.', '')}|s{scale_mode}"
 
 
-def _cache_path() -> Path:
+def user_cache_path() -> Path:
     root = os.environ.get("SPECTRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spectra")
     return Path(root) / "kernel_configs.json"
 
@@ -74,7 +74,7 @@ def _load_table() -> dict[str, dict]:
     global _table
     if _table is None:
         table: dict[str, dict] = {}
-        for path in (_SHIPPED, _cache_path()):
+        for path in (_SHIPPED, user_cache_path()):
             try:
                 table.update(json.loads(path.read_text()))
             except (OSError, ValueError):
@@ -85,7 +85,7 @@ def _load_table() -> dict[str, dict]:
 
 def save_configs(entries: dict[str, KernelConfig], path: Path | None = None) -> Path:
     """Merge tuned entries into the user cache (atomic write)."""
-    path = path or _cache_path()
+    path = path or user_cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock:
         table = {}
@@ -384,6 +384,42 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
     if cfg.kind == "sk":
         return launch_sk(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
     return launch_tc(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
+
+
+def model_linear_shapes(config) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every distinct ternary product of a model with this config, the fused
+    q/k/v and gate/up shapes that decoding runs (``SpectraLM.fuse_projections``) and the separate ones."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = [(3 * h, h), (h, h), (2 * i, h), (h, i), (i, h)]
+    return list(dict.fromkeys(shapes))
+
+
+def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[int, ...],
+                dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
+                log=print) -> dict[str, KernelConfig]:
+    """Tune every (format, shape, m) on this GPU and merge the winners into the user cache, which
+    :func:`lookup_config` reads before its heuristic; returns the entries written."""
+    from ..progress import progress_bar
+    from . import clear_config_memo
+
+    device = torch.device(device)
+    jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in ms]
+    entries: dict[str, KernelConfig] = {}
+    for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
+        best, times = tune(fmt, n, k, m, dtype, device, save=False)
+        entries[config_key(fmt, n, k, m, dtype, 0, gpu_name(device))] = best
+        log(f"{fmt} {n}x{k} m={m_bucket(m)}: {describe(best)} {times[best] * 1e6:.1f} us "
+            f"({len(times)} configs ran)")
+    save_configs(entries)
+    clear_config_memo()
+    return entries
+
+
+def describe(cfg: KernelConfig) -> str:
+    if cfg.kind == "dequant":
+        return "dequantize + cuBLAS"
+    return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
+            f"warps {cfg.num_warps} stages {cfg.num_stages}")
 
 
 def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
