@@ -287,6 +287,30 @@ def test_bench_tune_cli_checks_its_arguments_then_needs_cuda(capsys, tmp_path):
         assert message in capsys.readouterr().err
 
 
+def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_path):
+    # The timing itself needs a GPU (test_gpu_tune_shapes_...); here tune() is replaced by a stand-in that
+    # picks a distinctive config, to check the keys, the cache file and the read-back on any machine.
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_table", None)
+    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
+    picked = dispatch.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
+    calls = []
+
+    def fake_tune(fmt, n, k, m, dtype, device, save):
+        calls.append((fmt, n, k, m, save))
+        return picked, {picked: 1e-5}
+
+    monkeypatch.setattr(dispatch, "tune", fake_tune)
+    entries = dispatch.tune_shapes([(200, 136), (136, 200)], ("tq2", "tq1"), (1, 3), device="cpu",
+                                   log=lambda msg: None)
+    assert len(calls) == len(entries) == 8 and not any(c[-1] for c in calls)
+    monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
+    for fmt in ("tq2", "tq1"):
+        for m in (1, 3, 4):  # 3 and 4 share a bucket
+            assert dispatch.lookup_config(fmt, 136, 200, m, torch.float16, 0, torch.device("cpu")) == picked
+    monkeypatch.setattr(dispatch, "_table", None)
+
+
 # --- GPU ---------------------------------------------------------------------------------------------
 
 def _fp32_reference(x, packed, fmt, k, scales, axis):
