@@ -259,7 +259,7 @@ def test_tuning_without_cuda_raises_device_error():
 
 def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
     import spectra
-    from spectra.kernels.bench import SHAPE_SETS
+    from spectra.kernels.bench import SHAPE_SETS, layer_shapes
 
     config = spectra.get_config("tiny", weight_kind="ternary_frozen")
     model = spectra.SpectraLM(config)
@@ -268,8 +268,13 @@ def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
     fused = {(m.out_features, m.in_features) for m in model.linear_layers().values()}
     assert fused != separate
     assert set(dispatch.model_linear_shapes(config)) == fused | separate
-    # the 3.9B benchmark shapes (k, n) are the fused decode shapes of the 3.9B preset
+    # the 3.9B benchmark shapes (k, n) are the fused decode shapes of the 3.9B preset, which `bench gemm` also
+    # takes by name
     assert {(n, k) for k, n in SHAPE_SETS["3.9b"]} <= set(dispatch.model_linear_shapes(spectra.get_config("3.9B")))
+    assert layer_shapes("3.9B") == SHAPE_SETS["3.9b"] == layer_shapes("3.9b")
+    assert {(n, k) for k, n in layer_shapes("tiny")} <= fused
+    with pytest.raises(ConfigError, match="unknown shape set 'x'"):
+        layer_shapes("x")
 
 
 def test_bench_tune_cli_checks_its_arguments_then_needs_cuda(capsys, tmp_path):
@@ -285,6 +290,8 @@ def test_bench_tune_cli_checks_its_arguments_then_needs_cuda(capsys, tmp_path):
                           (["--size", "99M"], "needs a CUDA GPU")):
         assert main(["bench", "tune", *argv]) == 2
         assert message in capsys.readouterr().err
+    assert main(["bench", "gemm", "--shapes", "3.9b,9B"]) == 2
+    assert "unknown shape set '9B'" in capsys.readouterr().err
 
 
 def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_path):

@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Benchmarks of the TQ2/TQ1 kernels against cuBLAS fp16 (needs CUDA).")
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     g = sub.add_parser("gemm", help="summed layer GEMM time vs torch.matmul fp16, cold weights")
-    g.add_argument("--shapes", default="70b,3.9b", help="comma-separated shape sets: 70b, 3.9b")
+    g.add_argument("--shapes", default="70b,3.9b",
+                   help="comma-separated shape sets: 70b, 3.9b, or model size presets such as 1.5B")
     g.add_argument("--ms", default="1,2,4,8,16,32,64,128,256", help="batch sizes m")
     g.add_argument("--formats", default="tq2,tq1")
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
@@ -56,10 +57,12 @@ def _need_cuda() -> None:
 
 
 def run_gemm(args: argparse.Namespace) -> int:
-    _need_cuda()
     from ..kernels import bench
 
     fmts = tuple(args.formats.split(","))
+    for shapes in args.shapes.split(","):
+        bench.layer_shapes(shapes)  # a bad name fails before any GPU work
+    _need_cuda()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s "
           f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")

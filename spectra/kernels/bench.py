@@ -27,6 +27,23 @@ SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def layer_shapes(name: str) -> list[tuple[int, int]]:
+    """(k, n) of one layer's four decode products: a named set of SHAPE_SETS, or a model size preset (its fused
+    q/k/v, o, fused gate/up and down shapes)."""
+    if name.lower() in SHAPE_SETS:
+        return SHAPE_SETS[name.lower()]
+    from ..config import get_config
+    from ..errors import ConfigError
+
+    try:
+        cfg = get_config(name)
+    except ConfigError:
+        raise ConfigError(f"unknown shape set {name!r}; use {', '.join(SHAPE_SETS)} or a model size "
+                          "preset such as 1.5B") from None
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return [(h, 3 * h), (h, h), (h, 2 * i), (i, h)]
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, trials: int = 5) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -132,7 +149,7 @@ def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: t
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     l2 = l2_size(device)
-    shapes = SHAPE_SETS[shape_set]
+    shapes = layer_shapes(shape_set)
     rows = []
     for m in ms:
         fp16_total, ours_total = 0.0, {f: 0.0 for f in fmts}
