@@ -34,14 +34,14 @@ def layer_shapes(name: str) -> list[tuple[int, int]]:
         return SHAPE_SETS[name.lower()]
     from ..config import get_config
     from ..errors import ConfigError
+    from .dispatch import decode_shapes
 
     try:
         cfg = get_config(name)
     except ConfigError:
         raise ConfigError(f"unknown shape set {name!r}; use {', '.join(SHAPE_SETS)} or a model size "
                           "preset such as 1.5B") from None
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return [(h, 3 * h), (h, h), (h, 2 * i), (i, h)]
+    return [(k, n) for n, k in decode_shapes(cfg)]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, trials: int = 5) -> float:

@@ -13,14 +13,19 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import DeviceError, FormatError
 from ..formats import get_format
 from ..linear import shard_bounds
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SHIPPED = Path(__file__).with_name("tuned_configs.json")
@@ -386,17 +391,23 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
     return launch_tc(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
 
 
-def model_linear_shapes(config) -> list[tuple[int, int]]:
-    """(out_features, in_features) of every distinct ternary product of a model with this config, the fused
-    q/k/v and gate/up shapes that decoding runs (``SpectraLM.fuse_projections``) and the separate ones."""
+def decode_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out_features, in_features) of one block's four products in decoding, with q/k/v and gate/up fused
+    (``SpectraLM.fuse_projections``): qkv, o, gate_up, down."""
     h, i = config.hidden_size, config.intermediate_size
-    shapes = [(3 * h, h), (h, h), (2 * i, h), (h, i), (i, h)]
-    return list(dict.fromkeys(shapes))
+    return [(3 * h, h), (h, h), (2 * i, h), (h, i)]
+
+
+def model_linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every distinct ternary product of a model with this config: the fused
+    decode shapes and the separate q/k/v and gate/up ones."""
+    h, i = config.hidden_size, config.intermediate_size
+    return list(dict.fromkeys(decode_shapes(config) + [(h, h), (i, h)]))
 
 
 def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[int, ...],
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
-                log=print) -> dict[str, KernelConfig]:
+                log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
     """Tune every (format, shape, m) on this GPU and merge the winners into the user cache, which
     :func:`lookup_config` reads before its heuristic; returns the entries written."""
     from ..progress import progress_bar
