@@ -543,3 +543,25 @@ def test_gpu_tune_shapes_fills_the_user_cache_that_lookup_reads(monkeypatch, tmp
     assert (tmp_path / "kernel_configs.json").is_file()
     monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
     assert dispatch.lookup_config("tq2", *shape, 3, torch.float16, 0, dev) == cfg
+
+
+def test_shared_memory_plan_bounds_what_triton_allocates():
+    # candidate_configs drops configs whose planned shared memory (smem_bytes) exceeds SMEM_LIMIT; the plan must
+    # not be below what the compiler really allocates, or a kept candidate could fail to launch on the GPU.
+    # Ahead-of-time compile for sm_90a with the installed Triton (no GPU needed).
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+    kernel_resources = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(kernel_resources)
+    except ImportError as err:  # a Triton without the NVIDIA backend
+        pytest.skip(f"cannot compile for sm_90a here: {err}")
+    for fmt, cfg in (("tq2", dispatch.KernelConfig("tc", 16, 64, 64, 1, 4, 3)),
+                     ("tq2", dispatch.KernelConfig("tc", 16, 128, 64, 2, 8, 6)),
+                     ("tq1", dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3))):
+        kernel = kernel_resources.compile_config(fmt, cfg.block_m, cfg.block_n, cfg.block_j, cfg.split,
+                                                 cfg.num_warps, cfg.num_stages)
+        assert 0 < kernel.metadata.shared <= dispatch.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)

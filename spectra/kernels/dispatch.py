@@ -114,9 +114,12 @@ SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100: 2
 
 
 def smem_bytes(cfg: KernelConfig, fmt: str) -> int:
-    """Shared memory of the pipelined tensor-core kernel: byte tile + G activation tiles, per stage."""
+    """Shared memory of the pipelined tensor-core kernel, an upper bound: byte tile + G activation tiles per
+    stage, plus one 16-bit output tile (Triton's epilogue and operand layouts take up to that much more; checked
+    against compiled kernels in tests/test_kernels.py)."""
     g = get_format(fmt).trits_per_byte
-    return cfg.num_stages * (cfg.block_n * cfg.block_j + g * cfg.block_j * cfg.block_m * 2)
+    stage = cfg.block_n * cfg.block_j + g * cfg.block_j * cfg.block_m * 2
+    return cfg.num_stages * stage + cfg.block_m * cfg.block_n * 2
 
 
 def heuristic_config(n: int, k: int, m: int, fmt: str, sms: int) -> KernelConfig:

@@ -1,0 +1,129 @@
+"""Registers, spills and shared memory of a tensor-core kernel config, compiled for sm_90a without a GPU.
+
+    python benchmarks/kernel_resources.py --format tq2 --block-n 128 --warps 8 --stages 6
+    python benchmarks/kernel_resources.py --sass        # + SASS instruction counts of the K loop
+
+Compiles ``tq_matmul_kernel`` ahead of time with the installed Triton (its bundled ptxas and nvdisasm) for
+the sizes a real launch specialises on (16-byte aligned rows, no column masks), and prints what bounds
+occupancy: registers per thread (CTAs per SM by registers), shared memory per CTA, spills. This is how the
+"compiles at N registers" statements in docs/performance.md were obtained; timings still need a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from spectra.formats import get_format
+from spectra.kernels import tq_triton
+from spectra.kernels.dispatch import FENCE_MODE
+from spectra.kernels.ptx import decode_asm
+
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}", "ws_ptr": "*fp32",
+             "cnt_ptr": "*i32"}
+_ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT")  # multiples of 16 in real layer shapes
+
+
+def compile_config(fmt: str, block_m: int, block_n: int, block_j: int, split: int, warps: int, stages: int,
+                   dtype: str = "fp16"):
+    fn = tq_triton.tq_matmul_kernel
+    constexprs = dict(G=get_format(fmt).trits_per_byte, SCALE_MODE=0,
+                      DT=tl.float16 if dtype == "fp16" else tl.bfloat16, BM=block_m, BN=block_n, BJ=block_j,
+                      SPLIT_K=split > 1, USE_ASM=True, ASM=decode_asm(fmt, dtype), NUM_STAGES=stages,
+                      FENCE=FENCE_MODE, MASK_J=False, PLANE_MASK=0)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS:
+            signature[name] = _POINTERS[name].format(dt=dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in _ALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, LOCAL (spill and stack bytes per thread) and SHARED of the kernel, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(_BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", out)}
+
+
+def loop_op_counts(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the longest backward-branch loop (the K loop)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    labels, code = {}, []
+    pending = []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        addr = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if addr:
+            body = line.split("*/", 1)[1].strip().rstrip(";").strip()
+            for name in pending:
+                labels[name] = len(code)
+            pending = []
+            code.append(body.split(None, 1)[1] if body.startswith("@") else body)
+    best = (0, 0)
+    for i, ins in enumerate(code):
+        target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", ins)
+        if target and labels.get(target.group(1), i + 1) <= i:
+            start = labels[target.group(1)]
+            best = max(best, (i - start + 1, start))
+    size, start = best
+    return collections.Counter(op.split()[0].split(".")[0] for op in code[start:start + size])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--block-m", type=int, default=16)
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--block-j", type=int, default=64)
+    p.add_argument("--split", type=int, default=1)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
+    args = p.parse_args()
+    kernel = compile_config(args.format, args.block_m, args.block_n, args.block_j, args.split, args.warps,
+                            args.stages, args.dtype)
+    usage = resource_usage(kernel.asm["cubin"])
+    regs, shared = usage["REG"], kernel.metadata.shared
+    threads = 32 * args.warps
+    # registers are allocated per warp in units of 256 (8 per thread), 64K per SM; 227 KB of shared memory
+    # per SM, of which the driver reserves 1 KB per CTA
+    by_regs = 65536 // (-(-regs // 8) * 8 * threads)
+    by_smem = (227 * 1024) // (shared + 1024)
+    print(f"{args.format} BM {args.block_m} BN {args.block_n} BJ {args.block_j} split {args.split} "
+          f"warps {args.warps} stages {args.stages} ({args.dtype}, sm_90a, Triton {triton.__version__}): "
+          f"{regs} registers, {usage.get('LOCAL', 0)} B local memory (spills), shared {shared / 1024:.1f} KB; "
+          f"CTAs per SM: {by_regs} by registers, {by_smem} by shared memory")
+    if args.sass:
+        ops = loop_op_counts(kernel.asm["cubin"])
+        print(f"K loop: {sum(ops.values())} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+
+
+if __name__ == "__main__":
+    main()
