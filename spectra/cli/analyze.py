@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import parse_dtype
+from .common import parse_dtype, parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,6 @@ def run_weights(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..checkpoint import load_model
-    from ..errors import ConfigError
     from ..eval.analysis import (
         HISTOGRAM_BINS,
         HISTOGRAM_RANGE,
@@ -39,10 +38,7 @@ def run_weights(args: argparse.Namespace) -> int:
     )
     from ..eval.results import write_json
 
-    try:
-        bins = tuple(int(b) for b in args.bins.split(","))
-    except ValueError:
-        raise ConfigError(f"--bins must be comma-separated integers, got {args.bins!r}") from None
+    bins = parse_int_list(args.bins, "--bins")
     per_model = {}
     for source in args.checkpoints:
         model = load_model(source, dtype=parse_dtype(args.dtype))

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..errors import DeviceError
+from .common import parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +61,7 @@ def run_gemm(args: argparse.Namespace) -> int:
     from ..kernels import bench
 
     fmts = tuple(args.formats.split(","))
+    ms = parse_int_list(args.ms, "--ms", "batch sizes", minimum=1)
     for shapes in args.shapes.split(","):
         bench.layer_shapes(shapes)  # a bad name fails before any GPU work
     _need_cuda()
@@ -68,13 +70,15 @@ def run_gemm(args: argparse.Namespace) -> int:
           f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")
     for shapes in args.shapes.split(","):
         print(bench.format_gemm_header(fmts))
-        bench.bench_gemm(shapes, tuple(int(m) for m in args.ms.split(",")), fmts,
+        bench.bench_gemm(shapes, ms, fmts,
                          torch.float16 if args.dtype == "float16" else torch.bfloat16, reps=args.reps,
                          trials=args.trials, log=print)
     return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    batches = parse_int_list(args.batches, "--batches", "batch sizes", minimum=1)
+    slice_layers = parse_int_list(args.slice_layers, "--slice-layers", "layer counts", minimum=1)
     _need_cuda()
     from ..kernels import bench
 
@@ -84,8 +88,7 @@ def run_decode(args: argparse.Namespace) -> int:
           f"{'separate' if args.no_fuse else 'fused'} q/k/v and gate/up, random weights, "
           f"steps from position {args.context}")
     print(bench.format_decode_header(kinds))
-    rows = bench.bench_decode(tuple(args.models.split(",")), tuple(int(b) for b in args.batches.split(",")), kinds,
-                              tuple(int(n) for n in args.slice_layers.split(",")), steps=args.steps, log=print,
+    rows = bench.bench_decode(tuple(args.models.split(",")), batches, kinds, slice_layers, steps=args.steps, log=print,
                               compile=args.compile, fuse=not args.no_fuse, context=args.context)
     for kind in kinds:
         if kind != "float":
@@ -115,12 +118,7 @@ def run_tune(args: argparse.Namespace) -> int:
     unknown = [f for f in fmts if f not in FORMATS]
     if unknown:
         raise ConfigError(f"unknown format {', '.join(unknown)}; use tq2 and/or tq1")
-    try:
-        ms = tuple(int(m) for m in args.ms.split(","))
-    except ValueError:
-        raise ConfigError(f"--ms takes comma-separated batch sizes, got {args.ms!r}") from None
-    if not ms or min(ms) < 1:
-        raise ConfigError(f"--ms takes batch sizes >= 1, got {args.ms!r}")
+    ms = parse_int_list(args.ms, "--ms", "batch sizes", minimum=1)
     _need_cuda()
     shapes = dispatch.model_linear_shapes(config)
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "

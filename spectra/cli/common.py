@@ -19,6 +19,17 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
+def parse_int_list(text: str, flag: str, what: str = "integers", minimum: int | None = None) -> tuple[int, ...]:
+    """Comma-separated integers of a command-line option, or a ConfigError that names the option."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated {what}, got {text!r}") from None
+    if minimum is not None and min(values) < minimum:
+        raise ConfigError(f"{flag} takes {what} >= {minimum}, got {text!r}")
+    return values
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
