@@ -29,7 +29,7 @@ from .formats import (
     get_format,
     to_storage,
 )
-from .kernels import scale_columns_reference, ternary_matmul, ternary_matmul_op
+from .kernels import KERNEL_DTYPES, scale_columns_reference, ternary_matmul, ternary_matmul_op
 from .linear import (
     FloatLinear,
     FrozenTernaryLinear,
@@ -91,7 +91,7 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # an opaque op for torch.compile: the graph keeps our kernel, inductor fuses what surrounds it
-            if self.shard_axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            if self.shard_axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in KERNEL_DTYPES:
                 # Column-shard scales: the GPU path multiplies x by them (fp32 product, cast back) before the
                 # kernel; written here as a pointwise op, inductor fuses it into x's producer instead of the op
                 # launching a kernel for it. Bitwise the same x, then a unit scale.

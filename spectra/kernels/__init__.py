@@ -12,10 +12,11 @@ import torch
 
 from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
-__all__ = ["ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
+__all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
            "scale_columns_reference", "triton_available"]
 
-_FAST_DTYPES = (torch.float16, torch.bfloat16)
+# activation dtypes the packed Triton kernels take directly (fp32 decodes the weight, then a cuBLAS product)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _config_memo: dict[tuple, object] = {}
 
 
@@ -42,7 +43,7 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if x.dtype not in _FAST_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode on the GPU, then an fp32 cuBLAS product (exact weights, no tensor-core
         # rounding of x); the packed kernels are for the fp16/bf16 inference path.
         w = dispatch.dequantize(packed, fmt, in_features, scales.contiguous(), shard_axis, x.dtype)
