@@ -308,9 +308,11 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
         return picked, {picked: 1e-5}
 
     monkeypatch.setattr(dispatch, "tune", fake_tune)
-    entries = dispatch.tune_shapes([(200, 136), (136, 200)], ("tq2", "tq1"), (1, 3), device="cpu",
+    entries = dispatch.tune_shapes([(200, 136), (136, 200)], ("tq2", "tq1"), (1, 3, 4), device="cpu",
                                    log=lambda msg: None)
+    # m = 3 and 4 share a bucket: tuned once, at the bucket's m
     assert len(calls) == len(entries) == 8 and not any(c[-1] for c in calls)
+    assert {c[3] for c in calls} == {1, 4}
     monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
     for fmt in ("tq2", "tq1"):
         for m in (1, 3, 4):  # 3 and 4 share a bucket

@@ -419,18 +419,20 @@ def model_linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[int, ...],
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                 log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
-    """Tune every (format, shape, m) on this GPU and merge the winners into the user cache, which
-    :func:`lookup_config` reads before its heuristic; returns the entries written."""
+    """Tune every (format, shape, m bucket) on this GPU, each bucket once at its largest m, and merge the
+    winners into the user cache, which :func:`lookup_config` prefers to the shipped table; returns the entries
+    written."""
     from ..progress import progress_bar
     from . import clear_config_memo
 
     device = torch.device(device)
-    jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in ms]
+    buckets = dict.fromkeys(m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
+    jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in buckets]
     entries: dict[str, KernelConfig] = {}
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
         best, times = tune(fmt, n, k, m, dtype, device, save=False)
         entries[config_key(fmt, n, k, m, dtype, 0, gpu_name(device))] = best
-        log(f"{fmt} {n}x{k} m={m_bucket(m)}: {describe(best)} {times[best] * 1e6:.1f} us "
+        log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
     save_configs(entries)
     clear_config_memo()
