@@ -156,14 +156,6 @@ def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[Kernel
             for split in {max(1, base.split // 2), base.split, base.split * 2}:
                 if -(-q // bj) >= split:
                     out.add(KernelConfig("tc", base.block_m, base.block_n, bj, split, 4, stages))
-    if m <= 16 and q >= 64:
-        # Two warpgroups on 128 weight rows share one activation tile, and deep pipelines: more weight bytes in
-        # flight per SM than BN 64 can hold (its stages are two-thirds activation tile). See docs/performance.md
-        # ("What limits each kernel"): added to the search space, not yet timed.
-        for split in {base.split, base.split * 2}:
-            if -(-q // 64) >= split:
-                for stages in (5, 6):
-                    out.add(KernelConfig("tc", base.block_m, 128, 64, split, 8, stages))
     if m > 16:
         for bm in (64, 128):
             if bm <= max(64, m_bucket(m)):
