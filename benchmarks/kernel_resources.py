@@ -2,9 +2,11 @@
 
     python benchmarks/kernel_resources.py --format tq2 --block-n 128 --warps 8 --stages 6
     python benchmarks/kernel_resources.py --sass        # + SASS instruction counts of the K loop
+    python benchmarks/kernel_resources.py --format tq1 --in-features 8192 --sass   # the masks k = 8192 needs
 
 Compiles ``tq_matmul_kernel`` ahead of time with the installed Triton (its bundled ptxas and nvdisasm) for
-the sizes a real launch specialises on (16-byte aligned rows, no column masks), and prints what bounds
+the sizes a real launch specialises on (16-byte aligned rows; the column masks of --in-features, none by
+default), and prints what bounds
 occupancy: registers per thread (CTAs per SM by registers), shared memory per CTA, spills. This is how the
 "compiles at N registers" statements in docs/performance.md were obtained; timings still need a GPU.
 """
@@ -25,7 +27,7 @@ from triton.compiler import ASTSource
 
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
-from spectra.kernels.dispatch import FENCE_MODE
+from spectra.kernels.dispatch import FENCE_MODE, _column_masks
 from spectra.kernels.ptx import decode_asm
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -35,12 +37,18 @@ _ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT")  # multiples
 
 
 def compile_config(fmt: str, block_m: int, block_n: int, block_j: int, split: int, warps: int, stages: int,
-                   dtype: str = "fp16"):
+                   dtype: str = "fp16", in_features: int | None = None):
+    """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
+    (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
     fn = tq_triton.tq_matmul_kernel
+    masks = (False, 0, 0)
+    if in_features is not None:
+        planes = get_format(fmt).trits_per_byte
+        masks = _column_masks(get_format(fmt).row_bytes(in_features), in_features, planes, block_j)
     constexprs = dict(G=get_format(fmt).trits_per_byte, SCALE_MODE=0,
                       DT=tl.float16 if dtype == "fp16" else tl.bfloat16, BM=block_m, BN=block_n, BJ=block_j,
                       SPLIT_K=split > 1, USE_ASM=True, ASM=decode_asm(fmt, dtype), NUM_STAGES=stages,
-                      FENCE=FENCE_MODE, MASK_J=False, PLANE_MASK=0)
+                      FENCE=FENCE_MODE, MASK_J=masks[0], PLANE_MASK=masks[1], LOOP_PLANE_MASK=masks[2])
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -105,10 +113,12 @@ def main() -> None:
     p.add_argument("--split", type=int, default=1)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--in-features", type=int, default=None,
+                   help="compile with the column masks this k needs (default: none, as for 70B TQ2 shapes)")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
     args = p.parse_args()
     kernel = compile_config(args.format, args.block_m, args.block_n, args.block_j, args.split, args.warps,
-                            args.stages, args.dtype)
+                            args.stages, args.dtype, args.in_features)
     usage = resource_usage(kernel.asm["cubin"])
     regs, shared = usage["REG"], kernel.metadata.shared
     threads = 32 * args.warps

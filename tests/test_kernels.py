@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 
 # The whole interpreter battery runs in one subprocess: TRITON_INTERPRET must be set before triton is
 # imported, and one process amortises the import. Small odd shapes; k=611 gives several K tiles per plane
-# (the tile tail then overlaps the next plane's columns, which masks must stop).
+# (the tile tail then overlaps the next plane's columns, which masks must stop); k=713 gives TQ1 rows of 144
+# bytes, so with block_j 32 the loop runs whole steps and then the peeled partial step (also inside a split).
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
@@ -31,7 +32,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     failures = []
     cases = 0
     for fmt in ("tq2", "tq1"):
-        for n, k in ((37, 77), (19, 611)):
+        for n, k in ((37, 77), (19, 611), (21, 713)):
             trits = torch.randint(-1, 2, (n, k), dtype=torch.int8)
             packed = get_format(fmt).pack(trits)
             for p, axis in ((1, 0), (2, 0), (3, 0), (2, 1), (3, 1)):
@@ -104,7 +105,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
     failures = []
     count = 0
     for fmt in ("tq2", "tq1"):
-        for n, k in ((37, 77), (19, 611)):
+        for n, k in ((37, 77), (19, 611), (21, 713)):
             packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
             for dtype, m, (p, axis), cfg in cases:
                 x = torch.randn(m, k).to(dtype)
@@ -127,7 +128,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
 
 
 def test_stream_k_kernel_in_interpreter_matches_reference():
-    assert "cases=16" in run_in_interpreter(_INTERPRETER_STREAM_K_SCRIPT)
+    assert "cases=24" in run_in_interpreter(_INTERPRETER_STREAM_K_SCRIPT)
 
 
 def test_large_m_candidates_include_stream_k_and_old_tables_load():

@@ -306,20 +306,23 @@ def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torc
     dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
     use_asm = use_asm and x2.dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
     asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
-    mask_j, plane_mask = _column_masks(q, k, planes, cfg.block_j)
+    mask_j, plane_mask, loop_plane_mask = _column_masks(q, k, planes, cfg.block_j)
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     shared = dict(G=planes, SCALE_MODE=mode, DT=dt, BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j,
                   USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0,
-                  MASK_J=mask_j, PLANE_MASK=plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  MASK_J=mask_j, PLANE_MASK=plane_mask,
+                  LOOP_PLANE_MASK=loop_plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return x2, m, k, n, q, shared, y
 
 
-def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int]:
-    """Which column masks a launch needs: whether some K step runs past the q byte columns, and a bitmask of
-    the planes whose activation columns i*q .. (i+1)*q - 1 can pass k (rows are padded to an alignment, so
-    that can be more than the last plane). Unmasked loads carry no per-step predicate arithmetic."""
+def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int, int]:
+    """Which column masks a launch needs: whether some K step runs past the q byte columns; a bitmask of the
+    planes whose activation columns i*q .. (i+1)*q - 1 can pass k (rows are padded to an alignment, so that can
+    be more than the last plane), for the steps that carry the byte mask (every plane then); and the same
+    bitmask for the whole steps of the loop. Unmasked loads carry no per-step predicate arithmetic."""
     mask_j = q % block_j != 0
-    return mask_j, sum(1 << i for i in range(planes) if mask_j or (i + 1) * q > k)
+    loop_mask = sum(1 << i for i in range(planes) if (i + 1) * q > k)
+    return mask_j, (2 ** planes - 1 if mask_j else loop_mask), loop_mask
 
 
 def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,

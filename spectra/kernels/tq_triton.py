@@ -130,21 +130,21 @@ def _dot(w_plane, xt, acc, DT: tl.constexpr, FIRST: tl.constexpr):
 
 
 @triton.jit
-def _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J: tl.constexpr):
-    """The [BN, BJ] packed byte tile at byte column jb. Rows past N and columns past j_end load zeros
-    (rows past N decode as -1: their outputs are never stored). MASK_J=False: no step runs past j_end."""
+def _load_bytes(w_rows, row_ok, jb, rj, j_lo, j_end, MASK_J: tl.constexpr):
+    """The [BN, BJ] packed byte tile at byte column jb. Rows past N and columns outside j_lo..j_end - 1 load
+    zeros (rows past N decode as -1: their outputs are never stored). MASK_J=False: the step lies inside."""
     j = jb + rj
     if MASK_J:
-        mask = row_ok & (j < j_end)[None, :]
+        mask = row_ok & ((j >= j_lo) & (j < j_end))[None, :]
     else:
         mask = row_ok
     return tl.load(w_rows + j[None, :], mask=mask, other=0)
 
 
 @triton.jit
-def _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm,
+def _k_step(acc, b, jb, j_lo, x_ptr, rm, rj, M, K, Q, stride_xm,
             G: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
-            ASM: tl.constexpr, FIRST: tl.constexpr, PLANE_MASK: tl.constexpr):
+            ASM: tl.constexpr, FIRST: tl.constexpr, PLANE_MASK: tl.constexpr, MASK_J: tl.constexpr):
     """One K step: decode the [BN, BJ] byte tile `b` (byte columns jb..) into G planes and multiply each with
     its activation slice.
 
@@ -155,7 +155,10 @@ def _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm,
     """
     ET = x_ptr.dtype.element_ty  # DT as a real dtype (a constexpr inside a tuple is not unwrapped)
     j = jb + rj
-    j_ok = j < Q
+    if MASK_J:
+        j_ok = (j >= j_lo) & (j < Q)  # bytes outside the step's range were loaded as 0 (a -1 trit)
+    else:
+        j_ok = j < Q  # true by construction; only the planes of PLANE_MASK use it
     if G == 4:
         if USE_ASM:
             p0, p1, p2, p3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(ET,) * 4,
@@ -195,14 +198,31 @@ def _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm,
 @triton.jit
 def _k_range(j_start, j_stop, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
              G: tl.constexpr, DT: tl.constexpr, BJ: tl.constexpr, USE_ASM: tl.constexpr,
-             ASM: tl.constexpr, NUM_STAGES: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
-    """The fp32 accumulator of the K steps at byte columns j_start, j_start + BJ, .. < j_stop (at least one;
-    bytes at or past j_end are masked). The first step is peeled out of the loop (see _dot)."""
-    b = _load_bytes(w_rows, row_ok, j_start, rj, j_end, MASK_J)
-    acc = _k_step(0.0, b, j_start, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, True, PLANE_MASK)
-    for jb in tl.range(j_start + BJ, j_stop, BJ, num_stages=NUM_STAGES):
-        b = _load_bytes(w_rows, row_ok, jb, rj, j_end, MASK_J)
-        acc = _k_step(acc, b, jb, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, False, PLANE_MASK)
+             ASM: tl.constexpr, NUM_STAGES: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
+             LOOP_PLANE_MASK: tl.constexpr):
+    """The fp32 accumulator of the byte columns j_start .. min(j_stop, j_end) - 1 in K steps of BJ (at least
+    one). The first step is peeled out of the loop (see _dot).
+
+    MASK_J (Q % BJ != 0): a range whose length is not a multiple of BJ starts its first step early, at
+    j_start - (BJ - length % BJ), with the columns before j_start masked; every later step is whole. The loop
+    then carries no byte mask, and only the activation masks of LOOP_PLANE_MASK (planes whose columns can pass
+    K). (Masking every step cost TQ1, whose rows are rarely a multiple of BJ, per-step predicate work; a
+    masked last step peeled after the loop instead raised TQ1's registers from 105 to 140, sm_90a.)"""
+    if MASK_J:
+        j_hi = tl.minimum(j_stop, j_end)
+        # Rows are 16-byte aligned and so are the split and step boundaries: say so, or the loop's loads
+        # lose their 16-byte vectors and cp.async pipeline (measured at compile time: 1-byte loads, no stages).
+        j_first = tl.multiple_of(j_start - (BJ - (j_hi - j_start) % BJ) % BJ, 16)
+    else:
+        j_hi = j_stop
+        j_first = j_start
+    b = _load_bytes(w_rows, row_ok, j_first, rj, j_start, j_end, MASK_J)
+    acc = _k_step(0.0, b, j_first, j_start, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, True,
+                  PLANE_MASK, MASK_J)
+    for jb in tl.range(j_first + BJ, j_hi, BJ, num_stages=NUM_STAGES):
+        b = _load_bytes(w_rows, row_ok, jb, rj, j_start, j_end, False)
+        acc = _k_step(acc, b, jb, j_start, x_ptr, rm, rj, M, K, Q, stride_xm, G, DT, USE_ASM, ASM, False,
+                      LOOP_PLANE_MASK, False)
     return acc
 
 
@@ -212,7 +232,8 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
                      USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
-                     FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
+                     FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
+                     LOOP_PLANE_MASK: tl.constexpr):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
     # applied to x by tq_scale_columns_kernel).
     # MASK_J: some K step runs past the byte columns (Q % BJ != 0); PLANE_MASK: bit i set if plane i's
@@ -231,7 +252,7 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     # (Prefetching the next step's bytes into registers by hand was measured 1.3-1.9x slower on an H100,
     # 2026-11-23: it replaces the cp.async pipeline Triton builds for this loop with a register round trip.)
     acc = _k_range(j_start, j_end, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
-                   G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
+                   G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK, LOOP_PLANE_MASK)
 
     acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
@@ -259,7 +280,8 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                         G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
                         USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
-                        FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr):
+                        FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
+                        LOOP_PLANE_MASK: tl.constexpr):
     """Persistent stream-K launch of the same product, for the GEMM regime (large m).
 
     The grid is a fixed number of programs (about one per SM). The work is TOTAL = tiles * STEPS K steps,
@@ -289,7 +311,7 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
         row_ok = rn[:, None] < N
         acc = _k_range(ks * BJ, ke * BJ, Q, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
-                       G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK)
+                       G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK, LOOP_PLANE_MASK)
         acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
         out_mask = (rn[:, None] < N) & (rm[None, :] < M)
         y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
