@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import DeviceError, FormatError
-from ..formats import get_format
+from ..formats import ROW_ALIGN_BYTES, get_format
 from ..linear import shard_bounds
 
 if TYPE_CHECKING:
@@ -313,6 +313,12 @@ def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torc
                   MASK_J=mask_j, PLANE_MASK=plane_mask,
                   LOOP_PLANE_MASK=loop_plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return x2, m, k, n, q, shared, y
+
+
+# The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
+# that holds because packed rows are padded to ROW_ALIGN_BYTES.
+if ROW_ALIGN_BYTES % 16:
+    raise ImportError(f"spectra.formats.ROW_ALIGN_BYTES = {ROW_ALIGN_BYTES}: the kernels need a multiple of 16")
 
 
 def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int, int]:
