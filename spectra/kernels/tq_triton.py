@@ -236,8 +236,9 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      LOOP_PLANE_MASK: tl.constexpr):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
     # applied to x by tq_scale_columns_kernel).
-    # MASK_J: some K step runs past the byte columns (Q % BJ != 0); PLANE_MASK: bit i set if plane i's
-    # activation columns need a bounds mask. Real layer shapes need few or none: no per-step predicates.
+    # MASK_J: Q % BJ != 0, so a range's first step is partial (see _k_range); PLANE_MASK: bit i set if plane
+    # i's activation columns need a bounds mask in that first step, LOOP_PLANE_MASK in the loop's whole steps.
+    # Real layer shapes need few or none: no per-step predicates.
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
