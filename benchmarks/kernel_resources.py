@@ -20,15 +20,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
-from spectra.kernels.dispatch import FENCE_MODE, _column_masks
-from spectra.kernels.ptx import decode_asm
+from spectra.kernels.dispatch import FENCE_MODE, KernelConfig, _column_masks, kernel_constexprs
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}", "ws_ptr": "*fp32",
@@ -43,12 +42,12 @@ def compile_config(fmt: str, block_m: int, block_n: int, block_j: int, split: in
     fn = tq_triton.tq_matmul_kernel
     masks = (False, 0, 0)
     if in_features is not None:
-        planes = get_format(fmt).trits_per_byte
-        masks = _column_masks(get_format(fmt).row_bytes(in_features), in_features, planes, block_j)
-    constexprs = dict(G=get_format(fmt).trits_per_byte, SCALE_MODE=0,
-                      DT=tl.float16 if dtype == "fp16" else tl.bfloat16, BM=block_m, BN=block_n, BJ=block_j,
-                      SPLIT_K=split > 1, USE_ASM=True, ASM=decode_asm(fmt, dtype), NUM_STAGES=stages,
-                      FENCE=FENCE_MODE, MASK_J=masks[0], PLANE_MASK=masks[1], LOOP_PLANE_MASK=masks[2])
+        spec = get_format(fmt)
+        masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, block_j)
+    cfg = KernelConfig("tc", block_m, block_n, block_j, split, warps, stages)
+    constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
+                                   use_asm=True, fence=FENCE_MODE)
+    constexprs["SPLIT_K"] = split > 1
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -27,6 +27,11 @@ from ..linear import shard_bounds
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
+# The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
+# that holds because packed rows are padded to ROW_ALIGN_BYTES.
+if ROW_ALIGN_BYTES % 16:
+    raise ImportError(f"spectra.formats.ROW_ALIGN_BYTES = {ROW_ALIGN_BYTES}: the kernels need a multiple of 16")
+
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SHIPPED = Path(__file__).with_name("tuned_configs.json")
 _lock = threading.Lock()
@@ -289,36 +294,38 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
     return out
 
 
-def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, shard_axis: int,
-                  out: torch.Tensor | None, use_asm: bool, cfg: KernelConfig):
-    """What every tensor-core launch needs: the activations (column-shard scales applied), sizes, the output,
-    and the launch options both kernels share (format, scale mode, dtype, tiles, decode asm, masks, fence)."""
+def kernel_constexprs(fmt: str, cfg: KernelConfig, dtype: torch.dtype, scale_mode: int,
+                      masks: tuple[bool, int, int], use_asm: bool, fence: int) -> dict:
+    """The compile-time arguments both tensor-core kernels share (format, scale mode, dtype, tiles, decode asm,
+    column masks from :func:`_column_masks`, fence); benchmarks/kernel_resources.py compiles with the same."""
     import triton.language as tl
 
     from .ptx import decode_asm
 
+    use_asm = use_asm and dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
+    mask_j, plane_mask, loop_plane_mask = masks
+    return dict(G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode,
+                DT={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype],
+                BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm,
+                ASM=decode_asm(fmt, "fp16" if dtype == torch.float16 else "bf16") if use_asm else "",
+                NUM_STAGES=cfg.num_stages, FENCE=fence, MASK_J=mask_j, PLANE_MASK=plane_mask,
+                LOOP_PLANE_MASK=loop_plane_mask)
+
+
+def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, shard_axis: int,
+                  out: torch.Tensor | None, use_asm: bool, cfg: KernelConfig):
+    """What every tensor-core launch needs: the activations (column-shard scales applied), sizes, the output,
+    and the launch options both kernels share (:func:`kernel_constexprs`, warps, stages)."""
     mode = scale_mode(scales, shard_axis)
     if mode == 2:
         x2 = scale_columns(x2, scales, x2.shape[1])
     m, k = x2.shape
     n, q = packed.shape
-    planes = get_format(fmt).trits_per_byte
-    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x2.dtype]
-    use_asm = use_asm and x2.dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
-    asm = decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16") if use_asm else ""
-    mask_j, plane_mask, loop_plane_mask = _column_masks(q, k, planes, cfg.block_j)
+    masks = _column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    shared = dict(G=planes, SCALE_MODE=mode, DT=dt, BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j,
-                  USE_ASM=use_asm, ASM=asm, NUM_STAGES=cfg.num_stages, FENCE=FENCE_MODE if x2.is_cuda else 0,
-                  MASK_J=mask_j, PLANE_MASK=plane_mask,
-                  LOOP_PLANE_MASK=loop_plane_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    shared = dict(kernel_constexprs(fmt, cfg, x2.dtype, mode, masks, use_asm, FENCE_MODE if x2.is_cuda else 0),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return x2, m, k, n, q, shared, y
-
-
-# The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
-# that holds because packed rows are padded to ROW_ALIGN_BYTES.
-if ROW_ALIGN_BYTES % 16:
-    raise ImportError(f"spectra.formats.ROW_ALIGN_BYTES = {ROW_ALIGN_BYTES}: the kernels need a multiple of 16")
 
 
 def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int, int]:
