@@ -35,19 +35,17 @@ _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}
 _ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT")  # multiples of 16 in real layer shapes
 
 
-def compile_config(fmt: str, block_m: int, block_n: int, block_j: int, split: int, warps: int, stages: int,
-                   dtype: str = "fp16", in_features: int | None = None):
+def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None):
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
     (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
     fn = tq_triton.tq_matmul_kernel
     masks = (False, 0, 0)
     if in_features is not None:
         spec = get_format(fmt)
-        masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, block_j)
-    cfg = KernelConfig("tc", block_m, block_n, block_j, split, warps, stages)
+        masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
     constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
                                    use_asm=True, fence=FENCE_MODE)
-    constexprs["SPLIT_K"] = split > 1
+    constexprs["SPLIT_K"] = cfg.split > 1
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -60,7 +58,7 @@ def compile_config(fmt: str, block_m: int, block_n: int, block_j: int, split: in
             if name in _ALIGNED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -116,8 +114,8 @@ def main() -> None:
                    help="compile with the column masks this k needs (default: none, as for 70B TQ2 shapes)")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
     args = p.parse_args()
-    kernel = compile_config(args.format, args.block_m, args.block_n, args.block_j, args.split, args.warps,
-                            args.stages, args.dtype, args.in_features)
+    cfg = KernelConfig("tc", args.block_m, args.block_n, args.block_j, args.split, args.warps, args.stages)
+    kernel = compile_config(args.format, cfg, args.dtype, args.in_features)
     usage = resource_usage(kernel.asm["cubin"])
     regs, shared = usage["REG"], kernel.metadata.shared
     threads = 32 * args.warps

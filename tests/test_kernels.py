@@ -565,6 +565,5 @@ def test_shared_memory_plan_bounds_what_triton_allocates():
     for fmt, cfg in (("tq2", dispatch.KernelConfig("tc", 16, 64, 64, 1, 4, 3)),
                      ("tq2", dispatch.KernelConfig("tc", 16, 128, 64, 2, 8, 6)),
                      ("tq1", dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3))):
-        kernel = kernel_resources.compile_config(fmt, cfg.block_m, cfg.block_n, cfg.block_j, cfg.split,
-                                                 cfg.num_warps, cfg.num_stages)
+        kernel = kernel_resources.compile_config(fmt, cfg)
         assert 0 < kernel.metadata.shared <= dispatch.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)
