@@ -1,56 +1,71 @@
-"""Autoregressive generation with a preallocated KV cache: temperature, top-k, top-p, streaming."""
+"""Autoregressive generation with a preallocated KV cache: temperature, top-k, top-p, streaming.
+
+The library chooses how to decode (:func:`decode_plan`). On a GPU the fast path is the default: each block's
+q/k/v and gate/up are fused into one product (in place; inference only), the one-token step is captured in
+a CUDA graph (optionally ``torch.compile``-d first) that also samples the next token on the GPU, and the
+host streams the tokens a few steps behind the GPU, so no token waits for a host round trip. Elsewhere (or
+with ``fast=False``) a plain loop runs the model's forward step by step and samples with a
+``torch.Generator``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from .errors import DeviceError
 from .model import SpectraLM
+from .sampling import sample_keyed, sample_next
 
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next-token ids [B] from last-position logits [B, V]; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop tokens once the mass before them already exceeds top_p (the first token always stays).
-        drop = (cumulative - sorted_logits.softmax(-1)) > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
+__all__ = ["DecodePlan", "decode_plan", "generate", "generate_stream", "generate_uncached", "sample_next"]
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+STREAM_LAG = 8  # steps the GPU may run ahead of the tokens handed out (the host never waits on the newest)
 
 
-@torch.no_grad()
-def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
-             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, eos_id: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None,
-             decode_step: DecodeStep | None = None) -> torch.Tensor:
-    """Continue `prompt` ([B, T] ids or a list of ids) by up to `max_new_tokens` tokens.
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`generate` decodes: a captured CUDA-graph step sampling on the GPU (`graph`), with the
+    projections fused first (`fuse`) and the step compiled by torch.compile (`compile`), or the plain loop."""
 
-    Returns [B, T + generated]. `on_token` receives each new [B] token tensor as it is produced
-    (for streaming). `decode_step(tokens [B,1], pos [1]) -> logits` replaces the plain forward for
-    one-token steps (e.g. a CUDA-graph replay); the prompt is always prefilled with the plain forward.
-    """
-    device = model.model.embed_tokens.weight.device
-    tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    graph: bool
+    fuse: bool
+    compile: bool
+
+
+def decode_plan(device: torch.device, fast: bool | None = None, compile: bool = False) -> DecodePlan:
+    """The decoding path for a model on `device`: `fast` None means the fast path wherever it exists (CUDA),
+    True demands it, False turns it off; `compile` needs the fast path."""
+    cuda = torch.device(device).type == "cuda"
+    if fast is None:
+        fast = cuda
+    if fast and not cuda:
+        raise DeviceError(f"fast decoding (fused projections, a CUDA-graph step) needs the model on a CUDA device, "
+                          f"it is on {device}; pass fast=False, or move the model to the GPU")
+    if compile and not fast:
+        raise DeviceError("compile applies to CUDA decoding (a compiled, graph-captured step); drop it, or decode "
+                          "on a GPU with the fast path on")
+    return DecodePlan(graph=fast, fuse=fast, compile=compile)
+
+
+def _prompt_tensor(model: SpectraLM, prompt: torch.Tensor | list[int]) -> torch.Tensor:
+    tokens = torch.as_tensor(prompt, dtype=torch.long, device=model.model.embed_tokens.weight.device)
     if tokens.dim() == 1:
         tokens = tokens[None]
-    batch, prompt_len = tokens.shape
-    if prompt_len == 0:
+    if tokens.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token")
-    total = min(prompt_len + max_new_tokens, model.config.max_seq_len)
+    return tokens
+
+
+def _plain_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperature: float, top_k: int | None,
+                  top_p: float | None, seed: int | None, eos_id: int | None,
+                  decode_step: DecodeStep | None) -> Iterator[torch.Tensor]:
+    """The reference loop: forward, sample on the host side with a torch.Generator, feed back."""
+    device = tokens.device
+    batch, prompt_len = tokens.shape
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -58,7 +73,6 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
     if own_cache:
         model.setup_cache(batch, total)
         decode_step = lambda tok, pos: model(tok, input_pos=pos)  # noqa: E731
-    out = [tokens]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     try:
         logits = model(tokens, input_pos=torch.arange(prompt_len, device=device))
@@ -67,15 +81,106 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
             if eos_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
                 finished |= nxt == eos_id
-            out.append(nxt[:, None])
-            if on_token is not None:
-                on_token(nxt)
+            yield nxt
             if (eos_id is not None and bool(finished.all())) or pos == total - 1:
                 break
             logits = decode_step(nxt[:, None], torch.tensor([pos], device=device))
     finally:
         if own_cache:
             model.clear_cache()
+
+
+def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperature: float, top_k: int | None,
+                  top_p: float | None, seed: int | None, eos_id: int | None,
+                  compile: bool) -> Iterator[torch.Tensor]:
+    """The fast loop: replays of a :class:`~spectra.decode_graph.GraphSamplingStep`; each new token is copied
+    to pinned host memory and handed out once the GPU is STREAM_LAG steps further."""
+    from .decode_graph import GraphSamplingStep
+
+    device = tokens.device
+    batch, prompt_len = tokens.shape
+    if seed is None:  # drawn from torch's global generator, so torch.manual_seed makes runs repeatable
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    sample = partial(sample_keyed, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
+    n_new = total - prompt_len
+    step = GraphSamplingStep(model, batch, total, sample, eos_id, compile=compile)
+    host = torch.empty(n_new, batch, dtype=torch.long, pin_memory=True)
+    ready = [torch.cuda.Event() for _ in range(n_new)]
+    finished = torch.zeros(batch, dtype=torch.bool)
+    try:
+        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device))
+        first = sample(logits[:, -1], torch.tensor([prompt_len], device=device))
+        step.start(first, prompt_len)
+        host[0].copy_(first, non_blocking=True)
+        ready[0].record()
+        handed = 0
+        for i in range(1, n_new + STREAM_LAG):
+            if i < n_new:
+                step.replay()
+                host[i].copy_(step.tokens[:, 0], non_blocking=True)
+                ready[i].record()
+            while handed <= min(i - STREAM_LAG, n_new - 1):  # tokens the GPU finished STREAM_LAG steps ago
+                ready[handed].synchronize()
+                token = host[handed].clone()
+                handed += 1
+                yield token
+                if eos_id is not None:
+                    finished |= token == eos_id
+                    if bool(finished.all()):
+                        return
+    finally:
+        step.close()
+
+
+@torch.no_grad()
+def generate_stream(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
+                    temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, eos_id: int | None = None, fast: bool | None = None,
+                    compile: bool = False, decode_step: DecodeStep | None = None) -> Iterator[torch.Tensor]:
+    """Yield the new tokens of :func:`generate` one step at a time, each a [B] id tensor, as they are produced.
+    Closing the iterator early frees the cache (and the captured graph)."""
+    tokens = _prompt_tensor(model, prompt)
+    total = min(tokens.shape[1] + max_new_tokens, model.config.max_seq_len)
+    if total <= tokens.shape[1]:
+        return
+    if decode_step is not None:
+        if fast:
+            raise ValueError("decode_step replaces the model's step in the plain loop; it cannot take fast=True")
+        fast = False
+    plan = decode_plan(tokens.device, fast, compile)
+    if plan.fuse:
+        model.fuse_projections()
+    if plan.graph:
+        yield from _graph_tokens(model, tokens, total, temperature, top_k, top_p, seed, eos_id, plan.compile)
+    else:
+        yield from _plain_tokens(model, tokens, total, temperature, top_k, top_p, seed, eos_id, decode_step)
+
+
+@torch.no_grad()
+def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, eos_id: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None, fast: bool | None = None,
+             compile: bool = False, decode_step: DecodeStep | None = None) -> torch.Tensor:
+    """Continue `prompt` ([B, T] ids or a list of ids) by up to `max_new_tokens` tokens.
+
+    Returns [B, T + generated] on the model's device. `on_token` receives each new [B] token tensor as it is
+    produced (for streaming; :func:`generate_stream` is the same as an iterator). Temperature 0 is greedy.
+
+    `fast` (default: on for a model on a CUDA device) fuses the model's q/k/v and gate/up projections in
+    place (inference only: a fused model cannot be saved) and decodes with a captured CUDA-graph step that
+    samples on the GPU; `compile` compiles that step with torch.compile first (slower start, faster tokens).
+    A `seed` makes either path repeatable; the two paths draw different random numbers, so sampled (not
+    greedy) tokens differ between them. `decode_step(tokens [B,1], pos [1]) -> logits` replaces the plain
+    loop's one-token forward (e.g. a :class:`~spectra.decode_graph.GraphDecodeStep`).
+    """
+    tokens = _prompt_tensor(model, prompt)
+    out = [tokens]
+    for token in generate_stream(model, tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id, fast,
+                                 compile, decode_step):
+        if on_token is not None:
+            on_token(token)
+        out.append(token.to(tokens.device)[:, None])
     return torch.cat(out, dim=1)
 
 

@@ -53,7 +53,7 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
 
 def test_generate_compile_on_cpu_is_a_clear_error(tiny_checkpoint):
     result = run_cli("generate", str(tiny_checkpoint), "--device", "cpu", "--compile")
-    assert result.returncode == 2 and "--compile applies to CUDA decoding" in result.stderr
+    assert result.returncode == 2 and "compile applies to CUDA decoding" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -417,8 +417,8 @@ def test_gpu_split_k_stress_many_launches():
 def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
     from spectra import packed as packed_mod
     from spectra.config import get_config
+    from spectra.decode_graph import generate_cuda_graph
     from spectra.generate import generate
-    from spectra.kernels.cudagraph import generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(0)
@@ -433,7 +433,7 @@ def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
 
     monkeypatch.setattr(packed_mod, "ternary_matmul", ternary_matmul_reference)
     monkeypatch.setattr(model_mod, "uses_decode_kernel", lambda *args: False)
-    ref = generate(model, prompt, max_new_tokens=24, temperature=0)
+    ref = generate(model, prompt, max_new_tokens=24, temperature=0, fast=False)
     assert torch.equal(fast.cpu(), ref.cpu())
 
 
@@ -442,8 +442,8 @@ def test_gpu_cuda_graph_frozen_ternary_per_shard_scales_equal_eager():
     # an unpacked ternary checkpoint (int8 trits, 2 scales per matrix) under CUDA-graph capture: expand_scales
     # must not copy from the host inside the graph, and the replayed tokens must match plain eager decoding
     from spectra.config import get_config
+    from spectra.decode_graph import generate_cuda_graph
     from spectra.generate import generate
-    from spectra.kernels.cudagraph import generate_cuda_graph
     from spectra.linear import freeze_ternary
     from spectra.model import SpectraLM
 
@@ -452,7 +452,7 @@ def test_gpu_cuda_graph_frozen_ternary_per_shard_scales_equal_eager():
     model = freeze_ternary(model).half()
     prompt = torch.randint(0, model.config.vocab_size, (3, 4))
     fast = generate_cuda_graph(model, prompt, max_new_tokens=20, temperature=0)
-    ref = generate(model, prompt, max_new_tokens=20, temperature=0)
+    ref = generate(model, prompt, max_new_tokens=20, temperature=0, fast=False)
     assert torch.equal(fast.cpu(), ref.cpu())
 
 
@@ -463,7 +463,7 @@ def test_gpu_compiled_cuda_graph_step_matches_eager_step():
     # a tolerance, and the greedy continuation must agree with the eager graph's.
     from spectra import packed as packed_mod
     from spectra.config import get_config
-    from spectra.kernels.cudagraph import GraphDecodeStep, generate_cuda_graph
+    from spectra.decode_graph import GraphDecodeStep, generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(0)
@@ -494,8 +494,8 @@ def test_gpu_fused_projections_greedy_tokens_equal_separate():
 
     from spectra import packed as packed_mod
     from spectra.config import get_config
+    from spectra.decode_graph import generate_cuda_graph
     from spectra.generate import generate
-    from spectra.kernels.cudagraph import generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(2)
@@ -504,7 +504,7 @@ def test_gpu_fused_projections_greedy_tokens_equal_separate():
     fused = copy.deepcopy(model)
     assert fused.fuse_projections() == 2 * model.config.num_layers
     prompt = torch.randint(0, model.config.vocab_size, (2, 6))
-    ref = generate(model, prompt, max_new_tokens=16, temperature=0)
+    ref = generate(model, prompt, max_new_tokens=16, temperature=0, fast=False)
     fast = generate_cuda_graph(fused, prompt, max_new_tokens=16, temperature=0)
     assert torch.equal(fast.cpu(), ref.cpu())
 

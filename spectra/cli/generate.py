@@ -8,8 +8,8 @@ import sys
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..errors import DataError, DeviceError
-from ..generate import generate
+from ..errors import DataError
+from ..generate import decode_plan, generate
 from ..tokenizer import eos_id, load_tokenizer
 from .common import default_device, parse_dtype
 
@@ -29,16 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
                         "faster tokens; worth it for long generations)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="CUDA: decode with the plain step-by-step loop instead of the fused, graph-captured step")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
-    if args.compile and not str(device).startswith("cuda"):
-        raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
+    plan = decode_plan(torch.device(device), fast=False if args.no_fast else None, compile=args.compile)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
-    model.fuse_projections()  # q/k/v and gate/up as one product each: fewer, larger matmuls per token
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -61,13 +61,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
 
-    options = {}
-    run_generate = generate
-    if str(device).startswith("cuda"):
-        # one-token steps replayed from a CUDA graph, so kernel launches don't dominate decoding
-        from ..kernels.cudagraph import generate_cuda_graph as run_generate
-        options["compile"] = args.compile
-    run_generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream, **options)
+    generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream, fast=plan.graph,
+             compile=plan.compile)
     sys.stdout.write(tokenizer.decode(generated)[len(printed):] + "\n")
     return 0

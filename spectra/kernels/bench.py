@@ -245,7 +245,7 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
     compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up fused into one product
     each, for every kind, unless `fuse` is False). The timed steps attend to `context` cached positions and
     more (attention reads only the filled part of the cache)."""
-    from .cudagraph import GraphDecodeStep, time_decode
+    from ..decode_graph import GraphDecodeStep, time_decode
 
     device = torch.device(device)
     if context < 0:

@@ -1,0 +1,165 @@
+"""CUDA-graph decoding: one captured graph replays a whole one-token step.
+
+A decode step of a packed model is a few hundred small kernels; launched from Python each costs more
+CPU time than its GPU time, which would hide the packed kernels' gain. The model's KV cache has fixed
+shapes (``setup_cache``), so a step can be captured once and replayed. The prompt is still prefilled by the
+plain forward (its shapes vary), into the same cache buffers.
+
+Two captured steps: :class:`GraphDecodeStep` returns logits (benchmarks, and callers that choose tokens
+themselves); :class:`GraphSamplingStep` also chooses the next token on the GPU (:func:`~spectra.sampling.
+sample_keyed`), feeds it back as the next input and advances the position, so a generation is a string of
+replays with no host work between them (:func:`spectra.generate.generate` streams its tokens with a lag).
+
+With ``compile=True`` the captured forward is the model compiled by ``torch.compile`` (inductor): the packed
+matmul stays our kernel (an opaque op, ``spectra::ternary_matmul``) and the small kernels around it
+(RMSNorm, SwiGLU, residual adds, the column scales) are fused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import DeviceError
+from .model import SpectraLM
+
+Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, V], position [1]) -> ids [B]
+
+
+def _model_device(model: SpectraLM) -> torch.device:
+    device = model.model.embed_tokens.weight.device
+    if device.type != "cuda":
+        raise DeviceError(f"CUDA-graph decoding needs the model on a CUDA device, it is on {device}")
+    return device
+
+
+def _capture(step: Callable[[], torch.Tensor | None], device: torch.device, warmup: int,
+             before_each: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    """Warm `step` up on a side stream (compiles kernels, allocates split-k workspaces), then capture it."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(warmup):
+            before_each()
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    before_each()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = step()
+    return graph, out
+
+
+class GraphDecodeStep:
+    """``step(tokens [B, 1], pos [1]) -> logits [B, 1, V]`` replaying a captured CUDA graph.
+
+    Allocates the model's KV cache for `batch` sequences of `max_len` tokens. The returned logits are a
+    static buffer overwritten by the next call (clone it to keep it). Call :meth:`close` (or use the
+    object as a context manager) to free the cache and the graph.
+    """
+
+    def __init__(self, model: SpectraLM, batch: int, max_len: int, warmup: int = 2, compile: bool = False) -> None:
+        device = _model_device(model)
+        self.model = model
+        model.setup_cache(batch, max_len)
+        # dynamic=False: one step shape ([batch, 1] tokens, fixed cache) is all the graph ever replays
+        forward = torch.compile(model, dynamic=False) if compile else model
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph, self.logits = _capture(lambda: forward(self.tokens, input_pos=self.pos), device,
+                                           max(warmup, 3 if compile else 1), lambda: None)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+    def close(self) -> None:
+        self.graph = None
+        self.model.clear_cache()
+
+    def __enter__(self) -> GraphDecodeStep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GraphSamplingStep:
+    """A captured step that samples on the GPU: each :meth:`replay` runs the model on :attr:`tokens` [B, 1]
+    at :attr:`pos` [1], writes the sampled next token into :attr:`tokens` and adds one to :attr:`pos`.
+
+    `sample(logits [B, V], position [1]) -> ids [B]` is called with the position of the token it chooses.
+    With `eos_id`, a sequence that produced it keeps producing it (as the plain loop does). Allocates the
+    KV cache (``batch`` x ``max_len``); :meth:`close` frees it.
+    """
+
+    def __init__(self, model: SpectraLM, batch: int, max_len: int, sample: Sampler, eos_id: int | None = None,
+                 compile: bool = False, warmup: int = 2) -> None:
+        device = _model_device(model)
+        self.model, self.sample, self.eos_id = model, sample, eos_id
+        model.setup_cache(batch, max_len)
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        # the warm-up steps write cache rows 0..warmup-1 and move pos: start() resets what a generation reads
+        self.graph, _ = _capture(self._step, device, max(warmup, 3 if compile else 1), self.pos.zero_)
+
+    def _step(self) -> None:
+        logits = self.forward(self.tokens, input_pos=self.pos)
+        nxt = self.sample(logits[:, -1], self.pos + 1)
+        if self.eos_id is not None:
+            nxt = torch.where(self.finished, self.eos_id, nxt)
+            self.finished |= nxt == self.eos_id
+        self.tokens.copy_(nxt[:, None])
+        self.pos.add_(1)
+
+    def start(self, first: torch.Tensor, pos: int) -> None:
+        """Continue from the token ids `first` [B] at position `pos` (the prompt is in the cache before it)."""
+        self.tokens.copy_(first[:, None])
+        self.pos.fill_(pos)
+        if self.eos_id is not None:
+            self.finished.copy_(first == self.eos_id)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def close(self) -> None:
+        if self.graph is not None:
+            torch.cuda.current_stream(self.tokens.device).synchronize()  # replays in flight use the cache
+        self.graph = None
+        self.model.clear_cache()
+
+
+@torch.no_grad()
+def generate_cuda_graph(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
+                        compile: bool = False, **kwargs) -> torch.Tensor:
+    """The plain generation loop (host-side sampling) with its one-token steps replayed from a
+    :class:`GraphDecodeStep` (of the ``torch.compile``-d step with ``compile=True``). The reference the fast
+    path of :func:`spectra.generate.generate` (sampling inside the graph) is tested against."""
+    from .generate import generate
+
+    tokens = torch.as_tensor(prompt, dtype=torch.long)
+    batch = 1 if tokens.dim() == 1 else tokens.shape[0]
+    total = min(tokens.shape[-1] + max_new_tokens, model.config.max_seq_len)
+    with GraphDecodeStep(model, batch, total, compile=compile) as step:
+        return generate(model, prompt, max_new_tokens=max_new_tokens, decode_step=step, fast=False, **kwargs)
+
+
+def time_decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device: torch.device,
+                steps: int = 50, start: int = 8) -> float:
+    """Median-free mean seconds per decode step over `steps` steps (CUDA events, after one warm step)."""
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    step(tok, torch.tensor([start], device=device))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    positions = [torch.tensor([start + 1 + i], device=device) for i in range(steps)]
+    begin.record()
+    for p in positions:
+        step(tok, p)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / steps

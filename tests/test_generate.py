@@ -1,0 +1,174 @@
+"""Generation policy (which decoding path runs when), streaming, and the graph-capturable keyed sampler.
+
+The fast CUDA path's tokens against the plain loop's are checked by the GPU tests at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectra.config import get_config
+from spectra.errors import DeviceError
+from spectra.generate import decode_plan, generate, generate_stream
+from spectra.model import SpectraLM
+from spectra.sampling import keyed_uniform, sample_keyed, sample_next
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_decode_plan_chooses_the_fast_path_on_cuda_only():
+    assert decode_plan(CUDA) == decode_plan(CUDA, fast=True)
+    plan = decode_plan(CUDA)
+    assert plan.graph and plan.fuse and not plan.compile
+    assert decode_plan(CUDA, compile=True).compile
+    off = decode_plan(CUDA, fast=False)
+    assert not (off.graph or off.fuse or off.compile)
+    cpu = decode_plan(CPU)
+    assert not (cpu.graph or cpu.fuse or cpu.compile)
+    with pytest.raises(DeviceError, match="pass fast=False"):
+        decode_plan(CPU, fast=True)
+    with pytest.raises(DeviceError, match="compile applies to CUDA decoding"):
+        decode_plan(CPU, compile=True)
+    with pytest.raises(DeviceError, match="compile applies to CUDA decoding"):
+        decode_plan(CUDA, fast=False, compile=True)
+
+
+def _reference_loop(model: SpectraLM, prompt: torch.Tensor, n: int, seed: int, **sampling) -> torch.Tensor:
+    """The plain loop written out: full forward over the sequence, sample_next with a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = prompt
+    for _ in range(n):
+        logits = model(tokens)
+        tokens = torch.cat([tokens, sample_next(logits[:, -1], generator=gen, **sampling)[:, None]], dim=1)
+    return tokens
+
+
+def test_cpu_generation_is_the_plain_loop_and_leaves_the_model_as_it_was():
+    torch.manual_seed(5)
+    model = SpectraLM(get_config("tiny")).eval()
+    prompt = torch.randint(0, 1024, (2, 6))
+    sampling = dict(temperature=0.9, top_k=40, top_p=0.95)
+    got = generate(model, prompt, 12, seed=11, **sampling)
+    want = _reference_loop(model, prompt, 12, 11, **sampling)
+    # the cached steps round differently from full recomputation only far below sampling resolution
+    assert torch.equal(got, want)
+    assert not model.projections_fused
+    assert all(layer.self_attn.cache is None for layer in model.model.layers)
+
+
+def test_generate_stream_yields_generate_tokens_and_frees_the_cache_when_closed():
+    torch.manual_seed(6)
+    model = SpectraLM(get_config("tiny")).eval()
+    prompt = torch.randint(0, 1024, (3, 4))
+    whole = generate(model, prompt, 9, temperature=0)
+    streamed: list[torch.Tensor] = []
+    generate(model, prompt, 9, temperature=0, on_token=streamed.append)
+    assert torch.equal(torch.stack(streamed, 1), whole[:, 4:])
+    assert torch.equal(torch.stack(list(generate_stream(model, prompt, 9, temperature=0)), 1), whole[:, 4:])
+    stream = generate_stream(model, prompt, 9, temperature=0)
+    next(stream)
+    assert model.model.layers[0].self_attn.cache is not None
+    stream.close()
+    assert model.model.layers[0].self_attn.cache is None
+    with pytest.raises(DeviceError, match="pass fast=False"):
+        generate(model, prompt, 3, fast=True)
+
+
+def test_keyed_uniforms_are_a_pure_function_of_seed_position_and_index():
+    a = keyed_uniform((3, 1000), 7, torch.tensor([12]))
+    assert torch.equal(a, keyed_uniform((3, 1000), 7, torch.tensor([12])))
+    assert float(a.min()) > 0 and float(a.max()) < 1
+    assert abs(float(a.mean()) - 0.5) < 0.02 and abs(float(a.var()) - 1 / 12) < 0.01
+    assert a.unique().numel() > 2990  # 24-bit uniforms: almost no repeats among 3000
+    for other in (keyed_uniform((3, 1000), 8, torch.tensor([12])), keyed_uniform((3, 1000), 7, torch.tensor([13]))):
+        assert float((a == other).float().mean()) < 0.01
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), other.flatten()]))[0, 1])) < 0.05
+
+
+def _frequencies(draw, n: int, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab)
+    for i in range(n):
+        counts[draw(i)] += 1
+    return counts / n
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                                      dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=4, top_p=0.9)])
+def test_keyed_sampler_draws_from_the_reference_distribution(sampling):
+    # The reference distribution is sample_next's (filtered softmax); 3000 keyed draws (positions 0..2999) must
+    # match it within about 4 standard errors, and never draw a token sample_next cannot.
+    logits = torch.tensor([[1.2, -0.3, 2.0, 0.4, 1.9, -2.5, 0.0]])
+    from spectra.sampling import _filter_logits
+
+    probs = _filter_logits(logits, sampling["temperature"], sampling.get("top_k"), sampling.get("top_p")).softmax(-1)[0]
+    n = 3000
+    freq = _frequencies(lambda i: int(sample_keyed(logits, torch.tensor([i]), seed=3, **sampling)), n, 7)
+    assert torch.all(freq[probs == 0] == 0)
+    assert float((freq - probs).abs().max()) < 4 * (0.25 / n) ** 0.5
+    gen = torch.Generator().manual_seed(0)
+    ref = _frequencies(lambda i: int(sample_next(logits, generator=gen, **sampling)), n, 7)
+    assert torch.equal(ref > 0, freq > 0) or float((ref - freq).abs().max()) < 0.05
+
+
+def test_keyed_sampler_greedy_is_argmax_and_a_seed_repeats():
+    logits = torch.randn(5, 301, generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([17])
+    assert torch.equal(sample_keyed(logits, pos, seed=9, temperature=0), logits.argmax(-1))
+    a = torch.stack([sample_keyed(logits, torch.tensor([p]), seed=9, temperature=1.0, top_p=0.95) for p in range(20)])
+    b = torch.stack([sample_keyed(logits, torch.tensor([p]), seed=9, temperature=1.0, top_p=0.95) for p in range(20)])
+    c = torch.stack([sample_keyed(logits, torch.tensor([p]), seed=10, temperature=1.0, top_p=0.95) for p in range(20)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a[:, 0].tolist())) > 5  # different positions draw different tokens
+
+
+# --- GPU: the fast path (fused projections, graph-captured step sampling on the GPU) against the plain loop ---
+
+def _random_model(kind: str, seed: int) -> SpectraLM:
+    from spectra import packed as packed_mod
+
+    torch.manual_seed(seed)
+    weight_kind = "float" if kind == "fp16" else "ternary"
+    model = SpectraLM(get_config("mini", weight_kind=weight_kind, model_parallel_size=2)).cuda().float().eval()
+    if kind != "fp16":
+        packed_mod.pack_model(model, kind)
+    return model.half()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["tq2", "tq1", "fp16"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_fast_path_greedy_tokens_equal_the_plain_loop(kind, batch):
+    # prompt 60 + 150 new tokens: the decode attention crosses its 64-position chunks at 64, 128 and 192
+    import copy
+
+    model = _random_model(kind, seed=batch)
+    reference = copy.deepcopy(model)
+    reference.fuse_projections()  # the same products, launched step by step from Python
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 60), device="cuda")
+    want = generate(reference, prompt, 150, temperature=0, fast=False)
+    got = generate(model, prompt, 150, temperature=0)
+    assert model.projections_fused  # the library chose the fast path itself
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_sampling_with_a_seed_repeats():
+    model = _random_model("tq2", seed=4)
+    prompt = torch.randint(0, model.config.vocab_size, (4, 9), device="cuda")
+    sampling = dict(temperature=0.9, top_k=64, top_p=0.9)
+    a = generate(model, prompt, 40, seed=123, **sampling)
+    b = generate(model, prompt, 40, seed=123, **sampling)
+    c = generate(model, prompt, 40, seed=124, **sampling)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    streamed = torch.stack(list(generate_stream(model, prompt, 40, seed=123, **sampling)), 1)
+    assert torch.equal(streamed.cuda(), a[:, 9:])
+    # eos: a sequence that produced it keeps producing it, and generation stops once every sequence has
+    eos = int(a[0, 12])
+    d = generate(model, prompt, 40, seed=123, eos_id=eos, **sampling)
+    for row in range(4):
+        new_d, new_a = d[row, 9:], a[row, 9:]
+        hits = (new_d == eos).nonzero()
+        first = int(hits[0]) if len(hits) else len(new_d)
+        assert torch.equal(new_d[:first], new_a[:first]) and bool((new_d[first:] == eos).all())
+    assert bool((d[0, 9:][:4] == eos).any())
