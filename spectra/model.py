@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kernels.attention import cached_step_attention, uses_decode_kernel
+from .kernels.pointwise import add_rms_norm, fused_pointwise_applies, rms_norm, swiglu
 from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
 
 
@@ -26,10 +27,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_pointwise_applies(x, self.weight):  # GPU inference: one kernel instead of about seven
+            return rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 as LLaMA does, then cast back before the learned gain.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of that sum): one kernel in GPU inference."""
+        if fused_pointwise_applies(x, self.weight):
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return total, self(total)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +116,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):  # inference: gate and up fused (SpectraLM.fuse_projections)
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused_pointwise_applies(gate):
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -119,8 +132,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, pos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        x, h = self.post_attention_layernorm.add_forward(x, attn)
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -171,8 +185,9 @@ class SpectraLM(nn.Module):
                 cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
         for layer in self.model.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask)
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits

@@ -116,18 +116,23 @@ if triton is not None:
             m = tl.max(scores, axis=0)
             e = tl.exp(scores - m)
             acc = tl.sum(e[:, None] * v, axis=0)
-            slot = bh * S + c
-            tl.store(m_ptr + slot, m)
-            tl.store(l_ptr + slot, tl.sum(e, axis=0))
-            tl.store(acc_ptr + slot.to(tl.int64) * D + rd, acc, mask=d_ok)
-            # The last of the (sequence, head)'s chunks to finish merges them (an arrival counter, as the
-            # split-k matmul does): no second launch. The CTA barrier before the acq_rel atomic orders every
-            # thread's stores (release is cumulative); the merging program reads the slots from L2.
             used = (n + CHUNK_N - 1) // CHUNK_N
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == used - 1:
-                _merge_chunks(m_ptr, l_ptr, acc_ptr, out_ptr, bh, used, S, rd, d_ok, D, BS)
-                tl.atomic_xchg(cnt_ptr + bh, 0)
+            if used == 1:
+                # One chunk holds every filled position: the result directly, without the partial slots,
+                # the arrival counter and the merge (three dependent round trips to memory fewer).
+                tl.store(out_ptr + bh * D + rd, (acc / tl.sum(e, axis=0)).to(out_ptr.dtype.element_ty), mask=d_ok)
+            else:
+                slot = bh * S + c
+                tl.store(m_ptr + slot, m)
+                tl.store(l_ptr + slot, tl.sum(e, axis=0))
+                tl.store(acc_ptr + slot.to(tl.int64) * D + rd, acc, mask=d_ok)
+                # The last of the (sequence, head)'s chunks to finish merges them (an arrival counter, as the
+                # split-k matmul does): no second launch. The CTA barrier before the acq_rel atomic orders every
+                # thread's stores (release is cumulative); the merging program reads the slots from L2.
+                tl.debug_barrier()
+                if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == used - 1:
+                    _merge_chunks(m_ptr, l_ptr, acc_ptr, out_ptr, bh, used, S, rd, d_ok, D, BS)
+                    tl.atomic_xchg(cnt_ptr + bh, 0)
 
     @triton.jit
     def _merge_chunks(m_ptr, l_ptr, acc_ptr, out_ptr, bh, used, S, rd, d_ok, D: tl.constexpr, BS: tl.constexpr):

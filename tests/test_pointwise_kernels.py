@@ -1,0 +1,106 @@
+"""Fused RMSNorm (with and without the residual add) and SwiGLU kernels against their PyTorch references.
+
+The Triton kernels run under TRITON_INTERPRET=1 in a subprocess on CPU tensors (CI); GPU tests are marked.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from kernel_support import run_in_interpreter
+
+pytest.importorskip("triton")
+
+# Odd widths (a masked tail of the power-of-two block, an H past one 1024-wide block), rows of a strided view
+# (the halves of a fused gate/up product), fp32 and fp16. fp32 must agree to rounding; fp16 to one unit in
+# the last place of the output (the fp32 sum of squares is taken in another order).
+_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from spectra.kernels.pointwise import (add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference,
+                                           swiglu, swiglu_reference)
+    torch.manual_seed(0)
+    failures, cases = [], 0
+
+    def check(name, got, want, dtype):
+        global cases
+        cases += 1
+        tol = 2e-6 if dtype == torch.float32 else 1e-3
+        err = float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1.0)).max())
+        if got.shape != want.shape or got.dtype != want.dtype or not err <= tol:
+            failures.append(f"{name}: {tuple(got.shape)} {got.dtype} err {err:.3e}")
+
+    for shape, dtype in (((3, 5, 77), torch.float32), ((2, 1, 200), torch.float16), ((1, 1, 33), torch.float16)):
+        x = (torch.randn(shape) * 3).to(dtype)
+        r = torch.randn(shape).to(dtype)
+        w = (torch.rand(shape[-1]) + 0.5).to(dtype)
+        check(f"rms_norm {shape}", rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), dtype)
+        total, normed = add_rms_norm(x, r, w, 1e-6)
+        want_total, want_normed = add_rms_norm_reference(x, r, w, 1e-6)
+        cases += 1
+        if not torch.equal(total, want_total):
+            failures.append(f"add_rms_norm sum {shape} {dtype} differs")
+        check(f"add_rms_norm {shape}", normed, want_normed, dtype)
+    for rows, h, dtype in ((3, 1100, torch.float32), (2, 90, torch.float16), (1, 2051, torch.float16)):
+        gate_up = (torch.randn(rows, 1, 2 * h) * 4).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        check(f"swiglu {rows}x{h}", swiglu(gate, up), swiglu_reference(gate, up), dtype)
+    print(f"cases={cases}")
+    for f in failures:
+        print("FAIL", f)
+    sys.exit(1 if failures else 0)
+""")
+
+
+def test_pointwise_kernels_in_interpreter_match_references():
+    assert "cases=12" in run_in_interpreter(_SCRIPT)
+
+
+def test_fused_kernels_stay_out_of_training_compiling_and_cpu():
+    from spectra.kernels.pointwise import fused_pointwise_applies
+
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert not fused_pointwise_applies(x)  # CPU tensors keep the PyTorch ops
+    meta = torch.empty(2, 8, device="meta")
+    assert not fused_pointwise_applies(meta)
+
+
+def test_pointwise_kernels_reject_mismatched_inputs():
+    from spectra.kernels.pointwise import add_rms_norm, swiglu
+
+    with pytest.raises(ValueError, match="a gain of N values"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(torch.randn(2, 8), torch.randn(2, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_pointwise_kernels_match_references(dtype):
+    from spectra.kernels.pointwise import (
+        add_rms_norm,
+        add_rms_norm_reference,
+        rms_norm,
+        rms_norm_reference,
+        swiglu,
+        swiglu_reference,
+    )
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    ulp = 1e-3 if dtype == torch.float16 else 8e-3
+    for rows, n, h in ((1, 3072, 8192), (16, 3072, 8192), (5, 1000, 2731)):
+        x = torch.randn(rows, 1, n, device="cuda", generator=gen).to(dtype)
+        r = torch.randn(rows, 1, n, device="cuda", generator=gen).to(dtype)
+        w = (torch.rand(n, device="cuda", generator=gen) + 0.5).to(dtype)
+        total, normed = add_rms_norm(x, r, w, 1e-5)
+        want_total, want_normed = add_rms_norm_reference(x, r, w, 1e-5)
+        assert torch.equal(total, want_total)
+        for got, want in ((normed, want_normed), (rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))):
+            assert float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1)).max()) <= ulp
+        gate, up = (torch.randn(rows, 1, 2 * h, device="cuda", generator=gen) * 4).to(dtype).chunk(2, dim=-1)
+        got, want = swiglu(gate, up), swiglu_reference(gate, up)
+        assert float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1)).max()) <= ulp
