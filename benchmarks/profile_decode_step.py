@@ -1,55 +1,90 @@
 """Where a decode step's GPU time goes: kernel time and launches per step, by kernel (torch.profiler).
 
-    python benchmarks/profile_decode_step.py                     # 3.9B TQ2, torch.compile-d step
-    python benchmarks/profile_decode_step.py --kind float --eager
+    python benchmarks/profile_decode_step.py                              # 3.9B TQ2: eager-old, eager-new, compiled
+    python benchmarks/profile_decode_step.py --kind float --variants compiled
 
-Random weights, fused q/k/v and gate/up, batch 1, a KV cache of --max-len positions, one token at position 8.
-The step runs without a CUDA graph here, so the figures are kernel time (launch gaps not included).
+Random weights, fused q/k/v and gate/up, batch 1, a KV cache of --max-len positions, one token at --pos.
+Variants: eager-old (RMSNorm, residual adds and SwiGLU as PyTorch ops), eager-new (the fused pointwise
+kernels of kernels/pointwise.py), compiled (torch.compile; inductor fuses the pointwise ops itself).
+The per-kernel table is kernel time without a CUDA graph; the step time is a CUDA-graph replay of the same
+step at the same position (launch gaps included), and "non-matmul" is that step time minus the packed-matmul and cuBLAS
+(fp16 layers, lm head) kernel time: what the decode issue's 150 us target counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from spectra.kernels import pointwise
 from spectra.kernels.bench import build_random_model
+
+MATMUL = re.compile(r"tq_matmul|tq_dequant|gemm|gemv|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
+
+
+def profile_variant(model, variant: str, max_len: int, pos: int, top: int) -> None:
+    dev = torch.device("cuda")
+    pointwise.ENABLED = variant != "eager-old"
+    compile = variant == "compiled"
+    model.setup_cache(1, max_len)
+    step = torch.compile(model, dynamic=False) if compile else model
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    at = torch.tensor([pos], device=dev)
+    reps = 5
+    with torch.no_grad():
+        for _ in range(3):  # compile and warm up outside the profile
+            step(tok, input_pos=at)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step(tok, input_pos=at)
+            torch.cuda.synchronize()
+        # the same step (same compiled code and cache) captured in a CUDA graph: its time includes the gaps
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(tok, input_pos=at)
+        graph.replay()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        step_us = begin.elapsed_time(end) * 1e3 / 50
+    del graph
+    model.clear_cache()
+    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    kernel_us = sum(r[1] for r in rows)
+    matmul_us = sum(r[1] for r in rows if MATMUL.search(r[0]))
+    print(f"## {variant}: graph step {step_us:.0f} us; kernel time {kernel_us:.0f} us in "
+          f"{sum(r[2] for r in rows):.0f} kernels; matmul kernels {matmul_us:.0f} us; "
+          f"non-matmul kernels {kernel_us - matmul_us:.0f} us; non-matmul step time {step_us - matmul_us:.0f} us")
+    for key, us, count in rows[:top]:
+        print(f"  {us:8.1f} us  {100 * us / kernel_us:5.1f}%  {count:5.0f}x  {key[:100]}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="3.9b", choices=("3.9b", "70b-slice"))
     p.add_argument("--kind", default="tq2", choices=("tq2", "tq1", "float"))
+    p.add_argument("--variants", default="eager-old,eager-new,compiled")
     p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--eager", action="store_true", help="profile the eager step instead of the compiled one")
+    p.add_argument("--pos", type=int, default=8, help="the step's position (context = pos + 1 tokens)")
     p.add_argument("--layers", type=int, default=None, help="layers (default: 30 for 3.9b, 4 for the slice)")
-    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--top", type=int, default=16)
     args = p.parse_args()
     dev = torch.device("cuda")
     layers = args.layers or (4 if args.model == "70b-slice" else None)
-    model = build_random_model(args.model, args.kind, torch.float16, dev, layers, max_seq_len=max(args.max_len, 128))
+    max_len = max(args.max_len, args.pos + 60)
+    model = build_random_model(args.model, args.kind, torch.float16, dev, layers, max_seq_len=max(max_len, 128))
     model.fuse_projections()
-    model.setup_cache(1, args.max_len)
-    step = model if args.eager else torch.compile(model, dynamic=False)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    pos = torch.tensor([8], device=dev)
-    reps = 5
-    with torch.no_grad():
-        for _ in range(3):  # compile and warm up outside the profile
-            step(tok, input_pos=pos)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                step(tok, input_pos=pos)
-            torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
-    print(f"{torch.cuda.get_device_name()}; {args.model} {args.kind}, {'eager' if args.eager else 'compiled'} step, "
-          f"max_len {args.max_len}: kernel time per step {sum(r[1] for r in rows):.0f} us, "
-          f"kernels per step {sum(r[2] for r in rows):.0f}")
-    for key, us, count in rows[:args.top]:
-        print(f"  {us:8.1f} us  {count:5.0f}x  {key[:110]}")
+    print(f"{torch.cuda.get_device_name()}; {args.model} {args.kind}, batch 1, position {args.pos}, cache {max_len}")
+    for variant in args.variants.split(","):
+        profile_variant(model, variant, max_len, args.pos, args.top)
 
 
 if __name__ == "__main__":

@@ -175,13 +175,15 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
     loop's one-token forward (e.g. a :class:`~spectra.decode_graph.GraphDecodeStep`).
     """
     tokens = _prompt_tensor(model, prompt)
-    out = [tokens]
+    new: list[torch.Tensor] = []
     for token in generate_stream(model, tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id, fast,
                                  compile, decode_step):
         if on_token is not None:
             on_token(token)
-        out.append(token.to(tokens.device)[:, None])
-    return torch.cat(out, dim=1)
+        new.append(token)  # on the host for the fast path: moved once at the end, not one blocking copy a token
+    if not new:
+        return tokens
+    return torch.cat([tokens, torch.stack(new, dim=1).to(tokens.device)], dim=1)
 
 
 @torch.no_grad()

@@ -75,8 +75,9 @@ if triton is not None:
 def fused_pointwise_applies(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     """Whether the fused kernels take this call: inference (no autograd) on a CUDA tensor, not under
     torch.compile (inductor fuses the PyTorch ops itself), the gain in the activation dtype."""
-    return (ENABLED and triton is not None and x.is_cuda and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and (weight is None or weight.dtype == x.dtype))
+    # is_compiling first: under torch.compile the answer is then a constant, with no guard on ENABLED
+    return (not torch.compiler.is_compiling() and ENABLED and triton is not None and x.is_cuda
+            and not torch.is_grad_enabled() and (weight is None or weight.dtype == x.dtype))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
