@@ -74,7 +74,8 @@ def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: t
 
     if model.projections_fused:
         raise ConfigError("this model's q/k/v and gate/up projections were fused for inference "
-                          "(fuse_projections); save the model before fusing, or reload it from its checkpoint")
+                          "(fuse_projections; spectra.generate does it on a GPU unless fast=False); save the "
+                          "model before fusing, or reload it from its checkpoint")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, dtype)
