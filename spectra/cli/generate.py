@@ -10,6 +10,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..errors import DataError, DeviceError
 from ..generate import generate
+from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
 from .common import default_device, parse_dtype
 
@@ -29,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
                         "faster tokens; worth it for long generations)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (spectra finetune --method lora) to "
+                                                    "apply to the model")
     p.set_defaults(func=run)
 
 
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    if args.adapter:
+        load_adapter(model, args.adapter)
     model.fuse_projections()  # q/k/v and gate/up as one product each: fewer, larger matmuls per token
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
