@@ -276,3 +276,15 @@ def test_cli_finetune_generate_with_adapter(checkpoints, pairs_file, tmp_path, c
     assert main(["generate", str(checkpoints["ternary"]), "--adapter", str(out / "adapter"), "--prompt", "To be",
                  "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
     assert main(["finetune", str(checkpoints["ternary"]), "--data", str(pairs_file), "--out", str(out)]) == 2
+
+
+def test_a_packed_trilm_fine_tunes_from_its_exact_trits(checkpoints, tmp_path):
+    from spectra.finetune.run import latent_model
+    packed = spectra.pack_model(spectra.load_checkpoint(checkpoints["ternary"]), "tq1")
+    latent = latent_model(packed)
+    tokens = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(latent(tokens), packed(tokens), atol=1e-4)  # scales to fp32 rounding
+    frozen = spectra.freeze_ternary(latent)
+    for name, layer in frozen.linear_layers().items():
+        assert torch.equal(layer.trits, packed.linear_layers()[name].trits()), name

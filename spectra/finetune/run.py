@@ -23,10 +23,10 @@ from ..checkpoint import load_checkpoint, read_config, resolve_device, save_chec
 from ..config import dataclass_from_dict
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
-from ..linear import freeze_ternary
+from ..linear import freeze_ternary, latent_from_ternary
 from ..lora import LoRAConfig, apply_lora, save_adapter
 from ..model import SpectraLM
-from ..packed import PACKED_KINDS, pack_model
+from ..packed import PACKED_KINDS, pack_model, ternary_values
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
 from ..train.loop import Objective, evaluate
@@ -119,7 +119,24 @@ def build_model(task: FinetuneConfig, kind: str, device: torch.device) -> Spectr
         model.load_state_dict(source.state_dict())  # same parameter names: the float weights become latent ones
         phase_in(model)
         return model.to(device).train()
+    if read_config(task.checkpoint).weight_kind in PACKED_KINDS:
+        return latent_model(load_checkpoint(task.checkpoint, dtype=torch.float32)).to(device).train()
     return load_checkpoint(task.checkpoint, dtype=torch.float32, kind=kind).to(device).train()
+
+
+@torch.no_grad()
+def latent_model(model: SpectraLM) -> SpectraLM:
+    """A trainable TriLM (latent weights) that ternarizes to exactly the trits and scales of `model`'s
+    ternary layers (packed or frozen), as loading a dense TriLM checkpoint with kind="ternary" gives."""
+    linear = model.linear_layers()
+    config = model.config.replace(weight_kind="ternary", weight_options={})
+    latent = SpectraLM(config)
+    latent.load_state_dict({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in linear},
+                           strict=False)
+    for name, module in latent.linear_layers().items():
+        trits, scales = ternary_values(name, linear[name])
+        module.weight.copy_(latent_from_ternary(trits, scales, module.shard_axis))
+    return latent
 
 
 def build_dataset(task: FinetuneConfig, data: str, seq_len: int):
