@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from ..checkpoint import load_checkpoint, read_config, resolve_device, save_checkpoint
+from ..checkpoint import (
+    _infer_parts,
+    detect_ternary,
+    load_checkpoint,
+    read_config,
+    resolve_device,
+    save_checkpoint,
+    weight_files,
+)
 from ..config import dataclass_from_dict
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
@@ -29,7 +38,7 @@ from ..model import SpectraLM
 from ..packed import PACKED_KINDS, pack_model, ternary_values
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
-from ..train.loop import Objective, evaluate
+from ..train.loop import Objective, check_compatible, evaluate
 from ..train.state import CHECKPOINTS_DIR, read_training_meta, resolve_resume
 from .convert import DistillationLoss, phase_at, phase_in, set_phase
 from .data import ChatFormat, FinetuneDataset
@@ -92,14 +101,21 @@ class FinetuneResult:
 def _training_kind(task: FinetuneConfig) -> str:
     if task.method == "convert":
         return "ternary"
-    stored = read_config(task.checkpoint).weight_kind
     if task.method == "lora":
         return "float"  # only the adapters train, and they are float
-    if stored in PACKED_KINDS or stored == "ternary_frozen":
+    config = read_config(task.checkpoint)
+    if config.weight_kind in (*PACKED_KINDS, "ternary", "ternary_frozen"):
         return "ternary"
-    # A dense checkpoint: ternary if its weights are (a TriLM saved as trits * scales), detected on load.
-    probe = load_checkpoint(task.checkpoint, dtype=torch.float32)
-    return "ternary" if probe.config.weight_kind == "ternary_frozen" else "float"
+    # A float-declared dense checkpoint may still hold a TriLM (transformers' config of a SpectraSuite
+    # *_Unpacked model): look at its first matrix, as loading does for all of them.
+    first = "model.layers.0.self_attn.q_proj.weight"
+    for file in weight_files(Path(task.checkpoint)):
+        with safe_open(str(file), framework="pt") as f:
+            if first in f.keys():
+                weight = f.get_tensor(first).float()
+                parts = _infer_parts({first: weight})
+                return "ternary" if parts and detect_ternary(weight, parts, 0) is not None else "float"
+    return "float"
 
 
 def build_model(task: FinetuneConfig, kind: str, device: torch.device) -> SpectraLM:
@@ -189,6 +205,8 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
         if (run_dir / TASK_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
             raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                                 f"another --out")
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise TrainingError(f"{run_dir} exists and is not an empty directory; choose another --out")
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(task, config.kind, device)
     seq_len = config.seq_len or model.config.max_seq_len
@@ -202,6 +220,7 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
             raise ConfigError(f"the ternarization warm-up ({task.ternary_warmup} steps) must end before the last "
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
+    check_compatible(model, dataset, seq_len, objective.adapters_only)  # before anything is written
     before = None
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
