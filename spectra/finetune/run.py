@@ -38,7 +38,7 @@ from ..model import SpectraLM
 from ..packed import PACKED_KINDS, pack_model, ternary_values
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
-from ..train.loop import Objective, check_compatible, evaluate
+from ..train.loop import Objective, build_loaders, check_compatible, evaluate
 from ..train.state import CHECKPOINTS_DIR, read_training_meta, resolve_resume
 from .convert import DistillationLoss, phase_at, phase_in, set_phase
 from .data import ChatFormat, FinetuneDataset
@@ -245,7 +245,6 @@ def _train_config(task: FinetuneConfig, options: dict[str, Any]) -> TrainConfig:
 def _held_out_loss(model: SpectraLM, dataset, config: TrainConfig, device: torch.device) -> float | None:
     """The starting model's held-out loss on the batches the loop evaluates (conversion: the float model)."""
     if isinstance(dataset, TokenDataset):
-        from ..train.loop import build_loaders
         batches = build_loaders(config, dataset, config.seq_len)[1]
     else:
         batches = dataset.loaders(config, config.seq_len)[1]
