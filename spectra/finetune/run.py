@@ -48,7 +48,7 @@ METHODS = ("full", "lora", "convert")
 BASE_FORMATS = ("tq2", "tq1", "int8")
 # Peak LRs when none is given (short runs on small data): latent ternary weights must move about a scale to
 # flip a trit, so they take a larger LR than float weights; adapters start from zero and take a large one.
-DEFAULT_LR = {"full/float": 1e-4, "full/ternary": 5e-4, "lora": 1e-3, "convert": 1e-3}
+DEFAULT_LR = {"full/float": 1e-4, "full/ternary": 5e-4, "lora": 1e-3, "convert": 2.4e-3}
 
 
 @dataclass
