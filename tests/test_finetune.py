@@ -253,12 +253,14 @@ def test_adapter_save_load_round_trip_gives_identical_logits(checkpoints, tmp_pa
 
 # --- resume ----------------------------------------------------------------------------------------
 
-def test_resume_mid_finetune_is_bit_identical(checkpoints, pairs_file, tmp_path):
-    task = FinetuneConfig(checkpoint=str(checkpoints["ternary"]))
+@pytest.mark.parametrize("method, base, extra", [("full", "ternary", {}), ("lora", "ternary", {}),
+                                                ("convert", "float", {"ternary_warmup": 3, "teacher": True})])
+def test_resume_mid_finetune_is_bit_identical(method, base, extra, checkpoints, pairs_file, tmp_path):
+    task = FinetuneConfig(checkpoint=str(checkpoints[base]), method=method, **extra)
     options = dict(data=str(pairs_file), steps=4, batch_size=2, seq_len=48, eval_every=0, save_every=2,
                    keep_last=3, progress=False, echo=lambda s: None)
     full = finetune(task, out_dir=str(tmp_path / "full"), **options)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut", ignore=shutil.ignore_patterns("model"))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut", ignore=shutil.ignore_patterns("model", "adapter"))
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000004")
     resumed = finetune(resume=tmp_path / "cut", echo=lambda s: None)
     assert resumed.train.step == 4
