@@ -1,6 +1,9 @@
 """spectra: ternary language models (TriLM), their float (FloatLM) and quantized (QuantLM) peers."""
 
-from . import train  # a callable module: spectra.train(...) runs spectra.train.loop.train
+from . import (
+    finetune,  # spectra.finetune.finetune(...): SFT, LoRA, float -> ternary conversion
+    train,  # a callable module: spectra.train(...) runs spectra.train.loop.train
+)
 from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .config import PRESETS, SUITE, ModelConfig, get_config
 from .data import TokenDataset, WindowLoader, prepare_data
@@ -27,6 +30,7 @@ from .linear import (
     register_linear_kind,
     ternarize,
 )
+from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
 from .parallel import init_parallel, parallelize
@@ -54,4 +58,5 @@ __all__ = [
     "TokenDataset", "WindowLoader", "prepare_data", "TrainConfig", "train", "TrainingError", "plot_runs",
     "run_demo",
     "init_parallel", "parallelize",
+    "finetune", "LoRAConfig", "apply_lora", "load_adapter", "save_adapter",
 ]

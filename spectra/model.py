@@ -49,6 +49,19 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return emb.cos(), emb.sin()
 
 
+def document_mask_and_positions(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences packed from several documents ([b, t] ids, each document one contiguous run): the
+    [b, 1, t, t] attention mask (causal, within a document) and the positions, restarting at 0 per document."""
+    b, t = document_ids.shape
+    index = torch.arange(t, device=document_ids.device).expand(b, t)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    positions = index - (index * starts).cummax(dim=1).values
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None], positions
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -99,8 +112,8 @@ class Attention(nn.Module):
         if self.cache is not None and pos is not None:
             k, v = self.cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:  # `mask`, when given, keeps packed documents apart (SpectraLM.forward's document_ids)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -170,9 +183,15 @@ class SpectraLM(nn.Module):
         return count_parameters(self.config).total
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                input_pos: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`document_ids` ([b, t], training only): tokens attend within their own document and positions
+        restart per document, so packed examples see exactly what they would see alone."""
         t = tokens.shape[1]
-        if input_pos is None:
+        if document_ids is not None:
+            mask, positions = document_mask_and_positions(document_ids)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        elif input_pos is None:
             if t > self.config.max_seq_len:
                 from .errors import ConfigError
                 raise ConfigError(f"sequence of {t} tokens exceeds the model's max_seq_len "

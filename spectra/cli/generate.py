@@ -10,6 +10,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..errors import DataError
 from ..generate import decode_plan, generate
+from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
 from .common import default_device, parse_dtype
 
@@ -31,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "faster tokens; worth it for long generations)")
     p.add_argument("--no-fast", action="store_true",
                    help="CUDA: decode with the plain step-by-step loop instead of the fused, graph-captured step")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (spectra finetune --method lora) to "
+                                                    "apply to the model")
     p.set_defaults(func=run)
 
 
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     plan = decode_plan(torch.device(device), fast=False if args.no_fast else None, compile=args.compile)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    if args.adapter:
+        load_adapter(model, args.adapter)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")

@@ -99,9 +99,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SpectraLM:
     return model.to(device).train()
 
 
-def check_compatible(model: SpectraLM, dataset: TokenDataset, seq_len: int) -> None:
+def check_compatible(model: SpectraLM, dataset: TokenDataset, seq_len: int, adapters_only: bool = False) -> None:
     config = model.config
-    if config.weight_kind not in TRAINABLE_KINDS:
+    if config.weight_kind not in TRAINABLE_KINDS and not adapters_only:
         raise ConfigError(f"cannot train weight kind {config.weight_kind!r}; train 'ternary' or 'float' "
                           f"(load checkpoints with kind='ternary' to continue a TriLM)")
     if dataset.vocab_size > config.vocab_size:
@@ -149,9 +149,29 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+def batch_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """Mean cross-entropy of a batch: (inputs, targets) windows, or (inputs, targets, document_ids) of packed
+    fine-tuning examples (targets -100 where no loss is taken)."""
+    inputs, targets, *document_ids = batch
+    if document_ids:
+        return model(inputs, targets, document_ids=document_ids[0])[1]
+    return model(inputs, targets)[1]
+
+
+@dataclass
+class Objective:
+    """What fine-tuning and conversion change in the loop (spectra.finetune): the training loss of a batch,
+    a hook run before every step (the ternarization phase-in), and whether only adapters train (LoRA on a
+    frozen base of any weight kind). Evaluation always reports `batch_loss`."""
+
+    loss: Callable[[nn.Module, tuple], torch.Tensor] = batch_loss
+    before_step: Callable[[int], None] | None = None
+    adapters_only: bool = False
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: WindowLoader, cfg: TrainConfig,
                schedule: Schedule, step: int, device: torch.device,
-               ctx: ParallelContext | None = None) -> tuple[float, float]:
+               ctx: ParallelContext | None = None, objective: Objective | None = None) -> tuple[float, float]:
     """One optimizer step over `cfg.grad_accum` micro-batches; returns (mean loss, gradient norm).
 
     A non-finite loss or gradient norm leaves the weights untouched (the caller decides to stop or skip).
@@ -161,11 +181,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Windo
     for group in optimizer.param_groups:
         group["lr"] = schedule.lr(step)
         group["weight_decay"] = schedule.weight_decay_at(step) if group.get("name") == "decay" else 0.0
+    loss_of = objective.loss if objective is not None else batch_loss
+    if objective is not None and objective.before_step is not None:
+        objective.before_step(step)
     total = torch.zeros((), device=device)
     for _ in range(cfg.grad_accum):
-        inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
         with autocast_context(device, cfg.precision):
-            _, loss = model(inputs, targets)
+            loss = loss_of(model, batch)
         (loss / cfg.grad_accum).backward()
         total += loss.detach().float()
     if ctx is not None and ctx.distributed:
@@ -183,17 +206,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Windo
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list, device: torch.device, precision: str) -> float | None:
-    """Mean loss per token over fixed batches (None when there are none)."""
+    """Mean loss per token over fixed batches (None when there are none); tokens without a target (-100,
+    fine-tuning prompts) do not count."""
     if not batches:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in batches:
+    for batch in batches:
         with autocast_context(device, precision):
-            _, loss = model(inputs.to(device), targets.to(device))
-        total += float(loss) * targets.numel()
-        count += targets.numel()
+            loss = batch_loss(model, tuple(t.to(device) for t in batch))
+        tokens = int((batch[1] != -100).sum())
+        total += float(loss) * tokens
+        count += tokens
     model.train(was_training)
     return total / count
 
@@ -253,14 +278,15 @@ def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
 # --- the loop -------------------------------------------------------------------------------------
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
-          initial_model: SpectraLM | None = None,
+          initial_model: SpectraLM | None = None, dataset: Any = None, objective: Objective | None = None,
           callback: Callable[[dict], None] | None = None, **options: Any) -> TrainResult:
     """Pretrain a TriLM or FloatLM on a prepared dataset; see TrainConfig for every option.
 
     `spectra.train(data="data/", out_dir="runs/x", model="mini", steps=2000)` builds the config from keyword
     arguments. `resume` (a run directory or one of its checkpoints) continues a run: with no config the saved
     one is used, with `options` overriding fields. `initial_model` replaces the built model (its shape must suit the
-    data). `callback(record)` receives every metrics record as it is written.
+    data). `callback(record)` receives every metrics record as it is written. Fine-tuning passes its own
+    `dataset` (packed examples, see spectra.finetune.data) and `objective` (loss and per-step hook).
     """
     checkpoint = resolve_resume(resume) if resume is not None else None
     saved = read_training_meta(checkpoint)["meta"] if checkpoint is not None else None
@@ -281,13 +307,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         torch.set_num_threads(cfg.threads)
 
     # Everything that can be wrong is checked before anything is written.
-    dataset = TokenDataset(cfg.data)
+    dataset = TokenDataset(cfg.data) if dataset is None else dataset
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
     device = ctx.device
     model = build_model(cfg, device) if initial_model is None else initial_model.to(device).train()
     seq_len = cfg.seq_len or model.config.max_seq_len
-    check_compatible(model, dataset, seq_len)
+    check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only)
     run_dir = Path(cfg.out_dir)
     if saved is not None:
         _check_resume_shape(saved["model_config"], model, checkpoint)
@@ -300,7 +326,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     model = parallelize(model, ctx, cfg.dp_mode, param_dtype=torch.bfloat16 if bf16 else None,
                         compile=cfg.compile and ctx.distributed)
-    loader, val_batches, train_fixed = build_loaders(cfg, dataset, seq_len)
+    loader, val_batches, train_fixed = (build_loaders(cfg, dataset, seq_len) if isinstance(dataset, TokenDataset)
+                                        else dataset.loaders(cfg, seq_len))
     loader = RankShardedLoader(loader, ctx) if ctx.dp > 1 else loader
     schedule = cfg.make_schedule()
     optimizer = build_optimizer(model, cfg)
@@ -355,7 +382,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         while step < cfg.steps:
             started = time.perf_counter()
             try:
-                loss, norm = train_step(step_model, optimizer, loader, cfg, schedule, step, device, ctx)
+                loss, norm = train_step(step_model, optimizer, loader, cfg, schedule, step, device, ctx, objective)
             except _OOM:
                 raise DeviceError(f"GPU out of memory at step {step + 1} with micro-batches of {cfg.batch_size} x "
                                   f"{seq_len} tokens; lower --batch-size (raise --grad-accum to keep the same "

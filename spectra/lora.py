@@ -1,0 +1,179 @@
+"""LoRA adapters on any linear layer of the model, above all on a frozen, packed ternary base.
+
+``y = base(x) + (α / r) · B(A(x))``: the base layer (TQ2/TQ1 packed, int8 trits, or float) is frozen and
+keeps its own storage, so the base costs its packed bytes; only the rank-r matrices A [r, in] and B [out, r]
+train. The base's backward is a custom autograd function that rebuilds the dense weight only for the
+product with the incoming gradient (the packed GPU kernels have no backward, and the base needs no
+weight gradient). B starts at zero, so a fresh adapter leaves the model's outputs exactly as they were.
+
+Adapters are saved apart from the base as peft does it — ``adapter_config.json`` and
+``adapter_model.safetensors`` with names ``base_model.model.<layer>.lora_A.weight`` — because our layer
+names are those of transformers' LLaMA, a peft LoRA of rank r on the same modules has the same names and
+shapes. peft itself does not fit: it wraps nn.Linear (and a list of known quantized layers), not our packed
+layers, and it would route the backward through kernels that have none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import _replace_dir
+from .errors import CheckpointError, ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """Rank, α (the update is scaled by α / rank) and the names of the layers that get adapters."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be at least 1, got {self.rank}")
+        unknown = sorted(set(self.targets) - set(ALL_TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"unknown LoRA target layers {unknown or '(none given)'}; choose among "
+                              f"{', '.join(ALL_TARGETS)}")
+
+    def peft_dict(self) -> dict:
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
+                "target_modules": list(self.targets), "lora_dropout": 0.0, "bias": "none",
+                "fan_in_fan_out": False, "inference_mode": True}
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, where: Path) -> LoRAConfig:
+        if data.get("peft_type", "LORA") != "LORA" or "r" not in data:
+            raise CheckpointError(f"{where} is not a LoRA adapter config (peft_type LORA with 'r')")
+        targets = data.get("target_modules") or ALL_TARGETS
+        return cls(rank=int(data["r"]), alpha=float(data.get("lora_alpha", data["r"])),
+                   targets=tuple(targets) if isinstance(targets, list) else (targets,))
+
+
+class _FrozenBaseProduct(torch.autograd.Function):
+    """y = base(x) with the base frozen: the backward gives x its gradient from the dense weight, rebuilt on the
+    fly, and the base none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.base.dense_weight().to(grad.dtype)
+        return grad @ weight, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear layer plus a trainable low-rank update (α / r)·B·A."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.shard_axis, self.parts = base.shard_axis, base.parts
+        device = next(iter(base.buffers()), next(iter(base.parameters()), None)).device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's initialisation
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _FrozenBaseProduct.apply(x, self.base) if torch.is_grad_enabled() else self.base(x)
+        return y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(y.dtype) * self.scaling
+
+    def dense_weight(self) -> torch.Tensor:
+        """The merged weight base + (α / r)·B·A (float)."""
+        update = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return self.base.dense_weight().float() + update.float()
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Freeze every parameter of `model` and put a fresh adapter on each target layer; returns their names."""
+    model.requires_grad_(False)
+    names = []
+    for name, module in list(model.linear_layers().items()):
+        if name.rsplit(".", 1)[-1] in config.targets and not isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(module, config.rank, config.alpha))
+            names.append(name)
+    if not names:
+        raise ConfigError(f"the model has no layers named {', '.join(config.targets)} to adapt")
+    return names
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of `model` under peft's names."""
+    return {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(module, part).weight.detach().cpu().contiguous()
+            for name, module in model.named_modules() if isinstance(module, LoRALinear)
+            for part in ("lora_A", "lora_B")}
+
+
+def lora_config_of(model: nn.Module) -> LoRAConfig:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ConfigError("the model has no LoRA adapters to save; apply them first (apply_lora)")
+    rank = layers[0][1].lora_A.out_features
+    targets = tuple(t for t in ALL_TARGETS if any(name.endswith(t) for name, _ in layers))
+    return LoRAConfig(rank=rank, alpha=layers[0][1].scaling * rank, targets=targets)
+
+
+def save_adapter(model: nn.Module, path: str | Path, base: str | None = None) -> Path:
+    """Write the adapters of `model` to directory `path` (adapter_config.json + adapter_model.safetensors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = lora_config_of(model).peft_dict() | {"base_model_name_or_path": base}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    save_file(adapter_tensors(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _replace_dir(tmp, path)
+    return path
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Put the adapters saved in `path` on `model` (in place); every tensor must match a layer exactly."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, "
+                              f"as `spectra finetune --method lora` writes)")
+    try:
+        config = LoRAConfig.from_peft_dict(json.loads((path / ADAPTER_CONFIG).read_text()), path / ADAPTER_CONFIG)
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read the adapter in {path} ({err}); it is corrupt") from None
+    apply_lora(model, config)
+    expected = adapter_tensors(model)
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:2]}, unknown {unknown[:2]}; "
+                              f"load it on the base it was trained on")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                for part in ("lora_A", "lora_B"):
+                    src = tensors[f"{PEFT_PREFIX}{name}.{part}.weight"]
+                    dst = getattr(module, part).weight
+                    if src.shape != dst.shape:
+                        raise CheckpointError(f"{path}: {name}.{part} has shape {tuple(src.shape)}, the model "
+                                              f"needs {tuple(dst.shape)}; load it on the base it was trained on")
+                    dst.copy_(src.to(dst.dtype))
+    return model
