@@ -11,7 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import DataError, DeviceError
 from ..generate import generate
 from ..tokenizer import eos_id, load_tokenizer
-from .common import default_device, parse_dtype
+from .common import add_allow_nonfinite, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
                         "faster tokens; worth it for long generations)")
+    add_allow_nonfinite(p)
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compile and not str(device).startswith("cuda"):
         raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
     tokenizer = load_tokenizer(args.checkpoint)
-    model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype),
+                            allow_nonfinite=args.allow_nonfinite)
     model.fuse_projections()  # q/k/v and gate/up as one product each: fewer, larger matmuls per token
     ids = tokenizer.encode(args.prompt).ids
     if not ids:

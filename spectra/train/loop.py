@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +23,8 @@ from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from ..config import get_config
 from ..data import TokenDataset, WindowLoader
 from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
-from ..errors import CheckpointError, ConfigError, DataError, DeviceError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, DeviceError, OutputError, TrainingError
+from ..io import check_output, hold_lock, write_text_atomic
 from ..model import SpectraLM
 from ..parallel import (
     ParallelContext,
@@ -53,6 +52,8 @@ from .state import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".spectra-lock"  # in the run directory: held by the process writing the run (spectra.io)
+EXPORT_OWNER = "train --export"
 RUN_FILE = "run.json"
 TRAINABLE_KINDS = ("float", "ternary")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len",
@@ -216,14 +217,30 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a killed process
-            if record.get("step", 0) <= step and record.get("split") != "final":
+            if record.get("step", 0) <= step and (record.get("split") != "final" or record.get("step") == step):
                 kept.append(line)
-        _write_atomic(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def has_final(self, step: int) -> bool:
+        """Whether the log already ends the run at `step` (a finished run being resumed)."""
+        if not (self.enabled and self.path.is_file()):
+            return False
+        return any(r.get("split") == "final" and r.get("step") == step for r in _records(self.path))
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _records(file: Path) -> list[dict]:
+    out = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -235,11 +252,27 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _check_run_dir(run_dir: Path, resuming: bool, force: bool) -> None:
+    """A new run goes to a missing or empty directory, or (with `force`) beside files that are not a run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; the run directory must be a directory (or not exist yet)")
+    if resuming or not run_dir.is_dir():
+        return
+    if list_checkpoints(run_dir) or (run_dir / RUN_FILE).is_file():
+        raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                            f"or choose another output directory")
+    if any(run_dir.iterdir()) and not force:
+        raise OutputError(f"--out {run_dir} already exists, is not empty and is not a training run; choose "
+                          f"another directory or pass --force to write the run beside its files")
+
+
+def _absolute_paths(cfg: TrainConfig) -> dict[str, str]:
+    """data, out_dir, export_dir and a checkpoint `model` as absolute paths, so a resume from another working
+    directory finds the same files."""
+    fields = {"data": cfg.data, "out_dir": cfg.out_dir, "export_dir": cfg.export_dir}
+    if Path(cfg.model).is_dir():
+        fields["model"] = cfg.model
+    return {k: str(Path(v).absolute()) for k, v in fields.items() if v}
 
 
 def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
@@ -254,7 +287,7 @@ def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           initial_model: SpectraLM | None = None,
-          callback: Callable[[dict], None] | None = None, **options: Any) -> TrainResult:
+          callback: Callable[[dict], None] | None = None, force: bool = False, **options: Any) -> TrainResult:
     """Pretrain a TriLM or FloatLM on a prepared dataset; see TrainConfig for every option.
 
     `spectra.train(data="data/", out_dir="runs/x", model="mini", steps=2000)` builds the config from keyword
@@ -276,7 +309,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if config.tp > 1 and not Path(config.model).is_dir():
         config = config.replace(model_overrides=tensor_parallel_overrides(config.model, config.kind,
                                                                           config.model_overrides, config.tp))
-    cfg = config
+    cfg = config.replace(**_absolute_paths(config))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -289,14 +322,37 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     seq_len = cfg.seq_len or model.config.max_seq_len
     check_compatible(model, dataset, seq_len)
     run_dir = Path(cfg.out_dir)
+    main = is_main_process()
+    if main:
+        _check_run_dir(run_dir, saved is not None, force)
+        if cfg.export_dir:
+            sources = [cfg.data] + ([cfg.model] if Path(cfg.model).is_dir() else [])
+            check_output(cfg.export_dir, EXPORT_OWNER, force=force, sources=sources, flag="--export")
+            if run_dir.absolute() == Path(cfg.export_dir) or Path(cfg.export_dir) in run_dir.absolute().parents:
+                raise OutputError(f"--export {cfg.export_dir} would replace the run directory {run_dir}; export "
+                                  f"to another path")
+        created = not run_dir.exists()
+        try:
+            # Held for the whole run: a second writer of this run directory is refused.
+            with hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"):
+                return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir,
+                              initial_model, callback, force)
+        except BaseException:
+            if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # failed before writing anything: leave no trace
+            raise
+    return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir, initial_model, callback,
+                  force)
+
+
+def _train(cfg: TrainConfig, saved: dict | None, checkpoint: Path | None, dataset: TokenDataset,
+           device: torch.device, ctx: ParallelContext, model: SpectraLM, seq_len: int, run_dir: Path,
+           initial_model: SpectraLM | None, callback: Callable[[dict], None] | None, force: bool) -> TrainResult:
     if saved is not None:
         _check_resume_shape(saved["model_config"], model, checkpoint)
         if saved["dataset"] != dataset.fingerprint():
             raise DataError(f"{checkpoint} was trained on other data (tokenizer or token counts differ from "
                             f"{dataset.path}); resume with the dataset it was trained on")
-    elif list_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
-                            f"or choose another output directory")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     model = parallelize(model, ctx, cfg.dp_mode, param_dtype=torch.bfloat16 if bf16 else None,
                         compile=cfg.compile and ctx.distributed)
@@ -316,9 +372,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         start_step, tokens_seen = int(meta["step"]), int(meta["tokens"])
     main = is_main_process()
     log = MetricsLog(run_dir / METRICS_FILE, main)
+    finished = checkpoint is not None and start_step >= cfg.steps and log.has_final(start_step)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
+        write_text_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
                                                       model.config.to_dict(), "schedule": schedule.describe()},
                                                      indent=2) + "\n")
         log.truncate_after(start_step)
@@ -394,16 +451,17 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 
     val_loss = evaluate(step_model, val_batches, device, cfg.precision)
     train_loss = evaluate(step_model, train_fixed, device, cfg.precision)
-    if val_loss is not None:
-        emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
-    emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
+    if not finished:  # resuming a finished run evaluates again but does not log its end twice
+        if val_loss is not None:
+            emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
+        emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
     if writes and last_saved != step_dir(run_dir, step):
         last_saved = save(step)
     export = None
     if cfg.export_dir:
         plain = gather_model(model, ctx) if ctx.distributed else model
         if main:
-            export = save_checkpoint(plain, cfg.export_dir, tokenizer=tokenizer)
+            export = save_checkpoint(plain, cfg.export_dir, tokenizer=tokenizer, owner=EXPORT_OWNER, force=force)
     steps_run = step - start_step
     return TrainResult(run_dir=run_dir, checkpoint=last_saved, export_dir=export, step=step, train_loss=train_loss,
                        val_loss=val_loss, tokens=tokens_seen,
