@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import write_text_atomic
 
 # GPT-NeoX tokenizer vocabulary (50277) padded to a multiple of 128, as in the released checkpoints.
 SUITE_VOCAB_SIZE = 50304
@@ -130,7 +131,7 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks the key {missing}; is this a LLaMA-style checkpoint?") from None
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
 def _nearest_divisor(n: int, target: int) -> int:

@@ -242,6 +242,7 @@ CASES = {
                                            "banana"],
     "train --out is a file": lambda w, t: ["train", "--data", w["data"], "--out", _user_dir(t) / "notes.txt", *TRAIN],
     "train --out is a user directory": lambda w, t: ["train", "--data", w["data"], "--out", _user_dir(t), *TRAIN],
+    "train --out inside --data": lambda w, t: ["train", "--data", _data_copy(w, t), "--out", t / "data" / "r", *TRAIN],
     "train --steps abc (argparse)": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", "--steps", "abc"],
     "train token ids >= vocab": lambda w, t: ["train", "--data", _ids_beyond_vocab(w, t), "--out", t / "r", *TRAIN],
     "train data index shard ../": lambda w, t: ["train", "--data", _escaping_data(w, t), "--out", t / "r", "--steps",
@@ -325,11 +326,14 @@ def test_nonfinite_weights_load_with_the_flag(world, tmp_path):
 
 def test_resume_of_a_finished_run_adds_no_final_record_and_paths_are_absolute(world, tmp_path, capsys, monkeypatch):
     run = Path(shutil.copytree(world["run"], tmp_path / "run"))
-    finals = lambda: [r for r in read_metrics(run) if r["split"] == "final"]  # noqa: E731
-    assert len(finals()) == 1
+    metrics = (run / "metrics.jsonl").read_text()
+    assert [r["split"] for r in read_metrics(run)].count("final") == 1
     monkeypatch.chdir(tmp_path)
     assert run_cli(["train", "--resume", "run"], capsys)[0] == 0
-    assert len(finals()) == 1
+    assert (run / "metrics.jsonl").read_text() == metrics  # finished: nothing appended
+    assert run_cli(["train", "--resume", "run", "--steps", "3"], capsys)[0] == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["split"] == "final"] == [3]  # continued: one end record, the new one
     config = json.loads((run / "run.json").read_text())["config"]
     assert all(Path(config[k]).is_absolute() for k in ("data", "out_dir"))
     # A relative --data given to a new run is stored absolute.

@@ -207,8 +207,9 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (a resumed run writes them again), atomically."""
+    def truncate_after(self, step: int, keep_final: bool = False) -> None:
+        """Drop records of steps after `step` (a resumed run writes them again) and the run's end record unless
+        `keep_final` (a finished run resumed without more steps), atomically."""
         if not (self.enabled and self.path.is_file()):
             return
         kept = []
@@ -217,7 +218,7 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a killed process
-            if record.get("step", 0) <= step and (record.get("split") != "final" or record.get("step") == step):
+            if record.get("step", 0) <= step and (record.get("split") != "final" or keep_final):
                 kept.append(line)
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
@@ -252,8 +253,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-def _check_run_dir(run_dir: Path, resuming: bool, force: bool) -> None:
-    """A new run goes to a missing or empty directory, or (with `force`) beside files that are not a run."""
+def _check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> None:
+    """A new run goes to a missing or empty directory, or (with `force`) beside files that are not a run;
+    never into its data directory."""
+    check_output(run_dir / RUN_FILE, "train", force=True, kind="file", sources=[data])
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; the run directory must be a directory (or not exist yet)")
     if resuming or not run_dir.is_dir():
@@ -323,8 +326,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     check_compatible(model, dataset, seq_len)
     run_dir = Path(cfg.out_dir)
     main = is_main_process()
+    _check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
     if main:
-        _check_run_dir(run_dir, saved is not None, force)
         if cfg.export_dir:
             sources = [cfg.data] + ([cfg.model] if Path(cfg.model).is_dir() else [])
             check_output(cfg.export_dir, EXPORT_OWNER, force=force, sources=sources, flag="--export")
@@ -378,7 +381,7 @@ def _train(cfg: TrainConfig, saved: dict | None, checkpoint: Path | None, datase
         write_text_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
                                                       model.config.to_dict(), "schedule": schedule.describe()},
                                                      indent=2) + "\n")
-        log.truncate_after(start_step)
+        log.truncate_after(start_step, keep_final=finished)
         remove_stale_staging(run_dir)
     step_model = torch.compile(model) if cfg.compile and not ctx.distributed else model
     writes = main or ctx.distributed  # saving a parallel model gathers its shards: every rank takes part
