@@ -510,7 +510,11 @@ class WindowLoader:
         return self.state.to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, index = int(state["epoch"]), int(state["index"])
+        try:
+            epoch, index = int(state["epoch"]), int(state["index"])
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"loader position {state!r} is not {{'epoch': int, 'index': int}}; the training "
+                            f"state is damaged — resume from an earlier checkpoint") from None
         if epoch < 0 or not 0 <= index <= self._epoch_windows(epoch)[0].size:
             raise DataError(f"loader position {state} does not exist in this data; was it prepared again?")
         self.state = LoaderState(epoch, index)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from .errors import ConfigError
 from .model import SpectraLM
 
 
@@ -31,6 +33,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling options that would crash mid-generation or mean nothing (NaN temperature, top_p 2)."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must lie in (0, 1] (or be unset), got {top_p}")
+
+
 @torch.no_grad()
 def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
@@ -43,6 +57,7 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
     (for streaming). `decode_step(tokens [B,1], pos [1]) -> logits` replaces the plain forward for
     one-token steps (e.g. a CUDA-graph replay); the prompt is always prefilled with the plain forward.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = model.model.embed_tokens.weight.device
     tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)
     if tokens.dim() == 1:

@@ -178,6 +178,7 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
             raise OutputError(f"{flag} {path} is, contains or lies inside the source {source}; spectra never "
                               f"writes into its input: choose an output path outside it")
     if not os.path.lexists(path):
+        _check_writable_parent(path, flag)
         return path
     if kind == "dir":
         if not path.is_dir() or path.is_symlink():
@@ -199,6 +200,23 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
         return path
     raise OutputError(f"{flag} {path} already exists and is not {what}; choose another path or pass --force "
                       f"to replace it")
+
+
+def _check_writable_parent(path: Path, flag: str) -> None:
+    """Fail now, not after hours of work, when `path` cannot be created: its nearest existing ancestor must be
+    a directory this process can create files in (tried with a probe file that is removed at once)."""
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{flag} {path} cannot be created: {ancestor} is a file, not a directory; fix the path")
+    probe = ancestor / f".spectra-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as err:
+        raise OutputError(f"{flag} {path} cannot be created: {ancestor} does not take new files "
+                          f"({err.strerror}); choose a writable location") from None
+    os.unlink(probe)
 
 
 def _safe(recognize: Callable[[Path], bool], path: Path) -> bool:

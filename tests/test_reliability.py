@@ -190,6 +190,12 @@ def _fifo_corpus(world, tmp):
     return corpus
 
 
+def _file(path, content: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
 def _index_list(world, tmp):
     d = _data_copy(world, tmp)
     (d / "index.json").write_text("[]")
@@ -249,6 +255,18 @@ CASES = {
                                                 "1", *TRAIN],
     "data index.json is a list": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _index_list(w, t), "--device",
                                                "cpu"],
+    "generate --temperature nan": lambda w, t: ["generate", w["ckpt"], "--temperature", "nan", "--device", "cpu"],
+    "generate --max-new-tokens -1": lambda w, t: ["generate", w["ckpt"], "--max-new-tokens", "-1", "--device", "cpu"],
+    "plot of a junk metrics.jsonl": lambda w, t: ["plot", _file(t / "m" / "metrics.jsonl", b"{junk\n"), "--out",
+                                                  t / "l.png"],
+    "scaling fit of a binary CSV": lambda w, t: ["scaling", "fit", _file(t / "p.csv", b"\xff\xfe\x00" * 40)],
+    "scaling plot --law that is a list": lambda w, t: ["scaling", "plot", "--law", _file(t / "l.json", b"[1]"),
+                                                       "--out", t / "s.png"],
+    "compare of a non-UTF-8 result": lambda w, t: ["compare", _file(t / "r.json", b"\xff\xfe"), "--out-dir", t / "c"],
+    "eval --out under a file": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", w["data"], "--device", "cpu",
+                                             "--out", _user_dir(t) / "notes.txt" / "r.json"],
+    "train --export under a file": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", *TRAIN, "--export",
+                                                 _user_dir(t) / "notes.txt" / "e"],
     "resume state without loader": lambda w, t: ["train", "--resume", _resume_without("loader")(w, t), "--steps", "4"],
     "resume state without config": lambda w, t: ["train", "--resume", _resume_without("config")(w, t), "--steps", "4"],
     "resume state without optim::": lambda w, t: ["train", "--resume", _resume_without_tensors("optim::")(w, t),

@@ -40,7 +40,7 @@ def run_weights(args: argparse.Namespace) -> int:
     )
     from ..eval.results import write_json
 
-    bins = parse_int_list(args.bins, "--bins")
+    bins = parse_int_list(args.bins, "--bins", minimum=1)
     per_model = {}
     for source in args.checkpoints:
         model = load_model(source, dtype=parse_dtype(args.dtype), allow_nonfinite=args.allow_nonfinite)

@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import DataError, DeviceError
-from ..generate import generate
+from ..generate import check_sampling, generate
 from ..tokenizer import eos_id, load_tokenizer
 from .common import add_allow_nonfinite, default_device, parse_dtype
 
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     if args.compile and not str(device).startswith("cuda"):
         raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the (slow) load
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype),
                             allow_nonfinite=args.allow_nonfinite)

@@ -84,6 +84,7 @@ def describe_os_error(err: OSError) -> str:
         errno.EISDIR: "is a directory where a file was expected; give a file path",
         errno.ENOTDIR: "a part of the path is a file where a directory was expected; fix the path",
         errno.ENOENT: "no such file or directory; check the path",
+        errno.EEXIST: "a file is in the way where a directory is needed; fix the path",
         errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
     }
     hint = hints.get(err.errno or -1, f"{err.strerror or err}; check the path and try again")

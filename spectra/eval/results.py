@@ -79,8 +79,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"result file {path} does not exist")
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
         raise DataError(f"{path} is not a spectra result file (format {RESULTS_FORMAT!r}); write one with "

@@ -250,7 +250,20 @@ def read_metrics(path: str | Path) -> list[dict]:
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no {METRICS_FILE} at {path}; pass a run directory written by `spectra train`")
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}:{lineno} is not a JSON record; is it a metrics.jsonl written by "
+                            f"`spectra train`?") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{file}:{lineno} is not a JSON object; is it a metrics.jsonl written by "
+                            f"`spectra train`?")
+        records.append(record)
+    return records
 
 
 def _check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> None:
