@@ -168,7 +168,8 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
                  replace_own: bool = True, flag: str = "--out") -> Path:
     """Refuse to write `path` unless it is new, an empty directory or (with `replace_own`) a previous output
     of `owner`; `force` lifts the refusal. A path that is a source, holds one or lies inside one is always
-    refused. `kind` is "dir" or "file"; `recognize(path)` tells a previous file output of `owner`."""
+    refused. `kind` is "dir" or "file"; `recognize(path)` tells a previous output of `owner` without a marker
+    (files, and directories written before markers existed)."""
     path = Path(path)
     recover(path)
     resolved = path.resolve()
@@ -185,7 +186,7 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
             raise OutputError(f"{flag} {path} exists and is not a directory; give a directory path")
         if not any(path.iterdir()):
             return path
-        if replace_own and output_owner(path) == owner:
+        if replace_own and (output_owner(path) == owner or (recognize is not None and _safe(recognize, path))):
             return path
         what = f"a previous output of `spectra {owner}`" if replace_own else "empty"
     else:

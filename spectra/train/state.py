@@ -154,7 +154,7 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     """Write checkpoint directory `path` (core checkpoint + training state) atomically; returns it."""
     path = Path(path)
     names = {id(p): n for n, p in model.named_parameters()}
-    check_output(path, TRAIN_OWNER)
+    check_output(path, TRAIN_OWNER, recognize=lambda p: (p / STATE_META).is_file())  # also unmarked older ones
     with atomic_dir(path, TRAIN_OWNER) as target:
         write_checkpoint_files(model, target, tokenizer=tokenizer)
         optim_tensors, optim_meta = optimizer_tensors(optimizer, names)
