@@ -29,6 +29,7 @@ from ..model import SpectraLM
 from ..parallel import (
     ParallelContext,
     RankShardedLoader,
+    barrier,
     clip_grad_norm_,
     init_parallel,
     mean_over_data_parallel,
@@ -277,7 +278,7 @@ def _check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> Non
     if list_checkpoints(run_dir) or (run_dir / RUN_FILE).is_file():
         raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another output directory")
-    if any(run_dir.iterdir()) and not force:
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not force:
         raise OutputError(f"--out {run_dir} already exists, is not empty and is not a training run; choose "
                           f"another directory or pass --force to write the run beside its files")
 
@@ -340,6 +341,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     run_dir = Path(cfg.out_dir)
     main = is_main_process()
     _check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
+    barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
     if main:
         if cfg.export_dir:
             sources = [cfg.data] + ([cfg.model] if Path(cfg.model).is_dir() else [])
