@@ -36,6 +36,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import time
@@ -66,6 +67,8 @@ def _sibling(path: Path, kind: str) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negative ids name process groups, not a writer
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,15 +104,29 @@ def _remove(path: Path) -> None:
     os.rmdir(path)
 
 
+def _discard(path: Path) -> None:
+    """Delete a replaced output. The new one is already in place, so a failure here does not fail the command:
+    what is left is retried at once, and whatever still remains is removed by the next `recover`."""
+    try:
+        _remove(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file to disk (its errors, e.g. ENOSPC surfacing late, propagate) or a directory's entries (some
+    filesystems refuse that: ignored, the files themselves were flushed)."""
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     except OSError:
-        return
+        if directory:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass  # some filesystems refuse fsync on directories; the data files were synced
+        if not directory:
+            raise
     finally:
         os.close(fd)
 
@@ -308,25 +325,28 @@ def atomic_dir(path: str | Path, owner: str) -> Iterator[Path]:
         replace_dir(staging, path)
     except BaseException:
         if staging.exists():
-            _remove(staging)
+            _discard(staging)
         raise
 
 
 def replace_dir(new: Path, path: Path) -> None:
     """Put directory `new` at `path` (which may exist, as a directory); the previous content is deleted."""
-    global _EXCHANGE_SUPPORTED
     if not os.path.lexists(path):
         _step("rename")
         os.rename(new, path)
     elif _EXCHANGE_SUPPORTED and _exchange(new, path):
-        _remove(new)  # `new` now names the old output
+        _discard(new)  # `new` now names the old output
     else:
         old = _sibling(path, "old")
         _step("rename-old")
         os.rename(path, old)
-        _step("rename-new")
-        os.rename(new, path)
-        _remove(old)
+        try:
+            _step("rename-new")
+            os.rename(new, path)
+        except BaseException:
+            os.rename(old, path)  # an error (not a kill) between the renames: the old output goes back now
+            raise
+        _discard(old)
     _fsync_path(path.parent, directory=True)
 
 
@@ -367,7 +387,11 @@ def _stale(holder: dict | None, lock: Path) -> bool:
             return time.time() - lock.stat().st_mtime > 5
         except FileNotFoundError:
             return True
-    return holder.get("host") == _host() and not _pid_alive(int(holder.get("pid", 0)))
+    try:
+        pid = int(holder.get("pid", 0))
+    except (TypeError, ValueError):
+        return True  # not a lock this code wrote
+    return holder.get("host") == _host() and not _pid_alive(pid)
 
 
 @contextlib.contextmanager

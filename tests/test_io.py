@@ -162,3 +162,28 @@ def test_plain_file_names():
     assert io.is_plain_file_name("model-00001-of-00002.safetensors")
     for bad in ("../x.safetensors", "/etc/passwd", "a/b.bin", "..", ".", "", None, 3, "a\\b"):
         assert not io.is_plain_file_name(bad)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_an_error_at_any_step_leaves_old_or_new_and_no_debris(tmp_path, exchange, monkeypatch):
+    """A failing rename or delete (disk error, not a kill) is cleaned up at once, without waiting for recovery."""
+    total = _count_steps(exchange, tmp_path)
+    monkeypatch.setattr(io, "_EXCHANGE_SUPPORTED", exchange)
+    for k in range(total):
+        out = tmp_path / f"err{k}" / "out"
+        _write_tree(out, OLD)
+        seen = []
+
+        def hook(step, seen=seen, k=k):
+            seen.append(step)
+            if len(seen) == k + 1:  # once: the cleanup that follows works
+                raise OSError(5, "Input/output error")
+        monkeypatch.setattr(io, "_STEP_HOOK", hook)
+        try:  # an error before the swap fails the command; one while deleting the old copy does not
+            with io.atomic_dir(out, "pack") as staging:
+                _write_tree(staging, NEW)
+        except OSError:
+            assert _tree(out) == OLD
+        monkeypatch.setattr(io, "_STEP_HOOK", None)
+        assert _tree(out) in (OLD, {**NEW, io.MARKER_FILE: '{"command": "pack"}\n'})
+        assert [p.name for p in out.parent.iterdir()] == ["out"]
