@@ -275,10 +275,12 @@ def _check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> Non
         raise ConfigError(f"--out {run_dir} is a file; the run directory must be a directory (or not exist yet)")
     if resuming or not run_dir.is_dir():
         return
-    if list_checkpoints(run_dir) or (run_dir / RUN_FILE).is_file():
+    if list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another output directory")
-    if any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not force:
+    # A run killed before its first checkpoint (run.json, no checkpoints) starts over in place.
+    own = (run_dir / RUN_FILE).is_file()
+    if not own and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not force:
         raise OutputError(f"--out {run_dir} already exists, is not empty and is not a training run; choose "
                           f"another directory or pass --force to write the run beside its files")
 
