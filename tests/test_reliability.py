@@ -359,3 +359,18 @@ def test_resume_of_a_finished_run_adds_no_final_record_and_paths_are_absolute(wo
     assert run_cli(["train", "--data", "d", "--out", "new", "--steps", "1", *TRAIN], capsys)[0] == 0
     saved = json.loads((tmp_path / "new" / "run.json").read_text())["config"]
     assert saved["data"] == str(tmp_path / "d") and saved["out_dir"] == str(tmp_path / "new")
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_and_its_stale_lock_is_taken(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"split": "train", "step": 7, "loss": 9.0}\n')
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # the killed trainer
+    (run / ".spectra-lock").write_text(json.dumps({"pid": pid, "host": io._host(), "what": "training run"}))
+    code, err = run_cli(["train", "--data", world["data"], "--out", run, "--steps", "1", *TRAIN], capsys)
+    assert code == 0, err
+    assert max(r["step"] for r in read_metrics(run)) == 1 and not (run / ".spectra-lock").exists()
