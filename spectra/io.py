@@ -199,7 +199,9 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
         _check_writable_parent(path, flag)
         return path
     if kind == "dir":
-        if not path.is_dir() or path.is_symlink():
+        if path.is_symlink():  # replacing it would swap the link, not what it points to
+            raise OutputError(f"{flag} {path} is a symbolic link; give the directory path it points to")
+        if not path.is_dir():
             raise OutputError(f"{flag} {path} exists and is not a directory; give a directory path")
         if not any(path.iterdir()):
             return path
