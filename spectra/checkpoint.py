@@ -157,12 +157,11 @@ def _index_shards(path: Path) -> list[Path]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{file} has no weight_map object; re-save or re-download the checkpoint")
-    names = set(weight_map.values())
-    bad = sorted(str(n) for n in names if not is_plain_file_name(n))
+    bad = [n for n in weight_map.values() if not is_plain_file_name(n)]
     if bad:
         raise CheckpointError(f"{file} names shard {bad[0]!r}, which is not a plain file name inside {path}; "
                               f"a checkpoint may only load files from its own directory")
-    return [path / n for n in sorted(names)]
+    return [path / n for n in sorted(set(weight_map.values()))]
 
 
 def weight_files(path: Path) -> list[Path]:
