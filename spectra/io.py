@@ -2,9 +2,10 @@
 
 Every writer in spectra goes through this module, so one set of guarantees holds for all commands:
 
-* `atomic_file(path, owner)` yields a temporary sibling path; on success the file is fsynced, given the
+* `atomic_file(path)` yields a temporary sibling path; on success the file is fsynced, given the
   permissions of a normally created file (umask respected) and renamed over `path`. On error or kill the
-  old `path` is untouched. `write_text_atomic(path, text)` is the one-line form.
+  old `path` is untouched. `write_text_atomic(path, text)` is the one-line form, `save_figure(fig, path)` the
+  one for matplotlib figures.
 * `atomic_dir(path, owner)` yields an empty staging directory beside `path`; on success a marker file
   (`.spectra-output.json`, naming `owner`) is added, everything is fsynced and the staging directory
   replaces `path`. On Linux the swap is one `renameat2(RENAME_EXCHANGE)`, so `path` holds the complete old
@@ -22,8 +23,13 @@ A new command (e.g. fine-tuning) writes its output with::
 
     with output_lock(out, "finetune"):
         check_output(out, "finetune", force=force, sources=[base_checkpoint])
-        with atomic_dir(out, "finetune", force=force) as staging:
+        ...load and compute: nothing is written yet...
+        with atomic_dir(out, "finetune") as staging:   # or save_checkpoint(..., owner="finetune", force=force)
             ...write files into staging...
+
+A process that writes into a directory for a long time (a training run) holds
+`hold_lock(directory / ".spectra-lock", what)` instead. Shard names read from index files are checked with
+`is_plain_file_name`, inputs with `is_regular_file`.
 
 Tests inject a kill at any step through `_STEP_HOOK` (called with a step name before every rename/delete).
 """
