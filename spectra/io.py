@@ -137,10 +137,16 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
+def _finish_tree(path: Path) -> None:
+    """Give every file and directory of a staged output the umask's permissions (safetensors and mkstemp create
+    0600 files), and flush them to disk."""
+    umask = _umask()
+    for root, dirs, files in os.walk(path):
         for name in files:
+            os.chmod(Path(root) / name, 0o666 & ~umask)
             _fsync_path(Path(root) / name)
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~umask)
         _fsync_path(Path(root), directory=True)
 
 
@@ -329,7 +335,7 @@ def atomic_dir(path: str | Path, owner: str) -> Iterator[Path]:
     try:
         yield staging
         (staging / MARKER_FILE).write_text(json.dumps({"command": owner}) + "\n")
-        _fsync_tree(staging)
+        _finish_tree(staging)
         replace_dir(staging, path)
     except BaseException:
         if staging.exists():

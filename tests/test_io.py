@@ -63,11 +63,13 @@ def test_atomic_dir_replaces_and_marks_and_respects_umask(tmp_path):
     try:
         with io.atomic_dir(out, "pack") as staging:
             _write_tree(staging, NEW)
+            os.chmod(staging / "a.txt", 0o600)  # as safetensors' save_file creates its files
     finally:
         os.umask(old_umask)
     assert _tree(out) == {**NEW, io.MARKER_FILE: '{"command": "pack"}\n'}
     assert io.output_owner(out) == "pack"
     assert (out.stat().st_mode & 0o777) == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*")} == {0o644, 0o755}
     with io.atomic_file(tmp_path / "x.json") as tmp:
         tmp.write_text("{}")
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
