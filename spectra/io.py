@@ -454,8 +454,31 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")
 
 
-def output_lock(path: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
-    return hold_lock(lock_path(path), f"{what} --out {path}")
+@contextlib.contextmanager
+def output_lock(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold the lock of output `path`; directories created for it are removed again if they stay empty."""
+    with removing_new_empty_dirs(Path(path).parent):
+        with hold_lock(lock_path(path), f"{what} --out {path}") as lock:
+            yield lock
+
+
+@contextlib.contextmanager
+def removing_new_empty_dirs(path: str | Path) -> Iterator[None]:
+    """On exit, remove `path` and the ancestors this block created, as far as they are empty: a command that
+    fails leaves no new directory behind."""
+    missing = []
+    current = Path(path).absolute()
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    try:
+        yield
+    finally:
+        for directory in missing:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # not empty (the output is there) or already gone
 
 
 def is_plain_file_name(name: object) -> bool:
@@ -474,4 +497,5 @@ def is_regular_file(path: Path) -> bool:
 
 __all__ = ["MARKER_FILE", "atomic_dir", "atomic_file", "check_output", "hold_lock", "json_recognizer",
            "lock_path", "output_lock", "output_owner", "png_recognizer", "recover", "replace_dir",
-           "write_text_atomic", "is_plain_file_name", "is_regular_file", "save_figure"]
+           "write_text_atomic", "is_plain_file_name", "is_regular_file", "save_figure",
+           "removing_new_empty_dirs"]

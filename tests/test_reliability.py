@@ -203,7 +203,8 @@ def _index_list(world, tmp):
 
 
 CASES = {
-    "pack truncated safetensors": lambda w, t: ["pack", _truncated(w, t), "--format", "tq2", "--out", t / "o"],
+    "pack truncated safetensors": lambda w, t: ["pack", _truncated(w, t), "--format", "tq2", "--out",
+                                                t / "new" / "deep" / "o"],
     "info truncated safetensors": lambda w, t: ["info", _truncated(w, t)],
     "info junk safetensors": lambda w, t: ["info", _junk(w, t)],
     "pack junk safetensors": lambda w, t: ["pack", _junk(w, t), "--format", "tq1", "--out", t / "o"],
@@ -243,6 +244,8 @@ CASES = {
     "data prepare FIFO in corpus": lambda w, t: ["data", "prepare", _fifo_corpus(w, t), "--out", t / "d",
                                                  "--tokenizer", w["ckpt"], "--no-progress"],
     "train --lr nan": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", "--lr", "nan", *TRAIN],
+    "train token ids >= vocab, new nested --out": lambda w, t: ["train", "--data", _ids_beyond_vocab(w, t), "--out",
+                                                                t / "new" / "deep" / "r", *TRAIN],
     "train --threads -1": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", "--threads", "-1", *TRAIN],
     "train --device banana": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", *TRAIN, "--device",
                                            "banana"],

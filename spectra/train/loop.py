@@ -24,7 +24,7 @@ from ..config import get_config
 from ..data import TokenDataset, WindowLoader
 from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError, DeviceError, OutputError, TrainingError
-from ..io import check_output, hold_lock, write_text_atomic
+from ..io import check_output, hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..parallel import (
     ParallelContext,
@@ -351,16 +351,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             if run_dir.absolute() == Path(cfg.export_dir) or Path(cfg.export_dir) in run_dir.absolute().parents:
                 raise OutputError(f"--export {cfg.export_dir} would replace the run directory {run_dir}; export "
                                   f"to another path")
-        created = not run_dir.exists()
-        try:
-            # Held for the whole run: a second writer of this run directory is refused.
-            with hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"):
-                return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir,
-                              initial_model, callback, force)
-        except BaseException:
-            if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # failed before writing anything: leave no trace
-            raise
+        # The lock is held for the whole run: a second writer of this run directory is refused. A run that fails
+        # before writing anything leaves no new directory.
+        with removing_new_empty_dirs(run_dir), hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"):
+            return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir, initial_model,
+                          callback, force)
     return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir, initial_model, callback,
                   force)
 
