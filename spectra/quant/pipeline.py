@@ -159,7 +159,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
     replaced atomically; an existing `out` that is not an earlier `quantize` output needs `force`."""
     source, out = Path(source), Path(out)
     with output_lock(out, QUANTIZE_OWNER):
-        check_output(out, QUANTIZE_OWNER, force=force, sources=[source])
+        check_output(out, QUANTIZE_OWNER, force=force, sources=[source] + ([calib] if calib else []))
         return _quantize_checkpoint(source, out, config, calib, samples, seq_len, seed, device, save_dtype,
                                     batch_size, progress, force, allow_nonfinite)
 
