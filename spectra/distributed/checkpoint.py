@@ -132,7 +132,7 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
     if ctx.is_main:
         plain = SpectraLM(model.config)
         plain.load_state_dict(model_state)
-        check_output(path, TRAIN_OWNER)
+        check_output(path, TRAIN_OWNER, recognize=lambda p: (p / TRAIN_META_FILE).is_file())
         with atomic_dir(path, TRAIN_OWNER) as target:
             write_checkpoint_files(plain, target, tokenizer=tokenizer)
             optim_tensors, optim_meta = optimizer_state_to_tensors(optim_state)
