@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe_os_error(err: OSError) -> str:
     """One line for a failed file operation: what, which path, and what to do."""
-    where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p) or "a file"
+    where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p) or "output"
     hints = {
         errno.ENOSPC: "no space left on the device; free some space and run again (an earlier output is intact)",
         errno.EDQUOT: "disk quota exceeded; free some space and run again (an earlier output is intact)",
@@ -86,6 +86,7 @@ def describe_os_error(err: OSError) -> str:
         errno.ENOENT: "no such file or directory; check the path",
         errno.EEXIST: "a file is in the way where a directory is needed; fix the path",
         errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+        errno.EPIPE: "the output pipe was closed before spectra finished writing",
     }
     hint = hints.get(err.errno or -1, f"{err.strerror or err}; check the path and try again")
     return f"{where}: {hint}"
