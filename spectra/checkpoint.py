@@ -10,9 +10,6 @@ Only safetensors are read: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DeviceError
+from .io import atomic_dir, check_output, is_plain_file_name
 from .linear import (
     ROW_PARALLEL,
     FloatLinear,
@@ -64,36 +62,39 @@ def _float_dtype(model: SpectraLM) -> torch.dtype:
 
 
 def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None) -> Path:
+                    max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None, *,
+                    owner: str = "save_checkpoint", force: bool = False) -> Path:
     """Write `model` (and optionally a `tokenizers.Tokenizer`) to directory `path`, atomically.
 
-    Everything goes to a temporary sibling directory first, then replaces `path` in one rename, so an
-    interrupted save never leaves a half-written checkpoint.
+    Everything goes to a staging sibling first, then replaces `path` (spectra.io.atomic_dir), so an
+    interrupted save never leaves a half-written checkpoint. An existing `path` that is not empty and not a
+    previous output of `owner` is refused unless `force`.
     """
-    from .tokenizer import save_tokenizer
-
     if model.projections_fused:
         raise ConfigError("this model's q/k/v and gate/up projections were fused for inference "
                           "(fuse_projections; spectra.generate does it on a GPU unless fast=False); save the "
                           "model before fusing, or reload it from its checkpoint")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        config = model.config.to_hf_dict()
-        config["torch_dtype"] = str(dtype or _float_dtype(model)).replace("torch.", "")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        _write_tensors(tensors, tmp, max_shard_bytes)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_output(path, owner, force=force)
+    with atomic_dir(path, owner) as staging:
+        write_checkpoint_files(model, staging, tokenizer, dtype, max_shard_bytes, extra_files)
     return path
+
+
+def write_checkpoint_files(model: SpectraLM, directory: Path, tokenizer=None, dtype: torch.dtype | None = None,
+                           max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None) -> None:
+    """The files of a checkpoint, written into the existing (staging) `directory`."""
+    from .tokenizer import save_tokenizer
+
+    tensors = checkpoint_tensors(model, dtype)
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype or _float_dtype(model)).replace("torch.", "")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    _write_tensors(tensors, directory, max_shard_bytes)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -120,16 +121,6 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --- reading --------------------------------------------------------------------------------------
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -139,20 +130,44 @@ def read_config(path: str | Path) -> ModelConfig:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt") from None
+    data = _read_json_object(file, "the checkpoint is corrupt")
     try:
         return ModelConfig.from_hf_dict(data)
     except ConfigError as err:
         raise CheckpointError(f"{file}: {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:  # e.g. rope_theta "abc", "spectra": []
+        raise CheckpointError(f"{file} has a field of the wrong type ({err}); fix config.json or re-save the "
+                              f"checkpoint") from None
+
+
+def _read_json_object(file: Path, fix: str) -> dict:
+    """A JSON file that must hold an object, or one CheckpointError naming the file."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid UTF-8 JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def _index_shards(path: Path) -> list[Path]:
+    """The shard files named by model.safetensors.index.json: plain file names inside `path` only."""
+    file = path / INDEX_FILE
+    index = _read_json_object(file, "re-save or re-download the checkpoint")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{file} has no weight_map object; re-save or re-download the checkpoint")
+    bad = [n for n in weight_map.values() if not is_plain_file_name(n)]
+    if bad:
+        raise CheckpointError(f"{file} names shard {bad[0]!r}, which is not a plain file name inside {path}; "
+                              f"a checkpoint may only load files from its own directory")
+    return [path / n for n in sorted(set(weight_map.values()))]
 
 
 def weight_files(path: Path) -> list[Path]:
     if (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        return [path / f for f in sorted(set(index["weight_map"].values()))]
+        return _index_shards(path)
     if (path / WEIGHTS_FILE).is_file():
         return [path / WEIGHTS_FILE]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
@@ -173,6 +188,27 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — "
                                   f"re-download or re-save the checkpoint") from None
     return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights (they load and then give NaN losses or garbage text silently)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN or infinite values; the checkpoint is "
+                                  f"damaged (pass --allow-nonfinite / allow_nonfinite=True to load it anyway)")
+
+
+def check_tokenizer_fits(path: Path, vocab_size: int) -> None:
+    """Refuse a tokenizer.json with more tokens than the model's embedding has rows (ids would overflow)."""
+    from .tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    if (path / TOKENIZER_FILE).is_file():
+        size = load_tokenizer(path).get_vocab_size()
+        if size > vocab_size:
+            raise CheckpointError(f"{path / TOKENIZER_FILE} has {size} tokens but the model's vocab_size is "
+                                  f"{vocab_size}; the tokenizer belongs to another model — put the matching "
+                                  f"tokenizer.json beside the weights")
 
 
 def detect_ternary(weight: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -197,17 +233,21 @@ def _infer_parts(weights: dict[str, torch.Tensor]) -> int | None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    kind: str | None = None) -> SpectraLM:
+                    kind: str | None = None, allow_nonfinite: bool = False) -> SpectraLM:
     """Load a spectra or transformers LLaMA checkpoint directory.
 
     `kind` picks the weight kind to build for dense checkpoints: "ternary_frozen" (default when all linear
     weights are ternary), "float", or "ternary" (trainable latent weights initialised to trits * scales).
-    `dtype` defaults to float32 on CPU and the stored dtype elsewhere.
+    `dtype` defaults to float32 on CPU and the stored dtype elsewhere. A NaN or infinite weight is an error
+    unless `allow_nonfinite`; so is a tokenizer.json with more tokens than the model's vocabulary.
     """
     path = Path(path)
     device = resolve_device(device)
     config = read_config(path)
+    check_tokenizer_fits(path, config.vocab_size)
     tensors = load_tensors(path)
+    if not allow_nonfinite:
+        check_finite(tensors, path)
     if dtype is None:
         stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
         dtype = torch.float32 if device.type == "cpu" else stored
@@ -314,19 +354,22 @@ def _load_state(model: SpectraLM, tensors: dict[str, torch.Tensor], path: Path, 
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("CUDA was requested but no CUDA GPU is available; use --device cpu")
     return device
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               kind: str | None = None, seed: int = 0) -> SpectraLM:
+               kind: str | None = None, seed: int = 0, allow_nonfinite: bool = False) -> SpectraLM:
     """A checkpoint directory, or a preset name (randomly initialised, for benchmarks and tests)."""
     from .config import PRESETS, get_config
 
     if Path(source).is_dir():
-        return load_checkpoint(source, device, dtype, kind)
+        return load_checkpoint(source, device, dtype, kind, allow_nonfinite=allow_nonfinite)
     if str(source).lower() in {k.lower() for k in PRESETS}:
         torch.manual_seed(seed)
         config = get_config(str(source))

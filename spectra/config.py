@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import write_text_atomic
 
 # GPT-NeoX tokenizer vocabulary (50277) padded to a multiple of 128, as in the released checkpoints.
 SUITE_VOCAB_SIZE = 50304
@@ -56,7 +57,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers",
                      "max_seq_len", "model_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
@@ -64,6 +65,9 @@ class ModelConfig:
                 f"choose e.g. num_heads={_nearest_divisor(self.hidden_size, self.num_heads)}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim = hidden_size/num_heads = {self.head_dim} must be even for RoPE")
+        if not isinstance(self.weight_options, dict) or not isinstance(self.weight_kind, str):
+            raise ConfigError(f"weight_kind must be a string and weight_options an object, got "
+                              f"{self.weight_kind!r} and {self.weight_options!r}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -130,7 +134,7 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks the key {missing}; is this a LLaMA-style checkpoint?") from None
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
 def _nearest_divisor(n: int, target: int) -> int:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock
 
 INDEX_FILE = "index.json"
 FORMAT_NAME = "spectra-tokens"
@@ -34,6 +33,7 @@ SPLITS = ("train", "val")
 # samples the whole corpus (not just its last documents) and its size is exact.
 VAL_BLOCK_TOKENS = 1024
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard file
+PREPARE_OWNER = "data prepare"
 
 
 # --- reading documents ----------------------------------------------------------------------------
@@ -51,8 +51,11 @@ def list_sources(sources: Sequence[str | Path]) -> list[Path]:
         path = Path(source)
         if not path.exists():
             raise DataError(f"input {path} does not exist")
-        if path.is_file() or is_hf_dataset_dir(path):
+        if is_hf_dataset_dir(path):
             found.append(path)
+            continue
+        if not path.is_dir():
+            found.append(_regular(path))
             continue
         for root, dirs, files in os.walk(path):
             root_path = Path(root)
@@ -60,12 +63,20 @@ def list_sources(sources: Sequence[str | Path]) -> list[Path]:
             datasets = sorted(d for d in dirs if is_hf_dataset_dir(root_path / d))
             found.extend(root_path / d for d in datasets)
             dirs[:] = sorted(d for d in dirs if d not in datasets and not d.startswith("."))
-            found.extend(root_path / f for f in sorted(files)
+            found.extend(_regular(root_path / f) for f in sorted(files)
                          if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES))
     if not found:
         raise DataError(f"no readable input in {', '.join(map(str, sources))}: expected text files "
                         f"({', '.join(TEXT_SUFFIXES)}), .jsonl, .parquet or a Hugging Face datasets directory")
     return found
+
+
+def _regular(path: Path) -> Path:
+    # A FIFO, socket or device would block the read forever or never end: refuse it by name.
+    if not is_regular_file(path):
+        raise DataError(f"input {path} is not a regular file (a FIFO, socket or device); copy its content to "
+                        f"a file, or remove it from the corpus")
+    return path
 
 
 def iter_documents(sources: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
@@ -87,8 +98,13 @@ def iter_documents(sources: Sequence[str | Path], text_field: str = "text") -> I
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line (JSON Lines files "
+                                f"are UTF-8)") from None
             if not line.strip():
                 continue
             try:
@@ -224,18 +240,23 @@ def prepare_data(sources: str | Path | Sequence[str | Path], out_dir: str | Path
     of 1024 tokens goes to the validation split. The directory is written to a temporary sibling first and
     appears in one rename; an existing non-empty `out_dir` is an error unless `overwrite`.
     """
-    from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
-
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     out_dir = Path(out_dir)
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir} already exists and is not empty; choose another output directory "
-                        f"or pass --force to replace it")
-    list_sources(sources)  # fail on missing input before any tokenizer training
+    with output_lock(out_dir, PREPARE_OWNER):
+        check_output(out_dir, PREPARE_OWNER, force=overwrite, sources=sources, replace_own=False)
+        list_sources(sources)  # fail on missing input before any tokenizer training
+        _prepare(sources, out_dir, tokenizer, vocab_size, val_fraction, text_field, shard_tokens, progress)
+    return TokenDataset(out_dir)
+
+
+def _prepare(sources: list, out_dir: Path, tokenizer, vocab_size: int, val_fraction: float, text_field: str,
+             shard_tokens: int, progress: bool) -> None:
+    from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
+
     if tokenizer is None:
         docs = _progress(iter_documents(sources, text_field), progress, "training tokenizer (documents)")
         tokenizer = train_tokenizer(docs, vocab_size)
@@ -244,9 +265,7 @@ def prepare_data(sources: str | Path | Sequence[str | Path], out_dir: str | Path
     vocab = tokenizer.get_vocab_size()
     eos = eos_id(tokenizer)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, PREPARE_OWNER) as tmp:
         dtype = token_dtype(vocab)
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         router = _SplitRouter(writers["train"], writers["val"], val_fraction)
@@ -269,13 +288,6 @@ def prepare_data(sources: str | Path | Sequence[str | Path], out_dir: str | Path
                  "val_fraction": val_fraction, "val_block_tokens": VAL_BLOCK_TOKENS,
                  "sources": [str(s) for s in sources], "splits": {s: w.shards for s, w in writers.items()}}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return TokenDataset(out_dir)
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -309,11 +321,11 @@ class TokenDataset:
                             f"create one with `spectra data prepare`")
         try:
             self.index = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"{file} is not valid JSON ({err}); prepare the data again") from None
-        if self.index.get("format") != FORMAT_NAME:
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT_NAME:
             raise DataError(f"{file} is not a spectra token index; prepare the data with `spectra data prepare`")
-        self.dtype = np.dtype(self.index["dtype"])
+        self.dtype = _check_index(self.index, file)
         self._shards: dict[str, list[np.ndarray]] = {}
 
     @property
@@ -354,7 +366,42 @@ class TokenDataset:
     def tokens(self, split: str) -> np.ndarray:
         """The whole split as one array (copied into memory; for evaluation-sized splits)."""
         shards = self.shards(split)
-        return np.concatenate(shards) if shards else np.empty(0, dtype=self.dtype)
+        tokens = np.concatenate(shards) if shards else np.empty(0, dtype=self.dtype)
+        self.check_ids(tokens, split)
+        return tokens
+
+    def check_ids(self, tokens: np.ndarray, split: str) -> None:
+        """Refuse token ids outside the dataset's vocabulary (a damaged or foreign shard)."""
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise DataError(f"the {split} split of {self.path} holds token id {int(tokens.max())}, outside its "
+                            f"vocabulary of {self.vocab_size}; the shards are damaged or from another "
+                            f"tokenizer — prepare the data again")
+
+
+def _check_index(index: dict, file: Path) -> np.dtype:
+    """The token dtype of a parsed index.json, after checking every field the reader relies on."""
+    try:
+        dtype = np.dtype(index.get("dtype"))
+    except TypeError:
+        dtype = None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise DataError(f"{file}: dtype {index.get('dtype')!r} is not uint16 or uint32; prepare the data again")
+    vocab = index.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 0 < vocab <= np.iinfo(dtype).max + 1:
+        raise DataError(f"{file}: vocab_size {vocab!r} is not a positive integer that fits {dtype.name}; "
+                        f"prepare the data again")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not isinstance(index.get("tokenizer_sha256"), str):
+        raise DataError(f"{file} lacks its splits or tokenizer_sha256; prepare the data again")
+    for split, shards in splits.items():
+        for shard in shards if isinstance(shards, list) else [None]:
+            if not isinstance(shard, dict) or not isinstance(shard.get("tokens"), int) or shard["tokens"] < 0:
+                raise DataError(f"{file}: split {split!r} has a malformed shard entry {shard!r}; prepare the "
+                                f"data again")
+            if not is_plain_file_name(shard.get("file")):
+                raise DataError(f"{file}: shard name {shard.get('file')!r} is not a plain file name inside "
+                                f"{file.parent}; an index may only name files in its own directory")
+    return dtype
 
 
 def read_tokens(path: str | Path, split: str | None = None) -> np.ndarray:
@@ -393,6 +440,7 @@ class WindowLoader:
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})")
         self.shards = dataset.shards(split)
+        self.dataset = dataset
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.seed, self.shuffle = seed, shuffle
         longest = max((s.size for s in self.shards), default=0)
@@ -426,7 +474,9 @@ class WindowLoader:
         shard = int(np.searchsorted(cumulative, w, side="right"))
         local = w - (int(cumulative[shard - 1]) if shard else 0)
         start = int(offset) + local * self.seq_len
-        return np.asarray(self.shards[shard][start:start + self.seq_len + 1], dtype=np.int64)
+        window = np.asarray(self.shards[shard][start:start + self.seq_len + 1], dtype=np.int64)
+        self.dataset.check_ids(window, self.split)
+        return window
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each [batch_size, seq_len] int64; advances the position, wrapping epochs."""
@@ -460,7 +510,11 @@ class WindowLoader:
         return self.state.to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, index = int(state["epoch"]), int(state["index"])
+        try:
+            epoch, index = int(state["epoch"]), int(state["index"])
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"loader position {state!r} is not {{'epoch': int, 'index': int}}; the training "
+                            f"state is damaged — resume from an earlier checkpoint") from None
         if epoch < 0 or not 0 <= index <= self._epoch_windows(epoch)[0].size:
             raise DataError(f"loader position {state} does not exist in this data; was it prepared again?")
         self.state = LoaderState(epoch, index)

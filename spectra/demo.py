@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import TokenDataset, prepare_data, unigram_loss
+from .data import PREPARE_OWNER, TokenDataset, prepare_data, unigram_loss
 from .errors import DataError
 from .generate import generate
+from .io import output_owner, write_text_atomic
 from .plot import plot_runs
 from .size import count_parameters, model_size_bits
 from .tokenizer import eos_id
@@ -69,19 +70,22 @@ def shakespeare_corpus() -> Path:
     return plays
 
 
-def _prepared(corpus: list[Path], data_dir: Path, vocab_size: int, progress: bool) -> TokenDataset:
+def _prepared(corpus: list[Path], data_dir: Path, vocab_size: int, progress: bool,
+              force: bool = False) -> TokenDataset:
     """The tokenized corpus, reused from an earlier demo run when it was made from the same inputs."""
     sources = [str(p) for p in corpus]
     if (data_dir / "index.json").is_file():
         dataset = TokenDataset(data_dir)
         if dataset.index.get("sources") == sources and dataset.vocab_size == vocab_size:
             return dataset
-    return prepare_data(corpus, data_dir, vocab_size=vocab_size, overwrite=True, progress=progress)
+    # Replace only the demo's own earlier data (or anything, with --force); never a directory the user made.
+    overwrite = force or output_owner(data_dir) == PREPARE_OWNER
+    return prepare_data(corpus, data_dir, vocab_size=vocab_size, overwrite=overwrite, progress=progress)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSettings(),
              corpus: list[str | Path] | None = None, threads: int = 1, parallel: bool | None = None,
-             progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: bool = True, echo: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
     """Train both models, save them to `out_dir`/trilm and `out_dir`/floatlm, plot, and return the summary.
 
     With `parallel` (default: when the machine has two cores or more) the two models train at the same time in
@@ -93,7 +97,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
     corpus_paths = [Path(p) for p in corpus] if corpus else [shakespeare_corpus()]
     parallel = (os.cpu_count() or 1) >= 2 if parallel is None else parallel
     started = time.perf_counter()
-    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress)
+    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress, force)
     unigram = unigram_loss(dataset)
     echo(f"corpus: {', '.join(map(str, corpus_paths))}")
     echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
@@ -126,7 +130,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
                      title="Tiny TriLM vs FloatLM on Shakespeare", baseline=unigram)
     summary["plot"] = str(plot)
     summary["wall_seconds"] = time.perf_counter() - started
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     echo(f"\nloss curves: {plot}")
     echo(f"checkpoints: {out_dir / 'trilm'}, {out_dir / 'floatlm'} (try `spectra generate {out_dir / 'trilm'}`)")
     echo(f"total time: {summary['wall_seconds']:.0f} s")

@@ -27,3 +27,7 @@ class DataError(SpectraError):
 
 class TrainingError(SpectraError):
     """A training run that cannot go on (a non-finite loss, a run directory that would be overwritten)."""
+
+
+class OutputError(SpectraError):
+    """An output path that would overwrite something spectra did not write, or that another process holds."""

@@ -10,20 +10,34 @@ with ``fast=False``) a plain loop runs the model's forward step by step and samp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 from .model import SpectraLM
 from .sampling import sample_keyed, sample_next
 
-__all__ = ["DecodePlan", "decode_plan", "generate", "generate_stream", "generate_uncached", "sample_next"]
+__all__ = ["DecodePlan", "check_sampling", "decode_plan", "generate", "generate_stream", "generate_uncached",
+           "sample_next"]
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 STREAM_LAG = 8  # steps the GPU may run ahead of the tokens handed out (the host never waits on the newest)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling options that would crash mid-generation or mean nothing (NaN temperature, top_p 2)."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must lie in (0, 1] (or be unset), got {top_p}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,7 @@ def generate_stream(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_
                     compile: bool = False, decode_step: DecodeStep | None = None) -> Iterator[torch.Tensor]:
     """Yield the new tokens of :func:`generate` one step at a time, each a [B] id tensor, as they are produced.
     Closing the iterator early frees the cache (and the captured graph)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     tokens = _prompt_tensor(model, prompt)
     total = min(tokens.shape[1] + max_new_tokens, model.config.max_seq_len)
     if total <= tokens.shape[1]:

@@ -16,8 +16,6 @@ See docs/formats.md for the full mapping.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +24,13 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, FormatError, SpectraError
+from .io import atomic_file, check_output, output_lock
 from .linear import FloatLinear, shard_bounds
 from .model import SpectraLM
 from .progress import progress_bar
 
 GGUF_TYPES = ("tq1_0", "tq2_0", "f16")
+GGUF_OWNER = "export gguf"
 QK_K = 256  # weights per TQ1_0 / TQ2_0 block
 
 
@@ -172,9 +172,11 @@ def _linear_tensor(name: str, module, config, qtype: str):
 
 
 def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_0", name: str = "spectra",
-               progress: bool = False) -> GGUFExportReport:
-    """Write `model` and its byte-level BPE `tokenizer` to the GGUF file `path` (atomically)."""
+               progress: bool = False, force: bool = False) -> GGUFExportReport:
+    """Write `model` and its byte-level BPE `tokenizer` to the GGUF file `path` (atomically). An existing
+    `path` that is not a GGUF file is refused unless `force`."""
     gguf = _gguf()
+    check_output(path, GGUF_OWNER, force=force, kind="file", recognize=is_gguf_file)
     qtype = qtype.lower()
     if qtype not in GGUF_TYPES:
         raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -213,11 +215,8 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
         warnings.warn(f"{len(report.fallbacks)} ternary matrices written as F16 instead of {qtype.upper()}: {lines}",
                       GGUFFallbackWarning, stacklevel=2)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_hparams(writer, config, qtype, name)
         _add_vocab(writer, vocab)
         for gname, data, kind in tensors:
@@ -227,10 +226,6 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     report.bytes = path.stat().st_size
     return report
 
@@ -254,8 +249,8 @@ def _add_hparams(writer, config, qtype: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0",
-                progress: bool = False) -> GGUFExportReport:
+def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0", progress: bool = False,
+                force: bool = False, allow_nonfinite: bool = False) -> GGUFExportReport:
     """Export a checkpoint directory (dense, ternary or packed, with tokenizer.json) to a GGUF file."""
     from .checkpoint import load_checkpoint, read_config
     from .tokenizer import load_tokenizer
@@ -263,7 +258,15 @@ def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0",
     checkpoint = Path(checkpoint)
     if qtype.lower() not in GGUF_TYPES:
         raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
-    read_config(checkpoint)  # a missing or foreign directory fails here, before the tokenizer is looked for
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
-    return write_gguf(model, tokenizer, path, qtype, name=checkpoint.name, progress=progress)
+    with output_lock(path, GGUF_OWNER):
+        check_output(path, GGUF_OWNER, force=force, kind="file", recognize=is_gguf_file, sources=[checkpoint])
+        read_config(checkpoint)  # a missing or foreign directory fails here, before the tokenizer is looked for
+        tokenizer = load_tokenizer(checkpoint)
+        model = load_checkpoint(checkpoint, device="cpu", dtype=torch.float32, allow_nonfinite=allow_nonfinite)
+        return write_gguf(model, tokenizer, path, qtype, name=checkpoint.name, progress=progress, force=force)
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A file that starts with the GGUF magic (a previous export, safe to replace)."""
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"

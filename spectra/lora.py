@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +25,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import _replace_dir
 from .errors import CheckpointError, ConfigError
+from .io import atomic_dir, check_output
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_OWNER = "lora-adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -137,15 +137,15 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     return LoRAConfig(rank=rank, alpha=layers[0][1].scaling * rank, targets=targets)
 
 
-def save_adapter(model: nn.Module, path: str | Path, base: str | None = None) -> Path:
-    """Write the adapters of `model` to directory `path` (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(model: nn.Module, path: str | Path, base: str | None = None, force: bool = False) -> Path:
+    """Write the adapters of `model` to directory `path` (adapter_config.json + adapter_model.safetensors),
+    atomically; an existing `path` that is not an earlier adapter is refused unless `force`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = lora_config_of(model).peft_dict() | {"base_model_name_or_path": base}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    save_file(adapter_tensors(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    _replace_dir(tmp, path)
+    check_output(path, ADAPTER_OWNER, force=force)
+    with atomic_dir(path, ADAPTER_OWNER) as staging:
+        save_file(adapter_tensors(model), str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 

@@ -29,6 +29,7 @@ from .formats import (
     get_format,
     to_storage,
 )
+from .io import check_output, output_lock
 from .kernels import KERNEL_DTYPES, scale_columns_reference, ternary_matmul, ternary_matmul_op
 from .linear import (
     FloatLinear,
@@ -42,6 +43,7 @@ from .linear import (
 from .progress import progress_bar
 
 PACKED_KINDS = ("tq2", "tq1")
+PACK_OWNER = "pack"  # the marker of directories `spectra pack` wrote (spectra.io)
 
 
 class PackedTernaryLinear(nn.Module):
@@ -235,58 +237,67 @@ _SAFETENSORS_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2
 
 def stored_tensor_bytes(path: str | Path) -> dict[str, int]:
     """Name -> bytes of every tensor of a checkpoint directory, read from the safetensors headers."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .checkpoint import weight_files
 
     sizes: dict[str, int] = {}
     for file in weight_files(Path(path)):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                sizes[name] = numel * _SAFETENSORS_BYTES.get(sl.get_dtype().upper(), 4)
+        try:
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    sizes[name] = numel * _SAFETENSORS_BYTES.get(sl.get_dtype().upper(), 4)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — re-download "
+                                  f"or re-save the checkpoint") from None
     return sizes
 
 
 def _stored_float_dtype(path: Path) -> torch.dtype:
     """dtype of the checkpoint's embedding as stored, so re-saving other tensors loses nothing."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .checkpoint import weight_files
 
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
     for file in weight_files(path):
-        with safe_open(str(file), "pt") as f:
-            if "model.embed_tokens.weight" in f.keys():
-                return dtypes.get(f.get_slice("model.embed_tokens.weight").get_dtype().upper(), torch.float32)
+        try:
+            with safe_open(str(file), "pt") as f:
+                if "model.embed_tokens.weight" in f.keys():
+                    return dtypes.get(f.get_slice("model.embed_tokens.weight").get_dtype().upper(), torch.float32)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — re-download "
+                                  f"or re-save the checkpoint") from None
     raise CheckpointError(f"{path} has no model.embed_tokens.weight; is it a LLaMA-style checkpoint?")
 
 
 def pack_checkpoint(source: str | Path, out: str | Path, fmt: str, dtype: torch.dtype | None = None,
-                    progress: bool = False) -> PackReport:
+                    progress: bool = False, force: bool = False, allow_nonfinite: bool = False) -> PackReport:
     """Pack a TriLM checkpoint directory (spectra, or a SpectraSuite-style unpacked one) into `out`.
 
     Embeddings, norms and lm head keep the source's stored dtype (or `dtype`), so the packed model's logits
-    equal the unpacked model's. The tokenizer is carried over when the source has one.
+    equal the unpacked model's. The tokenizer is carried over when the source has one. `out` is locked while
+    packing and replaced atomically; an existing `out` that is not an earlier `pack` output needs `force`.
     """
     from .checkpoint import load_checkpoint, read_config, save_checkpoint
     from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
     source, out = Path(source), Path(out)
     get_format(fmt)
-    if source.resolve() == out.resolve():
-        raise CheckpointError(f"--out {out} is the source checkpoint; write the packed copy elsewhere")
-    config = read_config(source)
-    if config.weight_kind in PACKED_KINDS and config.weight_kind == fmt.lower():
-        raise CheckpointError(f"{source} is already a {fmt} checkpoint; nothing to pack")
-    store_dtype = dtype or _stored_float_dtype(source)
-    model = load_checkpoint(source, device="cpu", dtype=torch.float32)
-    pack_model(model, fmt, progress=progress)
-    tokenizer = load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
-    save_checkpoint(model, out, tokenizer=tokenizer, dtype=store_dtype)
+    with output_lock(out, PACK_OWNER):
+        check_output(out, PACK_OWNER, force=force, sources=[source])
+        config = read_config(source)
+        if config.weight_kind in PACKED_KINDS and config.weight_kind == fmt.lower():
+            raise CheckpointError(f"{source} is already a {fmt} checkpoint; nothing to pack")
+        store_dtype = dtype or _stored_float_dtype(source)
+        model = load_checkpoint(source, device="cpu", dtype=torch.float32, allow_nonfinite=allow_nonfinite)
+        pack_model(model, fmt, progress=progress)
+        tokenizer = load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
+        save_checkpoint(model, out, tokenizer=tokenizer, dtype=store_dtype, owner=PACK_OWNER, force=force)
     return pack_report(out)
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError
+from .io import save_figure
 
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -22,7 +21,8 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]
 
 
 def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
-              title: str = "Training loss", x_axis: str = "step", baseline: float | None = None) -> Path:
+              title: str = "Training loss", x_axis: str = "step", baseline: float | None = None,
+              force: bool = False) -> Path:
     """Draw train (solid) and validation (markers) loss of each run to the PNG `out`; returns its path.
 
     `runs` are run directories (or metrics.jsonl files); `x_axis` is "step" or "tokens"; `baseline`
@@ -62,18 +62,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    return save_figure(fig, out, dpi=120, force=force)
 
 
 def _tokens_per_step(records: list[dict]) -> int:

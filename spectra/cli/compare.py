@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", action="append",
                    help="metric to plot (repeatable; default: every metric reported for two or more models)")
     p.add_argument("--out-dir", default="compare", help="folder for the PNGs (default ./compare)")
+    p.add_argument("--force", action="store_true", help="replace existing files that are not PNGs spectra drew")
     p.set_defaults(func=run)
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
                                                    f"{e['model']['parameters'] / 1e6:.2f}M params, "
                                                    f"{e['model']['size_bits'] / 8e6:.2f} MB)" for e in entries))
     for metric in metrics:
-        path = plot_comparison(entries, metric, Path(args.out_dir) / metric_filename(metric))
+        path = plot_comparison(entries, metric, Path(args.out_dir) / metric_filename(metric),
+                               force=args.force)
         print(f"{metric}: {path}")
     return 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..data import DEFAULT_SHARD_TOKENS, prepare_data
-from ..errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,14 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "datasets directories) into uint16/uint32 memmap shards with a JSON index, "
                                       "splitting off a validation set.")
     prep.add_argument("inputs", nargs="+", help="files or folders to read")
-    prep.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    prep.add_argument("--out", required=True, help="output directory (must not exist or be empty; written atomically)")
     prep.add_argument("--tokenizer", default=None,
                       help="checkpoint directory or tokenizer.json to use (default: train a byte-level BPE)")
     prep.add_argument("--vocab-size", type=int, default=4096, help="size of the trained tokenizer (default 4096)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens for validation")
     prep.add_argument("--text-field", default="text", help="field or column holding the text (.jsonl, .parquet)")
     prep.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
-    prep.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    prep.add_argument("--force", action="store_true", help="replace a non-empty output directory (never an input)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=run_prepare)
     inst = sub.add_parser("instructions", help="write the fine-tuning demo's instruction set from the bundled plays",
@@ -50,8 +48,6 @@ def run_instructions(args: argparse.Namespace) -> int:
     from ..demo import shakespeare_corpus
     from ..finetune.plays import write_instructions
 
-    if Path(args.out).exists() and not args.force:
-        raise DataError(f"{args.out} exists; pass --force to replace it or choose another --out")
-    count = write_instructions(args.corpus or shakespeare_corpus(), args.out, args.count)
+    count = write_instructions(args.corpus or shakespeare_corpus(), args.out, args.count, force=args.force)
     print(f"{args.out}: {count} prompt/response pairs")
     return 0

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train the models one after the other (default: both at once on machines with 2+ cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="replace an OUT/data directory the demo did not write")
     p.set_defaults(func=run)
 
 
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         changes["steps"] = args.steps
     settings = dataclasses.replace(settings, **changes)
     run_demo(args.out, settings, corpus=args.corpus, threads=args.threads,
-             parallel=False if args.sequential else None, progress=not args.no_progress)
+             parallel=False if args.sequential else None, progress=not args.no_progress, force=args.force)
     return 0

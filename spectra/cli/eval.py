@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import default_device, parse_dtype
+from .common import add_allow_nonfinite, add_force, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,13 +52,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", help="family label for `spectra compare` (default: from the weight kind)")
     p.add_argument("--name", help="model name in the result file (default: the directory name)")
     p.add_argument("--out", help="write the result JSON here (it is always printed)")
+    add_force(p)
+    add_allow_nonfinite(p)
 
 
-def _emit(record: dict[str, Any], out: str | None) -> None:
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse a bad --out before the (long) evaluation runs."""
+    from ..eval.results import RESULTS_FORMAT
+    from ..io import check_output, json_recognizer
+
+    if args.out:
+        check_output(args.out, "eval", force=args.force, kind="file", sources=[args.checkpoint],
+                     recognize=json_recognizer(lambda d: d.get("format") == RESULTS_FORMAT))
+
+
+def _emit(record: dict[str, Any], args: argparse.Namespace) -> None:
     from ..eval.results import write_json
 
-    if out:
-        write_json(record, out)
+    if args.out:
+        write_json(record, args.out, force=args.force)
     print(json.dumps(record, indent=2, default=str))
 
 
@@ -68,13 +80,15 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..eval.results import describe_model, result_record
     from ..tokenizer import load_tokenizer
 
-    model = load_model(args.checkpoint, device=args.device or default_device(), dtype=parse_dtype(args.dtype))
+    _check_out(args)
+    model = load_model(args.checkpoint, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
+                       allow_nonfinite=args.allow_nonfinite)
     tokenizer = load_tokenizer(args.checkpoint) if Path(args.checkpoint, "tokenizer.json").is_file() else None
     tokens = load_eval_tokens(args.data, tokenizer, args.max_tokens, args.split)
     result = perplexity(model, tokens, args.window, args.stride, args.batch_size, progress=not args.no_progress)
     metrics = {"perplexity": result.perplexity, "loss": result.loss, "bits_per_token": result.bits_per_token}
     details = {"data": str(args.data), "split": args.split, **result.to_dict()}
-    _emit(result_record(describe_model(model, args.checkpoint, args.family, args.name), metrics, details), args.out)
+    _emit(result_record(describe_model(model, args.checkpoint, args.family, args.name), metrics, details), args)
     return 0
 
 
@@ -88,6 +102,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with "
                           f"pip install 'spectra-lm[eval]'") from None
 
+    _check_out(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)
     if not names:
         raise ConfigError("--tasks is empty; name at least one lm-eval task")
@@ -102,5 +117,5 @@ def run_tasks(args: argparse.Namespace) -> int:
                "n_samples": results.get("n-samples", {})}
     record = result_record(describe_model(lm.model, args.checkpoint, args.family, args.name),
                            flatten_metrics(results), details)
-    _emit(record, args.out)
+    _emit(record, args)
     return 0

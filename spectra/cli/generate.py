@@ -9,10 +9,10 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import DataError
-from ..generate import decode_plan, generate
+from ..generate import check_sampling, decode_plan, generate
 from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
-from .common import default_device, parse_dtype
+from .common import add_allow_nonfinite, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,14 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CUDA: decode with the plain step-by-step loop instead of the fused, graph-captured step")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (spectra finetune --method lora) to "
                                                     "apply to the model")
+    add_allow_nonfinite(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     plan = decode_plan(torch.device(device), fast=False if args.no_fast else None, compile=args.compile)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the (slow) load
     tokenizer = load_tokenizer(args.checkpoint)
-    model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
+    model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype),
+                            allow_nonfinite=args.allow_nonfinite)
     if args.adapter:
         load_adapter(model, args.adapter)
     ids = tokenizer.encode(args.prompt).ids

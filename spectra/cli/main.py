@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -11,7 +13,7 @@ from ..errors import SpectraError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectra", description="Ternary language models: train, pack, run, study.")
+    parser = _Parser(prog="spectra", description="Ternary language models: train, pack, run, study.")
     parser.add_argument("--version", action="version", version=f"spectra {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     package = importlib.import_module(__package__)
@@ -29,20 +31,69 @@ def _version() -> str:
     return __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage stays in --help), like every other spectra error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(f"{self.prog}: {message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The exception boundary: a SpectraError or an OSError (disk full, read-only or missing
+    path) is one line on stderr and exit code 2; anything else is one line and exit 1, with the traceback
+    only under SPECTRA_DEBUG=1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = os.environ.get("SPECTRA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except SpectraError as err:
-        print(f"spectra: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("spectra: interrupted", file=sys.stderr)
         return 130
+    except SpectraError as err:
+        if debug:
+            raise
+        _fail(str(err))
+        return 2
+    except OSError as err:
+        if debug:
+            raise
+        _fail(describe_os_error(err))
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        _fail(f"unexpected {type(err).__name__}: {err}; this is a bug in spectra — run with SPECTRA_DEBUG=1 "
+              f"for the traceback and report it")
+        return 1
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed file operation: what, which path, and what to do."""
+    where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p) or "output"
+    hints = {
+        errno.ENOSPC: "no space left on the device; free some space and run again (an earlier output is intact)",
+        errno.EDQUOT: "disk quota exceeded; free some space and run again (an earlier output is intact)",
+        errno.EROFS: "the file system is read-only; choose a writable output path",
+        errno.EACCES: "permission denied; choose a path you can write (or read)",
+        errno.EPERM: "operation not permitted; choose a path you own",
+        errno.EISDIR: "is a directory where a file was expected; give a file path",
+        errno.ENOTDIR: "a part of the path is a file where a directory was expected; fix the path",
+        errno.ENOENT: "no such file or directory; check the path",
+        errno.EEXIST: "a file is in the way where a directory is needed; fix the path",
+        errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+        errno.EPIPE: "the output pipe was closed before spectra finished writing",
+    }
+    hint = hints.get(err.errno or -1, f"{err.strerror or err}; check the path and try again")
+    return f"{where}: {hint}"
+
+
+def _fail(message: str) -> None:
+    print(f"spectra: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

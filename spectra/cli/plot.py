@@ -15,10 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", nargs="+", default=None, help="one label per run (default: directory names)")
     p.add_argument("--title", default="Training loss")
     p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
+    p.add_argument("--force", action="store_true", help="replace an existing file that is not a PNG spectra drew")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = plot_runs(args.runs, args.out, labels=args.labels, title=args.title, x_axis=args.x)
+    path = plot_runs(args.runs, args.out, labels=args.labels, title=args.title, x_axis=args.x, force=args.force)
     print(f"wrote {path}")
     return 0

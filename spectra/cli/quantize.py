@@ -7,7 +7,7 @@ import statistics
 
 from ..quant import QuantConfig
 from ..quant.pipeline import quantize_checkpoint
-from .common import default_device, parse_dtype
+from .common import add_allow_nonfinite, add_force, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float16",
                    help="dtype of embeddings, norms and lm head in the output (default float16)")
+    add_force(p)
+    add_allow_nonfinite(p)
     p.set_defaults(func=run)
 
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
                          damp=args.damp, block_size=args.block_size, method=args.method)
     report = quantize_checkpoint(args.checkpoint, args.out, config, calib=args.calib, samples=args.samples,
                                  seq_len=args.seq_len, seed=args.seed, device=args.device or default_device(),
-                                 save_dtype=parse_dtype(args.dtype), batch_size=args.batch_size)
+                                 save_dtype=parse_dtype(args.dtype), batch_size=args.batch_size,
+                                 force=args.force, allow_nonfinite=args.allow_nonfinite)
     if report.layers:
         for method in (config.method, "rtn") if config.method != "rtn" else ("rtn",):
             errors = [layer[method] for layer in report.layers.values()]

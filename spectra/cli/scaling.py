@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_force
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("scaling", help="fit, query and plot scaling laws L(N, D)",
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", help="write the fitted law (JSON) here")
     fit.add_argument("--plot", help="also draw the law with the points to this PNG")
+    add_force(fit)
     fit.set_defaults(func=run_fit)
 
     pred = sub.add_parser("predict", help="loss for N and D; compute-optimal N, D for a FLOP budget",
@@ -44,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--law", default="spectra-1.1", help="preset name or law JSON (default spectra-1.1)")
     plot.add_argument("--points", help="CSV of points to overlay")
     plot.add_argument("--out", default="scaling.png", help="PNG to write (default scaling.png)")
+    add_force(plot)
     plot.set_defaults(func=run_plot)
 
 
@@ -51,7 +55,12 @@ def run_fit(args: argparse.Namespace) -> int:
     from ..eval.plots import plot_scaling_law
     from ..eval.results import write_json
     from ..eval.scaling import fit_scaling_law, parse_count, read_points
+    from ..io import check_output, json_recognizer
 
+    LAW_FILE = json_recognizer(lambda d: "law" in d)
+
+    if args.out:  # refused before the fit, not after it
+        check_output(args.out, "scaling fit", force=args.force, kind="file", recognize=LAW_FILE)
     n, d, loss = read_points(args.points)
     result = fit_scaling_law(n, d, loss, delta=args.delta, bootstrap=args.bootstrap, seed=args.seed,
                              n_unit=parse_count(args.n_unit), d_unit=parse_count(args.d_unit), grid=args.grid,
@@ -65,10 +74,10 @@ def run_fit(args: argparse.Namespace) -> int:
         bounds = f"  95% CI [{ci[0]:.4g}, {ci[1]:.4g}] ({result.bootstrap} bootstrap fits)" if ci else ""
         print(f"  {name:<6}{getattr(law, name):>10.4g}{bounds}")
     if args.out:
-        write_json(result.to_dict(), args.out)
+        write_json(result.to_dict(), args.out, force=args.force, recognize=lambda d: "law" in d)
         print(f"law written to {args.out}")
     if args.plot:
-        plot_scaling_law(law, args.plot, points=(n, d, loss))
+        plot_scaling_law(law, args.plot, points=(n, d, loss), force=args.force)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -109,5 +118,5 @@ def run_plot(args: argparse.Namespace) -> int:
 
     law = get_law(args.law)
     points = read_points(args.points) if args.points else None
-    print(f"plot written to {plot_scaling_law(law, args.out, points=points)}")
+    print(f"plot written to {plot_scaling_law(law, args.out, points=points, force=args.force)}")
     return 0

@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-last", type=int, default=S, help="checkpoints kept (default 3)")
     g.add_argument("--log-every", type=int, default=S, help="steps between metrics records (default 10)")
     g.add_argument("--export", dest="export_dir", default=S, help="also save the final model here")
+    g.add_argument("--force", action="store_true", help="write a new run into a non-empty directory that is not a "
+                   "run, and replace an --export path that is not an earlier export")
     g = p.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="cpu or cuda (default: cuda when available)")
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [flag for flag, key in (("--data", "data"), ("--out", "out_dir")) if key not in options]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} required (or --resume DIR to continue a run)")
-    result = train(resume=args.resume, **options)
+    result = train(resume=args.resume, force=args.force, **options)
     if not is_main_process():
         return 0
     print(f"step {result.step}: train loss {result.train_loss:.4f}"

@@ -10,9 +10,6 @@ resume. Full tensors make the files independent of the mesh that wrote them; for
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -108,6 +105,7 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 TRAIN_STATE_FILE = "train_state.safetensors"
 TRAIN_META_FILE = "train_state.json"
+TRAIN_OWNER = "train"  # spectra.train.state.TRAIN_OWNER: the marker of a run's checkpoints
 _MODEL_PREFIX, _OPTIM_PREFIX = "model::", "optim::"
 
 
@@ -124,7 +122,8 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
     """
     from safetensors.torch import save_file
 
-    from ..checkpoint import save_checkpoint
+    from ..checkpoint import write_checkpoint_files
+    from ..io import atomic_dir, check_output
     from ..model import SpectraLM
 
     path = Path(path)
@@ -133,10 +132,9 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
     if ctx.is_main:
         plain = SpectraLM(model.config)
         plain.load_state_dict(model_state)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.stage-", dir=path.parent))
-        try:
-            target = save_checkpoint(plain, staging / path.name, tokenizer=tokenizer)
+        check_output(path, TRAIN_OWNER, recognize=lambda p: (p / TRAIN_META_FILE).is_file())
+        with atomic_dir(path, TRAIN_OWNER) as target:
+            write_checkpoint_files(plain, target, tokenizer=tokenizer)
             optim_tensors, optim_meta = optimizer_state_to_tensors(optim_state)
             tensors = {_MODEL_PREFIX + k: v.contiguous() for k, v in model_state.items()}
             tensors.update({_OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
@@ -145,20 +143,8 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
             record = {"meta": meta or {}, "optimizer": optim_meta if optimizer is not None else None,
                       "saved_with": {"dp": ctx.dp, "tp": ctx.tp}}
             (target / TRAIN_META_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            _swap_into_place(target, path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     barrier(ctx)
     return path
-
-
-def _swap_into_place(new: Path, path: Path) -> None:
-    old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
-    if old is not None:
-        os.rename(path, old)
-    os.rename(new, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,

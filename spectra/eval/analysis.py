@@ -114,13 +114,13 @@ def mean_entropy(stats: list[LayerStats]) -> dict[int, float]:
     return {b: float(np.average([s.entropy[b] for s in stats], weights=sizes)) for b in stats[0].entropy}
 
 
-def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path) -> Path:
+def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, force: bool = False) -> Path:
     """Four panels: pooled weight histograms, std and zero fraction per layer, entropy vs bin count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from ..io import save_figure
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     edges = np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1)
@@ -143,5 +143,5 @@ def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force=force)
 

@@ -92,6 +92,8 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window:
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
     max_len = model.config.max_seq_len
+    if (window is not None and window < 2) or (stride is not None and stride < 1):
+        raise ConfigError(f"window must be at least 2 and stride at least 1, got window {window}, stride {stride}")
     window = window or max_len
     if window > max_len:
         raise ConfigError(f"window {window} exceeds the model's max_seq_len {max_len}; pass --window {max_len}")

@@ -5,8 +5,6 @@ All figures are written atomically as small PNGs (matplotlib's Agg backend, no d
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,31 +12,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .results import load_results, publish
+from ..io import save_figure
+from .results import load_results
 
 # Families keep one colour and marker across every figure.
 FAMILY_STYLE = {"TriLM": ("tab:blue", "o"), "FloatLM": ("tab:orange", "s")}
 QUANT_COLOURS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 LOWER_IS_BETTER = ("perplexity", "loss", "bits_per_token", "word_perplexity", "byte_perplexity", "bits_per_byte")
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure to `path` via a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
 
 
 # --- spectra compare ------------------------------------------------------------------------------
@@ -72,7 +52,7 @@ def _style(family: str, quant_index: dict[str, int]) -> tuple[str, str]:
     return QUANT_COLOURS[i % len(QUANT_COLOURS)], "^"
 
 
-def plot_comparison(entries: list[dict[str, Any]], metric: str, path: str | Path) -> Path:
+def plot_comparison(entries: list[dict[str, Any]], metric: str, path: str | Path, force: bool = False) -> Path:
     """Two panels, metric vs parameters and metric vs size in bits, one line per family."""
     import matplotlib
     matplotlib.use("Agg")
@@ -106,7 +86,7 @@ def plot_comparison(entries: list[dict[str, Any]], metric: str, path: str | Path
     axes[0].set_title(f"{metric} vs parameters")
     axes[1].set_title(f"{metric} vs size in bits")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force=force)
 
 
 def metric_filename(metric: str) -> str:
@@ -116,7 +96,8 @@ def metric_filename(metric: str) -> str:
 # --- scaling laws ---------------------------------------------------------------------------------
 
 def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                     n_range: tuple[float, float] | None = None, d_range: tuple[float, float] | None = None) -> Path:
+                     n_range: tuple[float, float] | None = None, d_range: tuple[float, float] | None = None,
+                     force: bool = False) -> Path:
     """Iso-loss contours over (D, N) with the compute-optimal frontier, and L vs D curves per model size."""
     import matplotlib
     matplotlib.use("Agg")
@@ -164,7 +145,7 @@ def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.nd
     for ax in (ax0, ax1):
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force=force)
 
 
 def _short(count: float) -> str:

@@ -13,14 +13,14 @@ Schema ``spectra-eval/1``::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import DataError
+from ..io import check_output, json_recognizer, write_text_atomic
 from ..size import count_parameters, model_size_breakdown
 
 RESULTS_FORMAT = "spectra-eval/1"
@@ -56,29 +56,13 @@ def result_record(model_info: dict[str, Any], metrics: dict[str, float], details
     return {"format": RESULTS_FORMAT, "model": model_info, "metrics": metrics, "details": details}
 
 
-def write_json(record: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON atomically: a temporary sibling file, then one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, default=_jsonable)
-            f.write("\n")
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file the permissions of a normally created one, then rename it into place."""
-    # mkstemp creates files readable by their owner only; results and plots are meant to be shared.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+def write_json(record: dict[str, Any], path: str | Path, force: bool = False,
+               recognize: Callable[[dict], bool] | None = None) -> Path:
+    """Write JSON atomically. An existing file is replaced only when it is a JSON object that passes
+    `recognize` (default: a spectra result file), or with `force`."""
+    check_output(path, "eval", force=force, kind="file",
+                 recognize=json_recognizer(recognize or (lambda d: d.get("format") == RESULTS_FORMAT)))
+    return write_text_atomic(path, json.dumps(record, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -95,8 +79,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"result file {path} does not exist")
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
         raise DataError(f"{path} is not a spectra result file (format {RESULTS_FORMAT!r}); write one with "

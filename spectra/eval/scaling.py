@@ -84,9 +84,11 @@ def get_law(source: str | Path) -> ScalingLaw:
     if not path.is_file():
         raise ConfigError(f"{source!r} is neither a scaling-law preset ({', '.join(LAW_PRESETS)}) nor a JSON file")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("law", data), dict):
+        raise DataError(f"{path} holds no law object; give a file written by `spectra scaling fit --out`")
     return ScalingLaw.from_dict(data.get("law", data))
 
 
@@ -120,8 +122,11 @@ def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"points file {path} does not exist")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path} is not a UTF-8 CSV file ({err}); give a CSV with a header row") from None
     if not rows:
         raise DataError(f"{path} has no data rows")
     header = {h.strip().lower(): h for h in rows[0]}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..data import list_sources
 from ..errors import DataError
+from ..io import check_output, write_text_atomic
 
 SPEAKER = re.compile(r"^\*\*([A-Z][A-Z .,'&-]+)\*\*\s*$")
 
@@ -55,12 +56,10 @@ def play_instructions(corpus: str | Path, count: int = 4000) -> list[dict[str, s
     return pairs[::stride][:count]
 
 
-def write_instructions(corpus: str | Path, out: str | Path, count: int = 4000) -> int:
-    """Write play_instructions as .jsonl to `out`; returns the number of examples."""
+def write_instructions(corpus: str | Path, out: str | Path, count: int = 4000, force: bool = False) -> int:
+    """Write play_instructions as .jsonl to `out` (atomically; an existing file only with `force`); returns the
+    number of examples."""
+    check_output(out, "data instructions", force=force, kind="file", replace_own=False, sources=[corpus])
     pairs = play_instructions(corpus, count)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps(p) + "\n" for p in pairs))
     return len(pairs)

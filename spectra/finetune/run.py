@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from ..checkpoint import (
 from ..config import dataclass_from_dict
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
+from ..io import write_text_atomic
 from ..linear import freeze_ternary, latent_from_ternary
 from ..lora import LoRAConfig, apply_lora, save_adapter
 from ..model import SpectraLM
@@ -224,11 +223,12 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
     before = None
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / TASK_FILE, json.dumps(task.to_dict(), indent=2) + "\n")
+        write_text_atomic(run_dir / TASK_FILE, json.dumps(task.to_dict(), indent=2) + "\n")
         before = _held_out_loss(model, dataset, config, device)
         if before is not None:
             echo(f"held-out loss before: {before:.4f}")
-    result = train(config, resume=resume, initial_model=model, dataset=dataset, objective=objective)
+    # force: the directory was checked above (new or empty) and now holds this run's own finetune.json.
+    result = train(config, resume=resume, initial_model=model, dataset=dataset, objective=objective, force=True)
     product = _save_product(task, result.model, run_dir, dataset.tokenizer())
     return FinetuneResult(train=result, val_loss_before=before, product=product, data_summary=summary)
 
@@ -263,11 +263,4 @@ def _save_product(task: FinetuneConfig, model: SpectraLM, run_dir: Path, tokeniz
         if task.pack:
             pack_model(model, task.pack)
     return save_checkpoint(model.eval(), run_dir / "model", tokenizer=tokenizer)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 

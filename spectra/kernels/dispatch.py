@@ -22,6 +22,7 @@ import torch
 
 from ..errors import DeviceError, FormatError
 from ..formats import ROW_ALIGN_BYTES, get_format
+from ..io import write_text_atomic
 from ..linear import shard_bounds
 
 if TYPE_CHECKING:
@@ -104,9 +105,7 @@ def save_configs(entries: dict[str, KernelConfig], path: Path | None = None) -> 
         except (OSError, ValueError):
             pass
         table.update({key: asdict(cfg) for key, cfg in entries.items()})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(table, indent=1, sort_keys=True))
         _load_table().update({key: asdict(cfg) for key, cfg in entries.items()})
     return path
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, DataError
+from ..io import check_output, output_lock
 from ..model import SpectraLM
 from ..progress import progress_bar
 from .gptq import HessianAccumulator, gptq_quantize, output_error
@@ -25,6 +26,7 @@ from .linear import KIND, QuantizedWeight, QuantLinear
 from .rtn import rtn_quantize
 
 REPORT_FILE = "quantization.json"
+QUANTIZE_OWNER = "quantize"  # the marker of directories `spectra quantize` wrote (spectra.io)
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
@@ -150,20 +152,30 @@ def _replace(model: SpectraLM, name: str, module: nn.Module, quantized: Quantize
 def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig, calib: str | Path | None = None,
                         samples: int = 128, seq_len: int | None = None, seed: int = 0, device: str = "cpu",
                         save_dtype: torch.dtype | None = torch.float16, batch_size: int = 8,
-                        progress: bool = True) -> QuantReport:
+                        progress: bool = True, force: bool = False, allow_nonfinite: bool = False) -> QuantReport:
     """Quantize the FloatLM checkpoint `source` and write the QuantLM checkpoint `out` (with the tokenizer
     and a quantization.json report). `calib` is calibration data (prepared shards, .npy, .jsonl, text file or
-    folder); `seq_len` defaults to min(2048, the model's max_seq_len)."""
+    folder); `seq_len` defaults to min(2048, the model's max_seq_len). `out` is locked while quantizing and
+    replaced atomically; an existing `out` that is not an earlier `quantize` output needs `force`."""
+    source, out = Path(source), Path(out)
+    with output_lock(out, QUANTIZE_OWNER):
+        check_output(out, QUANTIZE_OWNER, force=force, sources=[source] + ([calib] if calib else []))
+        return _quantize_checkpoint(source, out, config, calib, samples, seq_len, seed, device, save_dtype,
+                                    batch_size, progress, force, allow_nonfinite)
+
+
+def _quantize_checkpoint(source: Path, out: Path, config: QuantConfig, calib: str | Path | None, samples: int,
+                         seq_len: int | None, seed: int, device: str, save_dtype: torch.dtype | None,
+                         batch_size: int, progress: bool, force: bool, allow_nonfinite: bool) -> QuantReport:
     from ..checkpoint import DENSE_KINDS, load_checkpoint, read_config, save_checkpoint
     from ..tokenizer import TOKENIZER_FILE, load_tokenizer
     from .calib import calibration_tokens
 
-    source = Path(source)
     stored_kind = read_config(source).weight_kind
     if stored_kind not in DENSE_KINDS:
         raise ConfigError(f"{source} holds {stored_kind!r} weights; quantize the FloatLM checkpoint it came from")
     tokenizer = load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
-    model = load_checkpoint(source, device=device, kind="float")
+    model = load_checkpoint(source, device=device, kind="float", allow_nonfinite=allow_nonfinite)
     tokens = None
     if calib is not None:
         seq_len = seq_len or min(2048, model.config.max_seq_len)
@@ -175,5 +187,6 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
     text = json.dumps({"source": str(source), "calibration": str(calib) if calib else None,
                        "samples": samples if calib else 0, "seq_len": seq_len if calib else 0, "seed": seed,
                        **report.to_dict()}, indent=2)
-    save_checkpoint(model, out, tokenizer=tokenizer, dtype=save_dtype, extra_files={REPORT_FILE: text + "\n"})
+    save_checkpoint(model, out, tokenizer=tokenizer, dtype=save_dtype, extra_files={REPORT_FILE: text + "\n"},
+                    owner=QUANTIZE_OWNER, force=force)
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,17 @@ class TrainConfig:
         if self.batch_size % self.dp:
             raise ConfigError(f"batch_size {self.batch_size} (the global micro-batch) must be divisible by "
                               f"dp={self.dp}: each data-parallel rank takes batch_size / dp of its sequences")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "lr_drop_at", "lr_drop_scale",
+                     "wd_off_at"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive (or None to disable), got {self.grad_clip}")
         self.make_schedule()  # validates LR, decay and phases

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +23,13 @@ from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from ..config import get_config
 from ..data import TokenDataset, WindowLoader
 from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
-from ..errors import CheckpointError, ConfigError, DataError, DeviceError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, DeviceError, OutputError, TrainingError
+from ..io import check_output, hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..parallel import (
     ParallelContext,
     RankShardedLoader,
+    barrier,
     clip_grad_norm_,
     init_parallel,
     mean_over_data_parallel,
@@ -53,6 +53,8 @@ from .state import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".spectra-lock"  # in the run directory: held by the process writing the run (spectra.io)
+EXPORT_OWNER = "train --export"
 RUN_FILE = "run.json"
 TRAINABLE_KINDS = ("float", "ternary")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len",
@@ -231,8 +233,9 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (a resumed run writes them again), atomically."""
+    def truncate_after(self, step: int, keep_final: bool = False) -> None:
+        """Drop records of steps after `step` (a resumed run writes them again) and the run's end record unless
+        `keep_final` (a finished run resumed without more steps), atomically."""
         if not (self.enabled and self.path.is_file()):
             return
         kept = []
@@ -241,14 +244,30 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a killed process
-            if record.get("step", 0) <= step and record.get("split") != "final":
+            if record.get("step", 0) <= step and (record.get("split") != "final" or keep_final):
                 kept.append(line)
-        _write_atomic(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def has_final(self, step: int) -> bool:
+        """Whether the log already ends the run at `step` (a finished run being resumed)."""
+        if not (self.enabled and self.path.is_file()):
+            return False
+        return any(r.get("split") == "final" and r.get("step") == step for r in _records(self.path))
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _records(file: Path) -> list[dict]:
+    out = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -257,14 +276,47 @@ def read_metrics(path: str | Path) -> list[dict]:
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no {METRICS_FILE} at {path}; pass a run directory written by `spectra train`")
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}:{lineno} is not a JSON record; is it a metrics.jsonl written by "
+                            f"`spectra train`?") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{file}:{lineno} is not a JSON object; is it a metrics.jsonl written by "
+                            f"`spectra train`?")
+        records.append(record)
+    return records
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> None:
+    """A new run goes to a missing or empty directory, or (with `force`) beside files that are not a run;
+    never into its data directory."""
+    check_output(run_dir / RUN_FILE, "train", force=True, kind="file", sources=[data])
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; the run directory must be a directory (or not exist yet)")
+    if resuming or not run_dir.is_dir():
+        return
+    if list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                            f"or choose another output directory")
+    # A run killed before its first checkpoint (run.json, no checkpoints) starts over in place.
+    own = (run_dir / RUN_FILE).is_file()
+    if not own and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not force:
+        raise OutputError(f"--out {run_dir} already exists, is not empty and is not a training run; choose "
+                          f"another directory or pass --force to write the run beside its files")
+
+
+def _absolute_paths(cfg: TrainConfig) -> dict[str, str]:
+    """data, out_dir, export_dir and a checkpoint `model` as absolute paths, so a resume from another working
+    directory finds the same files."""
+    fields = {"data": cfg.data, "out_dir": cfg.out_dir, "export_dir": cfg.export_dir}
+    if Path(cfg.model).is_dir():
+        fields["model"] = cfg.model
+    return {k: str(Path(v).absolute()) for k, v in fields.items() if v}
 
 
 def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
@@ -279,7 +331,7 @@ def _check_resume_shape(saved: dict, model: SpectraLM, source: Path) -> None:
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           initial_model: SpectraLM | None = None, dataset: Any = None, objective: Objective | None = None,
-          callback: Callable[[dict], None] | None = None, **options: Any) -> TrainResult:
+          callback: Callable[[dict], None] | None = None, force: bool = False, **options: Any) -> TrainResult:
     """Pretrain a TriLM or FloatLM on a prepared dataset; see TrainConfig for every option.
 
     `spectra.train(data="data/", out_dir="runs/x", model="mini", steps=2000)` builds the config from keyword
@@ -302,7 +354,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if config.tp > 1 and not Path(config.model).is_dir():
         config = config.replace(model_overrides=tensor_parallel_overrides(config.model, config.kind,
                                                                           config.model_overrides, config.tp))
-    cfg = config
+    cfg = config.replace(**_absolute_paths(config))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -315,14 +367,32 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     seq_len = cfg.seq_len or model.config.max_seq_len
     check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only)
     run_dir = Path(cfg.out_dir)
+    main = is_main_process()
+    _check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
+    barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
+    if main:
+        if cfg.export_dir:
+            sources = [cfg.data] + ([cfg.model] if Path(cfg.model).is_dir() else [])
+            check_output(cfg.export_dir, EXPORT_OWNER, force=force, sources=sources, flag="--export")
+            if run_dir.absolute() == Path(cfg.export_dir) or Path(cfg.export_dir) in run_dir.absolute().parents:
+                raise OutputError(f"--export {cfg.export_dir} would replace the run directory {run_dir}; export "
+                                  f"to another path")
+        # The lock is held for the whole run: a second writer of this run directory is refused. A run that fails
+        # before writing anything leaves no new directory.
+        with removing_new_empty_dirs(run_dir), hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"):
+            return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir, objective,
+                          callback, force)
+    return _train(cfg, saved, checkpoint, dataset, device, ctx, model, seq_len, run_dir, objective, callback, force)
+
+
+def _train(cfg: TrainConfig, saved: dict | None, checkpoint: Path | None, dataset: Any, device: torch.device,
+           ctx: ParallelContext, model: SpectraLM, seq_len: int, run_dir: Path, objective: Objective | None,
+           callback: Callable[[dict], None] | None, force: bool) -> TrainResult:
     if saved is not None:
         _check_resume_shape(saved["model_config"], model, checkpoint)
         if saved["dataset"] != dataset.fingerprint():
             raise DataError(f"{checkpoint} was trained on other data (tokenizer or token counts differ from "
                             f"{dataset.path}); resume with the dataset it was trained on")
-    elif list_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
-                            f"or choose another output directory")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     model = parallelize(model, ctx, cfg.dp_mode, param_dtype=torch.bfloat16 if bf16 else None,
                         compile=cfg.compile and ctx.distributed)
@@ -343,12 +413,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         start_step, tokens_seen = int(meta["step"]), int(meta["tokens"])
     main = is_main_process()
     log = MetricsLog(run_dir / METRICS_FILE, main)
+    finished = checkpoint is not None and start_step >= cfg.steps and log.has_final(start_step)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
+        write_text_atomic(run_dir / RUN_FILE, json.dumps({"config": cfg.to_dict(), "model_config":
                                                       model.config.to_dict(), "schedule": schedule.describe()},
                                                      indent=2) + "\n")
-        log.truncate_after(start_step)
+        log.truncate_after(start_step, keep_final=finished)
         remove_stale_staging(run_dir)
     step_model = torch.compile(model) if cfg.compile and not ctx.distributed else model
     writes = main or ctx.distributed  # saving a parallel model gathers its shards: every rank takes part
@@ -421,16 +492,17 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 
     val_loss = evaluate(step_model, val_batches, device, cfg.precision)
     train_loss = evaluate(step_model, train_fixed, device, cfg.precision)
-    if val_loss is not None:
-        emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
-    emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
+    if not finished:  # resuming a finished run evaluates again but does not log its end twice
+        if val_loss is not None:
+            emit({"split": "val", "step": step, "loss": val_loss, "tokens": tokens_seen})
+        emit({"split": "final", "step": step, "train_loss": train_loss, "val_loss": val_loss, "tokens": tokens_seen})
     if writes and last_saved != step_dir(run_dir, step):
         last_saved = save(step)
     export = None
     if cfg.export_dir:
         plain = gather_model(model, ctx) if ctx.distributed else model
         if main:
-            export = save_checkpoint(plain, cfg.export_dir, tokenizer=tokenizer)
+            export = save_checkpoint(plain, cfg.export_dir, tokenizer=tokenizer, owner=EXPORT_OWNER, force=force)
     steps_run = step - start_step
     return TrainResult(run_dir=run_dir, checkpoint=last_saved, export_dir=export, step=step, train_loss=train_loss,
                        val_loss=val_loss, tokens=tokens_seen,

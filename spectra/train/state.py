@@ -18,10 +18,8 @@ a temporary sibling and renamed into place, so a crash at any moment leaves only
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +28,17 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import write_checkpoint_files
 from ..errors import CheckpointError
+from ..io import atomic_dir, check_output, output_owner, recover
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_META = "train_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX = "model::", "optim::", "rng::"
+META_KEYS = ("step", "tokens", "loader", "config", "model_config", "dataset")
+TRAIN_OWNER = "train"  # the marker of checkpoints written by a training run (spectra.io)
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -70,16 +71,18 @@ def resolve_resume(path: str | Path) -> Path:
 
 
 def remove_stale_staging(run_dir: str | Path) -> None:
-    """Delete half-written checkpoints (hidden staging directories) left by a process that was killed."""
+    """Repair what a killed process left among the checkpoints: half-written staging directories are
+    deleted, an old checkpoint moved aside mid-replace is put back (spectra.io.recover)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if root.is_dir():
-        for path in root.glob(".step-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        for name in {p.name.split(".spectra-")[0].lstrip(".") for p in root.glob(".step-*.spectra-*")}:
+            recover(root / name)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for _, path in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if output_owner(path) in (TRAIN_OWNER, None):  # never a directory another command wrote
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- optimizer state keyed by parameter name -------------------------------------------------------
@@ -150,11 +153,10 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
                         tokenizer=None) -> Path:
     """Write checkpoint directory `path` (core checkpoint + training state) atomically; returns it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = {id(p): n for n, p in model.named_parameters()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.stage-", dir=path.parent))
-    try:
-        target = save_checkpoint(model, staging / path.name, tokenizer=tokenizer)
+    check_output(path, TRAIN_OWNER, recognize=lambda p: (p / STATE_META).is_file())  # also unmarked older ones
+    with atomic_dir(path, TRAIN_OWNER) as target:
+        write_checkpoint_files(model, target, tokenizer=tokenizer)
         optim_tensors, optim_meta = optimizer_tensors(optimizer, names)
         tensors = {MODEL_PREFIX + n: p.detach().cpu().contiguous() for n, p in model.state_dict().items()}
         tensors.update({OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
@@ -162,15 +164,6 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
         save_file(tensors, str(target / STATE_TENSORS), metadata={"format": "pt"})
         record = {"meta": meta, "optimizer": optim_meta, "saved_with": {"dp": 1, "tp": 1}}
         (target / STATE_META).write_text(json.dumps(record, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(target, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(target, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -180,9 +173,35 @@ def read_training_meta(path: str | Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{path} has no {STATE_META}: it is not a training checkpoint")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file} is not valid JSON ({err}); resume from an earlier checkpoint") from None
+    meta = record.get("meta") if isinstance(record, dict) else None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(record.get("optimizer") if isinstance(record, dict) else None, (dict, type(None))):
+        missing.append("optimizer")
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is incomplete or from another tool; "
+                              f"resume from an earlier checkpoint")
+    return record
+
+
+def check_state_complete(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> None:
+    """Refuse a training state whose optimizer moments or RNG states are missing: resuming it would not
+    continue the run bit-identically, silently."""
+    optimizer = record.get("optimizer") or {}
+    names = [n for group in optimizer.get("param_groups", []) for n in group.get("params", [])]
+    keys = {k[len(OPTIM_PREFIX):] for k in tensors if k.startswith(OPTIM_PREFIX)} | set(optimizer.get("scalars", {}))
+    slots = sorted({k.rsplit("::", 1)[-1] for k in keys})
+    missing = [f"{OPTIM_PREFIX}{n}::{s}" for n in names for s in slots if f"{n}::{s}" not in keys]
+    if not slots and int(record["meta"].get("step", 0)) > 0:
+        missing.append(f"{OPTIM_PREFIX}* (every optimizer moment)")
+    if f"{RNG_PREFIX}torch_cpu" not in tensors:
+        missing.append(f"{RNG_PREFIX}torch_cpu")
+    if missing:
+        raise CheckpointError(f"{path / STATE_TENSORS} lacks {len(missing)} training-state tensors (first: "
+                              f"{missing[0]}); the run could not continue exactly — resume from an earlier "
+                              f"checkpoint")
 
 
 def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -194,6 +213,8 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {path / STATE_TENSORS} ({err}); the file is truncated or corrupt — "
                               f"resume from an earlier checkpoint") from None
+    if optimizer is not None:
+        check_state_complete(tensors, record, path)
     state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     expected = model.state_dict()
     for name, tensor in expected.items():
