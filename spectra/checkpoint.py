@@ -30,6 +30,7 @@ from .linear import (
     shard_bounds,
 )
 from .model import SpectraLM
+from .tensor_table import check_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -206,6 +207,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = Path(path)
     device = resolve_device(device)
     config = read_config(path)
+    check_tensors(path, config, weight_files(path), dense=config.weight_kind in DENSE_KINDS)  # before allocating
     tensors = load_tensors(path)
     if dtype is None:
         stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
