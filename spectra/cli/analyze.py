@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import parse_dtype, parse_int_list
+from .common import add_threads_option, apply_threads, parse_dtype, parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--plot", default="weights.png", help="PNG to write (default weights.png)")
     w.add_argument("--json", dest="json_out", help="write the statistics as JSON here")
     w.add_argument("--dtype", default=None, help="load dtype (default float32)")
+    add_threads_option(w)
     w.set_defaults(func=run_weights)
 
 
@@ -38,6 +39,7 @@ def run_weights(args: argparse.Namespace) -> int:
     )
     from ..eval.results import write_json
 
+    apply_threads(args)
     bins = parse_int_list(args.bins, "--bins")
     per_model = {}
     for source in args.checkpoints:

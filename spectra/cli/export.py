@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ..gguf_export import GGUF_TYPES, GGUFFallbackWarning, export_gguf
-from .common import human_bytes
+from .common import add_threads_option, apply_threads, human_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,10 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("checkpoint", help="checkpoint directory with tokenizer.json (dense, ternary or packed)")
     g.add_argument("--type", required=True, choices=list(GGUF_TYPES), help="tensor type of the linear weights")
     g.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    add_threads_option(g)
     g.set_defaults(func=run_gguf)
 
 
 def run_gguf(args: argparse.Namespace) -> int:
+    apply_threads(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GGUFFallbackWarning)
         report = export_gguf(args.checkpoint, args.out, args.type, progress=True)

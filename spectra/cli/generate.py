@@ -11,7 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import DataError, DeviceError
 from ..generate import generate
 from ..tokenizer import eos_id, load_tokenizer
-from .common import default_device, parse_dtype
+from .common import add_threads_option, apply_threads, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
+    add_threads_option(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
                         "faster tokens; worth it for long generations)")
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     if args.compile and not str(device).startswith("cuda"):
         raise DeviceError("--compile applies to CUDA decoding (a compiled, graph-captured step); drop it on CPU")
+    apply_threads(args)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype))
     model.fuse_projections()  # q/k/v and gate/up as one product each: fewer, larger matmuls per token
