@@ -91,8 +91,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     try:
         from ..eval.harness import PAPER_TASKS, SpectraEvalLM, evaluate_tasks, flatten_metrics
     except ImportError as err:
-        raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with "
-                          f"pip install 'spectra-lm[eval]'") from None
+        raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with pip install lm-eval "
+                          f"(or, in a clone of spectra, pip install -e \".[eval]\")") from None
 
     apply_threads(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)

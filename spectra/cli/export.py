@@ -39,5 +39,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     for kind in report.tensor_types.values():
         counts[kind] = counts.get(kind, 0) + 1
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    print(f"wrote {report.path} ({human_bytes(report.bytes)}): {len(report.tensor_types)} tensors ({kinds})")
+    dequantized = " (QuantLM weights dequantized)" if report.weight_kind == "quant" else ""
+    print(f"wrote {report.path} ({human_bytes(report.bytes)}): {len(report.tensor_types)} tensors ({kinds})"
+          f"{dequantized}")
     return 0
