@@ -21,7 +21,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .size import count_parameters
+from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
+from .size import count_parameters, linear_shapes
 
 # safetensors' own limit on the JSON header; a larger one is junk, not a checkpoint.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -31,8 +32,10 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # Tensors transformers has saved that spectra recomputes: ignored with a warning that names them.
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
-# Which config.json field fixes a tensor's shape, for the error message.
+# Layer index of a per-layer tensor name (the layer count is checked before the full table is built).
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 
 
 class IgnoredTensorWarning(UserWarning):
@@ -123,16 +126,40 @@ def read_headers(files: Iterable[Path]) -> dict[str, TensorInfo]:
 
 
 def expected_tensors(config: ModelConfig, dense: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a checkpoint of `config` holds; built on the meta device.
+    """Name -> (shape, dtype) of every tensor a checkpoint of `config` holds.
 
     `dense`: float and ternary checkpoints store every linear layer as one dense `weight`; other kinds (packed,
-    quant) store their own module tensors. Call only once the config's sizes are known to be bounded by the files.
+    quant) store their own module tensors, taken from one meta-device module per distinct layer shape. No model
+    is built (initialising one, even on the meta device, costs seconds). Call only once the config's sizes are
+    known to be bounded by the files.
     """
-    from .model import SpectraLM
+    d, v = config.hidden_size, config.vocab_size
+    table: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"model.embed_tokens.weight": ((v, d), torch.float32)}
+    per_shape: dict[tuple[int, int, int], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            table[f"{prefix}{norm}.weight"] = ((d,), torch.float32)
+        for name, out_features, in_features in linear_shapes(config):
+            owner = "mlp" if name in MLP_PROJECTIONS else "self_attn"
+            axis = ROW_PARALLEL if name in ROW_PARALLEL_PROJECTIONS else COLUMN_PARALLEL
+            key = (out_features, in_features, axis)
+            if key not in per_shape:
+                per_shape[key] = _linear_tensors(config, dense, in_features, out_features, axis)
+            for tensor, spec in per_shape[key].items():
+                table[f"{prefix}{owner}.{name}.{tensor}"] = spec
+    table["model.norm.weight"] = ((d,), torch.float32)
+    table["lm_head.weight"] = ((v, d), torch.float32)
+    return table
 
-    with torch.device("meta"):
-        model = SpectraLM(config.replace(weight_kind="float") if dense else config)
-    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+
+def _linear_tensors(config: ModelConfig, dense: bool, in_features: int, out_features: int,
+                    axis: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if dense:
+        return {"weight": ((out_features, in_features), torch.float32)}
+    module = make_linear(config.weight_kind, in_features, out_features, axis, config.model_parallel_size,
+                         config.weight_options, device="meta")
+    return {name: (tuple(t.shape), t.dtype) for name, t in module.state_dict().items()}
 
 
 def check_tensors(path: Path, config: ModelConfig, files: Iterable[Path], dense: bool) -> dict[str, TensorInfo]:
