@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, SpectraWarning
 from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
 from .size import count_parameters, linear_shapes
 
@@ -38,7 +38,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 
 
-class IgnoredTensorWarning(UserWarning):
+class IgnoredTensorWarning(SpectraWarning):
     """A checkpoint tensor spectra does not need (a rotary cache) was skipped."""
 
 

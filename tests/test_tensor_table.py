@@ -184,3 +184,20 @@ def test_expected_table_is_what_save_checkpoint_writes(kind, options):
         assert tuple(tensor.shape) == shape, name
         assert tensor.dtype.is_floating_point == dtype.is_floating_point and (
             dtype.is_floating_point or tensor.dtype == dtype), name
+
+
+def test_cli_prints_the_ignored_tensor_warning_in_one_line(tmp_path, capsys):
+    from spectra.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["to be or not to be"] * 20, 300)
+    path = save_checkpoint(SpectraLM(get_config("tiny", weight_kind="float", vocab_size=300)), tmp_path / "c",
+                           tokenizer=tok)
+    _edit_tensors(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(8)}))
+    (tmp_path / "t.txt").write_text("to be or not to be " * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["eval", "ppl", str(path), "--data", str(tmp_path / "t.txt"), "--window", "32",
+                     "--no-progress"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("spectra: warning: ") and "rotary_emb.inv_freq" in err[0], err

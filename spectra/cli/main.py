@@ -6,8 +6,9 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
-from ..errors import SpectraError
+from ..errors import SpectraError, SpectraWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,16 @@ def _version() -> str:
     return __version__
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    # A warning about the user's input is one line, like an error; Python's own warnings keep their format.
+    if issubclass(category, SpectraWarning):
+        print(f"spectra: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

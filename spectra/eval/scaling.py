@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SpectraWarning
 
 PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
 
 
-class ScalingFitWarning(UserWarning):
+class ScalingFitWarning(SpectraWarning):
     """The scaling-law fit stopped at its iteration cap: its coefficients may not be the optimum."""
 
 
