@@ -194,8 +194,8 @@ def check_tensors(path: Path, config: ModelConfig, files: Iterable[Path], dense:
     unused = [n for n in extra if n not in harmless]
     if unused:
         raise CheckpointError(f"{path} holds {len(unused)} tensor(s) the model would not use ({_names(unused)}); "
-                              f"loading would silently drop them — spectra loads only LLaMA checkpoints with the "
-                              f"tensors config.json implies")
+                              f"loading would silently drop them — remove them from the checkpoint if they are not "
+                              f"part of the model, or load it with the library that wrote it")
     if harmless:
         warnings.warn(f"{path}: ignoring {len(harmless)} saved rotary-embedding cache tensor(s) "
                       f"({_names(harmless)}); spectra computes them from rope_theta", IgnoredTensorWarning,

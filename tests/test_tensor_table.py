@@ -201,3 +201,14 @@ def test_cli_prints_the_ignored_tensor_warning_in_one_line(tmp_path, capsys):
                      "--no-progress"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("spectra: warning: ") and "rotary_emb.inv_freq" in err[0], err
+
+
+@pytest.mark.parametrize("command", [["info"], ["pack", "--format", "tq2", "--out", "OUT"]])
+def test_info_and_pack_report_a_junk_weight_file_in_one_line(tmp_path, capsys, command):
+    path = _saved(tmp_path, kind="ternary")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    argv = [command[0], str(path), *[str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "safetensors header is not valid JSON" in err[0], err
+    assert not (tmp_path / "out").exists()
