@@ -150,3 +150,17 @@ def test_fit_reaches_the_optimum_on_synthetic_laws(case):
     fit = result.law
     assert abs(fit.alpha - law.alpha) < 0.02 and abs(fit.beta - law.beta) < 0.02, fit
     assert abs(fit.E - law.E) < 0.03, fit
+
+
+def test_a_fit_stopped_by_the_iteration_cap_says_so(monkeypatch):
+    import scipy.optimize
+
+    from spectra.eval import ScalingFitWarning
+
+    real = scipy.optimize.minimize
+    monkeypatch.setattr(scipy.optimize, "minimize",
+                        lambda *a, **k: real(*a, **{**k, "options": {**k.get("options", {}), "maxiter": 2}}))
+    n, d, loss = synthetic_points(TRUE, noise=0.004)
+    with pytest.warns(ScalingFitWarning, match="did not converge"):
+        result = fit_scaling_law(n, d, loss, bootstrap=0, grid="coarse", starts=4)
+    assert not result.converged and result.to_dict()["converged"] is False
