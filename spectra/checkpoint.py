@@ -149,6 +149,15 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{file}: {err}") from None
 
 
+def checked_config(path: str | Path) -> ModelConfig:
+    """config.json of checkpoint `path`, checked against the tensors its weight files hold (headers only, before
+    anything is allocated; see spectra.tensor_table)."""
+    path = Path(path)
+    config = read_config(path)
+    check_tensors(path, config, weight_files(path), dense=config.weight_kind in DENSE_KINDS)
+    return config
+
+
 def weight_files(path: Path) -> list[Path]:
     if (path / INDEX_FILE).is_file():
         index = json.loads((path / INDEX_FILE).read_text())
@@ -206,8 +215,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     device = resolve_device(device)
-    config = read_config(path)
-    check_tensors(path, config, weight_files(path), dense=config.weight_kind in DENSE_KINDS)  # before allocating
+    config = checked_config(path)
     tensors = load_tensors(path)
     if dtype is None:
         stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)

@@ -144,10 +144,12 @@ def test_absurd_configs_fail_fast_under_a_memory_cap(tmp_path):
         assert re.search(message, line), (changes, line)
 
 
-def test_cli_reports_an_absurd_config_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["eval", "ppl", "CKPT", "--data", "CKPT/config.json", "--no-progress"],
+                                     ["info", "CKPT"], ["pack", "CKPT", "--format", "tq2", "--out", "CKPT-tq2"]])
+def test_cli_reports_an_absurd_config_in_one_line(tmp_path, capsys, command):
     path = _saved(tmp_path)
     _edit_config(path, vocab_size=10**11)
-    assert main(["eval", "ppl", str(path), "--data", str(path / "config.json"), "--no-progress"]) == 2
+    assert main([a.replace("CKPT", str(path)) for a in command]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocab_size" in err[0]
 
