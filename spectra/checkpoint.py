@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import DENSE_KINDS, ModelConfig
 from .errors import CheckpointError, ConfigError, DeviceError
 from .linear import (
     ROW_PARALLEL,
@@ -35,7 +35,6 @@ from .tensor_table import check_tensors
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DENSE_KINDS = ("float", "ternary", "ternary_frozen")
 ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
 
 

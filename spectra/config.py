@@ -17,7 +17,7 @@ from .errors import ConfigError
 # GPT-NeoX tokenizer vocabulary (50277) padded to a multiple of 128, as in the released checkpoints.
 SUITE_VOCAB_SIZE = 50304
 # Weight kinds saved as dense LLaMA matrices, which transformers' LlamaForCausalLM loads as they are.
-HF_DENSE_KINDS = ("float", "ternary", "ternary_frozen")
+DENSE_KINDS = ("float", "ternary", "ternary_frozen")
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
@@ -112,7 +112,7 @@ class ModelConfig:
         ignores both, so `quantization_config` carries no `quant_method`: transformers skips an unknown
         quant_method with a warning and loads garbage, but refuses a quantization_config without one.
         """
-        if self.weight_kind in HF_DENSE_KINDS:
+        if self.weight_kind in DENSE_KINDS:
             return {}
         name = {"tq2": "TQ2", "tq1": "TQ1"}.get(self.weight_kind)
         if name is None:
