@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import DENSE_KINDS, ModelConfig
 from .errors import CheckpointError, ConfigError, DeviceError
 from .io import atomic_dir, check_output, is_plain_file_name
 from .linear import (
@@ -28,11 +28,11 @@ from .linear import (
     shard_bounds,
 )
 from .model import SpectraLM
+from .tensor_table import check_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DENSE_KINDS = ("float", "ternary", "ternary_frozen")
 ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
 
 
@@ -165,6 +165,15 @@ def _index_shards(path: Path) -> list[Path]:
     return [path / n for n in sorted(set(weight_map.values()))]
 
 
+def checked_config(path: str | Path) -> ModelConfig:
+    """config.json of checkpoint `path`, checked against the tensors its weight files hold (headers only, before
+    anything is allocated; see spectra.tensor_table)."""
+    path = Path(path)
+    config = read_config(path)
+    check_tensors(path, config, weight_files(path), dense=config.weight_kind in DENSE_KINDS)
+    return config
+
+
 def weight_files(path: Path) -> list[Path]:
     if (path / INDEX_FILE).is_file():
         return _index_shards(path)
@@ -243,7 +252,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     device = resolve_device(device)
-    config = read_config(path)
+    config = checked_config(path)
     check_tokenizer_fits(path, config.vocab_size)
     tensors = load_tensors(path)
     if not allow_nonfinite:

@@ -17,6 +17,8 @@ from .io import write_text_atomic
 
 # GPT-NeoX tokenizer vocabulary (50277) padded to a multiple of 128, as in the released checkpoints.
 SUITE_VOCAB_SIZE = 50304
+# Weight kinds saved as dense LLaMA matrices, which transformers' LlamaForCausalLM loads as they are.
+DENSE_KINDS = ("float", "ternary", "ternary_frozen")
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
@@ -102,7 +104,28 @@ class ModelConfig:
             "torch_dtype": "float16",
             "pretraining_model_parallel": self.model_parallel_size,
             "spectra": {"weight_kind": self.weight_kind, "weight_options": self.weight_options},
+            **self._hf_refusal(),
         }
+
+    def _hf_refusal(self) -> dict[str, Any]:
+        """config.json fields that make transformers refuse a packed or QuantLM checkpoint instead of loading it
+        with randomly initialised linear layers (their tensors are not LLaMA's `weight` matrices).
+
+        `model_type` names the format, so AutoConfig / AutoModel (and lm-eval's `hf` model) stop with "model type
+        `spectra_tq2` ... not recognise[d]"; `architectures` says what it is. LlamaForCausalLM.from_pretrained
+        ignores both, so `quantization_config` carries no `quant_method`: transformers skips an unknown
+        quant_method with a warning and loads garbage, but refuses a quantization_config without one.
+        """
+        if self.weight_kind in DENSE_KINDS:
+            return {}
+        name = {"tq2": "TQ2", "tq1": "TQ1"}.get(self.weight_kind)
+        if name is None:
+            name = str(self.weight_options.get("method", self.weight_kind)).upper()
+        return {"architectures": [f"Spectra{name}ForCausalLM"], "model_type": f"spectra_{self.weight_kind}",
+                "quantization_config": {
+                    "format": f"spectra-{self.weight_kind}", **self.weight_options,
+                    "note": f"spectra {self.weight_kind} weights (not LLaMA weight matrices): load with "
+                            f"spectra.load_checkpoint or the spectra command; transformers cannot load them"}}
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -25,6 +25,11 @@ class DataError(SpectraError):
     """Training or evaluation data that is missing, empty or incompatible."""
 
 
+class SpectraWarning(UserWarning):
+    """Base class of warnings about the user's input (an ignored tensor, a fit that did not converge); the CLI
+    prints them as one line."""
+
+
 class TrainingError(SpectraError):
     """A training run that cannot go on (a non-finite loss, a run directory that would be overwritten)."""
 

@@ -25,7 +25,7 @@ import torch
 
 from .errors import CheckpointError, FormatError, SpectraError
 from .io import atomic_file, check_output, output_lock
-from .linear import FloatLinear, shard_bounds
+from .linear import shard_bounds, ternary_dense_weight
 from .model import SpectraLM
 from .progress import progress_bar
 
@@ -45,26 +45,41 @@ class GGUFExportReport:
     tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGML type name
     fallbacks: dict[str, str] = field(default_factory=dict)     # GGUF tensor name -> why it is F16
     bytes: int = 0
+    weight_kind: str = ""  # of the exported model; a QuantLM's matrices are written dequantized (F16 only)
 
 
 def _gguf():
     try:
         import gguf
     except ImportError:
-        raise SpectraError("GGUF export needs the `gguf` package: pip install 'spectra-lm[gguf]'") from None
+        raise SpectraError("GGUF export needs the `gguf` package: pip install gguf (or, in a clone of spectra, "
+                           "pip install -e \".[gguf]\")") from None
     return gguf
 
 
 def tq_block_misfit(in_features: int, shard_axis: int, parts: int) -> str | None:
     """Why a ternary [*, in_features] matrix cannot be TQ1_0/TQ2_0 exactly, or None when it can."""
     if in_features % QK_K:
-        return f"its rows hold {in_features} weights, not a multiple of the {QK_K}-weight TQ block"
+        return f"rows of {in_features} weights, not a multiple of the {QK_K}-weight TQ block"
     if shard_axis == 1 and parts > 1:
         inside = [start for start, _ in shard_bounds(in_features, parts) if start % QK_K]
         if inside:
-            return (f"its {parts} per-shard scales split each row at column {inside[0]}, inside a {QK_K}-weight "
+            return (f"{parts} per-shard scales that split each row at column {inside[0]}, inside a {QK_K}-weight "
                     f"block that holds only one scale")
     return None
+
+
+def fallback_message(fallbacks: dict[str, str], qtype: str) -> str:
+    """One warning line for the matrices written as F16: how many, then each reason with the matrices it names."""
+    def matrices(n: int) -> str:
+        return f"{n} matrix" if n == 1 else f"{n} matrices"
+
+    by_reason: dict[str, list[str]] = {}
+    for name, why in fallbacks.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = [f"{matrices(len(names))} with {why} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+             for why, names in by_reason.items()]
+    return f"{matrices(len(fallbacks))} written as F16 instead of {qtype.upper()}: {'; '.join(parts)}"
 
 
 def permute_for_llama_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -149,19 +164,17 @@ def _linear_tensor(name: str, module, config, qtype: str):
     from .packed import ternary_values
 
     ggml = gguf.GGMLQuantizationType
-    if qtype == "f16" and isinstance(module, FloatLinear):
-        weight, misfit = module.weight.detach().float(), None
+    if qtype == "f16":
+        # every kind's exact weight: float as it is, trits times scales, a QuantLM's codes dequantized
+        weight, misfit = module.dense_weight().detach().float(), None
     else:
         try:
             trits, scales = ternary_values(name, module)
         except FormatError as err:
-            if qtype == "f16":
-                raise
-            raise FormatError(f"{err}; export a FloatLM with --type f16") from None
-        from .linear import ternary_dense_weight
-
+            raise FormatError(f"{err}; a FloatLM or QuantLM exports with --type f16 (QuantLM weights "
+                              f"dequantized)") from None
         weight = ternary_dense_weight(trits, scales.float(), module.shard_axis, torch.float32)
-        misfit = None if qtype == "f16" else tq_block_misfit(module.in_features, module.shard_axis, module.parts)
+        misfit = tq_block_misfit(module.in_features, module.shard_axis, module.parts)
     if name.endswith(("q_proj", "k_proj")):
         weight = permute_for_llama_rope(weight, config.num_heads)
     array = weight.cpu().numpy()
@@ -185,7 +198,7 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
                               "use a checkpoint directory with tokenizer.json")
     config, path = model.config, Path(path)
     vocab = gguf_vocab(tokenizer, config.vocab_size)
-    report = GGUFExportReport(path=path, type=qtype)
+    report = GGUFExportReport(path=path, type=qtype, weight_kind=config.weight_kind)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
     linear = model.linear_layers()
 
@@ -206,14 +219,7 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
         tensors.append((names.get_name(hf_name, try_suffixes=(".weight",)), array, kind))
 
     if report.fallbacks:
-        # One line per distinct reason (a model usually has one or two), naming a few of the matrices.
-        by_reason: dict[str, list[str]] = {}
-        for name, why in report.fallbacks.items():
-            by_reason.setdefault(why, []).append(name)
-        lines = "; ".join(f"{why}: {len(ns)} ({', '.join(ns[:2])}{', ...' if len(ns) > 2 else ''})"
-                          for why, ns in by_reason.items())
-        warnings.warn(f"{len(report.fallbacks)} ternary matrices written as F16 instead of {qtype.upper()}: {lines}",
-                      GGUFFallbackWarning, stacklevel=2)
+        warnings.warn(fallback_message(report.fallbacks, qtype), GGUFFallbackWarning, stacklevel=2)
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")

@@ -231,48 +231,23 @@ class PackReport:
         return {**asdict(self), "bits_per_weight": self.bits_per_weight}
 
 
-_SAFETENSORS_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "U32": 4,
-                      "F64": 8, "I64": 8}
-
-
 def stored_tensor_bytes(path: str | Path) -> dict[str, int]:
     """Name -> bytes of every tensor of a checkpoint directory, read from the safetensors headers."""
-    from safetensors import SafetensorError, safe_open
-
     from .checkpoint import weight_files
+    from .tensor_table import read_headers
 
-    sizes: dict[str, int] = {}
-    for file in weight_files(Path(path)):
-        try:
-            with safe_open(str(file), "pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    sizes[name] = numel * _SAFETENSORS_BYTES.get(sl.get_dtype().upper(), 4)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — re-download "
-                                  f"or re-save the checkpoint") from None
-    return sizes
+    return {name: info.nbytes for name, info in read_headers(weight_files(Path(path))).items()}
 
 
 def _stored_float_dtype(path: Path) -> torch.dtype:
     """dtype of the checkpoint's embedding as stored, so re-saving other tensors loses nothing."""
-    from safetensors import SafetensorError, safe_open
-
     from .checkpoint import weight_files
+    from .tensor_table import read_headers
 
-    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    for file in weight_files(path):
-        try:
-            with safe_open(str(file), "pt") as f:
-                if "model.embed_tokens.weight" in f.keys():
-                    return dtypes.get(f.get_slice("model.embed_tokens.weight").get_dtype().upper(), torch.float32)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {file} ({err}); the file is truncated or corrupt — re-download "
-                                  f"or re-save the checkpoint") from None
-    raise CheckpointError(f"{path} has no model.embed_tokens.weight; is it a LLaMA-style checkpoint?")
+    embedding = read_headers(weight_files(path)).get("model.embed_tokens.weight")
+    if embedding is None:
+        raise CheckpointError(f"{path} has no model.embed_tokens.weight; is it a LLaMA-style checkpoint?")
+    return embedding.dtype if embedding.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 def pack_checkpoint(source: str | Path, out: str | Path, fmt: str, dtype: torch.dtype | None = None,

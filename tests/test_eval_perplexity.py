@@ -134,3 +134,61 @@ def test_prepared_shards_are_read_through_spectra_data(tmp_path):
     val = load_eval_tokens(tmp_path / "shards", tok)
     assert val.tolist() == dataset.tokens("val").astype(int).tolist() and val.numel() > 0
     assert load_eval_tokens(tmp_path / "shards", split="train").numel() == dataset.num_tokens("train")
+
+
+def llama_cpp_reference(model, tokens, n_ctx):
+    """llama.cpp's perplexity tool, statement by statement: floor(n / n_ctx) chunks, first = n_ctx / 2, the
+    logits at positions first .. n_ctx - 2 of each chunk score the tokens after them."""
+    first, nll = n_ctx // 2, []
+    for i in range(tokens.numel() // n_ctx):
+        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        logprobs = F.log_softmax(model(chunk[None])[0].float(), -1)
+        nll += [-logprobs[j, chunk[j + 1]].item() for j in range(first, n_ctx - 1)]
+    return np.array(nll)
+
+
+@pytest.mark.parametrize("n_tokens,n_ctx,batch", [(83, 16, 2), (70, 35, 1), (99, 13, 8)])
+def test_llama_cpp_protocol_matches_llama_cpp_scoring(n_tokens, n_ctx, batch):
+    model = tiny_model("float", seed=4)
+    tokens = random_tokens(n_tokens, seed=4)
+    result = perplexity(model, tokens, window=n_ctx, batch_size=batch, progress=False, protocol="llama.cpp")
+    ref = llama_cpp_reference(model, tokens, n_ctx)
+    assert result.tokens == len(ref) == (n_tokens // n_ctx) * (n_ctx - n_ctx // 2 - 1)
+    assert result.loss == pytest.approx(ref.mean(), rel=1e-5) and result.protocol == "llama.cpp"
+    with pytest.raises(DataError, match="at least 2 \\* n_ctx"):
+        perplexity(model, tokens[:2 * n_ctx - 1], window=n_ctx, progress=False, protocol="llama.cpp")
+    with pytest.raises(ConfigError, match="--stride does not apply"):
+        perplexity(model, tokens, window=n_ctx, stride=4, progress=False, protocol="llama.cpp")
+
+
+def test_cli_ppl_llama_cpp_protocol_and_threads(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "trilm")
+    data = tmp_path / "text.txt"
+    data.write_text(shakespeare(3000))
+    before = torch.get_num_threads()
+    try:
+        assert main(["eval", "ppl", str(ckpt), "--data", str(data), "--window", "48", "--protocol", "llama.cpp",
+                     "--threads", "1", "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    record = json.loads(capsys.readouterr().out)
+    expected = llama_cpp_reference(load_model(ckpt), load_eval_tokens(data, tiny_tokenizer()), 48)
+    assert record["details"]["protocol"] == "llama.cpp" and record["details"]["tokens"] == len(expected)
+    assert record["metrics"]["loss"] == pytest.approx(expected.mean(), rel=1e-5)
+
+
+def test_threads_is_one_shared_option():
+    from spectra.cli.common import _thread_count
+    from spectra.cli.main import build_parser
+
+    parser = build_parser()
+    commands = [["train"], ["eval", "ppl", "x", "--data", "y"], ["eval", "tasks", "x"], ["quantize", "x", "--out", "y"],
+                ["pack", "x", "--format", "tq2", "--out", "y"], ["export", "gguf", "x", "--type", "f16", "--out", "y"],
+                ["generate", "x"], ["analyze", "weights", "x"]]
+    for argv in commands:
+        assert parser.parse_args([*argv, "--threads", "3"]).threads == 3, argv
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "ppl", "x", "--data", "y", "--threads", "0"])
+    train = parser._subparsers._group_actions[0].choices["train"]
+    assert next(a for a in train._actions if a.dest == "threads").type is _thread_count

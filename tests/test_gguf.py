@@ -155,3 +155,36 @@ def test_float_checkpoint_cannot_be_ternary_gguf(tmp_path):
     w = load_checkpoint(tmp_path / "float").model.layers[0].self_attn.v_proj.weight.detach()
     assert np.array_equal(gguf.quants.dequantize(q.data, q.tensor_type), w.half().float().numpy())
     assert main(["export", "gguf", str(tmp_path / "float"), "--type", "tq1_0", "--out", str(tmp_path / "y.gguf")]) == 2
+
+
+def test_fallback_warning_counts_and_names_in_plain_grammar():
+    from spectra.gguf_export import fallback_message
+
+    one = fallback_message({"blk.0.ffn_down.weight": tq_block_misfit(768, 1, 2)}, "tq2_0")
+    assert one.startswith("1 matrix written as F16 instead of TQ2_0: 1 matrix with 2 per-shard scales that split")
+    many = {f"blk.{i}.{n}.weight": tq_block_misfit(96, 0, 1) for i in range(3) for n in ("attn_q", "attn_k")}
+    many["blk.0.ffn_down.weight"] = tq_block_misfit(768, 1, 2)
+    text = fallback_message(many, "tq1_0")
+    assert text.startswith("7 matrices written as F16 instead of TQ1_0: 6 matrices with rows of 96 weights, not a "
+                           "multiple of the 256-weight TQ block (blk.0.attn_q.weight, blk.0.attn_k.weight, ...); "
+                           "1 matrix with 2 per-shard scales")
+    assert " its " not in text
+
+
+def test_quantlm_exports_dequantized_f16_and_refuses_tq_types_saying_so(tmp_path):
+    from spectra.quant import QuantConfig, quantize_model
+
+    torch.manual_seed(1)
+    tok = train_tokenizer(["some text for a tokenizer"] * 10, 270)
+    model = spectra.SpectraLM(spectra.get_config("tiny", weight_kind="float", vocab_size=300)).eval()
+    quantize_model(model, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    save_checkpoint(model, tmp_path / "quant", tokenizer=tok)
+    with pytest.raises(FormatError, match="QuantLinear.*exports with --type f16 \\(QuantLM weights dequantized\\)"):
+        export_gguf(tmp_path / "quant", tmp_path / "x.gguf", "tq2_0")
+    report = export_gguf(tmp_path / "quant", tmp_path / "q.gguf", "f16")
+    assert report.weight_kind == "quant" and not report.fallbacks
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    for short, hf in (("attn_v", "self_attn.v_proj"), ("ffn_down", "mlp.down_proj")):
+        t = tensors[f"blk.1.{short}.weight"]
+        expected = model.get_submodule(f"model.layers.1.{hf}").dense_weight().half().float().numpy()
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), expected)

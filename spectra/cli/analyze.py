@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_allow_nonfinite, add_force, parse_dtype, parse_int_list
+from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, parse_dtype, parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--dtype", default=None, help="load dtype (default float32)")
     add_force(w)
     add_allow_nonfinite(w)
+    add_threads_option(w)
     w.set_defaults(func=run_weights)
 
 
@@ -40,6 +41,7 @@ def run_weights(args: argparse.Namespace) -> int:
     )
     from ..eval.results import write_json
 
+    apply_threads(args)
     bins = parse_int_list(args.bins, "--bins", minimum=1)
     per_model = {}
     for source in args.checkpoints:

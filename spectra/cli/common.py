@@ -52,3 +52,26 @@ def human_bytes(n: float) -> str:
             return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a positive number of threads, got {text!r}")
+    return value
+
+
+def add_threads_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default=None) -> None:
+    """`--threads N` of every long CPU command (train, eval, quantize, pack, export, generate, analyze)."""
+    parser.add_argument("--threads", type=_thread_count, default=default,
+                        help="torch CPU threads (default: one per core); on a loaded machine fewer can be much faster")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU thread count from `--threads`, when given."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)

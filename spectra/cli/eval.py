@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_allow_nonfinite, add_force, default_device, parse_dtype
+from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "them, .jsonl ({\"text\": ...} per line), .npy token ids or prepared shards.")
     _common(ppl)
     ppl.add_argument("--data", required=True, help="text file, folder, .jsonl, .npy or prepared-shard directory")
+    ppl.add_argument("--protocol", choices=("sliding", "llama.cpp"), default="sliding",
+                     help="sliding (default): every token scored once with --window/--stride; llama.cpp: as "
+                          "llama.cpp's perplexity tool, disjoint --window (its -c) chunks, second half scored")
     ppl.add_argument("--window", type=int, help="tokens fed to the model per window (default: max_seq_len)")
     ppl.add_argument("--stride", type=int, help="new tokens scored per window (default: half the window)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
@@ -54,6 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the result JSON here (it is always printed)")
     add_force(p)
     add_allow_nonfinite(p)
+    add_threads_option(p)
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -80,12 +84,14 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..eval.results import describe_model, result_record
     from ..tokenizer import load_tokenizer
 
+    apply_threads(args)
     _check_out(args)
     model = load_model(args.checkpoint, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
                        allow_nonfinite=args.allow_nonfinite)
     tokenizer = load_tokenizer(args.checkpoint) if Path(args.checkpoint, "tokenizer.json").is_file() else None
     tokens = load_eval_tokens(args.data, tokenizer, args.max_tokens, args.split)
-    result = perplexity(model, tokens, args.window, args.stride, args.batch_size, progress=not args.no_progress)
+    result = perplexity(model, tokens, args.window, args.stride, args.batch_size, progress=not args.no_progress,
+                        protocol=args.protocol)
     metrics = {"perplexity": result.perplexity, "loss": result.loss, "bits_per_token": result.bits_per_token}
     details = {"data": str(args.data), "split": args.split, **result.to_dict()}
     _emit(result_record(describe_model(model, args.checkpoint, args.family, args.name), metrics, details), args)
@@ -99,10 +105,11 @@ def run_tasks(args: argparse.Namespace) -> int:
     try:
         from ..eval.harness import PAPER_TASKS, SpectraEvalLM, evaluate_tasks, flatten_metrics
     except ImportError as err:
-        raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with "
-                          f"pip install 'spectra-lm[eval]'") from None
+        raise ConfigError(f"lm-evaluation-harness is not installed ({err}); install it with pip install lm-eval "
+                          f"(or, in a clone of spectra, pip install -e \".[eval]\")") from None
 
     _check_out(args)
+    apply_threads(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)
     if not names:
         raise ConfigError("--tasks is empty; name at least one lm-eval task")

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ..gguf_export import GGUF_TYPES, GGUFFallbackWarning, export_gguf
-from .common import add_allow_nonfinite, add_force, human_bytes
+from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, human_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,10 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     add_force(g)
     add_allow_nonfinite(g)
+    add_threads_option(g)
     g.set_defaults(func=run_gguf)
 
 
 def run_gguf(args: argparse.Namespace) -> int:
+    apply_threads(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GGUFFallbackWarning)
         report = export_gguf(args.checkpoint, args.out, args.type, progress=True, force=args.force,
@@ -40,5 +42,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     for kind in report.tensor_types.values():
         counts[kind] = counts.get(kind, 0) + 1
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    print(f"wrote {report.path} ({human_bytes(report.bytes)}): {len(report.tensor_types)} tensors ({kinds})")
+    dequantized = " (QuantLM weights dequantized)" if report.weight_kind == "quant" else ""
+    print(f"wrote {report.path} ({human_bytes(report.bytes)}): {len(report.tensor_types)} tensors ({kinds})"
+          f"{dequantized}")
     return 0

@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..generate import check_sampling, decode_plan, generate
 from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
-from .common import add_allow_nonfinite, default_device, parse_dtype
+from .common import add_allow_nonfinite, add_threads_option, apply_threads, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
+    add_threads_option(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
                         "faster tokens; worth it for long generations)")
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     plan = decode_plan(torch.device(device), fast=False if args.no_fast else None, compile=args.compile)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the (slow) load
+    apply_threads(args)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype),
                             allow_nonfinite=args.allow_nonfinite)

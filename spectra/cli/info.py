@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import read_config
+from ..checkpoint import checked_config
 from ..config import ModelConfig, get_config
 from ..packed import stored_tensor_bytes
 from ..size import KIND_BITS, count_parameters, size_in_bits
@@ -38,7 +38,7 @@ def info(source: str) -> dict:
     path = Path(source)
     stored = None
     if path.is_dir():
-        config = read_config(path)
+        config = checked_config(path)  # a config that disagrees with the files is an error, not a report
         stored = stored_linear_bits(path, config)
     else:
         config = get_config(source)

@@ -8,8 +8,9 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
-from ..errors import SpectraError
+from ..errors import SpectraError, SpectraWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +40,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    # A warning about the user's input is one line, like an error; Python's own warnings keep their format.
+    if issubclass(category, SpectraWarning):
+        print(f"spectra: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. The exception boundary: a SpectraError or an OSError (disk full, read-only or missing
     path) is one line on stderr and exit code 2; anything else is one line and exit 1, with the traceback
     only under SPECTRA_DEBUG=1."""
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

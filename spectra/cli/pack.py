@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..packed import PackReport, pack_checkpoint
-from .common import add_allow_nonfinite, add_force, human_bytes, parse_dtype
+from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, human_bytes, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the size report as JSON")
     add_force(p)
     add_allow_nonfinite(p)
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +37,7 @@ def format_report(report: PackReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     report = pack_checkpoint(args.checkpoint, args.out, args.format, dtype=parse_dtype(args.dtype),
                              progress=not args.json, force=args.force, allow_nonfinite=args.allow_nonfinite)
     print(json.dumps(report.to_dict(), indent=2) if args.json else f"wrote {args.out}\n{format_report(report)}")

@@ -7,7 +7,7 @@ import statistics
 
 from ..quant import QuantConfig
 from ..quant.pipeline import quantize_checkpoint
-from .common import add_allow_nonfinite, add_force, default_device, parse_dtype
+from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,10 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of embeddings, norms and lm head in the output (default float16)")
     add_force(p)
     add_allow_nonfinite(p)
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     config = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                          damp=args.damp, block_size=args.block_size, method=args.method)
     report = quantize_checkpoint(args.checkpoint, args.out, config, calib=args.calib, samples=args.samples,

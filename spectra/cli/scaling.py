@@ -68,7 +68,7 @@ def run_fit(args: argparse.Namespace) -> int:
     law = result.law
     print(law.formula())
     print(f"R^2 = {result.r2:.5f} over {result.points} points (Huber delta {result.delta:g}, objective "
-          f"{result.huber:.3g})")
+          f"{result.huber:.4g}, {'converged' if result.converged else 'NOT converged'})")
     for name in ("E", "A", "alpha", "B", "beta"):
         ci = result.ci.get(name)
         bounds = f"  95% CI [{ci[0]:.4g}, {ci[1]:.4g}] ({result.bootstrap} bootstrap fits)" if ci else ""

@@ -7,6 +7,7 @@ import argparse
 from ..errors import ConfigError
 from ..train import TrainConfig, train
 from ..train.loop import is_main_process
+from .common import add_threads_option
 
 S = argparse.SUPPRESS  # unset flags stay absent, so a resumed run keeps its saved values
 
@@ -65,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="auto (default): bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--on-nan", choices=("stop", "skip"), default=S, help="non-finite loss: stop (default) or skip")
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
+    add_threads_option(g, default=S)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     g = p.add_argument_group("parallelism (launch with `torchrun --nproc-per-node DP*TP -m spectra train ...`)")
     g.add_argument("--dp", type=int, default=S, help="data-parallel ranks (default 1); --batch-size is split over them")

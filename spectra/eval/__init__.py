@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from .analysis import LayerStats, analyze_weights, entropy_of_counts, plot_weight_stats, shannon_entropy, stats_table
-from .perplexity import PerplexityResult, load_eval_tokens, perplexity, sliding_windows
+from .perplexity import PerplexityResult, llama_cpp_windows, load_eval_tokens, perplexity, sliding_windows
 from .plots import collect_results, plot_comparison, plot_scaling_law
 from .results import describe_model, load_results, model_family, write_json
-from .scaling import LAW_PRESETS, FitResult, ScalingLaw, fit_scaling_law, get_law, read_points
+from .scaling import LAW_PRESETS, FitResult, ScalingFitWarning, ScalingLaw, fit_scaling_law, get_law, read_points
 
 _HARNESS = ("SpectraEvalLM", "PAPER_TASKS", "evaluate_tasks", "flatten_metrics", "task_availability")
 
@@ -26,9 +26,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LayerStats", "analyze_weights", "entropy_of_counts", "plot_weight_stats", "shannon_entropy", "stats_table",
-    "PerplexityResult", "load_eval_tokens", "perplexity", "sliding_windows",
+    "PerplexityResult", "llama_cpp_windows", "load_eval_tokens", "perplexity", "sliding_windows",
     "collect_results", "plot_comparison", "plot_scaling_law",
     "describe_model", "load_results", "model_family", "write_json",
-    "LAW_PRESETS", "FitResult", "ScalingLaw", "fit_scaling_law", "get_law", "read_points",
+    "LAW_PRESETS", "FitResult", "ScalingFitWarning", "ScalingLaw", "fit_scaling_law", "get_law", "read_points",
     *_HARNESS,
 ]

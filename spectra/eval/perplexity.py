@@ -4,6 +4,11 @@ Every token after the first is scored exactly once. Window k scores the targets 
 model the `window` tokens just before them (fewer at the start of the text), so each scored token sees at
 least `window - stride` tokens of context once the text is long enough (the Hugging Face recipe, made
 exact at window borders). stride == window gives disjoint windows; smaller strides buy context with compute.
+
+The "llama.cpp" protocol scores as llama.cpp's perplexity tool does, so numbers compare with published
+llama.cpp perplexities: the text is cut into floor(n / n_ctx) disjoint chunks of n_ctx tokens (the tail is
+dropped), each chunk is one forward pass from an empty context, and only its second half is scored (the
+targets after position n_ctx/2, n_ctx - n_ctx/2 - 1 per chunk); it needs at least 2 * n_ctx tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+PROTOCOLS = ("sliding", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class PerplexityResult:
     tokens: int             # scored tokens
     window: int
     stride: int
+    protocol: str = "sliding"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +65,17 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
         windows.append(Window(start=max(0, e - 1 - window), end=e, scored=e - s))
         s = e
     return windows
+
+
+def llama_cpp_windows(n_tokens: int, n_ctx: int) -> list[Window]:
+    """llama.cpp's perplexity chunks: disjoint n_ctx-token chunks, the targets after position n_ctx/2 scored."""
+    if n_ctx < 2:
+        raise ConfigError(f"the llama.cpp protocol needs a context of at least 2 tokens, got {n_ctx}")
+    if n_tokens < 2 * n_ctx:
+        raise DataError(f"the llama.cpp protocol needs at least 2 * n_ctx = {2 * n_ctx} tokens (as llama.cpp's "
+                        f"perplexity tool does), got {n_tokens}; give more text or a smaller --window")
+    first = n_ctx // 2
+    return [Window(start=i * n_ctx, end=(i + 1) * n_ctx, scored=n_ctx - first - 1) for i in range(n_tokens // n_ctx)]
 
 
 @torch.no_grad()
@@ -85,11 +103,20 @@ def token_nll(model: torch.nn.Module, tokens: torch.Tensor, windows: list[Window
 
 
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window: int | None = None,
-               stride: int | None = None, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
-    """Token-level perplexity of `tokens` (1-D ids) under `model` with sliding windows.
+               stride: int | None = None, batch_size: int = 8, progress: bool = True,
+               protocol: str = "sliding") -> PerplexityResult:
+    """Token-level perplexity of `tokens` (1-D ids) under `model`.
 
-    `window` defaults to the model's max_seq_len, `stride` to half the window.
+    protocol "sliding" (default): every token after the first scored once, `window` tokens per forward pass and
+    `stride` new targets per window. protocol "llama.cpp": llama.cpp's chunks of `window` (its n_ctx) tokens,
+    each chunk's second half scored; `stride` does not apply. `window` defaults to the model's max_seq_len,
+    `stride` to half the window.
     """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown perplexity protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    if protocol == "llama.cpp" and stride is not None:
+        raise ConfigError("--stride does not apply to the llama.cpp protocol (disjoint chunks, second half "
+                          "scored); drop it, or use --protocol sliding")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
     max_len = model.config.max_seq_len
     if (window is not None and window < 2) or (stride is not None and stride < 1):
@@ -104,10 +131,14 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window:
     if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
         raise DataError(f"token ids reach {int(tokens.max())} but the model's vocabulary has {vocab} entries; "
                         f"the data was tokenized with another tokenizer — re-tokenize it with the checkpoint's")
-    nll = token_nll(model, tokens, sliding_windows(tokens.numel(), window, stride), batch_size, progress)
+    if protocol == "llama.cpp":
+        windows, stride = llama_cpp_windows(tokens.numel(), window), window
+    else:
+        windows = sliding_windows(tokens.numel(), window, stride)
+    nll = token_nll(model, tokens, windows, batch_size, progress)
     loss = float(nll.mean())
     return PerplexityResult(perplexity=math.exp(loss), loss=loss, bits_per_token=loss / math.log(2),
-                            tokens=nll.numel(), window=window, stride=stride)
+                            tokens=nll.numel(), window=window, stride=stride, protocol=protocol)
 
 
 # --- data -----------------------------------------------------------------------------------------
