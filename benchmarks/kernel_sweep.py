@@ -19,7 +19,7 @@ import torch
 from spectra.formats import get_format
 from spectra.kernels import bench, dispatch, ternary_matmul
 from spectra.kernels.dispatch import KernelConfig
-from spectra.linear import expand_scales
+from spectra.ternary import expand_scales
 
 
 def fp32_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, k: int, scales: torch.Tensor, axis: int):

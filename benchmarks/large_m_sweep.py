@@ -38,7 +38,7 @@ def _worker(task):
 
     from spectra.formats import get_format
     from spectra.kernels import dispatch
-    from spectra.linear import expand_scales
+    from spectra.ternary import expand_scales
 
     fmt, cfg_d, warm_ms, checks = task
     cfg = dispatch.KernelConfig.from_dict(cfg_d)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from spectra.checkpoint import load_checkpoint
+from spectra.convert import quantize_checkpoint
 from spectra.eval import load_eval_tokens, perplexity
 from spectra.quant import QuantConfig
-from spectra.quant.pipeline import quantize_checkpoint
 from spectra.size import model_size_breakdown
 
 

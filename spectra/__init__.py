@@ -6,6 +6,18 @@ from . import (
 )
 from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .config import PRESETS, SUITE, ModelConfig, get_config
+from .convert import (
+    FrozenTernary,
+    FusedProjections,
+    Packed,
+    Quantized,
+    convert_,
+    convert_checkpoint,
+    freeze_ternary,
+    pack_checkpoint,
+    pack_model,
+    quantize_model,
+)
 from .data import TokenDataset, WindowLoader, prepare_data
 from .demo import run_demo
 from .errors import (
@@ -21,22 +33,16 @@ from .eval import ScalingLaw, analyze_weights, fit_scaling_law, perplexity, plot
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
 from .generate import generate, generate_stream
 from .gguf_export import export_gguf, write_gguf
-from .linear import (
-    FloatLinear,
-    FrozenTernaryLinear,
-    TernaryLinear,
-    freeze_ternary,
-    make_linear,
-    register_linear_kind,
-    ternarize,
-)
+from .kinds import make_linear, register_linear_kind
+from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from .model import SpectraLM
-from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
+from .packed import PackedTernaryLinear
 from .parallel import init_parallel, parallelize
 from .plot import plot_runs
-from .quant import QuantConfig, QuantLinear, quantize_model
+from .quant import QuantConfig, QuantLinear
 from .size import count_parameters, model_size_bits, size_in_bits
+from .ternary import ternarize
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from .train import TrainConfig
 
@@ -45,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "SUITE", "ModelConfig", "get_config",
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "FormatError", "SpectraError",
+    "convert_", "convert_checkpoint", "FrozenTernary", "Packed", "Quantized", "FusedProjections",
     "FORMATS", "get_format", "pack_tq1", "pack_tq2", "unpack_tq1", "unpack_tq2",
     "FloatLinear", "FrozenTernaryLinear", "TernaryLinear", "freeze_ternary", "make_linear",
     "register_linear_kind", "ternarize",

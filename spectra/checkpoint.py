@@ -16,24 +16,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import DENSE_KINDS, ModelConfig
+from .block import BLOCK_LINEARS, spec_of
+from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
 from .io import atomic_dir, check_output, is_plain_file_name
-from .linear import (
-    ROW_PARALLEL,
-    FloatLinear,
-    FrozenTernaryLinear,
-    TernaryLinear,
-    latent_from_ternary,
-    shard_bounds,
-)
+from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .model import SpectraLM
-from .tensor_table import check_tensors
+from .tensor_table import check_tensors, read_headers
+from .ternary import detect_ternary, latent_from_ternary
+from .tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -84,8 +79,6 @@ def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: t
 def write_checkpoint_files(model: SpectraLM, directory: Path, tokenizer=None, dtype: torch.dtype | None = None,
                            max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None) -> None:
     """The files of a checkpoint, written into the existing (staging) `directory`."""
-    from .tokenizer import save_tokenizer
-
     tensors = checkpoint_tensors(model, dtype)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or _float_dtype(model)).replace("torch.", "")
@@ -185,6 +178,11 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no {WEIGHTS_FILE} (nor {INDEX_FILE}); the checkpoint lacks its weights")
 
 
+def stored_tensor_bytes(path: str | Path) -> dict[str, int]:
+    """Name -> bytes of every tensor of a checkpoint directory, read from the safetensors headers."""
+    return {name: info.nbytes for name, info in read_headers(weight_files(Path(path))).items()}
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single or sharded safetensors)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -210,27 +208,12 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def check_tokenizer_fits(path: Path, vocab_size: int) -> None:
     """Refuse a tokenizer.json with more tokens than the model's embedding has rows (ids would overflow)."""
-    from .tokenizer import TOKENIZER_FILE, load_tokenizer
-
     if (path / TOKENIZER_FILE).is_file():
         size = load_tokenizer(path).get_vocab_size()
         if size > vocab_size:
             raise CheckpointError(f"{path / TOKENIZER_FILE} has {size} tokens but the model's vocab_size is "
                                   f"{vocab_size}; the tokenizer belongs to another model — put the matching "
                                   f"tokenizer.json beside the weights")
-
-
-def detect_ternary(weight: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int8 trits, per-shard scales) if every shard of `weight` holds only {-s, 0, +s}; else None."""
-    trits = torch.sign(weight).to(torch.int8)
-    scales = []
-    for start, end in shard_bounds(weight.shape[axis], parts):
-        shard = weight.narrow(axis, start, end - start).abs()
-        top = shard.max()
-        if not bool(((shard == 0) | (shard == top)).all()):
-            return None
-        scales.append(top)
-    return trits, torch.stack(scales).to(weight.dtype)
 
 
 def _infer_parts(weights: dict[str, torch.Tensor]) -> int | None:
@@ -285,7 +268,7 @@ def _cast(model: SpectraLM, dtype: torch.dtype) -> SpectraLM:
 
 def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str | None,
                 path: Path) -> SpectraLM:
-    names = [f"model.layers.{i}.{sub}" for i in range(config.num_layers) for sub in _LINEAR_SUFFIXES]
+    names = [f"model.layers.{i}.{spec.path}" for i in range(config.num_layers) for spec in BLOCK_LINEARS]
     missing = [n for n in names if f"{n}.weight" not in tensors]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} linear weights (first: {missing[0]}.weight); "
@@ -322,12 +305,8 @@ def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str
     return model
 
 
-_LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 def _axis(name: str) -> int:
-    return ROW_PARALLEL if name.endswith(ROW_PARALLEL_NAMES) else 0
+    return spec_of(name).axis
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, path: Path) -> None:
@@ -375,8 +354,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                kind: str | None = None, seed: int = 0, allow_nonfinite: bool = False) -> SpectraLM:
     """A checkpoint directory, or a preset name (randomly initialised, for benchmarks and tests)."""
-    from .config import PRESETS, get_config
-
     if Path(source).is_dir():
         return load_checkpoint(source, device, dtype, kind, allow_nonfinite=allow_nonfinite)
     if str(source).lower() in {k.lower() for k in PRESETS}:

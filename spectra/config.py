@@ -19,6 +19,8 @@ from .io import write_text_atomic
 SUITE_VOCAB_SIZE = 50304
 # Weight kinds saved as dense LLaMA matrices, which transformers' LlamaForCausalLM loads as they are.
 DENSE_KINDS = ("float", "ternary", "ternary_frozen")
+# Weight kinds with trainable weights (pretraining, full fine-tuning, tensor parallelism); the others are frozen.
+TRAINABLE_KINDS = ("float", "ternary")
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:

@@ -135,21 +135,6 @@ class GraphSamplingStep:
         self.model.clear_cache()
 
 
-@torch.no_grad()
-def generate_cuda_graph(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
-                        compile: bool = False, **kwargs) -> torch.Tensor:
-    """The plain generation loop (host-side sampling) with its one-token steps replayed from a
-    :class:`GraphDecodeStep` (of the ``torch.compile``-d step with ``compile=True``). The reference the fast
-    path of :func:`spectra.generate.generate` (sampling inside the graph) is tested against."""
-    from .generate import generate
-
-    tokens = torch.as_tensor(prompt, dtype=torch.long)
-    batch = 1 if tokens.dim() == 1 else tokens.shape[0]
-    total = min(tokens.shape[-1] + max_new_tokens, model.config.max_seq_len)
-    with GraphDecodeStep(model, batch, total, compile=compile) as step:
-        return generate(model, prompt, max_new_tokens=max_new_tokens, decode_step=step, fast=False, **kwargs)
-
-
 def time_decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device: torch.device,
                 steps: int = 50, start: int = 8) -> float:
     """Median-free mean seconds per decode step over `steps` steps (CUDA events, after one warm step)."""

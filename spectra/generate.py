@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from .decode_graph import GraphDecodeStep, GraphSamplingStep
 from .errors import ConfigError, DeviceError
 from .model import SpectraLM
 from .sampling import sample_keyed, sample_next
@@ -109,8 +110,6 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
                   compile: bool) -> Iterator[torch.Tensor]:
     """The fast loop: replays of a :class:`~spectra.decode_graph.GraphSamplingStep`; each new token is copied
     to pinned host memory and handed out once the GPU is STREAM_LAG steps further."""
-    from .decode_graph import GraphSamplingStep
-
     device = tokens.device
     batch, prompt_len = tokens.shape
     if seed is None:  # drawn from torch's global generator, so torch.manual_seed makes runs repeatable
@@ -209,3 +208,16 @@ def generate_uncached(model: SpectraLM, prompt: torch.Tensor, max_new_tokens: in
         logits = model(tokens[:, -model.config.max_seq_len:])
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return tokens
+
+
+@torch.no_grad()
+def generate_cuda_graph(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens: int = 64,
+                        compile: bool = False, **kwargs) -> torch.Tensor:
+    """The plain generation loop (host-side sampling) with its one-token steps replayed from a
+    :class:`GraphDecodeStep` (of the ``torch.compile``-d step with ``compile=True``). The reference the fast
+    path of :func:`spectra.generate.generate` (sampling inside the graph) is tested against."""
+    tokens = torch.as_tensor(prompt, dtype=torch.long)
+    batch = 1 if tokens.dim() == 1 else tokens.shape[0]
+    total = min(tokens.shape[-1] + max_new_tokens, model.config.max_seq_len)
+    with GraphDecodeStep(model, batch, total, compile=compile) as step:
+        return generate(model, prompt, max_new_tokens=max_new_tokens, decode_step=step, fast=False, **kwargs)

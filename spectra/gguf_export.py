@@ -23,11 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .block import spec_of
+from .checkpoint import load_checkpoint, read_config
 from .errors import CheckpointError, FormatError, SpectraError
 from .io import atomic_file, check_output, output_lock
-from .linear import shard_bounds, ternary_dense_weight
 from .model import SpectraLM
+from .packed import ternary_values
 from .progress import progress_bar
+from .ternary import shard_bounds, ternary_dense_weight
+from .tokenizer import EOS_TOKEN, load_tokenizer
 
 GGUF_TYPES = ("tq1_0", "tq2_0", "f16")
 GGUF_OWNER = "export gguf"
@@ -103,8 +107,6 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
     """Tokens, token types, merges and pre-tokenizer name of a byte-level BPE `tokenizers.Tokenizer`,
     as llama.cpp's `gpt2` tokenizer model reads them (ids past the tokenizer's vocabulary become [PADi])."""
     gguf = _gguf()
-    from .tokenizer import EOS_TOKEN
-
     data = json.loads(tokenizer.to_str())
     model = data.get("model") or {}
     if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
@@ -161,8 +163,6 @@ def _add_vocab(writer, vocab: GGUFVocab) -> None:
 def _linear_tensor(name: str, module, config, qtype: str):
     """(numpy data, GGML type) for one linear layer, and the fallback reason (or None)."""
     gguf = _gguf()
-    from .packed import ternary_values
-
     ggml = gguf.GGMLQuantizationType
     if qtype == "f16":
         # every kind's exact weight: float as it is, trits times scales, a QuantLM's codes dequantized
@@ -175,7 +175,7 @@ def _linear_tensor(name: str, module, config, qtype: str):
                               f"dequantized)") from None
         weight = ternary_dense_weight(trits, scales.float(), module.shard_axis, torch.float32)
         misfit = tq_block_misfit(module.in_features, module.shard_axis, module.parts)
-    if name.endswith(("q_proj", "k_proj")):
+    if spec_of(name).rotary:
         weight = permute_for_llama_rope(weight, config.num_heads)
     array = weight.cpu().numpy()
     if qtype == "f16" or misfit is not None:
@@ -258,9 +258,6 @@ def _add_hparams(writer, config, qtype: str, name: str) -> None:
 def export_gguf(checkpoint: str | Path, path: str | Path, qtype: str = "tq2_0", progress: bool = False,
                 force: bool = False, allow_nonfinite: bool = False) -> GGUFExportReport:
     """Export a checkpoint directory (dense, ternary or packed, with tokenizer.json) to a GGUF file."""
-    from .checkpoint import load_checkpoint, read_config
-    from .tokenizer import load_tokenizer
-
     checkpoint = Path(checkpoint)
     if qtype.lower() not in GGUF_TYPES:
         raise FormatError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")

@@ -1,118 +1,40 @@
-"""Weight kinds: interchangeable linear layers (no bias) chosen by one factory.
+"""Weight kinds: interchangeable linear layers (no bias), and the one helper that swaps them in a model.
 
 Every kind exposes the same interface: ``forward(x)``, ``in_features``, ``out_features``,
 ``shard_axis`` and ``dense_weight()`` (the exact weight it multiplies by, used for Hugging Face export).
-The model asks :func:`make_linear` for its layers and never learns which kind it holds.
+The model asks :func:`spectra.kinds.make_linear` for its layers and never learns which kind it holds. The
+ternary math itself lives in :mod:`spectra.ternary`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError, FormatError
-
-ShardAxis = Literal[0, 1]
-# Megatron-style tensor parallelism: column-parallel layers (q, k, v, gate, up) split output features
-# (axis 0 of the [out, in] weight); row-parallel layers (o, down) split input features (axis 1).
-COLUMN_PARALLEL: ShardAxis = 0
-ROW_PARALLEL: ShardAxis = 1
-SCALE_EPS = 1e-5
-
-
-def shard_bounds(size: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) of each of `parts` contiguous shards of `size` (torch.tensor_split sizes)."""
-    if parts < 1 or parts > size:
-        raise ConfigError(f"cannot split {size} features into {parts} model-parallel shards")
-    base, extra = divmod(size, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def expand_scales(scales: torch.Tensor, shape: tuple[int, int], axis: int) -> torch.Tensor:
-    """Broadcastable per-element scale tensor for per-shard `scales` (length P) of a [out, in] weight."""
-    size, parts = shape[axis], scales.numel()
-    shard_bounds(size, parts)  # validates the split
-    if parts == 1:
-        per_feature = scales.reshape(1).expand(size)
-    else:
-        # Shard of each feature for torch.tensor_split sizes (the first `extra` shards one longer), computed on
-        # the scales' device: no host-to-device copy, so no stall per layer and safe inside CUDA-graph capture.
-        base, extra = divmod(size, parts)
-        head = extra * (base + 1)
-        feature = torch.arange(size, device=scales.device)
-        shard = torch.where(feature < head, feature // (base + 1), extra + (feature - head) // base)
-        per_feature = scales[shard]
-    return per_feature[:, None] if axis == 0 else per_feature[None, :]
-
-
-def ternary_dense_weight(trits: torch.Tensor, scales: torch.Tensor, shard_axis: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """trits * per-shard scales as a dense [out, in] weight (computed in fp32, then cast)."""
-    scale = expand_scales(scales.float(), tuple(trits.shape), shard_axis)
-    return (trits.float() * scale).to(dtype)
-
-
-def shard_scales(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> torch.Tensor:
-    """Per-shard scales mean|W| + eps (float32, length `parts`); shards split `axis` like torch.tensor_split.
-
-    Every path that ternarizes (training forward, freezing, packing, analysis) uses this one function, so
-    they agree to the bit. ``vector_norm(ord=1)`` reads each shard once without materialising |W|.
-    """
-    if parts == 1:  # the common case, without the split and stack
-        return (torch.linalg.vector_norm(weight.detach(), 1, dtype=torch.float32) / weight.numel() + SCALE_EPS)[None]
-    pieces = torch.tensor_split(weight.detach(), parts, dim=axis)
-    return torch.stack([torch.linalg.vector_norm(p, 1, dtype=torch.float32) / p.numel() for p in pieces]) + SCALE_EPS
-
-
-def ternarize(weight: torch.Tensor, parts: int = 1, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ternary values and per-shard scales: scale = mean|W| + eps, trit = round(clamp(W/scale, -1, 1)).
-
-    Returns (trits as int8 with the weight's shape, scales as float32 of length `parts`).
-    """
-    w = weight.detach().float()
-    scales = shard_scales(w, parts, axis)
-    scale_full = expand_scales(scales, tuple(w.shape), axis)
-    trits = torch.round(torch.clamp(w / scale_full, -1.0, 1.0)).to(torch.int8)
-    return trits, scales
-
-
-def latent_from_ternary(trits: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """Latent weights whose ternarization gives back `trits` and `scales` (to fp32 rounding of the mean).
-
-    Copying trits * s into the latent weights would not do: their mean |W| is s times the shard's nonzero
-    fraction, so training would resume with smaller scales. Each shard is stretched by 1 / (nonzero
-    fraction) and the eps that :func:`shard_scales` adds is taken off.
-    """
-    parts = scales.numel()
-    out = torch.empty(trits.shape, dtype=torch.float32, device=trits.device)
-    for t, o, s in zip(torch.tensor_split(trits, parts, dim=axis), torch.tensor_split(out, parts, dim=axis),
-                       scales.float().tolist()):
-        nonzero = float(t.count_nonzero()) / max(t.numel(), 1)
-        o.copy_(t.float() * (max(s - SCALE_EPS, 0.0) / nonzero if nonzero else 0.0))
-    return out
+from .errors import ConfigError
+from .kernels import triton_available
+from .ternary import (
+    ShardAxis,
+    check_ternary,
+    shard_bounds,
+    shard_scales,
+    ternarize,
+    ternary_dense_weight,
+)
 
 
 def _fused_ternarize_available(weight: torch.Tensor) -> bool:
     # Under torch.compile the plain torch form is traced instead: inductor fuses it into the surrounding graph.
     if not weight.is_cuda or torch.compiler.is_compiling():
         return False
-    from .kernels import triton_available
     return triton_available()
 
 
 def ternary_weight(weight: torch.Tensor, parts: int, axis: int, out_dtype: torch.dtype) -> torch.Tensor:
     """scale * round(clamp(W/scale, -1, 1)) in `out_dtype`, without autograd (the forward of the STE)."""
     if _fused_ternarize_available(weight):
-        from .kernels.ternarize import ternary_weight_fused
+        from .kernels.ternarize import ternary_weight_fused  # needs triton, an optional dependency
         return ternary_weight_fused(weight.detach(), shard_scales(weight, parts, axis), axis, out_dtype)
     trits, scales = ternarize(weight, parts, axis)
     return ternary_dense_weight(trits, scales, axis, out_dtype)
@@ -136,10 +58,54 @@ def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0,
     """scale * round(clamp(W/scale, -1, 1)) in `out_dtype` (default: W's), gradients passed straight to W."""
     out_dtype = out_dtype or weight.dtype
     if hasattr(weight, "device_mesh"):
-        # A tensor-parallel DTensor: each rank ternarizes its own shard with its own scale (spectra.parallel).
-        from .parallel import sharded_ternary_weight_ste
+        # A tensor-parallel DTensor (spectra.parallel): each rank ternarizes its own shard with its own scale.
         return sharded_ternary_weight_ste(weight, parts, axis, out_dtype)
     return _TernarySTE.apply(weight, parts, axis, out_dtype)
+
+
+def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """STE ternarization of a tensor-parallel DTensor weight: each rank scales its own shard(s).
+
+    `parts` is the model's model-parallel size; a rank holding 1/n of the matrix along `axis` ternarizes
+    its local tensor in parts/n pieces, with no communication (as the released TriLMs were trained).
+    """
+    # torch.distributed is optional in torch builds; a DTensor weight means it is there
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = 1
+    for mesh_dim, placement in enumerate(weight.placements):
+        if isinstance(placement, Shard) and placement.dim == axis:
+            sharded *= weight.device_mesh.size(mesh_dim)
+        elif not isinstance(placement, Replicate):
+            # A partial or cross-axis shard would compute a scale over the wrong elements.
+            raise ConfigError(f"ternary weight sharded as {weight.placements} cannot be ternarized locally; "
+                              f"only Shard({axis}) (tensor parallel) or Replicate placements are supported")
+    if parts % sharded:
+        raise ConfigError(f"weight split {sharded} ways cannot hold {parts} per-shard scales; "
+                          f"use a model-parallel size that is a multiple of the tensor-parallel size")
+    return _ShardedTernarySTE.apply(weight, parts // sharded, axis, out_dtype or weight.dtype)
+
+
+class _ShardedTernarySTE(torch.autograd.Function):
+    """The local ternarization as one autograd node: to_local / from_local inside it are not recorded, which
+    saves two DTensor autograd nodes per linear layer and step (eager TP is bound by that CPU work)."""
+
+    @staticmethod
+    def forward(ctx, weight, local_parts: int, axis: int, out_dtype: torch.dtype):
+        from torch.distributed.tensor import DTensor  # optional in torch builds (see above)
+
+        ctx.mesh, ctx.placements, ctx.weight_dtype = weight.device_mesh, weight.placements, weight.dtype
+        local = ternary_weight(weight.to_local(), local_parts, axis, out_dtype)
+        return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                  shape=weight.shape, stride=weight.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Straight through, on the weight's own placements (the matmul's gradient may come out otherwise).
+        if tuple(grad.placements) != tuple(ctx.placements):
+            grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad.to(ctx.weight_dtype), None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -159,6 +125,14 @@ class FloatLinear(nn.Linear):
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach()
+
+    @classmethod
+    def join_output_rows(cls, layers: list[FloatLinear]) -> FloatLinear:
+        first = layers[0]
+        out_features = sum(layer.out_features for layer in layers)
+        fused = cls(first.in_features, out_features, device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        return fused
 
 
 class TernaryLinear(nn.Linear):
@@ -220,52 +194,66 @@ class FrozenTernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
 
+    @classmethod
+    def join_output_rows(cls, layers: list[FrozenTernaryLinear]) -> FrozenTernaryLinear | None:
+        scales = joined_scales(layers)
+        if scales is None:
+            return None
+        return cls.from_trits(torch.cat([layer.trits for layer in layers]), scales, 0, dtype=layers[0].scales.dtype)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts}, "
                 f"shard_axis={self.shard_axis}")
 
 
-def check_ternary(trits: torch.Tensor) -> None:
-    if trits.dtype != torch.int8:
-        raise FormatError(f"trits must be int8, got {trits.dtype}")
-    if trits.numel() and (trits.min() < -1 or trits.max() > 1):
-        raise FormatError("trits must lie in {-1, 0, 1}; got values outside that range "
-                          "(ternarize the weights first with spectra.ternarize)")
+# --- swapping layers --------------------------------------------------------------------------------
 
+def replace_layers(model: nn.Module, layers: dict[str, nn.Module | None]) -> None:
+    """Put each module of `layers` at its dotted name in `model`, or remove the module there for None.
 
-LinearBuilder = Callable[..., nn.Module]
-LINEAR_KINDS: dict[str, LinearBuilder] = {
-    "float": FloatLinear,
-    "ternary": TernaryLinear,
-    "ternary_frozen": FrozenTernaryLinear,
-}
-
-
-def register_linear_kind(name: str, builder: LinearBuilder) -> None:
-    """Make a weight kind available to the model factory: builder(in, out, shard_axis, parts, **options)."""
-    LINEAR_KINDS[name] = builder
-
-
-def make_linear(kind: str, in_features: int, out_features: int, shard_axis: ShardAxis, parts: int = 1,
-                options: dict | None = None, device=None, dtype=None) -> nn.Module:
-    """The one factory the model uses for every linear layer."""
-    try:
-        builder = LINEAR_KINDS[kind]
-    except KeyError:
-        raise ConfigError(f"unknown weight kind {kind!r}; known kinds: {', '.join(LINEAR_KINDS)}") from None
-    return builder(in_features, out_features, shard_axis=shard_axis, parts=parts, device=device, dtype=dtype,
-                   **(options or {}))
+    The one place layers are swapped: freezing, packing, quantizing, fusing and LoRA adapters all go through it.
+    """
+    for name, module in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if module is None:
+            delattr(parent, child)
+        else:
+            setattr(parent, child, module)
 
 
 @torch.no_grad()
-def freeze_ternary(model: nn.Module) -> nn.Module:
-    """Replace every TernaryLinear in `model` by a FrozenTernaryLinear holding its exact trits and scales."""
-    for _name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, TernaryLinear):
-                trits, scales = child.freeze()
-                frozen = FrozenTernaryLinear.from_trits(trits, scales.to(child.weight.dtype), child.shard_axis)
-                setattr(module, child_name, frozen)
-    if hasattr(model, "config"):
-        model.config = model.config.replace(weight_kind="ternary_frozen")
-    return model
+def frozen_layers(model: nn.Module) -> dict[str, FrozenTernaryLinear]:
+    """A FrozenTernaryLinear with the exact trits and scales of every TernaryLinear of `model`, by name."""
+    frozen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear):
+            trits, scales = module.freeze()
+            frozen[name] = FrozenTernaryLinear.from_trits(trits, scales.to(module.weight.dtype), module.shard_axis)
+    return frozen
+
+
+def concat_output_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``cat([layer(x) for layer in layers], -1)`` exactly, or None where that is not
+    possible: the layers must share their class and in_features, and the class must join rows
+    (a ``join_output_rows`` classmethod: float, frozen-ternary and packed layers do)."""
+    first = layers[0]
+    kind = type(first)
+    if any(type(layer) is not kind or layer.in_features != first.in_features for layer in layers):
+        return None
+    join = getattr(kind, "join_output_rows", None)
+    return None if join is None else join(layers)
+
+
+def joined_scales(layers: list[nn.Module]) -> torch.Tensor | None:
+    """The per-shard scales of ternary layers joined along output rows, or None where they cannot be.
+
+    The layers must share sizes, shard count P and format, with their P scales on the output rows (or P = 1),
+    and n % P == 0: then the k * P scales of the joined layer cover exactly the rows they covered before
+    (torch.tensor_split of k * n rows)."""
+    first = layers[0]
+    same = all(layer.out_features == first.out_features and layer.parts == first.parts
+               and getattr(layer, "format", None) == getattr(first, "format", None) for layer in layers)
+    if not same or (first.parts > 1 and (first.shard_axis != 0 or first.out_features % first.parts)):
+        return None
+    return torch.cat([layer.scales.reshape(-1) for layer in layers])

@@ -25,14 +25,16 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .block import LINEAR_NAMES
 from .errors import CheckpointError, ConfigError
 from .io import atomic_dir, check_output
+from .linear import replace_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_OWNER = "lora-adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = LINEAR_NAMES  # every linear layer of a block (spectra.block)
 
 
 @dataclass
@@ -113,8 +115,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = []
     for name, module in list(model.linear_layers().items()):
         if name.rsplit(".", 1)[-1] in config.targets and not isinstance(module, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(module, config.rank, config.alpha))
+            replace_layers(model, {name: LoRALinear(module, config.rank, config.alpha)})
             names.append(name)
     if not names:
         raise ConfigError(f"the model has no layers named {', '.join(config.targets)} to adapt")

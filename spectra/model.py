@@ -3,8 +3,9 @@
 RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
 scaled_dot_product_attention, no biases, untied embedding and lm head. One-token decode steps on a GPU take
 spectra/kernels/attention.py instead: rotary embedding, cache write and a split-KV attention over the filled
-part of the KV cache, in one kernel. Linear layers come from :func:`spectra.linear.make_linear`, so the
-weight kind is a config field, not a code path.
+part of the KV cache, in one kernel. Linear layers come from :func:`spectra.kinds.make_linear`, so the
+weight kind is a config field, not a code path; their names, sizes and axes come from the one table of
+:mod:`spectra.block`.
 Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
 """
 
@@ -14,10 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block import FUSION_GROUPS, is_block_linear, linears_of
 from .config import ModelConfig
+from .errors import ConfigError
 from .kernels.attention import cached_step_attention, uses_decode_kernel
 from .kernels.pointwise import add_rms_norm, fused_pointwise_applies, rms_norm, swiglu
-from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
+from .kinds import make_linear
+from .linear import concat_output_rows, replace_layers
+from .size import count_parameters
+from .ternary import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -62,10 +68,20 @@ def document_mask_and_positions(document_ids: torch.Tensor) -> tuple[torch.Tenso
     return (same & causal)[:, None], positions
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def add_block_linears(owner: nn.Module, owner_name: str, cfg: ModelConfig) -> None:
+    """The linear layers of block submodule `owner` ("self_attn" or "mlp"), as the block table lists them."""
+    for spec in linears_of(owner_name):
+        in_features, out_features = spec.features(cfg)
+        owner.add_module(spec.name, make_linear(cfg.weight_kind, in_features, out_features, spec.axis,
+                                                cfg.model_parallel_size, cfg.weight_options))
+
+
+def group_outputs(owner: nn.Module, fused: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs of the layers that fuse into `fused` (q, k, v or gate, up), from the fused layer once
+    SpectraLM.fuse_projections joined them (inference), else layer by layer."""
+    if hasattr(owner, fused):
+        return getattr(owner, fused)(x).chunk(len(FUSION_GROUPS[fused]), dim=-1)
+    return tuple(getattr(owner, spec.name)(x) for spec in FUSION_GROUPS[fused])
 
 
 class KVCache(nn.Module):
@@ -87,23 +103,15 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, kind, p, opts = cfg.hidden_size, cfg.weight_kind, cfg.model_parallel_size, cfg.weight_options
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
-        self.k_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
-        self.v_proj = make_linear(kind, d, d, COLUMN_PARALLEL, p, opts)
-        self.o_proj = make_linear(kind, d, d, ROW_PARALLEL, p, opts)
+        add_block_linears(self, "self_attn", cfg)  # q, k, v, o (spectra.block)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        if hasattr(self, "qkv_proj"):  # inference: q, k, v fused into one product (SpectraLM.fuse_projections)
-            qkv = self.qkv_proj(x).view(b, t, 3, self.num_heads, self.head_dim)
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        else:
-            q, k, v = (proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for y in group_outputs(self, "qkv_proj", x))
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
             # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
             y = cached_step_attention(q, k, v, cos, sin, self.cache.k, self.cache.v, pos)
@@ -120,17 +128,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, h, kind, p, opts = (cfg.hidden_size, cfg.intermediate_size, cfg.weight_kind,
-                               cfg.model_parallel_size, cfg.weight_options)
-        self.gate_proj = make_linear(kind, d, h, COLUMN_PARALLEL, p, opts)
-        self.up_proj = make_linear(kind, d, h, COLUMN_PARALLEL, p, opts)
-        self.down_proj = make_linear(kind, h, d, ROW_PARALLEL, p, opts)
+        add_block_linears(self, "mlp", cfg)  # gate, up, down (spectra.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # inference: gate and up fused (SpectraLM.fuse_projections)
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = group_outputs(self, "gate_up_proj", x)
         if fused_pointwise_applies(gate):
             return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
@@ -179,7 +180,6 @@ class SpectraLM(nn.Module):
 
     def num_parameters(self) -> int:
         """Parameters as the papers count them (buffers of frozen/packed kinds included)."""
-        from .size import count_parameters
         return count_parameters(self.config).total
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
@@ -193,7 +193,6 @@ class SpectraLM(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         elif input_pos is None:
             if t > self.config.max_seq_len:
-                from .errors import ConfigError
                 raise ConfigError(f"sequence of {t} tokens exceeds the model's max_seq_len "
                                   f"{self.config.max_seq_len}; use shorter windows")
             cos, sin, mask = self.rope_cos[:t], self.rope_sin[:t], None
@@ -216,7 +215,6 @@ class SpectraLM(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a KV cache for `batch` sequences of up to `max_len` tokens (prompt + new tokens)."""
         if max_len > self.config.max_seq_len:
-            from .errors import ConfigError
             raise ConfigError(f"prompt + new tokens = {max_len} exceeds max_seq_len {self.config.max_seq_len}")
         param = self.model.embed_tokens.weight
         for layer in self.model.layers:
@@ -238,30 +236,26 @@ class SpectraLM(nn.Module):
         cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are. The
         fused model cannot be saved; returns the number of fused groups.
         """
-        from .packed import concat_output_rows
-
         fused = 0
-        for layer in self.model.layers:
-            for owner, names, new in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                      (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+        for index, layer in enumerate(self.model.layers):
+            for new, specs in FUSION_GROUPS.items():
+                owner = layer.get_submodule(specs[0].owner)
                 if hasattr(owner, new):
                     continue
-                joined = concat_output_rows([getattr(owner, name) for name in names])
+                joined = concat_output_rows([getattr(owner, spec.name) for spec in specs])
                 if joined is None:
                     continue
-                for name in names:
-                    delattr(owner, name)
-                owner.add_module(new, joined)
+                prefix = f"model.layers.{index}.{specs[0].owner}."
+                replace_layers(self, {prefix + spec.name: None for spec in specs} | {prefix + new: joined})
                 fused += 1
         return fused
 
     @property
     def projections_fused(self) -> bool:
         """Whether :meth:`fuse_projections` joined any block's projections (such a model cannot be saved)."""
-        return any(hasattr(layer.self_attn, "qkv_proj") or hasattr(layer.mlp, "gate_up_proj")
-                   for layer in self.model.layers)
+        return any(hasattr(layer.get_submodule(specs[0].owner), new) for layer in self.model.layers
+                   for new, specs in FUSION_GROUPS.items())
 
     def linear_layers(self) -> dict[str, nn.Module]:
         """Name -> module of the seven linear layers of every block (the ones weight kinds replace)."""
-        return {name: mod for name, mod in self.named_modules()
-                if name.rsplit(".", 1)[-1].endswith("_proj")}
+        return {name: mod for name, mod in self.named_modules() if is_block_linear(name)}

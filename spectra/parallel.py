@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ModelConfig
+from .block import is_block_linear
+from .config import TRAINABLE_KINDS, ModelConfig
 from .errors import ConfigError, DeviceError
-from .linear import COLUMN_PARALLEL, FloatLinear, TernaryLinear, ternary_weight
+from .linear import FloatLinear, TernaryLinear
+from .ternary import COLUMN_PARALLEL
 
 DP_MODES = ("fsdp", "ddp")
-TRAINABLE_KINDS = ("float", "ternary")
 
 
 # --- process group and mesh -----------------------------------------------------------------------
@@ -164,52 +165,6 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
                               + (f" with {split} scales per matrix" if config.weight_kind == "ternary" else ""))
 
 
-# --- ternary weights under tensor parallelism -----------------------------------------------------
-
-def sharded_ternary_weight_ste(weight: torch.Tensor, parts: int, axis: int,
-                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """STE ternarization of a tensor-parallel DTensor weight: each rank scales its own shard(s).
-
-    `parts` is the model's model-parallel size; a rank holding 1/n of the matrix along `axis` ternarizes
-    its local tensor in parts/n pieces, with no communication (as the released TriLMs were trained).
-    """
-    from torch.distributed.tensor import Replicate, Shard
-
-    sharded = 1
-    for mesh_dim, placement in enumerate(weight.placements):
-        if isinstance(placement, Shard) and placement.dim == axis:
-            sharded *= weight.device_mesh.size(mesh_dim)
-        elif not isinstance(placement, Replicate):
-            # A partial or cross-axis shard would compute a scale over the wrong elements.
-            raise ConfigError(f"ternary weight sharded as {weight.placements} cannot be ternarized locally; "
-                              f"only Shard({axis}) (tensor parallel) or Replicate placements are supported")
-    if parts % sharded:
-        raise ConfigError(f"weight split {sharded} ways cannot hold {parts} per-shard scales; "
-                          f"use a model-parallel size that is a multiple of the tensor-parallel size")
-    return _ShardedTernarySTE.apply(weight, parts // sharded, axis, out_dtype or weight.dtype)
-
-
-class _ShardedTernarySTE(torch.autograd.Function):
-    """The local ternarization as one autograd node: to_local / from_local inside it are not recorded, which
-    saves two DTensor autograd nodes per linear layer and step (eager TP is bound by that CPU work)."""
-
-    @staticmethod
-    def forward(ctx, weight, local_parts: int, axis: int, out_dtype: torch.dtype):
-        from torch.distributed.tensor import DTensor
-
-        ctx.mesh, ctx.placements, ctx.weight_dtype = weight.device_mesh, weight.placements, weight.dtype
-        local = ternary_weight(weight.to_local(), local_parts, axis, out_dtype)
-        return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                                  shape=weight.shape, stride=weight.stride())
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Straight through, on the weight's own placements (the matmul's gradient may come out otherwise).
-        if tuple(grad.placements) != tuple(ctx.placements):
-            grad = grad.redistribute(ctx.mesh, ctx.placements)
-        return grad.to(ctx.weight_dtype), None, None, None
-
-
 # --- applying parallelism -------------------------------------------------------------------------
 
 def parallelize(model: nn.Module, ctx: ParallelContext, dp_mode: str = "fsdp",
@@ -256,13 +211,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     for layer in model.model.layers:
         plan = {}
         for name, module in layer.named_modules():
-            if not name.endswith("_proj"):
+            if not is_block_linear(name):
                 continue
             if not isinstance(module, (FloatLinear, TernaryLinear)):
                 raise ConfigError(f"{name} is {type(module).__name__}; tensor parallelism trains FloatLinear "
                                   f"and TernaryLinear layers only")
             # The layer's own shard_axis, the axis its per-shard scales split, decides the style, so the
-            # TP shards and the scale shards are the same slices (q/k/v/gate/up: 0, o/down: 1).
+            # TP shards and the scale shards are the same slices (spectra.block: column-parallel 0, row-parallel 1).
             plan[name] = ColwiseParallel() if module.shard_axis == COLUMN_PARALLEL else RowwiseParallel()
         parallelize_module(layer, tp_mesh, plan)
         # Attention reshapes its projections into heads; after column sharding a rank holds num_heads / tp.

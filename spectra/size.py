@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
+from .block import BLOCK_LINEARS, block_linear_shapes
 from .config import ModelConfig
+from .errors import ConfigError
+from .formats import FORMATS
+from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 
 LOG2_3 = math.log2(3)
 FLOAT_BITS = 16
@@ -32,22 +36,16 @@ class ParameterCount:
         return self.linear + self.embedding + self.lm_head + self.norms
 
 
-def linear_shapes(config: ModelConfig) -> list[tuple[str, int, int]]:
-    """(name, out_features, in_features) of the linear layers of one block."""
-    d, h = config.hidden_size, config.intermediate_size
-    return [("q_proj", d, d), ("k_proj", d, d), ("v_proj", d, d), ("o_proj", d, d),
-            ("gate_proj", h, d), ("up_proj", h, d), ("down_proj", d, h)]
-
-
 def count_parameters(config: ModelConfig) -> ParameterCount:
-    per_block = sum(o * i for _, o, i in linear_shapes(config))
+    per_block = sum(o * i for _, o, i in block_linear_shapes(config))
     d, v, n = config.hidden_size, config.vocab_size, config.num_layers
     return ParameterCount(linear=per_block * n, embedding=v * d, lm_head=v * d, norms=(2 * n + 1) * d,
-                          linear_matrices=7 * n)
+                          linear_matrices=len(BLOCK_LINEARS) * n)
 
 
 # Bits per linear weight of each kind (packed formats include their padding in `size_in_bits`).
-KIND_BITS: dict[str, float] = {"float16": 16.0, "ternary": LOG2_3, "tq2": 2.0, "tq1": 1.6}
+KIND_BITS: dict[str, float] = {"float16": 16.0, "ternary": LOG2_3,
+                                **{name: 8 / fmt.trits_per_byte for name, fmt in FORMATS.items()}}
 
 
 def _padded(n: int, multiple: int) -> int:
@@ -63,11 +61,11 @@ def size_in_bits(config: ModelConfig, kind: str = "ternary") -> float:
     scale_bits = SCALE_BITS * config.model_parallel_size * counts.linear_matrices
     if kind == "ternary":
         return fp_bits + LOG2_3 * counts.linear + scale_bits
-    if kind in ("tq2", "tq1"):
-        trits_per_byte = 4 if kind == "tq2" else 5
-        packed = sum(out * _padded(inp, trits_per_byte) // trits_per_byte for _, out, inp in linear_shapes(config))
+    if kind in FORMATS:
+        trits_per_byte = FORMATS[kind].trits_per_byte
+        packed = sum(out * _padded(inp, trits_per_byte) // trits_per_byte
+                     for _, out, inp in block_linear_shapes(config))
         return fp_bits + 8 * packed * config.num_layers + scale_bits
-    from .errors import ConfigError
     raise ConfigError(f"unknown size kind {kind!r}; known: {', '.join(KIND_BITS)}")
 
 
@@ -84,8 +82,6 @@ def size_in_bits(config: ModelConfig, kind: str = "ternary") -> float:
 
 def linear_storage_bits(module: Any) -> float:
     """Bits one linear layer holds in deployable form (see the storage-bits protocol above)."""
-    from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
-
     if hasattr(module, "storage_bits"):
         return float(module.storage_bits())
     numel = module.out_features * module.in_features
@@ -95,7 +91,6 @@ def linear_storage_bits(module: Any) -> float:
         return LOG2_3 * numel + SCALE_BITS * module.parts
     if isinstance(module, FloatLinear):
         return FLOAT_BITS * numel
-    from .errors import ConfigError
     raise ConfigError(f"cannot size linear layer of type {type(module).__name__}: give it a storage_bits() "
                       f"or bits_per_weight() method (the storage-bits protocol in spectra/size.py)")
 

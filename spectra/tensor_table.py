@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .block import BLOCK_LINEARS
 from .config import ModelConfig
 from .errors import CheckpointError, SpectraWarning
-from .linear import COLUMN_PARALLEL, ROW_PARALLEL, make_linear
-from .size import count_parameters, linear_shapes
+from .kinds import make_linear
+from .size import count_parameters
 
 # safetensors' own limit on the JSON header; a larger one is junk, not a checkpoint.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -34,8 +35,6 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 # Layer index of a per-layer tensor name (the layer count is checked before the full table is built).
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 
 
 class IgnoredTensorWarning(SpectraWarning):
@@ -140,14 +139,13 @@ def expected_tensors(config: ModelConfig, dense: bool) -> dict[str, tuple[tuple[
         prefix = f"model.layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
             table[f"{prefix}{norm}.weight"] = ((d,), torch.float32)
-        for name, out_features, in_features in linear_shapes(config):
-            owner = "mlp" if name in MLP_PROJECTIONS else "self_attn"
-            axis = ROW_PARALLEL if name in ROW_PARALLEL_PROJECTIONS else COLUMN_PARALLEL
-            key = (out_features, in_features, axis)
+        for linear in BLOCK_LINEARS:
+            in_features, out_features = linear.features(config)
+            key = (out_features, in_features, linear.axis)
             if key not in per_shape:
-                per_shape[key] = _linear_tensors(config, dense, in_features, out_features, axis)
+                per_shape[key] = _linear_tensors(config, dense, in_features, out_features, linear.axis)
             for tensor, spec in per_shape[key].items():
-                table[f"{prefix}{owner}.{name}.{tensor}"] = spec
+                table[f"{prefix}{linear.path}.{tensor}"] = spec
     table["model.norm.weight"] = ((d,), torch.float32)
     table["lm_head.weight"] = ((v, d), torch.float32)
     return table

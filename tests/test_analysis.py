@@ -9,7 +9,7 @@ from eval_support import save_tiny_checkpoint, tiny_model
 from spectra import ConfigError
 from spectra.cli.main import main
 from spectra.eval import analyze_weights, entropy_of_counts, plot_weight_stats, shannon_entropy, stats_table
-from spectra.linear import ternarize
+from spectra.ternary import ternarize
 
 
 def test_entropy_of_uniform_discrete_values_is_log2_k():
@@ -79,7 +79,7 @@ def test_plot_and_cli(tmp_path, capsys):
 
 
 def test_packed_and_quantized_layers_are_analysed():
-    packed = pytest.importorskip("spectra.packed")
+    packed = pytest.importorskip("spectra.convert")
     tri = tiny_model("ternary", seed=8)
     reference = analyze_weights(tri, entropy_bins=(8,))
     packed.pack_model(tri, "tq1")

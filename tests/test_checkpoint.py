@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from spectra import CheckpointError, FrozenTernaryLinear, SpectraLM, get_config
-from spectra.checkpoint import detect_ternary, load_checkpoint, load_tensors, save_checkpoint
-from spectra.linear import TernaryLinear, ternarize
+from spectra.checkpoint import load_checkpoint, load_tensors, save_checkpoint
+from spectra.linear import TernaryLinear
+from spectra.ternary import detect_ternary, ternarize
 
 transformers = pytest.importorskip("transformers")
 

@@ -83,12 +83,12 @@ def test_storage_bits_protocol_and_breakdown():
 
 
 def test_packed_layers_report_their_real_bits():
-    packed = pytest.importorskip("spectra.packed")
+    packed = pytest.importorskip("spectra.convert")
     model = tiny_model("ternary", seed=7)
     trits_bits = model_size_breakdown(model)["linear_bits"]
     pack = getattr(packed, "pack_model", None)
     if pack is None:
-        pytest.skip("spectra.packed has no pack_model")
+        pytest.skip("spectra.convert has no pack_model")
     pack(model, "tq2")
     bits = model_size_breakdown(model)["linear_bits"]
     layers = model.linear_layers().values()

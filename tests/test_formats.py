@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spectra.block import block_linear_shapes
 from spectra.config import get_config
 from spectra.errors import FormatError
 from spectra.formats import (
@@ -25,7 +26,6 @@ from spectra.formats import (
     unpack_tq1,
     validate_packed,
 )
-from spectra.size import linear_shapes
 
 ALIGNS = (ROW_ALIGN_BYTES, STORAGE_ALIGN_BYTES)
 
@@ -197,7 +197,7 @@ def test_bits_per_weight_on_the_3_9b_shapes(fmt, limit):
     config = get_config("3.9B")
     f = get_format(fmt)
     bits = weights = 0
-    for _, out_features, in_features in linear_shapes(config):
+    for _, out_features, in_features in block_linear_shapes(config):
         bits += 8 * out_features * f.row_bytes(in_features, STORAGE_ALIGN_BYTES) + 32 * config.model_parallel_size
         weights += out_features * in_features
     achieved = bits / weights

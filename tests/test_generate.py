@@ -125,13 +125,13 @@ def test_keyed_sampler_greedy_is_argmax_and_a_seed_repeats():
 # --- GPU: the fast path (fused projections, graph-captured step sampling on the GPU) against the plain loop ---
 
 def _random_model(kind: str, seed: int) -> SpectraLM:
-    from spectra import packed as packed_mod
+    from spectra import convert as convert_mod
 
     torch.manual_seed(seed)
     weight_kind = "float" if kind == "fp16" else "ternary"
     model = SpectraLM(get_config("mini", weight_kind=weight_kind, model_parallel_size=2)).cuda().float().eval()
     if kind != "fp16":
-        packed_mod.pack_model(model, kind)
+        convert_mod.pack_model(model, kind)
     return model.half()
 
 

@@ -11,9 +11,9 @@ import torch
 import spectra
 from spectra.checkpoint import load_checkpoint, save_checkpoint
 from spectra.cli.main import main
+from spectra.convert import pack_checkpoint
 from spectra.errors import FormatError
 from spectra.gguf_export import GGUFFallbackWarning, export_gguf, permute_for_llama_rope, tq_block_misfit
-from spectra.packed import pack_checkpoint
 from spectra.tokenizer import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -172,7 +172,8 @@ def test_fallback_warning_counts_and_names_in_plain_grammar():
 
 
 def test_quantlm_exports_dequantized_f16_and_refuses_tq_types_saying_so(tmp_path):
-    from spectra.quant import QuantConfig, quantize_model
+    from spectra.convert import quantize_model
+    from spectra.quant import QuantConfig
 
     torch.manual_seed(1)
     tok = train_tokenizer(["some text for a tokenizer"] * 10, 270)

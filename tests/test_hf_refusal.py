@@ -8,8 +8,8 @@ import torch
 
 from spectra import SpectraLM, freeze_ternary, get_config
 from spectra.checkpoint import load_checkpoint, save_checkpoint
-from spectra.packed import pack_model
-from spectra.quant import QuantConfig, quantize_model
+from spectra.convert import pack_model, quantize_model
+from spectra.quant import QuantConfig
 
 transformers = pytest.importorskip("transformers")
 

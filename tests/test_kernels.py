@@ -27,7 +27,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     import torch
     from spectra.formats import get_format
     from spectra.kernels import dispatch, ternary_matmul_reference
-    from spectra.linear import ternary_dense_weight
+    from spectra.ternary import ternary_dense_weight
     torch.manual_seed(0)
     failures = []
     cases = 0
@@ -324,7 +324,7 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
 # --- GPU ---------------------------------------------------------------------------------------------
 
 def _fp32_reference(x, packed, fmt, k, scales, axis):
-    from spectra.linear import expand_scales
+    from spectra.ternary import expand_scales
 
     trits = get_format(fmt).unpack(packed.cpu(), k).float()
     w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
@@ -415,15 +415,15 @@ def test_gpu_split_k_stress_many_launches():
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_greedy_tokens_equal_reference_path(monkeypatch):
+    from spectra import convert as convert_mod
     from spectra import packed as packed_mod
     from spectra.config import get_config
-    from spectra.decode_graph import generate_cuda_graph
-    from spectra.generate import generate
+    from spectra.generate import generate, generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(0)
     model = SpectraLM(get_config("mini", weight_kind="ternary")).cuda().float().eval()
-    packed_mod.pack_model(model, "tq2")
+    convert_mod.pack_model(model, "tq2")
     model = model.half()
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
     fast = generate_cuda_graph(model, prompt, max_new_tokens=24, temperature=0)
@@ -442,9 +442,8 @@ def test_gpu_cuda_graph_frozen_ternary_per_shard_scales_equal_eager():
     # an unpacked ternary checkpoint (int8 trits, 2 scales per matrix) under CUDA-graph capture: expand_scales
     # must not copy from the host inside the graph, and the replayed tokens must match plain eager decoding
     from spectra.config import get_config
-    from spectra.decode_graph import generate_cuda_graph
-    from spectra.generate import generate
-    from spectra.linear import freeze_ternary
+    from spectra.convert import freeze_ternary
+    from spectra.generate import generate, generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(1)
@@ -461,15 +460,16 @@ def test_gpu_compiled_cuda_graph_step_matches_eager_step():
     # spectra generate --compile: the torch.compile-d step (our kernel as an opaque op, the rest fused by
     # inductor) replayed from a CUDA graph. Fused norms may round differently, so logits are compared with
     # a tolerance, and the greedy continuation must agree with the eager graph's.
-    from spectra import packed as packed_mod
+    from spectra import convert as convert_mod
     from spectra.config import get_config
-    from spectra.decode_graph import GraphDecodeStep, generate_cuda_graph
+    from spectra.decode_graph import GraphDecodeStep
+    from spectra.generate import generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(0)
     # two model-parallel shards: o/down carry column-shard scales, which the compiled step applies to x itself
     model = SpectraLM(get_config("mini", weight_kind="ternary", model_parallel_size=2)).cuda().float().eval()
-    packed_mod.pack_model(model, "tq2")
+    convert_mod.pack_model(model, "tq2")
     model = model.half()
     assert any(m.shard_axis == 1 and m.parts == 2 for m in model.linear_layers().values())
     tok = torch.randint(0, model.config.vocab_size, (2, 1), device="cuda")
@@ -492,15 +492,14 @@ def test_gpu_fused_projections_greedy_tokens_equal_separate():
     # decode to an exact fp32 weight, so fused and separate products differ only by fp32 rounding.
     import copy
 
-    from spectra import packed as packed_mod
+    from spectra import convert as convert_mod
     from spectra.config import get_config
-    from spectra.decode_graph import generate_cuda_graph
-    from spectra.generate import generate
+    from spectra.generate import generate, generate_cuda_graph
     from spectra.model import SpectraLM
 
     torch.manual_seed(2)
     model = SpectraLM(get_config("mini", weight_kind="ternary", model_parallel_size=2)).cuda().float().eval()
-    packed_mod.pack_model(model, "tq1")
+    convert_mod.pack_model(model, "tq1")
     fused = copy.deepcopy(model)
     assert fused.fuse_projections() == 2 * model.config.num_layers
     prompt = torch.randint(0, model.config.vocab_size, (2, 6))
@@ -525,7 +524,7 @@ def test_scale_columns_reference_broadcast_form_equals_per_column_form(dtype):
     # Equal shards take a [.., P, k / P] broadcast (what torch.compile fuses cleanly); it must give the same
     # bits as scaling each column by its shard's scale. Unequal shards take the per-column form itself.
     from spectra.kernels import scale_columns_reference
-    from spectra.linear import expand_scales
+    from spectra.ternary import expand_scales
 
     gen = torch.Generator().manual_seed(7)
     for k, parts in ((3072, 6), (96, 8), (100, 3), (7, 7)):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from spectra import FrozenTernaryLinear, SpectraLM, TernaryLinear, freeze_ternary, get_config, ternarize
 from spectra.generate import generate, generate_uncached, sample_next
-from spectra.linear import expand_scales, shard_bounds
+from spectra.ternary import expand_scales, shard_bounds
 
 
 def test_forward_backward_shapes():

@@ -13,12 +13,13 @@ import spectra
 from spectra.checkpoint import load_checkpoint, save_checkpoint
 from spectra.cli.info import info
 from spectra.cli.main import main
+from spectra.convert import pack_checkpoint, pack_model, pack_report
 from spectra.errors import CheckpointError, FormatError
 from spectra.formats import STORAGE_ALIGN_BYTES, get_format
 from spectra.generate import generate
 from spectra.kernels import ternary_matmul_reference
 from spectra.linear import FrozenTernaryLinear
-from spectra.packed import PackedTernaryLinear, pack_checkpoint, pack_model, pack_report
+from spectra.packed import PackedTernaryLinear
 from spectra.tokenizer import load_tokenizer, train_tokenizer
 
 FORMATS = ("tq2", "tq1")
@@ -259,8 +260,7 @@ def test_fused_projections_are_not_saved_and_mismatched_shards_stay_separate(tmp
         spectra.save_checkpoint(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     # per-shard scales that would land on other rows after joining: the layers are left alone
-    from spectra.linear import FrozenTernaryLinear
-    from spectra.packed import concat_output_rows
+    from spectra.linear import FrozenTernaryLinear, concat_output_rows
 
     trits = torch.randint(-1, 2, (6, 8), dtype=torch.int8)
     a = FrozenTernaryLinear.from_trits(trits, torch.tensor([0.5, 1.0, 2.0]), 1)  # column shards

@@ -13,6 +13,7 @@ from quant_support import hamlet, trained_float_lm
 from spectra.checkpoint import load_checkpoint, save_checkpoint
 from spectra.cli.info import info
 from spectra.cli.main import main
+from spectra.convert import quantize_model
 from spectra.errors import DataError, FormatError
 from spectra.quant import (
     QuantConfig,
@@ -22,7 +23,6 @@ from spectra.quant import (
     pack_codes,
     pack_codes_reference,
     packed_length,
-    quantize_model,
     rtn_quantize,
     unpack_codes,
 )

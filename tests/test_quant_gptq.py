@@ -9,6 +9,7 @@ import pytest
 import torch
 from quant_support import trained_float_lm
 
+from spectra.convert import quantize_model
 from spectra.errors import ConfigError, DataError
 from spectra.eval import perplexity
 from spectra.quant import (
@@ -18,7 +19,6 @@ from spectra.quant import (
     calibration_windows,
     gptq_quantize,
     gptq_quantize_reference,
-    quantize_model,
     rtn_quantize,
 )
 

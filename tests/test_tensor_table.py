@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from spectra import CheckpointError, SpectraLM, get_config
 from spectra.checkpoint import load_checkpoint, save_checkpoint
 from spectra.cli.main import main
-from spectra.packed import pack_model
+from spectra.convert import pack_model
 from spectra.tensor_table import IgnoredTensorWarning, read_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,8 @@ def test_every_kind_still_loads_without_warnings(tmp_path):
                                           ("quant", {"sym": True, "act_order": True}), ("quant", {"sym": False})])
 def test_expected_table_is_what_save_checkpoint_writes(kind, options):
     from spectra.checkpoint import DENSE_KINDS, checkpoint_tensors
-    from spectra.quant import QuantConfig, quantize_model
+    from spectra.convert import quantize_model
+    from spectra.quant import QuantConfig
     from spectra.tensor_table import expected_tensors
 
     torch.manual_seed(2)

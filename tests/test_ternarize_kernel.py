@@ -14,7 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from spectra.linear import expand_scales, shard_scales, ternarize, ternary_dense_weight, ternary_weight_ste
+from spectra.linear import ternary_weight_ste
+from spectra.ternary import expand_scales, shard_scales, ternarize, ternary_dense_weight
 
 pytest.importorskip("triton")
 
@@ -23,7 +24,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.kernels.ternarize import ternary_weight_fused
-    from spectra.linear import expand_scales, shard_scales
+    from spectra.ternary import expand_scales, shard_scales
     torch.manual_seed(0)
     failures, cases = [], 0
     for rows, cols in ((37, 77), (33, 130), (5, 3), (40, 7)):

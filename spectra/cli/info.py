@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import checked_config
+from ..checkpoint import checked_config, stored_tensor_bytes
 from ..config import ModelConfig, get_config
-from ..packed import stored_tensor_bytes
 from ..size import KIND_BITS, count_parameters, size_in_bits
 from .common import human_bytes
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..packed import PackReport, pack_checkpoint
+from ..convert import PackReport, pack_checkpoint
+from ..kinds import PACKED_KINDS
 from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, human_bytes, parse_dtype
 
 
@@ -16,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(1.6 bits/weight). The packed checkpoint loads with load_checkpoint and "
                                           "gives the same logits as the unpacked one.")
     p.add_argument("checkpoint", help="TriLM checkpoint directory")
-    p.add_argument("--format", required=True, choices=["tq2", "tq1"], help="packed format")
+    p.add_argument("--format", required=True, choices=list(PACKED_KINDS), help="packed format")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--dtype", default=None,
                    help="dtype for embeddings, norms and lm head (default: as stored in the source)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from ..convert import quantize_checkpoint
 from ..quant import QuantConfig
-from ..quant.pipeline import quantize_checkpoint
 from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
 
 

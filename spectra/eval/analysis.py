@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..linear import ternarize
+from ..ternary import ternarize
 
 DEFAULT_ENTROPY_BINS = (4, 16, 64, 256, 1024)
 HISTOGRAM_BINS = 81

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..block import BLOCK_LINEARS
 from ..checkpoint import (
     _infer_parts,
-    detect_ternary,
     load_checkpoint,
     read_config,
     resolve_device,
@@ -28,13 +28,15 @@ from ..checkpoint import (
     weight_files,
 )
 from ..config import dataclass_from_dict
+from ..convert import freeze_ternary, pack_model
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
 from ..io import write_text_atomic
-from ..linear import freeze_ternary, latent_from_ternary
+from ..kinds import PACKED_KINDS
 from ..lora import LoRAConfig, apply_lora, save_adapter
 from ..model import SpectraLM
-from ..packed import PACKED_KINDS, pack_model, ternary_values
+from ..packed import ternary_values
+from ..ternary import detect_ternary, latent_from_ternary
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
 from ..train.loop import Objective, build_loaders, check_compatible, evaluate
@@ -107,7 +109,7 @@ def _training_kind(task: FinetuneConfig) -> str:
         return "ternary"
     # A float-declared dense checkpoint may still hold a TriLM (transformers' config of a SpectraSuite
     # *_Unpacked model): look at its first matrix, as loading does for all of them.
-    first = "model.layers.0.self_attn.q_proj.weight"
+    first = f"model.layers.0.{BLOCK_LINEARS[0].path}.weight"
     for file in weight_files(Path(task.checkpoint)):
         with safe_open(str(file), framework="pt") as f:
             if first in f.keys():

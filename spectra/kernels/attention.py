@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ternary import apply_rope
+from .dispatch import WORKSPACE
+
 try:
     import triton
     import triton.language as tl
@@ -42,7 +45,6 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def rope_rows_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The model's rotary embedding (apply_rope) of x [..., D] with cos/sin rows [D], evaluated in fp32 and cast
     back once (as torch.compile evaluates it): what the fused decode kernel computes."""
-    from ..model import apply_rope  # the model imports this module
 
     return apply_rope(x.float(), cos.float(), sin.float()).to(x.dtype)
 
@@ -167,8 +169,6 @@ def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
-    from .dispatch import WORKSPACE
-
     b, h, _, d = q.shape
     length = k_cache.shape[2]
     splits = triton.cdiv(length, CHUNK)

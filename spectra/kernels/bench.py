@@ -205,7 +205,6 @@ DECODE_MODELS = {
 def build_random_model(name: str, kind: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
                        max_seq_len: int = 256, seed: int = 0):
     """A model of the named shape with random weights: fp16 `float` weights, or random trits packed as `kind`."""
-    from .. import packed as _packed  # noqa: F401 - registers the tq2/tq1 weight kinds
     from ..config import get_config
     from ..model import SpectraLM
 

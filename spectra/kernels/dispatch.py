@@ -23,7 +23,7 @@ import torch
 from ..errors import DeviceError, FormatError
 from ..formats import ROW_ALIGN_BYTES, get_format
 from ..io import write_text_atomic
-from ..linear import shard_bounds
+from ..ternary import shard_bounds
 
 if TYPE_CHECKING:
     from ..config import ModelConfig

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import get_format
-from ..linear import expand_scales, ternary_dense_weight
+from ..ternary import expand_scales, ternary_dense_weight
 
 
 def ternary_matmul_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,

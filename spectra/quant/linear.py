@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FormatError
-from ..linear import ShardAxis, register_linear_kind
+from ..ternary import ShardAxis
 from .grid import SCALE_DTYPE, QuantConfig, effective_group_size, from_codes, num_groups
 from .packing import pack_codes, packed_length, unpack_codes
 
@@ -136,5 +136,3 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={q.bits}, "
                 f"group_size={q.group_size}, sym={q.sym}, act_order={q.act_order}, method={q.method}")
 
-
-register_linear_kind(KIND, QuantLinear)

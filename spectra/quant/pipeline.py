@@ -8,27 +8,27 @@ o_proj's Hessian is built from the outputs of the already quantized q/k/v projec
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from ..block import INPUT_GROUPS
 from ..errors import ConfigError, DataError
-from ..io import check_output, output_lock
-from ..model import SpectraLM
+from ..linear import replace_layers
 from ..progress import progress_bar
 from .gptq import HessianAccumulator, gptq_quantize, output_error
 from .grid import QuantConfig
-from .linear import KIND, QuantizedWeight, QuantLinear
+from .linear import QuantizedWeight, QuantLinear
 from .rtn import rtn_quantize
 
-REPORT_FILE = "quantization.json"
-QUANTIZE_OWNER = "quantize"  # the marker of directories `spectra quantize` wrote (spectra.io)
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+if TYPE_CHECKING:  # only for annotations: the model sits above its weight kinds
+    from ..model import SpectraLM
+
+# q/k/v, o, gate/up, down: the layers that read the same input are quantized together (spectra.block)
+SEQUENTIAL_GROUPS = tuple(tuple(spec.path for spec in group) for group in INPUT_GROUPS)
 
 
 @dataclass
@@ -56,9 +56,10 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor | None, config: Q
 
 
 @torch.no_grad()
-def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Tensor | None = None,
-                   batch_size: int = 8, progress: bool = True) -> QuantReport:
-    """Replace every block linear layer of the FloatLM `model` by a QuantLinear, in place.
+def quantize_layers(model: SpectraLM, config: QuantConfig, calibration: torch.Tensor | None = None,
+                    batch_size: int = 8, progress: bool = True) -> QuantReport:
+    """Replace every block linear layer of the FloatLM `model` by a QuantLinear, in place (the handler of
+    spectra.convert.convert_ with a Quantized spec, which also records the new weight kind in the config).
 
     `calibration` holds token ids [samples, seq_len]; GPTQ requires it, RTN only uses it to report errors.
     Embeddings, norms and the lm head stay in floating point, as in the Spectra papers' QuantLMs.
@@ -80,7 +81,6 @@ def quantize_model(model: SpectraLM, config: QuantConfig, calibration: torch.Ten
                 bar.update()
         else:
             _quantize_sequentially(model, config, tokens, batch_size, report, bar)
-    model.config = model.config.replace(weight_kind=KIND, weight_options=config.weight_options())
     return report
 
 
@@ -146,47 +146,4 @@ def _relative_errors(weight: torch.Tensor, hessian: torch.Tensor, quantized: Qua
 
 def _replace(model: SpectraLM, name: str, module: nn.Module, quantized: QuantizedWeight, config: QuantConfig) -> None:
     layer = QuantLinear.from_quantized(quantized, config.sym, config.method, module.shard_axis, module.parts)
-    model.set_submodule(name, layer)
-
-
-def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig, calib: str | Path | None = None,
-                        samples: int = 128, seq_len: int | None = None, seed: int = 0, device: str = "cpu",
-                        save_dtype: torch.dtype | None = torch.float16, batch_size: int = 8,
-                        progress: bool = True, force: bool = False, allow_nonfinite: bool = False) -> QuantReport:
-    """Quantize the FloatLM checkpoint `source` and write the QuantLM checkpoint `out` (with the tokenizer
-    and a quantization.json report). `calib` is calibration data (prepared shards, .npy, .jsonl, text file or
-    folder); `seq_len` defaults to min(2048, the model's max_seq_len). `out` is locked while quantizing and
-    replaced atomically; an existing `out` that is not an earlier `quantize` output needs `force`."""
-    source, out = Path(source), Path(out)
-    with output_lock(out, QUANTIZE_OWNER):
-        check_output(out, QUANTIZE_OWNER, force=force, sources=[source] + ([calib] if calib else []))
-        return _quantize_checkpoint(source, out, config, calib, samples, seq_len, seed, device, save_dtype,
-                                    batch_size, progress, force, allow_nonfinite)
-
-
-def _quantize_checkpoint(source: Path, out: Path, config: QuantConfig, calib: str | Path | None, samples: int,
-                         seq_len: int | None, seed: int, device: str, save_dtype: torch.dtype | None,
-                         batch_size: int, progress: bool, force: bool, allow_nonfinite: bool) -> QuantReport:
-    from ..checkpoint import DENSE_KINDS, load_checkpoint, read_config, save_checkpoint
-    from ..tokenizer import TOKENIZER_FILE, load_tokenizer
-    from .calib import calibration_tokens
-
-    stored_kind = read_config(source).weight_kind
-    if stored_kind not in DENSE_KINDS:
-        raise ConfigError(f"{source} holds {stored_kind!r} weights; quantize the FloatLM checkpoint it came from")
-    tokenizer = load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
-    model = load_checkpoint(source, device=device, kind="float", allow_nonfinite=allow_nonfinite)
-    tokens = None
-    if calib is not None:
-        seq_len = seq_len or min(2048, model.config.max_seq_len)
-        tokens = calibration_tokens(calib, tokenizer, samples, seq_len, seed)
-    elif config.method == "gptq":
-        raise DataError("GPTQ needs calibration data: pass --calib (text, a folder of text or prepared shards), "
-                        "or use --method rtn")
-    report = quantize_model(model, config, tokens, batch_size=batch_size, progress=progress)
-    text = json.dumps({"source": str(source), "calibration": str(calib) if calib else None,
-                       "samples": samples if calib else 0, "seq_len": seq_len if calib else 0, "seed": seed,
-                       **report.to_dict()}, indent=2)
-    save_checkpoint(model, out, tokenizer=tokenizer, dtype=save_dtype, extra_files={REPORT_FILE: text + "\n"},
-                    owner=QUANTIZE_OWNER, force=force)
-    return report
+    replace_layers(model, {name: layer})

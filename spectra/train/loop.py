@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from ..config import get_config
+from ..config import TRAINABLE_KINDS, get_config
 from ..data import TokenDataset, WindowLoader
 from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError, DeviceError, OutputError, TrainingError
@@ -56,7 +56,6 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".spectra-lock"  # in the run directory: held by the process writing the run (spectra.io)
 EXPORT_OWNER = "train --export"
 RUN_FILE = "run.json"
-TRAINABLE_KINDS = ("float", "ternary")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len",
                 "weight_kind", "model_parallel_size")
 MAX_CONSECUTIVE_SKIPS = 10
