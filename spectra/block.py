@@ -36,13 +36,14 @@ class LinearSpec:
         return getattr(config, self.in_size), getattr(config, self.out_size)
 
 
+QKV, GATE_UP = "qkv_proj", "gate_up_proj"  # the fused layers (inference only)
 BLOCK_LINEARS: tuple[LinearSpec, ...] = (
-    LinearSpec("q_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, "qkv_proj", rotary=True),
-    LinearSpec("k_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, "qkv_proj", rotary=True),
-    LinearSpec("v_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, "qkv_proj"),
+    LinearSpec("q_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV, rotary=True),
+    LinearSpec("k_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV, rotary=True),
+    LinearSpec("v_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV),
     LinearSpec("o_proj", "self_attn", "hidden_size", "hidden_size", ROW_PARALLEL),
-    LinearSpec("gate_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, "gate_up_proj"),
-    LinearSpec("up_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, "gate_up_proj"),
+    LinearSpec("gate_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, GATE_UP),
+    LinearSpec("up_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, GATE_UP),
     LinearSpec("down_proj", "mlp", "intermediate_size", "hidden_size", ROW_PARALLEL),
 )
 LINEAR_NAMES: tuple[str, ...] = tuple(spec.name for spec in BLOCK_LINEARS)
@@ -81,6 +82,11 @@ def is_block_linear(name: str) -> bool:
     """Whether a module name (dotted) is one of the block's linear layers, separate or fused."""
     last = name.rsplit(".", 1)[-1]
     return last in SPECS or last in FUSION_GROUPS
+
+
+def is_block_linear_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor name (model.layers.0.mlp.up_proj.qweight) belongs to a block linear layer."""
+    return is_block_linear(name.rsplit(".", 1)[0])
 
 
 def block_linear_shapes(config: ModelConfig) -> list[tuple[str, int, int]]:

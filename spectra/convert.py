@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .block import is_block_linear_tensor
 from .checkpoint import load_checkpoint, read_config, save_checkpoint, stored_tensor_bytes, weight_files
 from .config import DENSE_KINDS
 from .errors import CheckpointError, ConfigError, DataError
@@ -257,7 +258,7 @@ def pack_report(path: str | Path) -> PackReport:
                               f"({', '.join(PACKED_KINDS)}); pack it first with `spectra pack`")
     sizes = stored_tensor_bytes(path)
     counts = count_parameters(config)
-    linear = sum(n for name, n in sizes.items() if "_proj." in name)
+    linear = sum(n for name, n in sizes.items() if is_block_linear_tensor(name))
     return PackReport(format=config.weight_kind, linear_weights=counts.linear, fp16_linear_bytes=2 * counts.linear,
                       packed_linear_bytes=linear, fp16_total_bytes=2 * counts.total,
                       stored_total_bytes=sum(sizes.values()))

@@ -21,6 +21,8 @@ import torch
 
 from .errors import DataError
 from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock
+from .progress import progress_bar
+from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 INDEX_FILE = "index.json"
 FORMAT_NAME = "spectra-tokens"
@@ -255,8 +257,6 @@ def prepare_data(sources: str | Path | Sequence[str | Path], out_dir: str | Path
 
 def _prepare(sources: list, out_dir: Path, tokenizer, vocab_size: int, val_fraction: float, text_field: str,
              shard_tokens: int, progress: bool) -> None:
-    from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
-
     if tokenizer is None:
         docs = _progress(iter_documents(sources, text_field), progress, "training tokenizer (documents)")
         tokenizer = train_tokenizer(docs, vocab_size)
@@ -304,7 +304,6 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def _progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
     if not enabled:
         return items
-    from .progress import progress_bar
     return progress_bar(items, desc=desc, unit="doc", leave=False)
 
 
@@ -337,7 +336,6 @@ class TokenDataset:
         return self.index.get("eos_id")
 
     def tokenizer(self):
-        from .tokenizer import load_tokenizer
         return load_tokenizer(self.path)
 
     def fingerprint(self) -> dict:

@@ -27,6 +27,7 @@ from .errors import DataError
 from .generate import generate
 from .io import output_owner, write_text_atomic
 from .plot import plot_runs
+from .progress import progress_bar
 from .size import count_parameters, model_size_bits
 from .tokenizer import eos_id
 from .train import TrainConfig, train
@@ -143,7 +144,6 @@ def _train_one(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train_parallel(configs: dict[str, TrainConfig], progress: bool) -> dict[str, dict[str, Any]]:
     """Both runs at once in spawned processes; one progress bar follows their metrics files."""
-    from .progress import progress_bar
 
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
     with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool:

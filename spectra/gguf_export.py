@@ -9,7 +9,7 @@ scale) and the export warns, naming the matrix and the reason. The block quantiz
 package's (gguf.quants), applied to trits * scale, which it recovers exactly (d = max|block| = scale).
 
 llama.cpp applies RoPE to interleaved pairs where Hugging Face LLaMA uses the rotate-half layout, so the
-rows of q_proj and k_proj are permuted within each head, as llama.cpp's own converter does.
+rows of the query and key projections are permuted within each head, as llama.cpp's own converter does.
 See docs/formats.md for the full mapping.
 """
 
@@ -87,7 +87,7 @@ def fallback_message(fallbacks: dict[str, str], qtype: str) -> str:
 
 
 def permute_for_llama_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Rows of q/k_proj from the rotate-half RoPE layout to llama.cpp's interleaved pairs, per head."""
+    """Rows of the query/key projections from the rotate-half RoPE layout to llama.cpp's interleaved pairs, per head."""
     out, cols = weight.shape
     return weight.reshape(num_heads, 2, out // num_heads // 2, cols).transpose(1, 2).reshape(out, cols)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .block import FUSION_GROUPS, is_block_linear, linears_of
+from .block import FUSION_GROUPS, GATE_UP, QKV, is_block_linear, linears_of
 from .config import ModelConfig
 from .errors import ConfigError
 from .kernels.attention import cached_step_attention, uses_decode_kernel
@@ -111,7 +111,7 @@ class Attention(nn.Module):
                 pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for y in group_outputs(self, "qkv_proj", x))
+                   for y in group_outputs(self, QKV, x))
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
             # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
             y = cached_step_attention(q, k, v, cos, sin, self.cache.k, self.cache.v, pos)
@@ -131,7 +131,7 @@ class MLP(nn.Module):
         add_block_linears(self, "mlp", cfg)  # gate, up, down (spectra.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = group_outputs(self, "gate_up_proj", x)
+        gate, up = group_outputs(self, GATE_UP, x)
         if fused_pointwise_applies(gate):
             return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
@@ -227,7 +227,7 @@ class SpectraLM(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> int:
-        """Inference only: replace q/k/v by one ``qkv_proj`` and gate/up by one ``gate_up_proj`` per block.
+        """Inference only: replace each block's layers that read the same input (q/k/v, gate/up) by one layer.
 
         One matrix product instead of three (two) per block, on a wider matrix: fewer kernel launches in
         decoding, and the packed kernels run the shapes they are tuned for. Rows are concatenated exactly

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .block import is_block_linear
-from .config import TRAINABLE_KINDS, ModelConfig
+from .config import TRAINABLE_KINDS, ModelConfig, get_config
 from .errors import ConfigError, DeviceError
 from .linear import FloatLinear, TernaryLinear
 from .ternary import COLUMN_PARALLEL
@@ -136,7 +136,6 @@ def tensor_parallel_overrides(preset: str, kind: str, overrides: dict, tp: int) 
     """
     if tp == 1 or "model_parallel_size" in overrides:
         return overrides
-    from .config import get_config
 
     config = config_for_tensor_parallel(get_config(preset, weight_kind=kind, **overrides), tp)
     return {**overrides, "model_parallel_size": config.model_parallel_size}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import save_figure
+from .train.loop import read_metrics
 
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -33,7 +34,6 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    from .train.loop import read_metrics
 
     if not runs:
         raise DataError("no runs to plot; pass one or more run directories written by `spectra train`")

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checkpoint import load_model
+from ..eval.analysis import (
+    HISTOGRAM_BINS,
+    HISTOGRAM_RANGE,
+    analyze_weights,
+    mean_entropy,
+    plot_weight_stats,
+    stats_table,
+)
+from ..eval.results import write_json
 from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, parse_dtype, parse_int_list
 
 
@@ -30,16 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_weights(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..checkpoint import load_model
-    from ..eval.analysis import (
-        HISTOGRAM_BINS,
-        HISTOGRAM_RANGE,
-        analyze_weights,
-        mean_entropy,
-        plot_weight_stats,
-        stats_table,
-    )
-    from ..eval.results import write_json
 
     apply_threads(args)
     bins = parse_int_list(args.bins, "--bins", minimum=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..eval.plots import collect_results, comparable_metrics, metric_filename, plot_comparison
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="plot metrics vs parameters and size in bits per model family",
@@ -21,8 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.plots import collect_results, comparable_metrics, metric_filename, plot_comparison
-
     entries = collect_results(args.results)
     metrics = args.metric or comparable_metrics(entries)
     print(f"{len(entries)} models: " + ", ".join(f"{e['model']['name']} ({e['model']['family']}, "

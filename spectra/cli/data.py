@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..data import DEFAULT_SHARD_TOKENS, prepare_data
+from ..demo import shakespeare_corpus
+from ..finetune.plays import write_instructions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,9 +47,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_instructions(args: argparse.Namespace) -> int:
-    from ..demo import shakespeare_corpus
-    from ..finetune.plays import write_instructions
-
     count = write_instructions(args.corpus or shakespeare_corpus(), args.out, args.count, force=args.force)
     print(f"{args.out}: {count} prompt/response pairs")
     return 0

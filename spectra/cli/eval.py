@@ -7,6 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_model
+from ..errors import ConfigError
+from ..eval.perplexity import load_eval_tokens, perplexity
+from ..eval.results import RESULTS_FORMAT, describe_model, result_record, write_json
+from ..io import check_output, json_recognizer
+from ..tokenizer import load_tokenizer
 from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
 
 
@@ -62,8 +68,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse a bad --out before the (long) evaluation runs."""
-    from ..eval.results import RESULTS_FORMAT
-    from ..io import check_output, json_recognizer
 
     if args.out:
         check_output(args.out, "eval", force=args.force, kind="file", sources=[args.checkpoint],
@@ -71,19 +75,12 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def _emit(record: dict[str, Any], args: argparse.Namespace) -> None:
-    from ..eval.results import write_json
-
     if args.out:
         write_json(record, args.out, force=args.force)
     print(json.dumps(record, indent=2, default=str))
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
-    from ..eval.perplexity import load_eval_tokens, perplexity
-    from ..eval.results import describe_model, result_record
-    from ..tokenizer import load_tokenizer
-
     apply_threads(args)
     _check_out(args)
     model = load_model(args.checkpoint, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
@@ -99,9 +96,6 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..eval.results import describe_model, result_record
-
     try:
         from ..eval.harness import PAPER_TASKS, SpectraEvalLM, evaluate_tasks, flatten_metrics
     except ImportError as err:

@@ -8,6 +8,7 @@ import dataclasses
 from ..errors import ConfigError
 from ..finetune import FinetuneConfig, FinetuneResult, finetune
 from ..lora import ALL_TARGETS, LoRAConfig
+from ..train import TrainConfig
 
 S = argparse.SUPPRESS  # unset flags stay absent: a resumed run keeps its saved values
 
@@ -43,7 +44,6 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_options(args: argparse.Namespace) -> dict:
-    from ..train import TrainConfig
     return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "model"}
 
 

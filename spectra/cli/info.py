@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..block import is_block_linear_tensor
 from ..checkpoint import checked_config, stored_tensor_bytes
 from ..config import ModelConfig, get_config
 from ..size import KIND_BITS, count_parameters, size_in_bits
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def stored_linear_bits(path: Path, config: ModelConfig) -> dict[str, float]:
     """Bytes actually stored for the block linear layers vs the rest, from the safetensors headers."""
     sizes = stored_tensor_bytes(path)
-    linear_bytes = sum(n for name, n in sizes.items() if "_proj." in name)
+    linear_bytes = sum(n for name, n in sizes.items() if is_block_linear_tensor(name))
     other_bytes = sum(sizes.values()) - linear_bytes
     linear_params = count_parameters(config).linear
     return {"linear_bytes": linear_bytes, "other_bytes": other_bytes,

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
+from ..eval.plots import plot_scaling_law
+from ..eval.results import write_json
+from ..eval.scaling import fit_scaling_law, get_law, parse_count, read_points
+from ..io import check_output, json_recognizer
 from .common import add_force
 
 
@@ -52,11 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from ..eval.plots import plot_scaling_law
-    from ..eval.results import write_json
-    from ..eval.scaling import fit_scaling_law, parse_count, read_points
-    from ..io import check_output, json_recognizer
-
     LAW_FILE = json_recognizer(lambda d: "law" in d)
 
     if args.out:  # refused before the fit, not after it
@@ -83,9 +83,6 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..eval.scaling import get_law, parse_count
-
     law = get_law(args.law)
     if not args.flops and not (args.params and args.tokens):
         raise ConfigError("give --params and --tokens (a loss prediction) and/or --flops (compute-optimal N, D)")
@@ -113,9 +110,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from ..eval.plots import plot_scaling_law
-    from ..eval.scaling import get_law, read_points
-
     law = get_law(args.law)
     points = read_points(args.points) if args.points else None
     print(f"plot written to {plot_scaling_law(law, args.out, points=points, force=args.force)}")

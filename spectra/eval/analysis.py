@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..io import save_figure
+from ..progress import progress_bar
 from ..ternary import ternarize
 
 DEFAULT_ENTROPY_BINS = (4, 16, 64, 256, 1024)
@@ -89,7 +91,6 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
 def analyze_weights(model: torch.nn.Module, entropy_bins: tuple[int, ...] = DEFAULT_ENTROPY_BINS,
                     progress: bool = False) -> list[LayerStats]:
     """Statistics of every linear layer of `model`, in model order."""
-    from ..progress import progress_bar
 
     layers = model.linear_layers()
     return [layer_stats(name, module, tuple(entropy_bins))
@@ -120,7 +121,6 @@ def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, for
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import save_figure
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     edges = np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1)

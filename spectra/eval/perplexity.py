@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import INDEX_FILE, read_tokens
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
+from ..tokenizer import eos_id
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 PROTOCOLS = ("sliding", "llama.cpp")
@@ -166,10 +168,6 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
 
 def _prepared_tokens(path: Path, split: str | None) -> torch.Tensor | None:
     """Tokens of a directory of prepared shards (spectra.data owns that format), else None."""
-    try:
-        from ..data import INDEX_FILE, read_tokens
-    except ImportError:  # the pretraining data module is optional for evaluation
-        return None
     if not (path / INDEX_FILE).is_file():
         return None
     return torch.from_numpy(read_tokens(path, split).astype(np.int64)).reshape(-1)
@@ -200,7 +198,6 @@ def _read_documents(path: Path) -> list[str]:
 def _tokenize_documents(docs: list[str], tokenizer, path: Path) -> torch.Tensor:
     if tokenizer is None:
         raise DataError(f"{path} is text but no tokenizer was given; use a checkpoint that has tokenizer.json")
-    from ..tokenizer import eos_id
 
     sep = eos_id(tokenizer)
     ids: list[int] = []

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError, SpectraWarning
+from ..progress import progress_bar
 
 PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
 
@@ -313,8 +314,6 @@ def fit_scaling_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float
 
 
 def _bootstrap(log_n, log_d, log_l, delta, theta, rounds: int, seed: int, progress: bool) -> dict:
-    from ..progress import progress_bar
-
     rng = np.random.default_rng(seed)
     # Resamples start from the full fit and two far-off points: the full grid per resample buys nothing.
     inits = [theta, np.array([0.0, 3.0, -1.0, 0.25, 0.75]), np.array([3.0, 0.0, 0.5, 0.75, 0.25])]

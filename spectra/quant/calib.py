@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import TokenDataset, tokenizer_fingerprint
 from ..errors import DataError
+from ..eval.perplexity import load_eval_tokens
 
 
 def calibration_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -46,14 +48,11 @@ def calibration_tokens(source: str | Path, tokenizer, samples: int = 128, seq_le
     source = Path(source)
     if source.is_dir() and (source / "index.json").is_file():
         return _windows(_shards(source, tokenizer, split), samples, seq_len, seed)
-    from ..eval.perplexity import load_eval_tokens
 
     return calibration_windows(load_eval_tokens(source, tokenizer), samples, seq_len, seed)
 
 
 def _shards(path: Path, tokenizer, split: str) -> list[np.ndarray]:
-    from ..data import TokenDataset, tokenizer_fingerprint
-
     dataset = TokenDataset(path)
     expected = dataset.index.get("tokenizer_sha256")
     if tokenizer is not None and expected and tokenizer_fingerprint(tokenizer) != expected:

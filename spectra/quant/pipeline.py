@@ -3,7 +3,7 @@
 Calibration sequences are embedded once; each transformer block then sees the outputs of the blocks before
 it *after* they were quantized, so every layer corrects for the error already made upstream. Within a block
 the layers go in four steps (q/k/v, o, gate/up, down), re-running the block before each step so that, e.g.,
-o_proj's Hessian is built from the outputs of the already quantized q/k/v projections.
+the output projection's Hessian is built from the outputs of the already quantized q/k/v projections.
 """
 
 from __future__ import annotations
