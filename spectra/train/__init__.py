@@ -16,10 +16,10 @@ from .loop import (
     build_optimizer,
     evaluate,
     is_main_process,
-    read_metrics,
     train,
     train_step,
 )
+from .rundir import read_metrics
 from .schedule import Schedule, SchedulePhase, spectra_phases
 from .state import list_checkpoints, load_training_state, resolve_resume, save_training_state
 
