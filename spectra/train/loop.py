@@ -20,18 +20,20 @@ import torch
 
 from ..checkpoint import resolve_device, save_checkpoint
 from ..data import TokenDataset
-from ..distributed import gather_model, load_training_checkpoint, save_training_checkpoint
-from ..errors import DeviceError, TrainingError
-from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
-from ..model import SpectraLM
-from ..parallel import (
+from ..distributed import (
     ParallelContext,
     RankShardedLoader,
     barrier,
+    gather_model,
     init_parallel,
+    load_training_checkpoint,
     parallelize,
+    save_training_checkpoint,
     tensor_parallel_overrides,
 )
+from ..errors import DeviceError, TrainingError
+from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
+from ..model import SpectraLM
 from ..progress import progress_bar
 from .config import TrainConfig
 from .rundir import (

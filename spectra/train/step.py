@@ -1,7 +1,7 @@
 """What one training step needs, each its own function: the model, its optimizer, the loaders, the loss of a batch
 (and fine-tuning's `Objective`), the step itself and evaluation on fixed batches.
 
-Distributed training wraps the model (`spectra.distributed.parallelize`) and shards the batches around these
+Distributed training wraps the model (`spectra.distributed.plans`) and shards the batches around these
 functions without changing them; the trainer (spectra.train.loop) calls them in order.
 """
 
@@ -19,9 +19,9 @@ import torch.nn as nn
 from ..checkpoint import load_checkpoint
 from ..config import get_config
 from ..data import TokenDataset, WindowLoader
+from ..distributed import ParallelContext, clip_grad_norm_, mean_over_data_parallel
 from ..errors import ConfigError
 from ..model import SpectraLM
-from ..parallel import ParallelContext, clip_grad_norm_, mean_over_data_parallel
 from .config import TrainConfig
 from .schedule import Schedule
 
