@@ -92,6 +92,11 @@ def _rank_device(device: str | None, local_rank: int) -> torch.device:
     return torch.device(kind)
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or a plain single process): the one that logs, shows progress and writes checkpoints."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def shutdown_parallel(ctx: ParallelContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

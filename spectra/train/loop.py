@@ -26,6 +26,7 @@ from ..distributed import (
     barrier,
     gather_model,
     init_parallel,
+    is_main_process,
     load_training_checkpoint,
     parallelize,
     save_training_checkpoint,
@@ -64,12 +65,6 @@ from .step import Objective, build_loaders, build_model, build_optimizer, check_
 
 MAX_CONSECUTIVE_SKIPS = 10
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or a plain single process): the one that logs, shows progress and writes checkpoints."""
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @dataclass
