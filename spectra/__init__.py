@@ -8,6 +8,7 @@ from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .config import PRESETS, SUITE, ModelConfig, get_config
 from .data import TokenDataset, WindowLoader, prepare_data
 from .demo import run_demo
+from .distributed import init_parallel, parallelize
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -33,7 +34,6 @@ from .linear import (
 from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from .model import SpectraLM
 from .packed import PackedTernaryLinear, pack_checkpoint, pack_model
-from .parallel import init_parallel, parallelize
 from .plot import plot_runs
 from .quant import QuantConfig, QuantLinear, quantize_model
 from .size import count_parameters, model_size_bits, size_in_bits

@@ -136,8 +136,8 @@ def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0,
     """scale * round(clamp(W/scale, -1, 1)) in `out_dtype` (default: W's), gradients passed straight to W."""
     out_dtype = out_dtype or weight.dtype
     if hasattr(weight, "device_mesh"):
-        # A tensor-parallel DTensor: each rank ternarizes its own shard with its own scale (spectra.parallel).
-        from .parallel import sharded_ternary_weight_ste
+        # A tensor-parallel DTensor: each rank ternarizes its own shard with its own scale (spectra.distributed).
+        from .distributed.plans import sharded_ternary_weight_ste
         return sharded_ternary_weight_ste(weight, parts, axis, out_dtype)
     return _TernarySTE.apply(weight, parts, axis, out_dtype)
 

@@ -33,7 +33,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    from .train.loop import read_metrics
+    from .train.rundir import read_metrics
 
     if not runs:
         raise DataError("no runs to plot; pass one or more run directories written by `spectra train`")

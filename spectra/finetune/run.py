@@ -37,8 +37,8 @@ from ..model import SpectraLM
 from ..packed import PACKED_KINDS, pack_model, ternary_values
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
-from ..train.loop import Objective, build_loaders, check_compatible, evaluate
 from ..train.state import CHECKPOINTS_DIR, read_training_meta, resolve_resume
+from ..train.step import Objective, build_loaders, check_compatible, evaluate
 from .convert import DistillationLoss, phase_at, phase_in, set_phase
 from .data import ChatFormat, FinetuneDataset
 
