@@ -25,8 +25,7 @@ import torch
 
 from spectra import SpectraLM, count_parameters, get_config
 from spectra.checkpoint import load_checkpoint
-from spectra.distributed import save_training_checkpoint
-from spectra.parallel import (
+from spectra.distributed import (
     ParallelContext,
     barrier,
     clip_grad_norm_,
@@ -35,6 +34,7 @@ from spectra.parallel import (
     local_batch,
     mean_over_data_parallel,
     parallelize,
+    save_training_checkpoint,
 )
 
 # Dense bf16 tensor-core peaks (SXM parts), FLOP/s.

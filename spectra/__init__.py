@@ -20,6 +20,7 @@ from .convert import (
 )
 from .data import TokenDataset, WindowLoader, prepare_data
 from .demo import run_demo
+from .distributed import init_parallel, parallelize
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -38,7 +39,6 @@ from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from .model import SpectraLM
 from .packed import PackedTernaryLinear
-from .parallel import init_parallel, parallelize
 from .plot import plot_runs
 from .quant import QuantConfig, QuantLinear
 from .size import count_parameters, model_size_bits, size_in_bits

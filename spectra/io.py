@@ -68,7 +68,16 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 
 
+def _named(path: str | Path) -> Path:
+    """`path` made absolute and normal, so that it has a name to derive siblings from ('.' and 'a/..' do not)."""
+    normal = Path(os.path.abspath(path))
+    if not normal.name:
+        raise OutputError(f"{path} is the root of the file system; choose an output path below it")
+    return normal
+
+
 def _sibling(path: Path, kind: str) -> Path:
+    path = _named(path)
     return path.with_name(f".{path.name}.spectra-{kind}-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:6]}")
 
 
@@ -157,7 +166,7 @@ def recover(path: str | Path) -> list[Path]:
 
     Only siblings whose writer (pid@host in the name) is dead on this host are touched; returns them.
     """
-    path = Path(path)
+    path = _named(path)
     if not path.parent.is_dir():
         return []
     stale = []
@@ -450,7 +459,7 @@ def hold_lock(lock: str | Path, what: str) -> Iterator[Path]:
 
 def lock_path(path: str | Path) -> Path:
     """The lock file of output `path`: a hidden sibling, so it survives the output's replacement."""
-    path = Path(path)
+    path = _named(path)
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")
 
 

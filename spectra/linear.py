@@ -58,7 +58,7 @@ def ternary_weight_ste(weight: torch.Tensor, parts: int = 1, axis: int = 0,
     """scale * round(clamp(W/scale, -1, 1)) in `out_dtype` (default: W's), gradients passed straight to W."""
     out_dtype = out_dtype or weight.dtype
     if hasattr(weight, "device_mesh"):
-        # A tensor-parallel DTensor (spectra.parallel): each rank ternarizes its own shard with its own scale.
+        # A tensor-parallel DTensor (spectra.distributed): each rank ternarizes its own shard with its own scale.
         return sharded_ternary_weight_ste(weight, parts, axis, out_dtype)
     return _TernarySTE.apply(weight, parts, axis, out_dtype)
 

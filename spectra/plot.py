@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import save_figure
-from .train.loop import read_metrics
+from .train.rundir import read_metrics
 
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:

@@ -18,18 +18,19 @@ import torch
 
 from spectra import SpectraLM, get_config, ternarize
 from spectra.checkpoint import load_checkpoint
-from spectra.distributed import load_training_checkpoint, save_training_checkpoint
-from spectra.errors import CheckpointError, ConfigError
-from spectra.parallel import (
+from spectra.distributed import (
     ParallelContext,
     check_tensor_parallel,
     clip_grad_norm_,
     config_for_tensor_parallel,
     init_parallel,
+    load_training_checkpoint,
     local_batch,
     mean_over_data_parallel,
     parallelize,
+    save_training_checkpoint,
 )
+from spectra.errors import CheckpointError, ConfigError
 
 STEPS, SAVE_AT, BATCH, SEQ = 6, 3, 4, 24
 LOSS_TOL = 2e-5  # fp32 reduction order (sharded matmuls, all-reduce of gradients) over a few steps

@@ -377,3 +377,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_and_its_stale_lock
     code, err = run_cli(["train", "--data", world["data"], "--out", run, "--steps", "1", *TRAIN], capsys)
     assert code == 0, err
     assert max(r["step"] for r in read_metrics(run)) == 1 and not (run / ".spectra-lock").exists()
+
+
+def test_out_given_as_dot_dotdot_or_root_is_one_line(world, tmp_path, capsys, monkeypatch):
+    # '.' and 'ckpt/..' have no name to derive the lock and staging siblings from; they are refused as the
+    # source's parent, and '/' as the file system's root, before anything is written.
+    _copy_ckpt(world, tmp_path, "proj/ckpt")
+    monkeypatch.chdir(tmp_path / "proj")
+    before = _snapshot(tmp_path)
+    for out in (".", "ckpt/..", "/"):
+        code, err = run_cli(["pack", "ckpt", "--format", "tq1", "--out", out], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (out, err)
+    assert _snapshot(tmp_path) == before

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from ..checkpoint import write_checkpoint_files
 from ..errors import CheckpointError
-from ..parallel import ParallelContext, barrier
+from ..io import atomic_dir, check_output
+from ..model import SpectraLM
+from .mesh import ParallelContext, barrier
 
 # --- mesh-independent state: full (unsharded) tensors keyed by parameter name -----------------------
 
@@ -68,8 +73,6 @@ def gather_model(model: nn.Module, ctx: ParallelContext) -> nn.Module | None:
 
     Save it with :func:`spectra.save_checkpoint` (the core format, loadable anywhere) or evaluate it.
     """
-    from ..model import SpectraLM
-
     state = full_model_state(model, ctx)
     if not ctx.is_main:
         return None
@@ -120,12 +123,6 @@ def save_training_checkpoint(path: str | Path, model: nn.Module, optimizer: torc
     ``model::<name>``, ``optim::<name>::<slot>``, plus rank 0's `extra_tensors`, e.g. ``rng::`` states).
     The directory appears in one rename, so a crash leaves no half-write.
     """
-    from safetensors.torch import save_file
-
-    from ..checkpoint import write_checkpoint_files
-    from ..io import atomic_dir, check_output
-    from ..model import SpectraLM
-
     path = Path(path)
     model_state = full_model_state(model, ctx)
     optim_state = full_optimizer_state(model, optimizer, ctx) if optimizer is not None else {}
@@ -185,9 +182,6 @@ def _read_meta(path: Path) -> dict:
 
 
 def _read_train_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path / TRAIN_STATE_FILE))
     except (SafetensorError, OSError) as err:

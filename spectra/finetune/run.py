@@ -39,8 +39,8 @@ from ..packed import ternary_values
 from ..ternary import detect_ternary, latent_from_ternary
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
-from ..train.loop import Objective, build_loaders, check_compatible, evaluate
 from ..train.state import CHECKPOINTS_DIR, read_training_meta, resolve_resume
+from ..train.step import Objective, build_loaders, check_compatible, evaluate
 from .convert import DistillationLoss, phase_at, phase_in, set_phase
 from .data import ChatFormat, FinetuneDataset
 

@@ -66,7 +66,7 @@ class TrainConfig:
     export_dir: str | None = None               # also save the final model here (plain checkpoint + tokenizer)
     progress: bool = True                       # tqdm progress bar
     threads: int | None = None                  # torch CPU threads (None: torch's default)
-    dp: int = 1                                 # data-parallel ranks under torchrun (spectra.parallel)
+    dp: int = 1                                 # data-parallel ranks under torchrun (spectra.distributed)
     tp: int = 1                                 # tensor-parallel ranks; a TriLM gets one scale per shard
     dp_mode: str = "fsdp"                       # data parallelism: "fsdp" (FSDP2) or "ddp"
 

@@ -1,8 +1,10 @@
-"""Distributed pretraining on torchrun: data parallel (FSDP2 or DDP) and tensor parallel, applied from outside.
+"""Parallelism plans, applied to a model from outside: data parallel (FSDP2 or DDP) and tensor parallel.
 
-Everything here is PyTorch's own engine (torchtitan style): a 2-D :class:`DeviceMesh` ("dp", "tp"), DTensor
-tensor-parallel plans (``parallelize_module`` with ColwiseParallel for q/k/v/gate/up and RowwiseParallel for
-o/down), FSDP2 ``fully_shard`` or DDP on the "dp" dimension. The model code never learns about the mesh.
+Everything here is PyTorch's own engine (torchtitan's ``parallelize.py``): DTensor tensor-parallel plans
+(``parallelize_module`` with ColwiseParallel for q/k/v/gate/up and RowwiseParallel for o/down), FSDP2
+``fully_shard`` or DDP on the "dp" dimension, and the compile wrap, each an ``apply_*`` function that
+:func:`parallelize` calls in order. The mesh and process group come from :mod:`spectra.distributed.mesh`; the
+model code never learns about the mesh.
 
 Ternary semantics under sharding (arXiv 2407.12327, Sec. 2): with tensor-parallel size P each rank ternarizes
 its own shard with its own mean|W| and no all-reduce of the scale, which is exactly what a single-process
@@ -13,106 +15,18 @@ logical shards), never a partial FSDP shard.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .block import is_block_linear
-from .config import TRAINABLE_KINDS, ModelConfig, get_config
-from .errors import ConfigError, DeviceError
-from .linear import FloatLinear, TernaryLinear
-from .ternary import COLUMN_PARALLEL
+from ..block import is_block_linear
+from ..config import TRAINABLE_KINDS, ModelConfig, get_config
+from ..errors import ConfigError, DeviceError
+from ..linear import FloatLinear, TernaryLinear
+from ..ternary import COLUMN_PARALLEL
+from .mesh import ParallelContext
 
 DP_MODES = ("fsdp", "ddp")
-
-
-# --- process group and mesh -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParallelContext:
-    """Where this process sits: ranks, device and the ("dp", "tp") mesh (None in a plain single process)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    dp: int
-    tp: int
-    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 logs, writes checkpoints and shows the progress bar."""
-        return self.rank == 0
-
-    @property
-    def dp_rank(self) -> int:
-        """Index of this rank's data shard (ranks of one tensor-parallel group read the same rows)."""
-        return self.rank // self.tp
-
-    @property
-    def distributed(self) -> bool:
-        return self.mesh is not None
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init_parallel(dp: int = 1, tp: int = 1, backend: str | None = None, device: str | None = None,
-                  timeout_s: float = 600.0) -> ParallelContext:
-    """Join the torchrun process group and build the ("dp", "tp") mesh; dp * tp must equal the world size.
-
-    Without torchrun and with dp = tp = 1 this returns a single-process context and starts nothing.
-    `backend` defaults to nccl on CUDA and gloo on CPU; each rank takes the GPU of its LOCAL_RANK.
-    """
-    _check_positive(dp=dp, tp=tp)
-    if not launched_by_torchrun():
-        if dp * tp != 1:
-            raise ConfigError(f"--dp {dp} --tp {tp} needs {dp * tp} processes; launch with "
-                              f"`torchrun --nproc-per-node {dp * tp} -m spectra train ...`")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return ParallelContext(0, 1, 0, dev, 1, 1, None)
-    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if dp * tp != world:
-        raise ConfigError(f"--dp {dp} x --tp {tp} = {dp * tp} ranks, but torchrun started {world} processes; "
-                          f"make --nproc-per-node (times nodes) equal dp * tp")
-    dev = _rank_device(device, local_rank)
-    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelContext(rank, world, local_rank, dev, dp, tp, mesh)
-
-
-def _rank_device(device: str | None, local_rank: int) -> torch.device:
-    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("CUDA was requested but no CUDA GPU is available; use --device cpu (gloo)")
-        if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                              f"start at most that many processes per node")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(kind)
-
-
-def shutdown_parallel(ctx: ParallelContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _check_positive(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -136,7 +50,6 @@ def tensor_parallel_overrides(preset: str, kind: str, overrides: dict, tp: int) 
     """
     if tp == 1 or "model_parallel_size" in overrides:
         return overrides
-
     config = config_for_tensor_parallel(get_config(preset, weight_kind=kind, **overrides), tp)
     return {**overrides, "model_parallel_size": config.model_parallel_size}
 
@@ -264,89 +177,3 @@ def _check_same_weights(model: nn.Module, ctx: ParallelContext) -> None:
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise ConfigError("ranks hold different initial weights; seed every rank identically "
                           "(torch.manual_seed) or load the same checkpoint before parallelize()")
-
-
-# --- data and metrics -----------------------------------------------------------------------------
-
-def local_batch(batch: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's rows of a global batch that every rank draws identically (same seed, same position).
-
-    Drawing the global batch everywhere keeps the sample order, and hence the losses and the resume
-    position, independent of the mesh; ranks of one tensor-parallel group share their rows.
-    """
-    if ctx.dp == 1:
-        return batch
-    if batch.shape[0] % ctx.dp:
-        raise ConfigError(f"global batch of {batch.shape[0]} sequences does not split over --dp {ctx.dp}; "
-                          f"use a batch size divisible by {ctx.dp}")
-    rows = batch.shape[0] // ctx.dp
-    return batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
-
-
-class RankShardedLoader:
-    """Wraps a loader whose ``next_batch()`` gives global (inputs, targets): yields this rank's rows.
-
-    The position (``state_dict``) is the wrapped loader's, identical on every rank and every mesh.
-    """
-
-    def __init__(self, loader, ctx: ParallelContext) -> None:
-        self.loader, self.ctx = loader, ctx
-
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        return tuple(local_batch(t, self.ctx) for t in self.loader.next_batch())
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
-def mean_over_data_parallel(value: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """The global-batch mean of a per-rank mean (for reporting; gradients are already averaged)."""
-    if ctx.dp == 1:
-        return value.detach()
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.mesh["dp"].get_group())
-    return out / ctx.dp
-
-
-def barrier(ctx: ParallelContext) -> None:
-    if ctx.distributed:
-        dist.barrier()
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the global gradient, whatever mix of shards the ranks hold.
-
-    Each rank adds the squares of its local gradient elements, divided by how many ranks hold the same
-    elements (replicated tensors, replicated mesh dimensions), and one all-reduce gives the global norm.
-    Gradients are never Partial here: FSDP2 reduce-scatters them and TP plans give them the parameter's
-    placement.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not ctx.distributed:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    from torch.distributed.tensor import DTensor, Replicate
-
-    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    locals_ = []
-    for p in params:
-        grad, replicas = p.grad, ctx.world_size
-        if isinstance(grad, DTensor):
-            shards = 1
-            for mesh_dim, placement in enumerate(grad.placements):
-                if not isinstance(placement, Replicate):
-                    shards *= grad.device_mesh.size(mesh_dim)
-            replicas = ctx.world_size // shards
-            grad = grad.to_local()
-        locals_.append(grad)
-        total += grad.detach().double().pow(2).sum() / replicas
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    norm = total.sqrt().float()
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    with torch.no_grad():
-        for grad in locals_:
-            grad.mul_(coef.to(grad.dtype))
-    return norm
-
