@@ -70,6 +70,22 @@ def add_threads_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                         help="torch CPU threads (default: one per core); on a loaded machine fewer can be much faster")
 
 
+def add_loop_flags(group: argparse._ArgumentGroup) -> None:
+    """The training-loop flags `spectra train`, `finetune` and `convert` share. Unset flags stay absent
+    (argparse.SUPPRESS), so a resumed run keeps its saved values."""
+    unset = argparse.SUPPRESS
+    group.add_argument("--eval-every", type=int, default=unset, help="steps between held-out losses (default 100)")
+    group.add_argument("--eval-batches", type=int, default=unset, help="held-out batches per evaluation (default 20)")
+    group.add_argument("--save-every", type=int, default=unset, help="steps between checkpoints (default 500)")
+    group.add_argument("--log-every", type=int, default=unset, help="steps between metrics records (default 10)")
+    group.add_argument("--seed", type=int, default=unset)
+    group.add_argument("--device", default=unset, help="cpu or cuda (default: cuda when available)")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=unset,
+                       help="auto (default): bf16 autocast on GPU, fp32 on CPU")
+    add_threads_option(group, default=unset)
+    group.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bar")
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's CPU thread count from `--threads`, when given."""
     threads = getattr(args, "threads", None)

@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..finetune import FinetuneConfig, FinetuneResult, finetune
 from ..lora import ALL_TARGETS, LoRAConfig
 from ..train import TrainConfig
+from .common import add_loop_flags
 
 S = argparse.SUPPRESS  # unset flags stay absent: a resumed run keeps its saved values
 
@@ -28,15 +29,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=S, help="LR warm-up (default 5%% of the steps)")
     g.add_argument("--decay", choices=("cosine", "linear", "constant"), default=S, help="LR decay (default cosine)")
     g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default 0.1; LoRA 0)")
-    g.add_argument("--eval-every", type=int, default=S, help="steps between held-out losses (default 100)")
-    g.add_argument("--eval-batches", type=int, default=S, help="held-out batches per evaluation (default 20)")
-    g.add_argument("--save-every", type=int, default=S, help="steps between checkpoints (default 500)")
-    g.add_argument("--log-every", type=int, default=S, help="steps between metrics records (default 10)")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--device", default=S, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S)
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    add_loop_flags(g)
     g.add_argument("--val-data", default=None, help="held-out examples (default: every k-th example of --data)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data (default 0.1)")
     g.add_argument("--no-chat-template", dest="chat_template", action="store_false",

@@ -7,7 +7,7 @@ import argparse
 from ..errors import ConfigError
 from ..train import TrainConfig, train
 from ..train.loop import is_main_process
-from .common import add_threads_option
+from .common import add_loop_flags
 
 S = argparse.SUPPRESS  # unset flags stay absent, so a resumed run keeps its saved values
 
@@ -51,23 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--wd-off-at", type=_fraction_or_none, default=S,
                    help="fraction of training where weight decay stops (default 0.667; 'none' disables)")
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--eval-every", type=int, default=S, help="steps between validation losses (default 100)")
-    g.add_argument("--eval-batches", type=int, default=S, help="validation batches per evaluation (default 20)")
-    g.add_argument("--save-every", type=int, default=S, help="steps between checkpoints (default 500)")
     g.add_argument("--keep-last", type=int, default=S, help="checkpoints kept (default 3)")
-    g.add_argument("--log-every", type=int, default=S, help="steps between metrics records (default 10)")
     g.add_argument("--export", dest="export_dir", default=S, help="also save the final model here")
     g.add_argument("--force", action="store_true", help="write a new run into a non-empty directory that is not a "
                    "run, and replace an --export path that is not an earlier export")
     g = p.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--device", default=S, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S,
-                   help="auto (default): bf16 autocast on GPU, fp32 on CPU")
+    add_loop_flags(g)
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--on-nan", choices=("stop", "skip"), default=S, help="non-finite loss: stop (default) or skip")
-    add_threads_option(g, default=S)
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     g = p.add_argument_group("parallelism (launch with `torchrun --nproc-per-node DP*TP -m spectra train ...`)")
     g.add_argument("--dp", type=int, default=S, help="data-parallel ranks (default 1); --batch-size is split over them")
     g.add_argument("--tp", type=int, default=S, help="tensor-parallel ranks (default 1); a TriLM keeps one scale "
