@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--reps", type=int, default=200, help="launches per timed CUDA graph")
     g.add_argument("--trials", type=int, default=5, help="timed replays; the median is reported")
+    g.add_argument("--eager", action="store_true",
+                   help="also time the same calls launched eagerly (no CUDA graph) and report the host time "
+                        "per call (eager - graph)")
     g.set_defaults(func=run_gemm)
     d = sub.add_parser("decode", help="CUDA-graph decode steps/s, packed vs fp16, random weights")
     d.add_argument("--models", default="3.9b,70b-slice")
@@ -69,10 +72,10 @@ def run_gemm(args: argparse.Namespace) -> int:
     print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s "
           f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")
     for shapes in args.shapes.split(","):
-        print(bench.format_gemm_header(fmts))
+        print(bench.format_gemm_header(fmts, args.eager))
         bench.bench_gemm(shapes, ms, fmts,
                          torch.float16 if args.dtype == "float16" else torch.bfloat16, reps=args.reps,
-                         trials=args.trials, log=print)
+                         trials=args.trials, log=print, eager=args.eager)
     return 0
 
 
