@@ -41,7 +41,8 @@ _lock = threading.Lock()
 class KernelConfig:
     # "tc": tensor-core kernel on packed weights, one program per output tile (times split-k);
     # "sk": the same product as a persistent stream-K launch (the GEMM regime, large m);
-    # "dequant": decode the whole weight, then cuBLAS.
+    # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon kernel (m <= 16; block_m and
+    # split only, see gluon_launch).
     kind: str = "tc"
     block_m: int = 16
     block_n: int = 64
@@ -400,8 +401,25 @@ def dequantize(packed: torch.Tensor, fmt: str, in_features: int, scales: torch.T
     return out
 
 
+def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device: torch.device) -> KernelConfig:
+    """`cfg`, or where it names the Gluon kernel and that cannot run here, the portable kernel's heuristic."""
+    if cfg.kind != "gluon":
+        return cfg
+    from . import gluon_launch
+
+    if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16):
+        return cfg
+    return heuristic_config(n, k, m, fmt, num_sms(device) if device.type == "cuda" else 4)
+
+
 def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
+    if cfg.kind == "gluon":
+        from . import gluon_launch
+
+        if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
+            return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split)
+        cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)
     if cfg.kind == "dequant":
         w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)
         return torch.matmul(x2, w.t())
@@ -450,6 +468,8 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
 def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
+    if cfg.kind == "gluon":
+        return f"gluon BM {cfg.block_m} split {cfg.split}"
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
 

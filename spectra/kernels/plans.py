@@ -69,6 +69,15 @@ class Launch:
         self.slots = tuple(fn.arg_names.index(name) for name in slots)
         self.compiled = None
 
+    def compile(self, *tensors: torch.Tensor) -> None:
+        """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        compiled = self.fn.warmup(*args, grid=self.grid, **self.options)
+        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.compiled = compiled
+
     def __call__(self, *tensors: torch.Tensor) -> None:
         args = list(self.args)
         for i, t in zip(self.slots, tensors):
@@ -153,6 +162,42 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
     return dense
 
 
+def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
+    """The Gluon kernel's launch, compiled now; None (after gluon_launch's one warning) where it cannot run."""
+    from . import gluon_launch
+
+    if not gluon_launch.usable(x.device, plan.m, x.dtype):
+        return None
+    if (x.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15:
+        return None  # compiled for 16-byte aligned pointers; rare: this signature runs the portable kernel
+    from .tq_gluon import tq_gemv_gluon_kernel
+
+    stride_xm = plan.stride_xm
+    if mode == 2:
+        import triton
+
+        from .tq_triton import tq_scale_columns_kernel
+
+        bk = 1024
+        plan.pre = Launch(tq_scale_columns_kernel, (plan.m, triton.cdiv(plan.k, bk), 1),
+                          dict(M=plan.m, K=plan.k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
+                          ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
+        stride_xm = plan.k
+    # stand-ins with the shapes and alignment of the real tensors; the plan keeps no reference to the weights
+    x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
+    y = torch.empty((plan.m, plan.n), dtype=x.dtype, device=x.device)
+    grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y)
+    named.update(stride_xm=stride_xm, x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
+    launch = Launch(tq_gemv_gluon_kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
+    try:
+        launch.compile(x2, packed, scales, y)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: the portable kernel runs instead
+        gluon_launch.disable(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        plan.pre = None
+        return None
+    return launch
+
+
 def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int) -> Plan:
     """Validate, choose the config, and precompute every launch argument of this call signature."""
@@ -179,6 +224,12 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         cfg = dispatch.KernelConfig("dequant")
     else:
         cfg = dispatch.lookup_config(fmt, n, k, m, x.dtype, mode, x.device)
+    if cfg.kind == "gluon":
+        plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan)
+        if plan.main is not None:
+            plan.cfg = cfg
+            return plan
+        cfg = dispatch.portable_config(cfg, fmt, n, k, m, x.device)
     plan.cfg = cfg
     if cfg.kind == "dequant":
         plan.dense = _dense(n, fmt, k, scales.numel(), shard_axis, x.dtype, x.device)

@@ -1,0 +1,134 @@
+"""The Hopper Gluon kernel (spectra/kernels/tq_gluon.py): its fallback to the portable kernel (CPU), and its
+results against an fp32-accumulated reference on an sm_90 GPU (GPU-marked)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from spectra.formats import get_format
+from spectra.kernels import dispatch, gluon_launch, plans, ternary_matmul
+from spectra.linear import expand_scales
+
+
+@pytest.fixture
+def fresh_gluon_state(monkeypatch):
+    monkeypatch.setattr(gluon_launch, "_broken", None)
+    plans.clear_plans()
+    yield
+    plans.clear_plans()
+
+
+def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_state):
+    monkeypatch.setitem(sys.modules, "spectra.kernels.tq_gluon", None)  # "import tq_gluon" raises ImportError
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert not gluon_launch.available()
+        assert not gluon_launch.available()
+        cfg = dispatch.portable_config(dispatch.KernelConfig("gluon", 8, 64, 64, 4), "tq2", 3072, 3072, 1,
+                                       torch.device("cpu"))
+    assert cfg.kind == "tc"
+    assert len([w for w in seen if "Gluon" in str(w.message)]) == 1
+
+
+def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monkeypatch, fresh_gluon_state):
+    # a Triton whose Gluon cannot compile the kernel (API change): the plan runs the portable kernel instead
+    monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: gluon_launch.available())
+    monkeypatch.setattr(dispatch, "lookup_config", lambda *a: dispatch.KernelConfig("gluon", 8, 64, 64, 2))
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 4)
+
+    def broken_compile(self, *tensors):
+        raise RuntimeError("simulated: PassManager::run failed")
+
+    monkeypatch.setattr(plans.Launch, "compile", broken_compile)
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (70, 300), dtype=torch.int8))
+    s = torch.ones(1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for m in (1, 3, 5):  # three plans: the first compile failure disables Gluon, one warning in all
+            plan = plans.get_plan(torch.randn(m, 300, dtype=torch.float16), packed, "tq2", 300, s, 0)
+            assert plan.cfg.kind == "tc" and plan.main.fn.__name__ == "tq_matmul_kernel"
+    msgs = [str(w.message) for w in seen if "Gluon" in str(w.message)]
+    assert len(msgs) == 1 and "simulated" in msgs[0] and "portable" in msgs[0]
+    assert not gluon_launch.available()
+
+
+def test_steps_and_split_respect_the_shared_memory_budget():
+    for q in (16, 624, 768, 2048, 7168):
+        for bm, planes in ((8, 4), (16, 4), (16, 5)):
+            for want in (1, 3, 8):
+                steps, split = gluon_launch.steps_and_split(q, want, bm, planes)
+                assert steps * planes * bm * 64 * 2 <= max(gluon_launch.SMEM_BUDGET, planes * bm * 128)
+                assert steps * 64 * split >= q and steps * 64 * (split - 1) < q  # every split non-empty
+                blocks = -(-q // 64)
+                assert steps <= -(-blocks // min(want, blocks))  # at least the asked split, up to rounding
+
+
+def _reference(x, packed, fmt, k, scales, axis):
+    trits = get_format(fmt).unpack(packed, k).float().cpu()
+    w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
+    return (x.float().cpu() @ w.t()).to(x.device)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and gluon_launch.available()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
+    if not _hopper():
+        pytest.skip("the Gluon kernel needs an sm_90 GPU and a Triton with Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(19)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for n, k in ((1, 16), (37, 77), (130, 999), (1000, 3001), (515, 8192), (3072, 3072)):
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
+        for m in (1, 5, 8, 9, 16):
+            for p, axis in ((1, 0), (3, 0), (2, 1)):
+                if p > (n, k)[axis]:
+                    continue
+                scales = torch.rand(p, device="cuda", generator=gen) + 0.5
+                for bm, split in ((8, 1), (16, 3), (16, 8)):
+                    if m > bm:
+                        continue
+                    x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
+                    ref = _reference(x, packed, fmt, k, scales, axis)
+                    y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    assert err < tol, (n, k, m, p, axis, bm, split, err)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch):
+    if not _hopper():
+        pytest.skip("the Gluon kernel needs an sm_90 GPU and a Triton with Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    n, k = 9216, 3072
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
+    scales = torch.rand(6, device="cuda", generator=gen) + 0.5
+    for _ in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
+        x = torch.randn(16, k, dtype=torch.float16, device="cuda", generator=gen)
+        y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8)
+        assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8))
+        ref = _reference(x, packed, "tq2", k, scales, 0)
+        assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+    # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
+    # column-scaled activations
+    monkeypatch.setattr(dispatch, "lookup_config", lambda *a: dispatch.KernelConfig("gluon", 16, 64, 64, 4))
+    plans.clear_plans()
+    for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4)):
+        s = torch.rand(p, device="cuda", generator=gen) + 0.5
+        for _ in range(2):
+            x = torch.randn(*shape, dtype=torch.float16, device="cuda", generator=gen)
+            if shape[-1] == 2 * k:
+                x = x[:, ::2]
+            y = ternary_matmul(x, packed, "tq2", k, s, axis)
+            ref = _reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
+            assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+    assert any(pl.cfg.kind == "gluon" for pl in plans._plans.values())
+    plans.clear_plans()
