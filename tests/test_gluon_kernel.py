@@ -132,3 +132,28 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
             assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     assert any(pl.cfg.kind == "gluon" for pl in plans._plans.values())
     plans.clear_plans()
+
+
+def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wins():
+    K = dispatch.KernelConfig
+    tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 64, 4), K("gluon", 8, 64, 64, 1)
+    key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
+    wins = dispatch.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, gl_fast: 7e-6, gl_slow: 8e-6})
+    assert wins == {key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl_fast}
+    loses = dispatch.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 6e-6, gl_fast: 7e-6})
+    assert loses == {key: tc}
+
+
+def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_table", None)
+    tc, gl = dispatch.KernelConfig("tc", 16, 64, 64, 4, 4, 3), dispatch.KernelConfig("gluon", 8, 64, 64, 4)
+    key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "Test GPU")
+    dispatch.save_configs({key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl})
+    cuda = torch.device("cuda", 0)  # only compared, never touched: usable() is patched
+    for ok, want in ((True, gl), (False, tc)):
+        monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype, ok=ok: ok)
+        assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 0, cuda) == want
+        assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 1, cuda) == want  # per-shard scales

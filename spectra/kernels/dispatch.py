@@ -194,9 +194,28 @@ def large_m_configs(m: int) -> list[KernelConfig]:
 DEQUANT_ABOVE_M = {"tq2": 1024, "tq1": 512}
 
 
+# Tuned entries for the Hopper Gluon kernel carry this suffix on their key, beside the portable kernel's entry
+# for the same shape (which a Triton without Gluon, or a failed Gluon compile, still uses).
+GLUON_KEY_SUFFIX = "|gluon"
+
+
+def gluon_candidates(m: int) -> list[KernelConfig]:
+    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
+    bm = 8 if m <= 8 else 16
+    return [KernelConfig("gluon", bm, 64, 64, split) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+
+
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
                   device: torch.device) -> KernelConfig:
     key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
+    if m <= 16 and device.type == "cuda":
+        entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
+                 or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
+        if entry is not None:
+            from . import gluon_launch
+
+            if gluon_launch.usable(device, m, dtype):
+                return KernelConfig.from_dict(entry)
     entry = _load_table().get(key)
     if entry is None and scale_mode:
         # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.
@@ -457,7 +476,7 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
     entries: dict[str, KernelConfig] = {}
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
         best, times = tune(fmt, n, k, m, dtype, device, save=False)
-        entries[config_key(fmt, n, k, m, dtype, 0, gpu_name(device))] = best
+        entries.update(tuned_entries(fmt, n, k, m, dtype, gpu_name(device), times))
         log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
     save_configs(entries)
@@ -489,7 +508,12 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     if device.type != "cuda" or not torch.cuda.is_available():
         raise DeviceError("kernel tuning needs a CUDA GPU; none is available")
     gen = torch.Generator(device=device).manual_seed(1)
-    candidates = candidates or candidate_configs(n, k, m, fmt, num_sms(device))
+    if candidates is None:
+        from . import gluon_launch
+
+        candidates = candidate_configs(n, k, m, fmt, num_sms(device))
+        if gluon_launch.usable(device, m, dtype):
+            candidates += gluon_candidates(m)
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
     packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))
     base, copies = packs[0], len(packs)
@@ -511,5 +535,20 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
         raise DeviceError(f"no kernel config ran for {fmt} {n}x{k} m={m}")
     best = min(times, key=times.get)
     if save:
-        save_configs({config_key(fmt, n, k, m, dtype, 0, gpu_name(device)): best})
+        save_configs(tuned_entries(fmt, n, k, m, dtype, gpu_name(device), times))
     return best, times
+
+
+def tuned_entries(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, gpu: str,
+                  times: dict[KernelConfig, float]) -> dict[str, KernelConfig]:
+    """The table entries of one tuning: the fastest portable config under the shape's key and, where the
+    Gluon kernel beat it, the fastest Gluon config under the key + GLUON_KEY_SUFFIX."""
+    key = config_key(fmt, n, k, m, dtype, 0, gpu)
+    portable = {c: t for c, t in times.items() if c.kind != "gluon"}
+    gluon = {c: t for c, t in times.items() if c.kind == "gluon"}
+    out = {}
+    if portable:
+        out[key] = min(portable, key=portable.get)
+    if gluon and (not portable or min(gluon.values()) < min(portable.values())):
+        out[key + GLUON_KEY_SUFFIX] = min(gluon, key=gluon.get)
+    return out
