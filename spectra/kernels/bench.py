@@ -157,12 +157,26 @@ def packed_bytes(n: int, k: int, m: int, fmt: str, act_bytes: int = 2) -> int:
     return n * get_format(fmt).row_bytes(k) + 4 + m * k * act_bytes + m * n * act_bytes
 
 
+def portable_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                    shard_axis: int) -> torch.Tensor:
+    """ternary_matmul restricted to the portable triton.language kernels (the "tq2:tl" columns of bench gemm):
+    the config the dispatcher would take without the Gluon kernel, launched through the JIT path."""
+    from . import dispatch
+
+    x2 = x.reshape(-1, in_features)
+    cfg = dispatch.lookup_config(fmt, packed.shape[0], in_features, x2.shape[0], x.dtype,
+                                 dispatch.scale_mode(scales, shard_axis), x.device, gluon=False)
+    return dispatch.run_config(x2, packed, fmt, in_features, scales, shard_axis, cfg).reshape(*x.shape[:-1], -1)
+
+
 def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: tuple[str, ...] = ("tq2", "tq1"),
                dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                reps: int = 200, trials: int = 5, matmul: Callable | None = None,
                log: Callable[[str], None] | None = None, eager: bool = False) -> list[GemmRow]:
     """Summed layer time per m for cuBLAS fp16 and for `matmul` (default: spectra.kernels.ternary_matmul);
-    with `eager`, also of the same calls launched eagerly (no CUDA graph)."""
+    with `eager`, also of the same calls launched eagerly (no CUDA graph). A format "tq2:tl" times the
+    portable triton.language kernel alone (:func:`portable_matmul`), beside "tq2" (the dispatcher's choice,
+    the Gluon kernel where it is tuned to win)."""
     from . import ternary_matmul
 
     matmul = matmul or ternary_matmul
@@ -189,14 +203,16 @@ def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: t
             fp16_bytes += dense_bytes + 2 * (m * k + m * n)
             ws = None  # free before the packed copies
             for fmt in fmts:
-                packs = cold_copies(random_packed(n, k, fmt, device, gen), l2)
+                base_fmt, _, variant = fmt.partition(":")
+                packs = cold_copies(random_packed(n, k, base_fmt, device, gen), l2)
                 npk = len(packs)
                 scales = torch.rand(1, device=device, generator=gen) * 0.05 + 0.01
-                step = lambda i, x=x, p=packs, f=fmt, k=k, s=scales: matmul(x, p[i], f, k, s, 0)  # noqa: E731
+                mm = portable_matmul if variant == "tl" else matmul
+                step = lambda i, x=x, p=packs, f=base_fmt, k=k, s=scales, mm=mm: mm(x, p[i], f, k, s, 0)  # noqa: E731
                 ours_total[fmt] += time_graph(step, npk, reps, trials)
                 if eager:
                     eager_total[fmt] += time_eager(step, npk, reps, trials)
-                bytes_total[fmt] += packed_bytes(n, k, m, fmt)
+                bytes_total[fmt] += packed_bytes(n, k, m, base_fmt)
         row = GemmRow(shape_set, m, fp16_total * 1e6, {f: t * 1e6 for f, t in ours_total.items()}, bytes_total,
                       fp16_bytes, {f: t * 1e6 for f, t in eager_total.items()} if eager else None)
         rows.append(row)

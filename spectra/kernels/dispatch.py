@@ -206,9 +206,11 @@ def gluon_candidates(m: int) -> list[KernelConfig]:
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
-                  device: torch.device) -> KernelConfig:
+                  device: torch.device, gluon: bool = True) -> KernelConfig:
+    """The config a launch uses: a tuned Gluon entry (if `gluon` and the kernel can run here), else the tuned
+    portable entry, else the nearest tuned m bucket's, else the heuristic."""
     key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
-    if m <= 16 and device.type == "cuda":
+    if gluon and m <= 16 and device.type == "cuda":
         entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
                  or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
         if entry is not None:
