@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--formats", default="tq2,tq1")
     p.add_argument("--shapes", default="70b,3.9b")
     p.add_argument("--splits", default="1,2,3,4,6,8,12")
+    p.add_argument("--late", default="0,1", help="WAIT_LATE variants of the Gluon kernel (0, 1)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="also the eager-vs-graph host cost table (3.9b, m = 1)")
@@ -58,6 +59,7 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     fmts = args.formats.split(",")
     splits = [int(v) for v in args.splits.split(",")]
+    lates = [bool(int(v)) for v in args.late.split(",")]
     summary = []
     for shape_set in args.shapes.split(","):
         for m in ms:
@@ -80,7 +82,8 @@ def main() -> None:
                         args.reps, args.trials)
                     best = (float("inf"), None)
                     bm = 8 if m <= 8 else 16
-                    for split in splits:
+                    for late, split in [(late, sp) for late in lates for sp in splits]:
+                        gluon_launch.WAIT_LATE = late
                         xc = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                         try:
                             y = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
@@ -98,12 +101,12 @@ def main() -> None:
                                              args.reps, args.trials)
                         steps, eff = gluon_launch.steps_and_split(packs[0].shape[1], split, bm,
                                                                   get_format(fmt).trits_per_byte)
-                        log(f"  gluon {fmt} {n}x{k} m={m} split {split} (eff {eff}, {steps} steps): "
+                        log(f"  gluon {fmt} {n}x{k} m={m} late {int(late)} split {split} (eff {eff}, {steps} steps): "
                             f"{t * 1e6:.1f} us (err {err:.1e})")
                         if t < best[0]:
-                            best = (t, split)
+                            best = (t, (late, split))
                     log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | tl {t_tl * 1e6:.1f} "
-                        f"({dispatch.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (split {best[1]})")
+                        f"({dispatch.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, split {best[1]})")
                     tot[f"{fmt} tl"] += t_tl
                     tot[f"{fmt} gluon"] += best[0]
             line = f"| {shape_set} | {m} | {tot['fp16'] * 1e6:.1f} | " + " | ".join(

@@ -19,6 +19,7 @@ from ..formats import get_format
 BN, BJ = 64, 64           # weight rows per program, packed bytes per row per K step (fixed by the kernel)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
+WAIT_LATE = False  # see tq_gluon.tq_gemv_gluon_kernel
 _broken: str | None = None  # why the Gluon kernel cannot be used in this process (first failure), or None
 
 
@@ -80,7 +81,7 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * BJ,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"))
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), WAIT_LATE=WAIT_LATE)
     return grid, named, dict(num_warps=4)
 
 

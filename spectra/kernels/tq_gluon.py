@@ -27,7 +27,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 
 BN = gl.constexpr(64)   # weight rows per program: one warpgroup's wgmma M
 BJ = gl.constexpr(64)   # packed bytes per row per K step (4 threads x 16 bytes)
@@ -73,26 +78,29 @@ def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _k_step(w, acc, x_smem, slot, G: gl.constexpr, ASM: gl.constexpr, A_LAYOUT: gl.constexpr):
-    """Decode one [BN, 16 words] tile into G planes and multiply each with its activation slot."""
-    ET = x_smem.dtype
+def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr):
+    """One [BN, 16 words] tile -> G planes of [BN, 16, 4] values (-1/0/+1, x's dtype), in the word layout."""
+    ET = x_ptr.dtype.element_ty
     wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout()))[0]
     if G == 4:
-        p0, p1, p2, p3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb],
-                                                   dtype=(ET, ET, ET, ET), is_pure=True, pack=4)
-        acc = _plane_mma(p0, x_smem.index(slot), acc, A_LAYOUT)
-        acc = _plane_mma(p1, x_smem.index(slot + 1), acc, A_LAYOUT)
-        acc = _plane_mma(p2, x_smem.index(slot + 2), acc, A_LAYOUT)
-        acc = _plane_mma(p3, x_smem.index(slot + 3), acc, A_LAYOUT)
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
+                                           is_pure=True, pack=4)
     else:
-        p0, p1, p2, p3, p4 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb],
-                                                       dtype=(ET, ET, ET, ET, ET), is_pure=True, pack=4)
-        acc = _plane_mma(p0, x_smem.index(slot), acc, A_LAYOUT)
-        acc = _plane_mma(p1, x_smem.index(slot + 1), acc, A_LAYOUT)
-        acc = _plane_mma(p2, x_smem.index(slot + 2), acc, A_LAYOUT)
-        acc = _plane_mma(p3, x_smem.index(slot + 3), acc, A_LAYOUT)
-        acc = _plane_mma(p4, x_smem.index(slot + 4), acc, A_LAYOUT)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb],
+                                           dtype=(ET, ET, ET, ET, ET), is_pure=True, pack=4)
+    return planes
+
+
+@gluon.jit
+def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """The G planes' wgmma, asynchronous, back to back (one accumulator: the tensor cores chain them)."""
+    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT)
+    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT)
+    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT)
+    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT)
+    if G == 5:
+        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT)
+    return acc
 
 
 @gluon.jit
@@ -108,10 +116,12 @@ def _shard_of(idx, size, P):
 def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                          G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
-                         SPLIT_K: gl.constexpr, ASM: gl.constexpr):
+                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m < BM (8 or 16); program (pid_n, pid_k) does weight
     rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of 64 bytes).
-    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch)."""
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). WAIT_LATE: decode the next step
+    while the tensor cores still run this one (wait for them just before issuing the next), instead of waiting
+    at the end of each step."""
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
@@ -153,11 +163,20 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
     b1 = _load_words(wp, rows, words, row_ok, jw0 + BJ // 4, jw_end, QW)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    if WAIT_LATE:
+        acc = warpgroup_mma_init(acc)  # the loop carries an in-flight accumulator
     for s in range(n_steps):
         b2 = _load_words(wp, rows, words, row_ok, jw0 + (s + 2) * (BJ // 4), jw_end, QW)
-        acc = _k_step(b0, acc, x_smem, s * G, G, ASM, A_LAYOUT)
+        planes = _decode(b0, x_ptr, G, ASM)
+        if WAIT_LATE:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT)
+        else:
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         b0 = b1
         b1 = b2
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
