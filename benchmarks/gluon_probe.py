@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--shapes", default="70b,3.9b")
     p.add_argument("--splits", default="1,2,3,4,6,8,12")
     p.add_argument("--late", default="0,1", help="WAIT_LATE variants of the Gluon kernel (0, 1)")
+    p.add_argument("--bj", default="64,128", help="bytes per row per K step of the Gluon kernel (64, 128)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="also the eager-vs-graph host cost table (3.9b, m = 1)")
@@ -60,6 +61,7 @@ def main() -> None:
     fmts = args.formats.split(",")
     splits = [int(v) for v in args.splits.split(",")]
     lates = [bool(int(v)) for v in args.late.split(",")]
+    bjs = [int(v) for v in args.bj.split(",")]
     summary = []
     for shape_set in args.shapes.split(","):
         for m in ms:
@@ -82,31 +84,31 @@ def main() -> None:
                         args.reps, args.trials)
                     best = (float("inf"), None)
                     bm = 8 if m <= 8 else 16
-                    for late, split in [(late, sp) for late in lates for sp in splits]:
+                    for late, bj, split in [(la, bj, sp) for la in lates for bj in bjs for sp in splits]:
                         gluon_launch.WAIT_LATE = late
                         xc = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                         try:
                             y = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
-                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y)
+                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y, block_j=bj)
                             err = _check(xc, packs[0], fmt, k, s, y)
                         except Exception as exc:  # noqa: BLE001 - report and go on
-                            log(f"  gluon {fmt} {n}x{k} m={m} split {split}: FAILED {type(exc).__name__}: "
+                            log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: FAILED {type(exc).__name__}: "
                                 f"{str(exc)[:300]}")
                             continue
                         if not err < 2e-3:
-                            log(f"  gluon {fmt} {n}x{k} m={m} split {split}: WRONG rel err {err:.3e}")
+                            log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: WRONG rel err {err:.3e}")
                             continue
-                        t = bench.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm:
-                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp), len(packs),
+                        t = bench.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj:
+                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj), len(packs),
                                              args.reps, args.trials)
                         steps, eff = gluon_launch.steps_and_split(packs[0].shape[1], split, bm,
-                                                                  get_format(fmt).trits_per_byte)
-                        log(f"  gluon {fmt} {n}x{k} m={m} late {int(late)} split {split} (eff {eff}, {steps} steps): "
-                            f"{t * 1e6:.1f} us (err {err:.1e})")
+                                                                  get_format(fmt).trits_per_byte, bj)
+                        log(f"  gluon {fmt} {n}x{k} m={m} late {int(late)} BJ {bj} split {split} (eff {eff}, "
+                            f"{steps} steps): {t * 1e6:.1f} us (err {err:.1e})")
                         if t < best[0]:
-                            best = (t, (late, split))
+                            best = (t, (late, bj, split))
                     log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | tl {t_tl * 1e6:.1f} "
-                        f"({dispatch.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, split {best[1]})")
+                        f"({dispatch.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, BJ, split {best[1]})")
                     tot[f"{fmt} tl"] += t_tl
                     tot[f"{fmt} gluon"] += best[0]
             line = f"| {shape_set} | {m} | {tot['fp16'] * 1e6:.1f} | " + " | ".join(

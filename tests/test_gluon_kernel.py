@@ -60,10 +60,12 @@ def test_steps_and_split_respect_the_shared_memory_budget():
     for q in (16, 624, 768, 2048, 7168):
         for bm, planes in ((8, 4), (16, 4), (16, 5)):
             for want in (1, 3, 8):
-                steps, split = gluon_launch.steps_and_split(q, want, bm, planes)
-                assert steps * planes * bm * 64 * 2 <= max(gluon_launch.SMEM_BUDGET, planes * bm * 128)
-                assert steps * 64 * split >= q and steps * 64 * (split - 1) < q  # every split non-empty
+                for bj in (64, 128):
+                    steps, split = gluon_launch.steps_and_split(q, want, bm, planes, bj)
+                    assert steps * planes * bm * bj * 2 <= max(gluon_launch.SMEM_BUDGET, planes * bm * bj * 2)
+                    assert steps * bj * split >= q and steps * bj * (split - 1) < q  # every split non-empty
                 blocks = -(-q // 64)
+                steps, split = gluon_launch.steps_and_split(q, want, bm, planes)
                 assert steps <= -(-blocks // min(want, blocks))  # at least the asked split, up to rounding
 
 
@@ -92,15 +94,15 @@ def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
                 if p > (n, k)[axis]:
                     continue
                 scales = torch.rand(p, device="cuda", generator=gen) + 0.5
-                for bm, split in ((8, 1), (16, 3), (16, 8)):
+                for bm, split, bj in ((8, 1, 64), (16, 3, 128), (16, 8, 64), (8, 5, 128)):
                     if m > bm:
                         continue
                     x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
                     ref = _reference(x, packed, fmt, k, scales, axis)
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y)
+                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj)
                     err = float((y.float() - ref).norm() / ref.norm())
-                    assert err < tol, (n, k, m, p, axis, bm, split, err)
+                    assert err < tol, (n, k, m, p, axis, bm, split, bj, err)
 
 
 @pytest.mark.gpu
@@ -111,10 +113,16 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
     n, k = 9216, 3072
     packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
-    for _ in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
+    for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
         x = torch.randn(16, k, dtype=torch.float16, device="cuda", generator=gen)
-        y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8)
-        assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8))
+        late = gluon_launch.WAIT_LATE
+        gluon_launch.WAIT_LATE = bool(i % 2)  # both loop variants
+        try:
+            y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, block_j=64 << (i % 3 == 0))
+            assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8,
+                                                      block_j=64 << (i % 3 == 0)))
+        finally:
+            gluon_launch.WAIT_LATE = late
         ref = _reference(x, packed, "tq2", k, scales, 0)
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
@@ -136,7 +144,7 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
 
 def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wins():
     K = dispatch.KernelConfig
-    tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 64, 4), K("gluon", 8, 64, 64, 1)
+    tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 128, 4), K("gluon", 8, 64, 64, 1)
     key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
     wins = dispatch.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, gl_fast: 7e-6, gl_slow: 8e-6})
     assert wins == {key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl_fast}

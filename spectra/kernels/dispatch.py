@@ -202,7 +202,7 @@ GLUON_KEY_SUFFIX = "|gluon"
 def gluon_candidates(m: int) -> list[KernelConfig]:
     """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
     bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 64, 64, split) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+    return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
@@ -439,7 +439,8 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
         from . import gluon_launch
 
         if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
-            return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split)
+            return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
+                                       block_j=cfg.block_j)
         cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)
     if cfg.kind == "dequant":
         w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)
@@ -490,7 +491,7 @@ def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
-        return f"gluon BM {cfg.block_m} split {cfg.split}"
+        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
 

@@ -2,7 +2,8 @@
 fallback to the portable ``triton.language`` kernel where it cannot compile.
 
 A config of kind ``"gluon"`` runs ``tq_gluon.tq_gemv_gluon_kernel``: ``block_m`` is the MMA width (8 or 16,
-covering m), ``split`` the split-k factor, clamped so that a program's activations fit
+covering m), ``block_j`` the packed bytes per row and K step (64 or 128: 16 or 32 bytes per thread and row),
+``split`` the split-k factor, clamped so that a program's activations fit
 :data:`SMEM_BUDGET` bytes of shared memory. The kernel needs an sm_90 GPU and a Triton with Gluon; where
 either is missing, or the kernel fails to compile once, :func:`usable` says no, one warning line says why,
 and the dispatcher runs the portable kernel instead.
@@ -16,7 +17,7 @@ import torch
 
 from ..formats import get_format
 
-BN, BJ = 64, 64           # weight rows per program, packed bytes per row per K step (fixed by the kernel)
+BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
 WAIT_LATE = False  # see tq_gluon.tq_gemv_gluon_kernel
@@ -53,18 +54,18 @@ def disable(reason: str) -> None:
                       "kernel", RuntimeWarning, stacklevel=3)
 
 
-def steps_and_split(q: int, split: int, block_m: int, planes: int) -> tuple[int, int]:
+def steps_and_split(q: int, split: int, block_m: int, planes: int, block_j: int = 64) -> tuple[int, int]:
     """(K steps per split, split) for q bytes per row: at least the asked split, and enough that one split's
-    activations (steps * planes slots of block_m x 64 values, 2 bytes each) fit SMEM_BUDGET."""
-    blocks = -(-q // BJ)
-    max_steps = max(1, SMEM_BUDGET // (planes * block_m * BJ * 2))
+    activations (steps * planes slots of block_m x block_j values, 2 bytes each) fit SMEM_BUDGET."""
+    blocks = -(-q // block_j)
+    max_steps = max(1, SMEM_BUDGET // (planes * block_m * block_j * 2))
     split = max(1, min(split, blocks), -(-blocks // max_steps))
     steps = -(-blocks // split)
-    return steps, -(-q // (steps * BJ))
+    return steps, -(-q // (steps * block_j))
 
 
 def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
-                block_m: int, split: int, y: torch.Tensor, ws: torch.Tensor | None = None,
+                block_m: int, split: int, y: torch.Tensor, block_j: int = 64, ws: torch.Tensor | None = None,
                 cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one launch on activations x2 [m, k] (column-shard scales
     already applied). ws / cnt: the split-k workspace (taken from dispatch.WORKSPACE if not given)."""
@@ -74,19 +75,21 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     m, k = x2.shape
     n, q = packed.shape
     g = get_format(fmt).trits_per_byte
-    steps, split = steps_and_split(q, split, block_m, g)
+    steps, split = steps_and_split(q, split, block_m, g, block_j)
     grid = (-(-n // BN), split, 1)
     if ws is None:
         ws, cnt = dispatch.WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
-                 stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * BJ,
+                 stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), WAIT_LATE=WAIT_LATE)
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), WAIT_LATE=WAIT_LATE,
+                 BJ=block_j)
     return grid, named, dict(num_warps=4)
 
 
 def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-           shard_axis: int, block_m: int, split: int, out: torch.Tensor | None = None) -> torch.Tensor:
+           shard_axis: int, block_m: int, split: int, out: torch.Tensor | None = None,
+           block_j: int = 64) -> torch.Tensor:
     """The Gluon kernel on a 2-D, row-contiguous x2 [m, k] with m <= block_m; returns y [m, n] (tests,
     benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
     from . import dispatch
@@ -98,6 +101,6 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
     if x2.shape[0] > block_m:
         raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
-    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y)
+    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j)
     tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
     return y

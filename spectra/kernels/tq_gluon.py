@@ -35,28 +35,29 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 BN = gl.constexpr(64)   # weight rows per program: one warpgroup's wgmma M
-BJ = gl.constexpr(64)   # packed bytes per row per K step (4 threads x 16 bytes)
 
 
 @gluon.constexpr_function
-def _word_layout():
-    # [BN rows, 16 words, 4 copies]: the weight tile as 32-bit words (4 packed bytes each), each word broadcast
+def _word_layout(BJ):
+    # [BN rows, BJ / 4 words, 4 copies]: the weight tile as 32-bit words (4 packed bytes each), each word broadcast
     # 4 times along the last axis so that a pack=4 inline-asm call sees one word and writes its 4 bytes' values.
-    # Registers: the 4 copies, then 4 consecutive words (one 16-byte load), then row + 8; lanes: word groups of 4
+    # Registers: the 4 copies, then BJ / 16 consecutive words (16-byte loads), then row + 8; lanes: word groups
     # (lane bits 0-1) and rows 1, 2, 4 (lane bits 2-4); warps: rows 16, 32. Rows match wgmma's A fragment.
+    w = BJ // 16  # words per thread and row
+    word_regs = [[0, 1 << i, 0] for i in range(w.bit_length() - 1)]
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [8, 0, 0]],
-        lane_bases=[[0, 4, 0], [0, 8, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 16, 4])
+        reg_bases=[[0, 0, 1], [0, 0, 2]] + word_regs + [[8, 0, 0]],
+        lane_bases=[[0, w, 0], [0, 2 * w, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, BJ // 4, 4])
 
 
 @gluon.jit
-def _byte_of_k(kap):
-    """Byte column (within a K step) whose digit sits at K position `kap` (0..63) of a plane's A operand.
+def _byte_of_k(kap, BJ: gl.constexpr):
+    """Byte column (within a K step of BJ bytes) whose digit sits at K position `kap` of a plane's A operand.
 
-    wgmma's A fragment gives lane t = lane % 4 the K positions 16c + 8e1 + 2t + e0 (c < 4, e1, e0 < 2); the
-    thread loaded bytes 16t + 4c + 2e1 + e0. Both sides of the product use this map."""
-    return 16 * ((kap >> 1) & 3) + 4 * (kap >> 4) + 2 * ((kap >> 3) & 1) + (kap & 1)
+    wgmma's A fragment gives lane t = lane % 4 the K positions 16c + 8e1 + 2t + e0 (c < BJ / 16, e1, e0 < 2);
+    the thread loaded bytes (BJ / 4) t + 4c + 2e1 + e0. Both sides of the product use this map."""
+    return (BJ // 4) * ((kap >> 1) & 3) + 4 * (kap >> 4) + 2 * ((kap >> 3) & 1) + (kap & 1)
 
 
 @gluon.jit
@@ -67,10 +68,10 @@ def _load_words(w_ptr, rows, words, row_ok, jw, jw_end, QW):
 
 
 @gluon.jit
-def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr):
-    # [BN, word w, byte e] -> byte column 4w + e = 16t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0
+def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
+    # [BN, word w, byte e] -> byte column 4w + e = (BJ / 4) t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0
     # (a renaming of each thread's registers: convert_layout checks that it moves nothing)
-    a = gl.reshape(p, [BN, 4, 4, 2, 2])
+    a = gl.reshape(p, [BN, 4, BJ // 16, 2, 2])
     a = gl.permute(a, (0, 2, 3, 1, 4))
     a = gl.reshape(a, [BN, BJ])
     a = gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
@@ -78,10 +79,10 @@ def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr):
-    """One [BN, 16 words] tile -> G planes of [BN, 16, 4] values (-1/0/+1, x's dtype), in the word layout."""
+def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
+    """One [BN, BJ / 4 words] tile -> G planes of [BN, BJ / 4, 4] values (-1/0/+1, x's dtype), word layout."""
     ET = x_ptr.dtype.element_ty
-    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout()))[0]
+    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout(BJ)))[0]
     if G == 4:
         planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
                                            is_pure=True, pack=4)
@@ -92,14 +93,14 @@ def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr):
+def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
     """The G planes' wgmma, asynchronous, back to back (one accumulator: the tensor cores chain them)."""
-    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT)
-    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT)
-    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT)
-    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT)
+    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT, BJ)
     if G == 5:
-        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT)
+        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT, BJ)
     return acc
 
 
@@ -116,9 +117,10 @@ def _shard_of(idx, size, P):
 def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                          G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
-                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr):
+                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr, BJ: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m < BM (8 or 16); program (pid_n, pid_k) does weight
-    rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of 64 bytes).
+    rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of BJ = 64 or 128
+    bytes per row: 16 or 32 bytes per thread and row).
     SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). WAIT_LATE: decode the next step
     while the tensor cores still run this one (wait for them just before issuing the next), instead of waiting
     at the end of each step."""
@@ -126,7 +128,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     pid_k = gl.program_id(1)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    WL: gl.constexpr = gl.SliceLayout(2, _word_layout())
+    WL: gl.constexpr = gl.SliceLayout(2, _word_layout(BJ))
     XL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[1, 32], warps_per_cta=[4, 1],
                                         order=[1, 0])
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -139,7 +141,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [SLOTS, BM, BJ], X_SMEM)
     kap = gl.arange(0, BJ, layout=gl.SliceLayout(0, XL))
     xrow = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
-    xcol = _byte_of_k(kap)
+    xcol = _byte_of_k(kap, BJ)
     xrow_ok = xrow < M
     x_rows = x_ptr + xrow[:, None].to(gl.int64) * stride_xm
     for s in range(n_steps):
@@ -167,12 +169,12 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc = warpgroup_mma_init(acc)  # the loop carries an in-flight accumulator
     for s in range(n_steps):
         b2 = _load_words(wp, rows, words, row_ok, jw0 + (s + 2) * (BJ // 4), jw_end, QW)
-        planes = _decode(b0, x_ptr, G, ASM)
+        planes = _decode(b0, x_ptr, G, ASM, BJ)
         if WAIT_LATE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT)
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
         else:
-            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT)
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         b0 = b1
         b1 = b2
