@@ -89,11 +89,11 @@ def main() -> None:
                     if pinned is not None:
                         variants = [(*pinned, sp) for sp in splits]
                     for late, bj, split in variants:
-                        gluon_launch.WAIT_LATE = late
                         xc = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                         try:
                             y = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
-                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y, block_j=bj)
+                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y, block_j=bj,
+                                                wait_late=late)
                             err = _check(xc, packs[0], fmt, k, s, y)
                         except Exception as exc:  # noqa: BLE001 - report and go on
                             log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: FAILED {type(exc).__name__}: "
@@ -102,8 +102,9 @@ def main() -> None:
                         if not err < 2e-3:
                             log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: WRONG rel err {err:.3e}")
                             continue
-                        t = bench.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj:
-                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj), len(packs),
+                        t = bench.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj, la=late:
+                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj,
+                                                                 wait_late=la), len(packs),
                                              args.reps, args.trials)
                         steps, eff = gluon_launch.steps_and_split(packs[0].shape[1], split, bm,
                                                                   get_format(fmt).trits_per_byte, bj)

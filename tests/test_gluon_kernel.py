@@ -94,13 +94,14 @@ def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
                 if p > (n, k)[axis]:
                     continue
                 scales = torch.rand(p, device="cuda", generator=gen) + 0.5
-                for bm, split, bj in ((8, 1, 64), (16, 3, 128), (16, 8, 64), (8, 5, 128)):
+                for bm, split, bj, late in ((8, 1, 64, False), (16, 3, 128, True), (16, 8, 64, True),
+                                            (8, 5, 128, False)):
                     if m > bm:
                         continue
                     x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
                     ref = _reference(x, packed, fmt, k, scales, axis)
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj)
+                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj, wait_late=late)
                     err = float((y.float() - ref).norm() / ref.norm())
                     assert err < tol, (n, k, m, p, axis, bm, split, bj, err)
 
@@ -115,14 +116,9 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
     for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
         x = torch.randn(16, k, dtype=torch.float16, device="cuda", generator=gen)
-        late = gluon_launch.WAIT_LATE
-        gluon_launch.WAIT_LATE = bool(i % 2)  # both loop variants
-        try:
-            y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, block_j=64 << (i % 3 == 0))
-            assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8,
-                                                      block_j=64 << (i % 3 == 0)))
-        finally:
-            gluon_launch.WAIT_LATE = late
+        variant = dict(block_j=64 << (i % 3 == 0), wait_late=bool(i % 2))  # both loops, both step widths
+        y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant)
+        assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant))
         ref = _reference(x, packed, "tq2", k, scales, 0)
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and

@@ -51,6 +51,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs: int = 0         # "sk": persistent programs (0 = one per SM)
+    wait_late: bool = False   # "gluon": decode the next K step while the tensor cores run this one
 
     @staticmethod
     def from_dict(d: dict) -> KernelConfig:
@@ -202,7 +203,8 @@ GLUON_KEY_SUFFIX = "|gluon"
 def gluon_candidates(m: int) -> list[KernelConfig]:
     """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
     bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+    return [KernelConfig("gluon", bm, 64, bj, split, wait_late=late) for late in (False, True) for bj in (64, 128)
+            for split in (1, 2, 3, 4, 6, 8, 12, 16)]
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
@@ -440,7 +442,7 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
 
         if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
             return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
-                                       block_j=cfg.block_j)
+                                       block_j=cfg.block_j, wait_late=cfg.wait_late)
         cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)
     if cfg.kind == "dequant":
         w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)
@@ -491,7 +493,7 @@ def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
-        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
+        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}{' late wait' if cfg.wait_late else ''}"
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
 
