@@ -59,7 +59,7 @@ def main() -> None:
         path = Path(dispatch.__file__).with_name("tuned_configs.json")
         table = json.loads(path.read_text())
         table.update(entries)
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        path.write_text(json.dumps(table, indent=1, sort_keys=True))
         print(f"merged into {path}")
 
 
