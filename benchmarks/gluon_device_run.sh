@@ -6,7 +6,7 @@ OUT=${1:?usage: gluon_device_run.sh OUT}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
-timeout ${PROBE_S:-260} python3 benchmarks/gluon_probe.py --out "$OUT" --ms 1,16 --formats tq2,tq1 --splits 1,4,8 \
+timeout ${PROBE_S:-260} python3 benchmarks/gluon_probe.py --out "$OUT" --ms 1,16 --formats tq2,tq1 --splits ${SPLITS:-1,4,8} \
     --eager 2>&1 | grep -v "  gluon"
 echo "probe: $(grep -c 'WRONG\|FAILED' "$OUT/gluon_probe.log") wrong/failed variants"
 grep 'WRONG\|FAILED' "$OUT/gluon_probe.log" | head -5
