@@ -125,3 +125,40 @@ def test_gemm_table_eager_columns_report_host_time_per_product():
     # eager 80 us vs graph 40 us over 4 products: 10 us of host time per call; eager speedup 110 / 80
     assert line.endswith("| 110.0 | 80.0 | 1.38x | 10.0 |")
     assert "eager" not in format_gemm_header(("tq2",))
+
+
+def test_launch_goes_to_the_compiled_launcher_and_back_to_the_jit_if_its_arguments_changed(monkeypatch):
+    calls = []
+
+    class Compiled:
+        packed_metadata, function = "meta", "fn"
+
+        def __init__(self, accepts):
+            self.accepts = accepts
+
+        def launch_metadata(self, grid, stream, *args):  # asked for when a profiler hook is installed
+            return None
+
+        def run(self, *args):
+            if not self.accepts:
+                raise TypeError("launcher signature changed")
+            calls.append(("fast", args[9:]))
+
+    class Kernel:
+        arg_names = ["x_ptr", "y_ptr", "N", "BLOCK"]
+
+        def __init__(self, accepts):
+            self.accepts = accepts
+
+        def __getitem__(self, grid):
+            return lambda *args, **opts: calls.append(("jit", args)) or Compiled(self.accepts)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    for accepts, want in ((True, ["jit", "fast", "fast"]), (False, ["jit", "jit", "jit"])):
+        calls.clear()
+        launch = plans.Launch(Kernel(accepts), (2, 1, 1), dict(N=5, BLOCK=64), ("x_ptr", "y_ptr"), {})
+        for i in range(3):
+            launch(f"x{i}", f"y{i}")
+        assert [c[0] for c in calls] == want
+        assert all(c[1] == (f"x{i}", f"y{i}", 5, 64) for i, c in enumerate(calls))  # arguments in kernel order

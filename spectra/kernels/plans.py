@@ -68,6 +68,7 @@ class Launch:
         self.args = [named.get(name) for name in fn.arg_names]
         self.slots = tuple(fn.arg_names.index(name) for name in slots)
         self.compiled = None
+        self.run = None  # the compiled kernel's launcher; False: this Triton's launcher is not ours to call
 
     def compile(self, *tensors: torch.Tensor) -> None:
         """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
@@ -84,7 +85,7 @@ class Launch:
             args[i] = t
         if self.compiled is None:
             compiled = self.fn[self.grid](*args, **self.options)
-            if compiled is not None and hasattr(compiled, "packed_metadata"):
+            if compiled is not None and hasattr(compiled, "packed_metadata") and self.run is not False:
                 self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
                 self.compiled = compiled
             return
@@ -96,7 +97,13 @@ class Launch:
         # a profiler's hooks want the launch metadata Triton's path builds
         meta = None if enter is None else self.compiled.launch_metadata(self.grid, stream, *args)
         g0, g1, g2 = self.grid
-        self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
+        try:
+            self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
+        except TypeError:
+            # a Triton whose launcher takes other arguments (it checks them before launching): use its JIT
+            # path for this launch from now on
+            self.compiled, self.run = None, False
+            self.fn[self.grid](*args, **self.options)
 
 
 class Plan:
