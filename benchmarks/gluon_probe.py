@@ -57,6 +57,8 @@ def main() -> None:
         f"gluon available: {gluon_launch.usable(dev, 1, torch.float16)}")
     gen = torch.Generator(device=dev).manual_seed(0)
     l2 = bench.l2_size(dev)
+    if args.eager:  # first: cheap, and the host-overhead answer even if a time limit stops the sweep
+        eager_table(log, dev, gen, l2, args.reps, args.trials)
     ms = [int(v) for v in args.ms.split(",")]
     fmts = args.formats.split(",")
     splits = [int(v) for v in args.splits.split(",")]
@@ -126,8 +128,6 @@ def main() -> None:
     log("| shapes | m | fp16 us | " + " | ".join(f"{f} tl us (x) | {f} gluon us (x)" for f in fmts) + " |")
     for line in summary:
         log(line)
-    if args.eager:
-        eager_table(log, dev, gen, l2, args.reps, args.trials)
 
 
 def eager_table(log, dev, gen, l2, reps, trials) -> None:
