@@ -94,8 +94,10 @@ class Launch:
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         # the stream Triton's own launch path takes: the current one of the current device
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        # a profiler's hooks want the launch metadata Triton's path builds
-        meta = None if enter is None else self.compiled.launch_metadata(self.grid, stream, *args)
+        if _hooked(enter) or _hooked(leave):  # a profiler's hooks want the metadata Triton's path builds
+            meta = self.compiled.launch_metadata(self.grid, stream, *args)
+        else:  # no hooks (Triton >= 3.4 holds empty hook chains): the launcher calls none
+            enter = leave = meta = None
         g0, g1, g2 = self.grid
         try:
             self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
@@ -104,6 +106,11 @@ class Launch:
             # path for this launch from now on
             self.compiled, self.run = None, False
             self.fn[self.grid](*args, **self.options)
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain``."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 class Plan:
