@@ -118,7 +118,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                          G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
                          SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr, BJ: gl.constexpr):
-    """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m < BM (8 or 16); program (pid_n, pid_k) does weight
+    """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= BM (8 or 16); program (pid_n, pid_k) does weight
     rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of BJ = 64 or 128
     bytes per row: 16 or 32 bytes per thread and row).
     SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). WAIT_LATE: decode the next step
@@ -137,7 +137,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     j_end = gl.minimum(j_start + J_PER_SPLIT, Q)
     n_steps = gl.cdiv(j_end - j_start, BJ)
 
-    # The activations of this K range, in the permuted K order of _byte_of_k, one [BM, 64] slot per (step, plane).
+    # The activations of this K range, in the permuted K order of _byte_of_k, one [BM, BJ] slot per (step, plane).
     x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [SLOTS, BM, BJ], X_SMEM)
     kap = gl.arange(0, BJ, layout=gl.SliceLayout(0, XL))
     xrow = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
