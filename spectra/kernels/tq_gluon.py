@@ -4,20 +4,23 @@ Same product and layout as ``tq_triton.tq_matmul_kernel`` (``acc[64 weight rows,
 register-A ``wgmma`` on decoded planes, split-k with per-split fp32 slots), written in Gluon
 (``triton.experimental.gluon``) so that the layouts are ours rather than the compiler's:
 
-* **Weights go from global memory straight to the registers of the tensor-core A fragment**, 16 bytes per
-  thread and row per K step, prefetched two steps ahead: no shared-memory round trip, no per-stage barrier,
-  no 2-byte shared loads. This works because the reduction order of a matrix product is free: a thread's 16
-  contiguous bytes (64 weights of each plane) are given the K positions that the thread holds in wgmma's A
-  fragment (``_byte_of_k``), and the activations are laid out in shared memory in the same permuted order.
+* **Weights go from global memory straight to the registers of the tensor-core A fragment**, as 32-bit words,
+  16 or 32 bytes per thread and row per K step (BJ = 64 or 128 bytes per row), two steps ahead: no
+  shared-memory round trip, no per-stage barrier, no 2-byte shared loads. This works because the reduction
+  order of a matrix product is free: a thread's contiguous bytes are given the K positions that the thread
+  holds in wgmma's A fragment (``_byte_of_k``), and the activations are laid out in shared memory in the same
+  permuted order.
 * **The activations of a program's whole K range are loaded once**, at the start, into shared memory (the
   B operand), so the loop streams only weights.
-* Each K step issues its G planes' ``wgmma`` back to back (asynchronous), then waits once.
+* Each K step issues its G planes' ``wgmma`` back to back (asynchronous, one accumulator), then waits once
+  (or, with WAIT_LATE, waits just before the next step's, so that the next decode overlaps them).
 
-The weight tile's register layout is given explicitly (``_weight_layout``): every thread holds rows
-16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows wgmma's fragment gives it, and 16 consecutive bytes
-at 16 * (lane % 4). Decoding (the inline PTX of ``ptx.py``) keeps that layout; a reshape/permute then renames
-K positions so that the tensor *is* the A fragment, which ``convert_layout(..., assert_trivial=True)``
-checks at compile time (no data movement).
+The weight tile's register layout is given explicitly (``_word_layout``): every thread holds rows
+16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows wgmma's fragment gives it, and BJ / 4 consecutive bytes
+at (BJ / 4) * (lane % 4). Each word is broadcast four times along a third axis, so that one ``pack=4`` inline-PTX
+call (``ptx.word_decode_asm``) sees one word and writes the half2 registers of its four bytes for every plane;
+a reshape/permute then renames K positions so that each plane's tensor *is* the A fragment, which
+``convert_layout(..., assert_trivial=True)`` checks at compile time (no data movement).
 
 Requires Triton with Gluon (>= 3.5; written against 3.6) and an sm_90 GPU. ``dispatch`` falls back to the
 portable ``triton.language`` kernel where this cannot compile.
