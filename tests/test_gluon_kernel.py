@@ -161,3 +161,90 @@ def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkey
         monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype, ok=ok: ok)
         assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 0, cuda) == want
         assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 1, cuda) == want  # per-shard scales
+
+
+# --- the Gluon kernel's word decode (ptx.word_decode_asm), emulated instruction by instruction --------------
+
+def _lanes(v: int) -> tuple[int, int]:
+    return v & 0xFFFF, v >> 16
+
+
+def _half(bits: int, dtype: str) -> float:
+    import numpy as np
+
+    if dtype == "fp16":
+        return float(np.array(bits, dtype=np.uint16).view(np.float16))
+    return float(torch.tensor(bits << 16, dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+def _bits(v: float, dtype: str) -> int:
+    import numpy as np
+
+    if dtype == "fp16":
+        return int(np.array(v, dtype=np.float64).astype(np.float16).view(np.uint16))  # one IEEE rounding
+    return int(torch.tensor(v, dtype=torch.float64).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
+
+
+def _run_ptx(asm: str, word: int) -> dict[str, int]:
+    """Execute the straight-line PTX of a word-decode snippet on one 32-bit input word; returns the registers."""
+    import re
+
+    regs: dict[str, int] = {}
+    n_out = max(int(r) for r in re.findall(r"\$(\d+)", asm))
+    regs[f"${n_out}"] = word  # the input operand (the last one used by the snippet)
+
+    def val(tok: str) -> int:
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for line in asm.splitlines():
+        m = re.match(r"(\S+)\s+(.*);", line.strip())
+        if not m or line.strip().startswith(".reg"):
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "prmt.b32":
+            a, b, sel = val(args[1]), val(args[2]), val(args[3])
+            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            regs[args[0]] = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        elif op == "lop3.b32":
+            assert args[4] == "0xEA"  # (a & b) | c
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "mul.lo.u32":
+            regs[args[0]] = (val(args[1]) * val(args[2])) & 0xFFFFFFFF
+        elif op.startswith(("fma.rn", "add.rn")):
+            dt = "bf16" if "bf16" in op else "fp16"
+            ins = [_lanes(val(a)) for a in args[1:]]
+            out = 0
+            for lane in range(2):
+                xs = [_half(i[lane], dt) for i in ins]
+                r = xs[0] * xs[1] + xs[2] if op.startswith("fma") else xs[0] + xs[1]
+                out |= _bits(r, dt) << (16 * lane)
+            regs[args[0]] = out
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return regs
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_word_decode_asm_gives_every_plane_of_all_four_bytes(fmt, dtype):
+    from spectra.formats import tq1_digits
+    from spectra.kernels.ptx import word_decode_asm
+
+    asm = word_decode_asm(fmt, dtype)
+    planes = 4 if fmt == "tq2" else 5
+    gen = torch.Generator().manual_seed(3)
+    valid = [b for b in range(256) if fmt == "tq1" or all((b >> (2 * i)) & 3 != 3 for i in range(4))]
+    for _ in range(60):
+        bytes4 = [valid[int(i)] for i in torch.randint(0, len(valid), (4,), generator=gen)]
+        regs = _run_ptx(asm, sum(b << (8 * i) for i, b in enumerate(bytes4)))
+        for i in range(planes):
+            got = [_half(v, dtype) for r in (f"${2 * i}", f"${2 * i + 1}") for v in _lanes(regs[r])]
+            if fmt == "tq2":
+                want = [((b >> (2 * i)) & 3) - 1 for b in bytes4]
+            else:
+                want = [int(tq1_digits(torch.tensor([b]))[i]) - 1 for b in bytes4]
+            assert got == want, (fmt, dtype, bytes4, i, got, want)
