@@ -517,7 +517,7 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
         from . import gluon_launch
 
         candidates = candidate_configs(n, k, m, fmt, num_sms(device))
-        if gluon_launch.usable(device, m, dtype):
+        if gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype):
             candidates += gluon_candidates(m)
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
     packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))

@@ -12,6 +12,7 @@ and the dispatcher runs the portable kernel instead.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -22,6 +23,15 @@ BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
 _broken: str | None = None  # why the Gluon kernel cannot be used in this process (first failure), or None
+# The kernel was written and compiled for sm_90a without a GPU (2026-12-07); until tests/test_gluon_kernel.py has
+# passed on an H100/H200, the tuner offers its configs only with SPECTRA_TUNE_GLUON=1 (a kernel that faulted
+# would end the whole tuning run). Dispatch uses it only through tuned entries, of which none are shipped yet.
+VERIFIED_ON_GPU = False
+
+
+def tuning_enabled() -> bool:
+    """Whether ``dispatch.tune`` tries Gluon configs (see VERIFIED_ON_GPU)."""
+    return VERIFIED_ON_GPU or os.environ.get("SPECTRA_TUNE_GLUON") == "1"
 
 
 def available() -> bool:
