@@ -18,10 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--shapes", default="70b,3.9b",
                    help="comma-separated shape sets: 70b, 3.9b, or model size presets such as 1.5B")
     g.add_argument("--ms", default="1,2,4,8,16,32,64,128,256", help="batch sizes m")
-    g.add_argument("--formats", default="tq2,tq1")
+    g.add_argument("--formats", default="tq2,tq1",
+                   help="tq2, tq1: the dispatcher's kernel; tq2:tl, tq1:tl: the portable triton.language kernel "
+                        "alone (side by side with the Hopper Gluon kernel)")
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--reps", type=int, default=200, help="launches per timed CUDA graph")
     g.add_argument("--trials", type=int, default=5, help="timed replays; the median is reported")
+    g.add_argument("--eager", action="store_true",
+                   help="also time the same calls launched eagerly (no CUDA graph) and report the host time "
+                        "per call (eager - graph)")
     g.set_defaults(func=run_gemm)
     d = sub.add_parser("decode", help="CUDA-graph decode steps/s, packed vs fp16, random weights")
     d.add_argument("--models", default="3.9b,70b-slice")
@@ -58,9 +63,15 @@ def _need_cuda() -> None:
 
 
 def run_gemm(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..formats import FORMATS
     from ..kernels import bench
 
     fmts = tuple(args.formats.split(","))
+    for f in fmts:
+        base, _, variant = f.partition(":")
+        if base not in FORMATS or variant not in ("", "tl"):
+            raise ConfigError(f"--formats: unknown entry {f!r}; use tq2, tq1, tq2:tl or tq1:tl")
     ms = parse_int_list(args.ms, "--ms", "batch sizes", minimum=1)
     for shapes in args.shapes.split(","):
         bench.layer_shapes(shapes)  # a bad name fails before any GPU work
@@ -69,10 +80,10 @@ def run_gemm(args: argparse.Namespace) -> int:
     print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s "
           f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")
     for shapes in args.shapes.split(","):
-        print(bench.format_gemm_header(fmts))
+        print(bench.format_gemm_header(fmts, args.eager))
         bench.bench_gemm(shapes, ms, fmts,
                          torch.float16 if args.dtype == "float16" else torch.bfloat16, reps=args.reps,
-                         trials=args.trials, log=print)
+                         trials=args.trials, log=print, eager=args.eager)
     return 0
 
 

@@ -8,8 +8,11 @@ small batches, or dequantize-then-cuBLAS where the tuned table says that is fast
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .plans import clear_plans, get_plan
 from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
 __all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
@@ -17,9 +20,9 @@ __all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matm
 
 # activation dtypes the packed Triton kernels take directly (fp32 decodes the weight, then a cuBLAS product)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_config_memo: dict[tuple, object] = {}
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -30,32 +33,20 @@ def triton_available() -> bool:
 
 def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
                    scales: torch.Tensor, shard_axis: int) -> torch.Tensor:
-    """y = x @ (trits * scales)^T for x [..., in_features] and packed trits [out_features, row_bytes]."""
+    """y = x @ (trits * scales)^T for x [..., in_features] and packed trits [out_features, row_bytes].
+
+    On CUDA the call runs a cached launch plan (:mod:`spectra.kernels.plans`): inputs are validated and the
+    kernel config chosen once per call signature, so an eager call costs little more than the launch."""
     if not (x.is_cuda and triton_available()):
         return ternary_matmul_reference(x, packed, fmt, in_features, scales, shard_axis)
-    from . import dispatch
+    if not scales.is_contiguous():
+        scales = scales.contiguous()
+    if x.numel() == 0:
+        from . import dispatch
 
-    dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
-    n = packed.shape[0]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m == 0:
-        return x.new_empty(*x.shape[:-1], n)
-    if x.dtype not in KERNEL_DTYPES:
-        # fp32 activations: decode on the GPU, then an fp32 cuBLAS product (exact weights, no tensor-core
-        # rounding of x); the packed kernels are for the fp16/bf16 inference path.
-        w = dispatch.dequantize(packed, fmt, in_features, scales.contiguous(), shard_axis, x.dtype)
-        return torch.matmul(x2, w.t()).reshape(*x.shape[:-1], n)
-    mode = dispatch.scale_mode(scales, shard_axis)
-    key = (fmt, n, in_features, dispatch.m_bucket(m), x.dtype, mode, x.device)
-    cfg = _config_memo.get(key)
-    if cfg is None:
-        cfg = dispatch.lookup_config(fmt, n, in_features, m, x.dtype, mode, x.device)
-        _config_memo[key] = cfg
-    y = dispatch.run_config(x2, packed, fmt, in_features, scales.contiguous(), shard_axis, cfg)
-    return y.reshape(*x.shape[:-1], n)
+        dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
+        return x.new_empty(*x.shape[:-1], packed.shape[0])
+    return get_plan(x, packed, fmt, in_features, scales, shard_axis)(x, packed, scales)
 
 
 @torch.library.custom_op("spectra::ternary_matmul", mutates_args=())
@@ -72,5 +63,5 @@ def _ternary_matmul_fake(x, packed, fmt, in_features, scales, shard_axis):
 
 
 def clear_config_memo() -> None:
-    """Forget the per-shape config choices (after tuning)."""
-    _config_memo.clear()
+    """Forget the per-shape config choices and launch plans (after tuning)."""
+    clear_plans()

@@ -83,6 +83,24 @@ def time_graph(step: Callable[[int], None], copies: int, reps: int = 200, trials
     return statistics.median(times)
 
 
+def time_eager(step: Callable[[int], None], copies: int, reps: int = 200, trials: int = 5) -> float:
+    """Median seconds per call of step(i) launched eagerly from Python (no CUDA graph): host time that the
+    GPU cannot hide shows up here, and (this - :func:`time_graph`) is the host overhead per call."""
+    for i in range(min(copies, 3)):
+        step(i)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for r in range(reps):
+            step(r % copies)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
 def copies_for(nbytes: int, l2_bytes: int, factor: int = 4) -> int:
     """How many copies of an nbytes working set make `factor` times the L2 (at least 2)."""
     return max(2, -(-factor * l2_bytes // max(nbytes, 1)))
@@ -129,6 +147,7 @@ class GemmRow:
     ours_us: dict[str, float]          # format -> summed microseconds
     ours_bytes: dict[str, int]         # format -> bytes moved (weights + scales + x + y), summed
     fp16_bytes: int
+    eager_us: dict[str, float] | None = None  # "fp16" and each format -> summed us, eager launches
 
     def speedup(self, fmt: str) -> float:
         return self.fp16_us / self.ours_us[fmt]
@@ -138,11 +157,26 @@ def packed_bytes(n: int, k: int, m: int, fmt: str, act_bytes: int = 2) -> int:
     return n * get_format(fmt).row_bytes(k) + 4 + m * k * act_bytes + m * n * act_bytes
 
 
+def portable_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                    shard_axis: int) -> torch.Tensor:
+    """ternary_matmul restricted to the portable triton.language kernels (the "tq2:tl" columns of bench gemm):
+    the config the dispatcher would take without the Gluon kernel, launched through the JIT path."""
+    from . import dispatch
+
+    x2 = x.reshape(-1, in_features)
+    cfg = dispatch.lookup_config(fmt, packed.shape[0], in_features, x2.shape[0], x.dtype,
+                                 dispatch.scale_mode(scales, shard_axis), x.device, gluon=False)
+    return dispatch.run_config(x2, packed, fmt, in_features, scales, shard_axis, cfg).reshape(*x.shape[:-1], -1)
+
+
 def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: tuple[str, ...] = ("tq2", "tq1"),
                dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                reps: int = 200, trials: int = 5, matmul: Callable | None = None,
-               log: Callable[[str], None] | None = None) -> list[GemmRow]:
-    """Summed layer time per m for cuBLAS fp16 and for `matmul` (default: spectra.kernels.ternary_matmul)."""
+               log: Callable[[str], None] | None = None, eager: bool = False) -> list[GemmRow]:
+    """Summed layer time per m for cuBLAS fp16 and for `matmul` (default: spectra.kernels.ternary_matmul);
+    with `eager`, also of the same calls launched eagerly (no CUDA graph). A format "tq2:tl" times the
+    portable triton.language kernel alone (:func:`portable_matmul`), beside "tq2" (the dispatcher's choice,
+    the Gluon kernel where it is tuned to win)."""
     from . import ternary_matmul
 
     matmul = matmul or ternary_matmul
@@ -155,41 +189,60 @@ def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: t
         fp16_total, ours_total = 0.0, {f: 0.0 for f in fmts}
         bytes_total = {f: 0 for f in fmts}
         fp16_bytes = 0
+        eager_total = {f: 0.0 for f in ("fp16", *fmts)} if eager else None
         for k, n in shapes:
             x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
             dense_bytes = n * k * 2
             nd = copies_for(dense_bytes, l2)
             ws = [torch.randn(n, k, dtype=dtype, device=device, generator=gen) * 0.02 for _ in range(nd)]
             out = torch.empty(m, n, dtype=dtype, device=device)
-            fp16_total += time_graph(lambda i, x=x, ws=ws, out=out: torch.matmul(x, ws[i].t(), out=out), nd, reps,
-                                     trials)
+            dense_step = lambda i, x=x, ws=ws, out=out: torch.matmul(x, ws[i].t(), out=out)  # noqa: E731
+            fp16_total += time_graph(dense_step, nd, reps, trials)
+            if eager:
+                eager_total["fp16"] += time_eager(dense_step, nd, reps, trials)
             fp16_bytes += dense_bytes + 2 * (m * k + m * n)
             ws = None  # free before the packed copies
             for fmt in fmts:
-                packs = cold_copies(random_packed(n, k, fmt, device, gen), l2)
+                base_fmt, _, variant = fmt.partition(":")
+                packs = cold_copies(random_packed(n, k, base_fmt, device, gen), l2)
                 npk = len(packs)
                 scales = torch.rand(1, device=device, generator=gen) * 0.05 + 0.01
-                ours_total[fmt] += time_graph(
-                    lambda i, x=x, p=packs, f=fmt, k=k, s=scales: matmul(x, p[i], f, k, s, 0), npk, reps, trials)
-                bytes_total[fmt] += packed_bytes(n, k, m, fmt)
+                mm = portable_matmul if variant == "tl" else matmul
+                step = lambda i, x=x, p=packs, f=base_fmt, k=k, s=scales, mm=mm: mm(x, p[i], f, k, s, 0)  # noqa: E731
+                ours_total[fmt] += time_graph(step, npk, reps, trials)
+                if eager:
+                    eager_total[fmt] += time_eager(step, npk, reps, trials)
+                bytes_total[fmt] += packed_bytes(n, k, m, base_fmt)
         row = GemmRow(shape_set, m, fp16_total * 1e6, {f: t * 1e6 for f, t in ours_total.items()}, bytes_total,
-                      fp16_bytes)
+                      fp16_bytes, {f: t * 1e6 for f, t in eager_total.items()} if eager else None)
         rows.append(row)
         if log:
-            log(format_gemm_row(row, fmts))
+            log(format_gemm_row(row, fmts, len(shapes)))
     return rows
 
 
-def format_gemm_header(fmts: tuple[str, ...]) -> str:
+def format_gemm_header(fmts: tuple[str, ...], eager: bool = False) -> str:
     cols = " | ".join(f"{f} us | {f} x | {f} GB/s" for f in fmts)
-    return f"| shapes | m | fp16 us | fp16 GB/s | {cols} |\n|---|---|---|---|" + "---|" * (3 * len(fmts))
+    head = f"| shapes | m | fp16 us | fp16 GB/s | {cols} |"
+    ncols = 3 * len(fmts)
+    if eager:
+        # eager: the same calls without a CUDA graph; "host us/call": (eager - graph) per product, the launch
+        # cost the GPU does not hide
+        head += " fp16 eager us | " + " | ".join(f"{f} eager us | {f} eager x | {f} host us/call" for f in fmts) + " |"
+        ncols += 1 + 3 * len(fmts)
+    return head + "\n|---|---|---|---|" + "---|" * ncols
 
 
-def format_gemm_row(row: GemmRow, fmts: tuple[str, ...]) -> str:
+def format_gemm_row(row: GemmRow, fmts: tuple[str, ...], products: int = 4) -> str:
     cols = " | ".join(f"{row.ours_us[f]:.1f} | {row.speedup(f):.2f}x | {row.ours_bytes[f] / row.ours_us[f] / 1e3:.0f}"
                       for f in fmts)
-    return (f"| {row.shapes} | {row.m} | {row.fp16_us:.1f} | {row.fp16_bytes / row.fp16_us / 1e3:.0f} | "
+    line = (f"| {row.shapes} | {row.m} | {row.fp16_us:.1f} | {row.fp16_bytes / row.fp16_us / 1e3:.0f} | "
             f"{cols} |")
+    if row.eager_us:
+        e = row.eager_us
+        line += f" {e['fp16']:.1f} | " + " | ".join(
+            f"{e[f]:.1f} | {e['fp16'] / e[f]:.2f}x | {(e[f] - row.ours_us[f]) / products:.1f}" for f in fmts) + " |"
+    return line
 
 
 # --- end-to-end decoding ------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ _lock = threading.Lock()
 class KernelConfig:
     # "tc": tensor-core kernel on packed weights, one program per output tile (times split-k);
     # "sk": the same product as a persistent stream-K launch (the GEMM regime, large m);
-    # "dequant": decode the whole weight, then cuBLAS.
+    # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon kernel (m <= 16; block_m and
+    # split only, see gluon_launch).
     kind: str = "tc"
     block_m: int = 16
     block_n: int = 64
@@ -51,6 +52,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs: int = 0         # "sk": persistent programs (0 = one per SM)
+    wait_late: bool = False   # "gluon": decode the next K step while the tensor cores run this one
 
     @staticmethod
     def from_dict(d: dict) -> KernelConfig:
@@ -192,9 +194,31 @@ def large_m_configs(m: int) -> list[KernelConfig]:
 DEQUANT_ABOVE_M = {"tq2": 1024, "tq1": 512}
 
 
+# Tuned entries for the Hopper Gluon kernel carry this suffix on their key, beside the portable kernel's entry
+# for the same shape (which a Triton without Gluon, or a failed Gluon compile, still uses).
+GLUON_KEY_SUFFIX = "|gluon"
+
+
+def gluon_candidates(m: int) -> list[KernelConfig]:
+    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
+    bm = 8 if m <= 8 else 16
+    return [KernelConfig("gluon", bm, 64, bj, split, wait_late=late) for late in (False, True) for bj in (64, 128)
+            for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+
+
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
-                  device: torch.device) -> KernelConfig:
+                  device: torch.device, gluon: bool = True) -> KernelConfig:
+    """The config a launch uses: a tuned Gluon entry (if `gluon` and the kernel can run here), else the tuned
+    portable entry, else the nearest tuned m bucket's, else the heuristic."""
     key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
+    if gluon and m <= 16 and device.type == "cuda":
+        entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
+                 or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
+        if entry is not None:
+            from . import gluon_launch
+
+            if gluon_launch.usable(device, m, dtype):
+                return KernelConfig.from_dict(entry)
     entry = _load_table().get(key)
     if entry is None and scale_mode:
         # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.
@@ -399,8 +423,26 @@ def dequantize(packed: torch.Tensor, fmt: str, in_features: int, scales: torch.T
     return out
 
 
+def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device: torch.device) -> KernelConfig:
+    """`cfg`, or where it names the Gluon kernel and that cannot run here, the portable kernel's heuristic."""
+    if cfg.kind != "gluon":
+        return cfg
+    from . import gluon_launch
+
+    if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16):
+        return cfg
+    return heuristic_config(n, k, m, fmt, num_sms(device) if device.type == "cuda" else 4)
+
+
 def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
+    if cfg.kind == "gluon":
+        from . import gluon_launch
+
+        if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
+            return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
+                                       block_j=cfg.block_j, wait_late=cfg.wait_late)
+        cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)
     if cfg.kind == "dequant":
         w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)
         return torch.matmul(x2, w.t())
@@ -438,7 +480,7 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
     entries: dict[str, KernelConfig] = {}
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
         best, times = tune(fmt, n, k, m, dtype, device, save=False)
-        entries[config_key(fmt, n, k, m, dtype, 0, gpu_name(device))] = best
+        entries.update(tuned_entries(fmt, n, k, m, dtype, gpu_name(device), times))
         log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
     save_configs(entries)
@@ -449,6 +491,8 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
 def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
+    if cfg.kind == "gluon":
+        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}{' late wait' if cfg.wait_late else ''}"
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
 
@@ -468,7 +512,12 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     if device.type != "cuda" or not torch.cuda.is_available():
         raise DeviceError("kernel tuning needs a CUDA GPU; none is available")
     gen = torch.Generator(device=device).manual_seed(1)
-    candidates = candidates or candidate_configs(n, k, m, fmt, num_sms(device))
+    if candidates is None:
+        from . import gluon_launch
+
+        candidates = candidate_configs(n, k, m, fmt, num_sms(device))
+        if gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype):
+            candidates += gluon_candidates(m)
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
     packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))
     base, copies = packs[0], len(packs)
@@ -490,5 +539,20 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
         raise DeviceError(f"no kernel config ran for {fmt} {n}x{k} m={m}")
     best = min(times, key=times.get)
     if save:
-        save_configs({config_key(fmt, n, k, m, dtype, 0, gpu_name(device)): best})
+        save_configs(tuned_entries(fmt, n, k, m, dtype, gpu_name(device), times))
     return best, times
+
+
+def tuned_entries(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, gpu: str,
+                  times: dict[KernelConfig, float]) -> dict[str, KernelConfig]:
+    """The table entries of one tuning: the fastest portable config under the shape's key and, where the
+    Gluon kernel beat it, the fastest Gluon config under the key + GLUON_KEY_SUFFIX."""
+    key = config_key(fmt, n, k, m, dtype, 0, gpu)
+    portable = {c: t for c, t in times.items() if c.kind != "gluon"}
+    gluon = {c: t for c, t in times.items() if c.kind == "gluon"}
+    out = {}
+    if portable:
+        out[key] = min(portable, key=portable.get)
+    if gluon and (not portable or min(gluon.values()) < min(portable.values())):
+        out[key + GLUON_KEY_SUFFIX] = min(gluon, key=gluon.get)
+    return out

@@ -77,6 +77,52 @@ def tq1_decode_asm(dtype: str) -> str:
     return "\n".join(lines)
 
 
+def tq2_word_decode_asm(dtype: str) -> str:
+    """PTX for ``pack=4`` over a broadcast 32-bit word: $8 = four TQ2 bytes b0..b3 ($9..$11 are the same
+    word) -> $2i = plane i of (b0, b1), $2i+1 = plane i of (b2, b3), 16-bit pairs of -1/0/+1. One word per
+    call, so the bytes arrive packed as loaded (no per-byte repacking)."""
+    magic, scale, bias = _TQ2[dtype]
+    lines = ["{", ".reg .b32 lo, hi, s, c;",
+             "prmt.b32 lo, $8, 0, 0x4140;",   # b0 -> bits 0-7, b1 -> bits 16-23
+             "prmt.b32 hi, $8, 0, 0x4342;"]   # b2, b3 likewise
+    for i in range(4):
+        mask = 0x00030003 << (2 * i)
+        lines += [f"mov.b32 s, {_pair(scale[i])};", f"mov.b32 c, {_pair(bias[i])};"]
+        for r, src in ((2 * i, "lo"), (2 * i + 1, "hi")):
+            lines += [f"lop3.b32 ${r}, {src}, 0x{mask:08X}, {_pair(magic)}, 0xEA;",
+                      f"{_FMA[dtype]} ${r}, ${r}, s, c;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def tq1_word_decode_asm(dtype: str) -> str:
+    """As :func:`tq2_word_decode_asm` for TQ1: $10 = four TQ1 bytes -> $2i, $2i+1 = digit i - 1 of (b0, b1),
+    (b2, b3) (the same arithmetic as :func:`tq1_decode_asm`, per half word)."""
+    lines = ["{", ".reg .b32 lo, hi, t, k3, kb, kn, b1, bm;",
+             "prmt.b32 lo, $10, 0, 0x4140;",
+             "prmt.b32 hi, $10, 0, 0x4342;",
+             "mov.b32 k3, 0x22002200;", "mov.b32 kb, 0x63FB63FB;", "mov.b32 kn, 0xE402E402;",
+             "mov.b32 b1, 0x3F803F80;", "mov.b32 bm, 0xC302C302;"]
+    for i in range(5):
+        for r, src in ((2 * i, "lo"), (2 * i + 1, "hi")):
+            lines.append(f"shl.b32 t, {src}, 2;" if i == 0 else f"mul.lo.u32 t, {src}, {4 * 3 ** i};")
+            lines += ["lop3.b32 t, t, 0x03FC03FC, 0x5C015C01, 0xEA;", "fma.rn.f16x2 t, t, k3, kb;"]
+            if dtype == "fp16":
+                lines.append(f"add.rn.f16x2 ${r}, t, kn;")
+            else:
+                lines += [f"lop3.b32 t, t, 0x00030003, {_pair(0x4300)}, 0xEA;", f"fma.rn.bf16x2 ${r}, t, b1, bm;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def word_decode_asm(fmt: str, dtype: str) -> str:
+    if fmt == "tq2":
+        return tq2_word_decode_asm(dtype)
+    if fmt == "tq1":
+        return tq1_word_decode_asm(dtype)
+    raise ValueError(fmt)
+
+
 def decode_asm(fmt: str, dtype: str) -> str:
     if fmt == "tq2":
         return tq2_decode_asm(dtype)

@@ -1,0 +1,117 @@
+"""Host side of the Hopper Gluon kernel (``tq_gluon``): when it may run, its launch arguments, and the
+fallback to the portable ``triton.language`` kernel where it cannot compile.
+
+A config of kind ``"gluon"`` runs ``tq_gluon.tq_gemv_gluon_kernel``: ``block_m`` is the MMA width (8 or 16,
+covering m), ``block_j`` the packed bytes per row and K step (64 or 128: 16 or 32 bytes per thread and row),
+``wait_late`` the kernel's WAIT_LATE loop (decode the next step while the tensor cores run),
+``split`` the split-k factor, clamped so that a program's activations fit
+:data:`SMEM_BUDGET` bytes of shared memory. The kernel needs an sm_90 GPU and a Triton with Gluon; where
+either is missing, or the kernel fails to compile once, :func:`usable` says no, one warning line says why,
+and the dispatcher runs the portable kernel instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..formats import get_format
+
+BN = 64                   # weight rows per program (one warpgroup)
+SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
+MAX_M = 16
+_broken: str | None = None  # why the Gluon kernel cannot be used in this process (first failure), or None
+# The kernel was written and compiled for sm_90a without a GPU (2026-12-07); until tests/test_gluon_kernel.py has
+# passed on an H100/H200, the tuner offers its configs only with SPECTRA_TUNE_GLUON=1 (a kernel that faulted
+# would end the whole tuning run). Dispatch uses it only through tuned entries, of which none are shipped yet.
+VERIFIED_ON_GPU = False
+
+
+def tuning_enabled() -> bool:
+    """Whether ``dispatch.tune`` tries Gluon configs (see VERIFIED_ON_GPU)."""
+    return VERIFIED_ON_GPU or os.environ.get("SPECTRA_TUNE_GLUON") == "1"
+
+
+def available() -> bool:
+    """Triton has Gluon and the Gluon kernel module imports (it failed no earlier compile)."""
+    if _broken is not None:
+        return False
+    try:
+        from . import tq_gluon  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - an old Triton or a changed Gluon API: portable kernel instead
+        disable(f"import failed: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+def usable(device: torch.device, m: int, dtype: torch.dtype) -> bool:
+    """Whether a launch of this m and dtype on `device` may take the Gluon kernel."""
+    if m > MAX_M or dtype not in (torch.float16, torch.bfloat16) or device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    return available()
+
+
+def disable(reason: str) -> None:
+    """Stop using the Gluon kernel in this process, with one warning line (the first reason only)."""
+    global _broken
+    if _broken is None:
+        _broken = reason
+        warnings.warn(f"spectra: the Hopper Gluon kernel is unavailable ({reason}); using the portable Triton "
+                      "kernel", RuntimeWarning, stacklevel=3)
+
+
+def steps_and_split(q: int, split: int, block_m: int, planes: int, block_j: int = 64) -> tuple[int, int]:
+    """(K steps per split, split) for q bytes per row: at least the asked split, and enough that one split's
+    activations (steps * planes slots of block_m x block_j values, 2 bytes each) fit SMEM_BUDGET."""
+    blocks = -(-q // block_j)
+    max_steps = max(1, SMEM_BUDGET // (planes * block_m * block_j * 2))
+    split = max(1, min(split, blocks), -(-blocks // max_steps))
+    steps = -(-blocks // split)
+    return steps, -(-q // (steps * block_j))
+
+
+def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
+                block_m: int, split: int, y: torch.Tensor, block_j: int = 64, wait_late: bool = False,
+                ws: torch.Tensor | None = None,
+                cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
+    """(grid, named arguments, launch options) of one launch on activations x2 [m, k] (column-shard scales
+    already applied). ws / cnt: the split-k workspace (taken from dispatch.WORKSPACE if not given)."""
+    from . import dispatch
+    from .ptx import word_decode_asm
+
+    m, k = x2.shape
+    n, q = packed.shape
+    g = get_format(fmt).trits_per_byte
+    steps, split = steps_and_split(q, split, block_m, g, block_j)
+    grid = (-(-n // BN), split, 1)
+    if ws is None:
+        ws, cnt = dispatch.WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
+    named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
+                 stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
+                 G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), WAIT_LATE=wait_late,
+                 BJ=block_j)
+    return grid, named, dict(num_warps=4)
+
+
+def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+           shard_axis: int, block_m: int, split: int, out: torch.Tensor | None = None,
+           block_j: int = 64, wait_late: bool = False) -> torch.Tensor:
+    """The Gluon kernel on a 2-D, row-contiguous x2 [m, k] with m <= block_m; returns y [m, n] (tests,
+    benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
+    from . import dispatch
+    from .tq_gluon import tq_gemv_gluon_kernel
+
+    mode = dispatch.scale_mode(scales, shard_axis)
+    if mode == 2:
+        x2 = dispatch.scale_columns(x2, scales, in_features)
+    if x2.shape[0] > block_m:
+        raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
+    y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
+    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j, wait_late)
+    tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
+    return y

@@ -1,0 +1,286 @@
+"""Launch plans: what one eager call of ``ternary_matmul`` needs, worked out once per call signature.
+
+A call signature is everything that decides the launch: format, in_features, shard axis, and the shape,
+strides, dtype, device and 16-byte alignment of the activations, packed weights and scales. The first call
+with a signature validates the inputs, looks up the kernel config, sizes the grid and the split-k workspace,
+and builds the kernels' argument lists (:func:`build_plan`); every later call only allocates its output and
+hands the argument list to the launcher of the compiled kernel (Triton's ``CompiledKernel.run``), skipping
+Triton's per-call argument binding and specialisation (about 20 us of Python per launch on an H100 host) and
+our own validation and config lookup. The saving is host time only: the same kernels run.
+
+Why a signature may reuse a compiled kernel: Triton specialises a kernel on its integer arguments (== 1,
+multiple of 16) and on its pointers' 16-byte alignment. The integers of a plan are fixed by the signature,
+and the pointers' alignment is part of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from ..formats import get_format
+
+MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
+_plans: dict[tuple, Plan] = {}
+_lock = threading.Lock()
+
+
+def plan_key(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+             shard_axis: int) -> tuple:
+    """Everything a launch depends on (see the module docstring), cheap to compute for every call."""
+    return (fmt, in_features, shard_axis, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            packed.shape, packed.stride(), packed.dtype, packed.device, packed.data_ptr() & 15,
+            scales.shape, scales.stride(), scales.dtype, scales.device, scales.data_ptr() & 15)
+
+
+def get_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+             shard_axis: int, builder: Callable[..., Plan] | None = None) -> Plan:
+    """The cached plan of this call signature, built (inputs validated, config chosen) on first use."""
+    key = plan_key(x, packed, fmt, in_features, scales, shard_axis)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = (builder or build_plan)(x, packed, fmt, in_features, scales, shard_axis)
+        with _lock:
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every plan (after tuning changed the configs, or a test changed the dispatch)."""
+    with _lock:
+        _plans.clear()
+
+
+class Launch:
+    """One launch of a Triton kernel with a fixed grid and fixed non-tensor arguments; the tensors named in
+    `slots` change per call. The first call goes through Triton's JIT (compiling if needed) and keeps the
+    compiled kernel; later calls go straight to its launcher. Under TRITON_INTERPRET there is no compiled
+    kernel and every call goes through the interpreter."""
+
+    __slots__ = ("fn", "grid", "args", "slots", "options", "run", "function", "metadata", "compiled")
+
+    def __init__(self, fn, grid: tuple[int, int, int], named: dict, slots: tuple[str, ...], options: dict):
+        self.fn, self.grid, self.options = fn, grid, options
+        self.args = [named.get(name) for name in fn.arg_names]
+        self.slots = tuple(fn.arg_names.index(name) for name in slots)
+        self.compiled = None
+        self.run = None  # the compiled kernel's launcher; False: this Triton's launcher is not ours to call
+
+    def compile(self, *tensors: torch.Tensor) -> None:
+        """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        compiled = self.fn.warmup(*args, grid=self.grid, **self.options)
+        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.compiled = compiled
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        if self.compiled is None:
+            compiled = self.fn[self.grid](*args, **self.options)
+            if compiled is not None and hasattr(compiled, "packed_metadata") and self.run is not False:
+                self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+                self.compiled = compiled
+            return
+        from triton import knobs
+
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        # the stream Triton's own launch path takes: the current one of the current device
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        if _hooked(enter) or _hooked(leave):  # a profiler's hooks want the metadata Triton's path builds
+            meta = self.compiled.launch_metadata(self.grid, stream, *args)
+        else:  # no hooks (Triton >= 3.4 holds empty hook chains): the launcher calls none
+            enter = leave = meta = None
+        g0, g1, g2 = self.grid
+        try:
+            self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
+        except TypeError:
+            # a Triton whose launcher takes other arguments (it checks them before launching): use its JIT
+            # path for this launch from now on
+            self.compiled, self.run = None, False
+            self.fn[self.grid](*args, **self.options)
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain``."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class Plan:
+    """A callable ``plan(x, packed, scales) -> y`` for one call signature (see :func:`get_plan`)."""
+
+    __slots__ = ("cfg", "out_shape", "dtype", "device", "flat", "stride_xm", "m", "k", "n", "pre", "main",
+                 "dense")
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
+        if self.dense is not None:  # dequantize into cached scratch, then cuBLAS
+            w = self.dense(packed, scales)
+            return torch.matmul(x2, w.t()).view(self.out_shape)
+        if self.pre is not None:  # column-shard scales applied to the activations first
+            xs = torch.empty((self.m, self.k), dtype=self.dtype, device=self.device)
+            self.pre(x2, scales, xs)
+            x2 = xs
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        self.main(x2, packed, scales, y)
+        return y
+
+
+class _Scratch:
+    """Per (device, dtype) dense-weight buffer of the dequantize path, grown geometrically. Like the split-k
+    workspace, a replaced buffer is kept alive: a captured CUDA graph may still write into it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self.buffers.get((device, dtype))
+        if buf is None or buf.numel() < numel:
+            if buf is not None:
+                self.retired.append(buf)
+            buf = torch.empty(max(numel, 0 if buf is None else 2 * buf.numel()), dtype=dtype, device=device)
+            self.buffers[(device, dtype)] = buf
+        return buf
+
+
+SCRATCH = _Scratch()
+
+
+def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtype: torch.dtype,
+           device: torch.device) -> Callable:
+    """Dequantize launch into the cached scratch (same kernel and grid as dispatch.dequantize)."""
+    import triton
+
+    from .tq_triton import tq_dequant_kernel
+
+    q = get_format(fmt).row_bytes(k)
+    bn, bj = 32, 128
+    mode = 0 if scales_n == 1 else 1 if shard_axis == 0 else 2
+    named = dict(N=packed_n, K=k, Q=q, P=scales_n, G=get_format(fmt).trits_per_byte, SCALE_MODE=mode, BN=bn, BJ=bj)
+    launch = Launch(tq_dequant_kernel, (triton.cdiv(packed_n, bn), triton.cdiv(q, bj), 1), named,
+                    ("w_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
+
+    def dense(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        w = SCRATCH.get(device, dtype, packed_n * k)[:packed_n * k].view(packed_n, k)
+        launch(packed, scales, w)
+        return w
+
+    return dense
+
+
+def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
+    """The Gluon kernel's launch, compiled now; None (after gluon_launch's one warning) where it cannot run."""
+    from . import gluon_launch
+
+    if not gluon_launch.usable(x.device, plan.m, x.dtype):
+        return None
+    if (x.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15:
+        return None  # compiled for 16-byte aligned pointers; rare: this signature runs the portable kernel
+    from .tq_gluon import tq_gemv_gluon_kernel
+
+    stride_xm = plan.stride_xm
+    if mode == 2:
+        import triton
+
+        from .tq_triton import tq_scale_columns_kernel
+
+        bk = 1024
+        plan.pre = Launch(tq_scale_columns_kernel, (plan.m, triton.cdiv(plan.k, bk), 1),
+                          dict(M=plan.m, K=plan.k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
+                          ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
+        stride_xm = plan.k
+    # stand-ins with the shapes and alignment of the real tensors; the plan keeps no reference to the weights
+    x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
+    y = torch.empty((plan.m, plan.n), dtype=x.dtype, device=x.device)
+    grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y,
+                                                    cfg.block_j, cfg.wait_late)
+    named.update(stride_xm=stride_xm, x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
+    launch = Launch(tq_gemv_gluon_kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
+    try:
+        launch.compile(x2, packed, scales, y)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: the portable kernel runs instead
+        gluon_launch.disable(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        plan.pre = None
+        return None
+    return launch
+
+
+def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+               shard_axis: int) -> Plan:
+    """Validate, choose the config, and precompute every launch argument of this call signature."""
+    import triton
+
+    from . import KERNEL_DTYPES, dispatch
+    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel, tq_scale_columns_kernel
+
+    dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
+    if not scales.is_contiguous():
+        raise ValueError("internal: ternary_matmul passes contiguous scales")
+    n, q = packed.shape
+    k = in_features
+    m = x.numel() // k
+    plan = Plan()
+    plan.out_shape, plan.dtype, plan.device, plan.m, plan.k, plan.n = (*x.shape[:-1], n), x.dtype, x.device, m, k, n
+    # The kernels read rows of x at a fixed stride: a contiguous x of any rank, or a 2-D x with unit column stride.
+    plan.flat = x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1)
+    plan.stride_xm = x.stride(0) if plan.flat and x.dim() == 2 else k
+    plan.pre = plan.main = plan.dense = None
+    mode = dispatch.scale_mode(scales, shard_axis)
+    if x.dtype not in KERNEL_DTYPES:
+        # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
+        cfg = dispatch.KernelConfig("dequant")
+    else:
+        cfg = dispatch.lookup_config(fmt, n, k, m, x.dtype, mode, x.device)
+    if cfg.kind == "gluon":
+        plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan)
+        if plan.main is not None:
+            plan.cfg = cfg
+            return plan
+        cfg = dispatch.portable_config(cfg, fmt, n, k, m, x.device)
+    plan.cfg = cfg
+    if cfg.kind == "dequant":
+        plan.dense = _dense(n, fmt, k, scales.numel(), shard_axis, x.dtype, x.device)
+        return plan
+    stride_xm = plan.stride_xm
+    if mode == 2:
+        bk = 1024
+        plan.pre = Launch(tq_scale_columns_kernel, (m, triton.cdiv(k, bk), 1),
+                          dict(M=m, K=k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
+                          ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
+        stride_xm = k
+    masks = dispatch._column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
+    # the inline-PTX decode and the fences exist on the GPU only (not under TRITON_INTERPRET)
+    named = dispatch.kernel_constexprs(fmt, cfg, x.dtype, mode, masks, x.is_cuda,
+                                       dispatch.FENCE_MODE if x.is_cuda else 0)
+    named.update(M=m, N=n, K=k, Q=q, stride_xm=stride_xm, stride_ym=n, P=scales.numel())
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
+    if cfg.kind == "sk":
+        tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+        steps = triton.cdiv(q, cfg.block_j)
+        total = tiles_m * tiles_n * steps
+        programs = max(1, min(cfg.programs or dispatch.num_sms(x.device), total))
+        ws, cnt = dispatch.WORKSPACE.get(x.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
+        named.update(ws_ptr=ws, cnt_ptr=cnt, TILES_M=tiles_m, STEPS=steps, TOTAL=total)
+        plan.main = Launch(tq_matmul_sk_kernel, (programs, 1, 1), named, slots, options)
+        return plan
+    blocks = triton.cdiv(q, cfg.block_j)
+    split = max(1, min(cfg.split, blocks))
+    j_per_split = triton.cdiv(blocks, split) * cfg.block_j
+    split = triton.cdiv(q, j_per_split)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    if split > 1:
+        ws, cnt = dispatch.WORKSPACE.get(x.device, split * m * n, grid[0] * grid[1])
+    else:
+        ws, cnt = dispatch.WORKSPACE.get(x.device, 1, 1)  # unused by the unsplit kernel
+    named.update(ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split, SPLIT_K=split > 1)
+    plan.main = Launch(tq_matmul_kernel, grid, named, slots, options)
+    return plan

@@ -1,0 +1,210 @@
+"""Hopper (sm_90) Gluon kernel for the packed ternary product at decode-sized m (1..16).
+
+Same product and layout as ``tq_triton.tq_matmul_kernel`` (``acc[64 weight rows, BM rows of x] = W @ x^T``,
+register-A ``wgmma`` on decoded planes, split-k with per-split fp32 slots), written in Gluon
+(``triton.experimental.gluon``) so that the layouts are ours rather than the compiler's:
+
+* **Weights go from global memory straight to the registers of the tensor-core A fragment**, as 32-bit words,
+  16 or 32 bytes per thread and row per K step (BJ = 64 or 128 bytes per row), two steps ahead: no
+  shared-memory round trip, no per-stage barrier, no 2-byte shared loads. This works because the reduction
+  order of a matrix product is free: a thread's contiguous bytes are given the K positions that the thread
+  holds in wgmma's A fragment (``_byte_of_k``), and the activations are laid out in shared memory in the same
+  permuted order.
+* **The activations of a program's whole K range are loaded once**, at the start, into shared memory (the
+  B operand), so the loop streams only weights.
+* Each K step issues its G planes' ``wgmma`` back to back (asynchronous, one accumulator), then waits once
+  (or, with WAIT_LATE, waits just before the next step's, so that the next decode overlaps them).
+
+The weight tile's register layout is given explicitly (``_word_layout``): every thread holds rows
+16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows wgmma's fragment gives it, and BJ / 4 consecutive bytes
+at (BJ / 4) * (lane % 4). Each word is broadcast four times along a third axis, so that one ``pack=4`` inline-PTX
+call (``ptx.word_decode_asm``) sees one word and writes the half2 registers of its four bytes for every plane;
+a reshape/permute then renames K positions so that each plane's tensor *is* the A fragment, which
+``convert_layout(..., assert_trivial=True)`` checks at compile time (no data movement).
+
+Requires Triton with Gluon (>= 3.5; written against 3.6) and an sm_90 GPU. ``dispatch`` falls back to the
+portable ``triton.language`` kernel where this cannot compile.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+BN = gl.constexpr(64)   # weight rows per program: one warpgroup's wgmma M
+
+
+@gluon.constexpr_function
+def _word_layout(BJ):
+    # [BN rows, BJ / 4 words, 4 copies]: the weight tile as 32-bit words (4 packed bytes each), each word broadcast
+    # 4 times along the last axis so that a pack=4 inline-asm call sees one word and writes its 4 bytes' values.
+    # Registers: the 4 copies, then BJ / 16 consecutive words (16-byte loads), then row + 8; lanes: word groups
+    # (lane bits 0-1) and rows 1, 2, 4 (lane bits 2-4); warps: rows 16, 32. Rows match wgmma's A fragment.
+    w = BJ // 16  # words per thread and row
+    word_regs = [[0, 1 << i, 0] for i in range(w.bit_length() - 1)]
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2]] + word_regs + [[8, 0, 0]],
+        lane_bases=[[0, w, 0], [0, 2 * w, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, BJ // 4, 4])
+
+
+@gluon.jit
+def _byte_of_k(kap, BJ: gl.constexpr):
+    """Byte column (within a K step of BJ bytes) whose digit sits at K position `kap` of a plane's A operand.
+
+    wgmma's A fragment gives lane t = lane % 4 the K positions 16c + 8e1 + 2t + e0 (c < BJ / 16, e1, e0 < 2);
+    the thread loaded bytes (BJ / 4) t + 4c + 2e1 + e0. Both sides of the product use this map."""
+    return (BJ // 4) * ((kap >> 1) & 3) + 4 * (kap >> 4) + 2 * ((kap >> 3) & 1) + (kap & 1)
+
+
+@gluon.jit
+def _load_words(w_ptr, rows, words, row_ok, jw, jw_end, QW):
+    """The [BN, 16] int32 words at word column jw (4 bytes each); rows past N and words past jw_end load 0."""
+    mask = row_ok[:, None] & ((jw + words) < jw_end)[None, :]
+    return gl.load(w_ptr + rows[:, None].to(gl.int64) * QW + (jw + words)[None, :], mask=mask, other=0)
+
+
+@gluon.jit
+def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
+    # [BN, word w, byte e] -> byte column 4w + e = (BJ / 4) t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0
+    # (a renaming of each thread's registers: convert_layout checks that it moves nothing)
+    a = gl.reshape(p, [BN, 4, BJ // 16, 2, 2])
+    a = gl.permute(a, (0, 2, 3, 1, 4))
+    a = gl.reshape(a, [BN, BJ])
+    a = gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
+    return warpgroup_mma(a, xs.permute((1, 0)), acc, is_async=True)
+
+
+@gluon.jit
+def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
+    """One [BN, BJ / 4 words] tile -> G planes of [BN, BJ / 4, 4] values (-1/0/+1, x's dtype), word layout."""
+    ET = x_ptr.dtype.element_ty
+    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout(BJ)))[0]
+    if G == 4:
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
+                                           is_pure=True, pack=4)
+    else:
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb],
+                                           dtype=(ET, ET, ET, ET, ET), is_pure=True, pack=4)
+    return planes
+
+
+@gluon.jit
+def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
+    """The G planes' wgmma, asynchronous, back to back (one accumulator: the tensor cores chain them)."""
+    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT, BJ)
+    if G == 5:
+        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT, BJ)
+    return acc
+
+
+@gluon.jit
+def _shard_of(idx, size, P):
+    base = size // P
+    extra = size - base * P
+    big = base + 1
+    head = extra * big
+    return gl.where(idx < head, idx // big, extra + (idx - head) // gl.maximum(base, 1))
+
+
+@gluon.jit
+def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                         M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
+                         G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
+                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr, BJ: gl.constexpr):
+    """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= BM (8 or 16); program (pid_n, pid_k) does weight
+    rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of BJ = 64 or 128
+    bytes per row: 16 or 32 bytes per thread and row).
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). WAIT_LATE: decode the next step
+    while the tensor cores still run this one (wait for them just before issuing the next), instead of waiting
+    at the end of each step."""
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    WL: gl.constexpr = gl.SliceLayout(2, _word_layout(BJ))
+    XL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[1, 32], warps_per_cta=[4, 1],
+                                        order=[1, 0])
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    j_start = pid_k * J_PER_SPLIT
+    j_end = gl.minimum(j_start + J_PER_SPLIT, Q)
+    n_steps = gl.cdiv(j_end - j_start, BJ)
+
+    # The activations of this K range, in the permuted K order of _byte_of_k, one [BM, BJ] slot per (step, plane).
+    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [SLOTS, BM, BJ], X_SMEM)
+    kap = gl.arange(0, BJ, layout=gl.SliceLayout(0, XL))
+    xrow = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+    xcol = _byte_of_k(kap, BJ)
+    xrow_ok = xrow < M
+    x_rows = x_ptr + xrow[:, None].to(gl.int64) * stride_xm
+    for s in range(n_steps):
+        j = j_start + s * BJ + xcol
+        j_ok = j < j_end
+        for i in gl.static_range(G):
+            col = i * Q + j
+            v = gl.load(x_rows + col[None, :], mask=xrow_ok[:, None] & (j_ok & (col < K))[None, :], other=0.0)
+            x_smem.index(s * G + i).store(v)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    # Weights: global -> registers as 32-bit words, two K steps ahead of the tensor cores.
+    wp = w_ptr.to(gl.pointer_type(gl.int32))  # rows are 16-byte aligned (formats.ROW_ALIGN_BYTES)
+    QW = Q // 4
+    jw0 = j_start // 4
+    jw_end = j_end // 4
+    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
+    words = gl.arange(0, BJ // 4, layout=gl.SliceLayout(0, WL))
+    row_ok = rows < N
+    b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
+    b1 = _load_words(wp, rows, words, row_ok, jw0 + BJ // 4, jw_end, QW)
+    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    if WAIT_LATE:
+        acc = warpgroup_mma_init(acc)  # the loop carries an in-flight accumulator
+    for s in range(n_steps):
+        b2 = _load_words(wp, rows, words, row_ok, jw0 + (s + 2) * (BJ // 4), jw_end, QW)
+        planes = _decode(b0, x_ptr, G, ASM, BJ)
+        if WAIT_LATE:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
+        else:
+            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        b0 = b1
+        b1 = b2
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    rm = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    if SCALE_MODE == 0:
+        acc = acc * gl.load(s_ptr).to(gl.float32)
+    elif SCALE_MODE == 1:
+        s_row = gl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(gl.float32)
+        acc = acc * s_row[:, None]
+    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
+    y_ptrs = y_ptr + rm[None, :].to(gl.int64) * stride_ym + rn[:, None]
+    if not SPLIT_K:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # as tq_triton: each split stores its partial tile in its own fp32 slot; the last to arrive (counter)
+        # sums the slots in split order (bitwise reproducible), writes y and re-zeroes the counter
+        S = gl.num_programs(1)
+        slot_ptrs = ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * N + rn[:, None]
+        gl.store(slot_ptrs, acc, mask=out_mask)
+        gl.thread_barrier()
+        if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
+            total = gl.zeros([BN, BM], gl.float32, layout=MMA)
+            for sk in range(0, S):
+                total += gl.load(ws_ptr + (sk * M + rm[None, :]).to(gl.int64) * N + rn[:, None], mask=out_mask,
+                                 other=0.0, cache_modifier=".cg")
+            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            gl.atomic_xchg(cnt_ptr + pid_n, 0)

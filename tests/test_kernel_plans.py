@@ -1,0 +1,166 @@
+"""Launch plans of ternary_matmul (spectra/kernels/plans.py): built once per call signature, rebuilt when
+anything a launch depends on changes; the plan's launches compute the reference result (interpreter)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from kernel_support import run_in_interpreter
+
+from spectra.formats import get_format
+from spectra.kernels import clear_config_memo, plans
+
+
+def _inputs(m=3, n=5, k=40, dtype=torch.float16, p=1):
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
+    return torch.randn(m, k).to(dtype), packed, torch.rand(p) + 0.5
+
+
+def test_plan_is_built_once_per_signature_and_rebuilt_when_it_changes(monkeypatch):
+    built = []
+
+    def builder(x, packed, fmt, k, scales, axis):
+        built.append((tuple(x.shape), x.dtype, scales.numel(), axis))
+        return object()
+
+    plans.clear_plans()
+    x, packed, s = _inputs()
+    first = plans.get_plan(x, packed, "tq2", 40, s, 0, builder)
+    # same signature with fresh tensors: a hit
+    x2, packed2, s2 = _inputs()
+    assert plans.get_plan(x2, packed2, "tq2", 40, s2, 0, builder) is first
+    assert len(built) == 1
+    # every change of what the launch depends on is a miss
+    plans.get_plan(x.to(torch.bfloat16), packed, "tq2", 40, s, 0, builder)           # dtype
+    plans.get_plan(torch.randn(7, 40, dtype=torch.float16), packed, "tq2", 40, s, 0, builder)  # m
+    plans.get_plan(x.view(1, 3, 40), packed, "tq2", 40, s, 0, builder)               # rank
+    plans.get_plan(x, packed, "tq2", 40, torch.rand(2) + 0.5, 0, builder)            # per-shard scales
+    plans.get_plan(x, packed, "tq2", 40, torch.rand(2) + 0.5, 1, builder)            # shard axis
+    plans.get_plan(torch.randn(40, 3, dtype=torch.float16).t(), packed, "tq2", 40, s, 0, builder)  # strides
+    plans.get_plan(torch.randn(3 * 40 + 1, dtype=torch.float16)[1:].view(3, 40), packed, "tq2", 40, s, 0,
+                   builder)                                                          # 16-byte alignment
+    assert len(built) == 8
+    assert plans.get_plan(x, packed, "tq2", 40, s, 0, builder) is first
+    # tuning forgets the plans (their configs may have changed)
+    clear_config_memo()
+    assert plans.get_plan(x, packed, "tq2", 40, s, 0, builder) is not first
+    assert len(built) == 9
+
+
+def test_plan_memo_is_bounded(monkeypatch):
+    plans.clear_plans()
+    monkeypatch.setattr(plans, "MAX_PLANS", 4)
+    packed = _inputs()[1]
+    s = torch.ones(1)
+    for m in range(1, 11):
+        plans.get_plan(torch.randn(m, 40), packed, "tq2", 40, s, 0, lambda *a: object())
+        assert len(plans._plans) <= 4
+    plans.clear_plans()
+
+
+def test_plan_validates_on_first_use(monkeypatch):
+    from spectra.errors import FormatError
+
+    plans.clear_plans()
+    x, packed, s = _inputs()
+    try:
+        plans.get_plan(x[:, :39], packed, "tq2", 40, s, 0)
+    except FormatError as e:
+        assert "features" in str(e)
+    else:
+        raise AssertionError("a wrong activation width was accepted")
+
+
+# The plans' launches (compiled-kernel fast path on a GPU; the interpreter here) against the reference: split-k,
+# stream-K, per-shard scales on both axes, a 3-D and a strided activation, and the dequantize path into the
+# cached scratch; each plan called twice (the second call is the cached launch).
+_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from spectra.formats import get_format
+    from spectra.kernels import dispatch, plans, ternary_matmul_reference
+    dispatch.gpu_name = lambda device: "Interpreter"
+    dispatch.num_sms = lambda device: 4
+    torch.manual_seed(0)
+    K = dispatch.KernelConfig
+    failures, cases = [], 0
+    for cfg in (K("tc", 16, 16, 32, 3, 4, 2), K("sk", 16, 32, 32, 1, 4, 2, 3), K("dequant")):
+        dispatch.lookup_config = lambda *a, cfg=cfg: cfg
+        for fmt, n, k in (("tq2", 37, 300), ("tq1", 21, 713)):
+            packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
+            for p, axis, shape in ((1, 0, (3, k)), (3, 0, (2, 2, k)), (2, 1, (5, k)), (1, 0, "strided")):
+                scales = torch.rand(p) + 0.5
+                for _ in range(2):
+                    if shape == "strided":
+                        x = torch.randn(4, 2 * k, dtype=torch.float16)[:, ::2]
+                    else:
+                        x = torch.randn(*shape, dtype=torch.float16)
+                    y = plans.get_plan(x, packed, fmt, k, scales, axis)(x, packed, scales)
+                    ref = ternary_matmul_reference(x.float(), packed, fmt, k, scales, axis)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    cases += 1
+                    if not (y.shape == ref.shape and err < 2e-3):
+                        failures.append(f"{cfg.kind} {fmt} {n}x{k} P={p} axis={axis} {shape} rel={err:.2e}")
+    print(f"cases={cases}")
+    for f in failures:
+        print("FAIL", f)
+    sys.exit(1 if failures else 0)
+""")
+
+
+def test_plans_in_interpreter_match_reference():
+    assert "cases=48" in run_in_interpreter(_SCRIPT)
+
+
+def test_gemm_table_eager_columns_report_host_time_per_product():
+    from spectra.kernels.bench import GemmRow, format_gemm_header, format_gemm_row
+
+    row = GemmRow("3.9b", 1, 100.0, {"tq2": 40.0}, {"tq2": 30_000_000}, 250_000_000,
+                  {"fp16": 110.0, "tq2": 80.0})
+    header = format_gemm_header(("tq2",), eager=True)
+    line = format_gemm_row(row, ("tq2",), products=4)
+    assert header.splitlines()[0].count("|") == line.count("|") == header.splitlines()[1].count("|")
+    # eager 80 us vs graph 40 us over 4 products: 10 us of host time per call; eager speedup 110 / 80
+    assert line.endswith("| 110.0 | 80.0 | 1.38x | 10.0 |")
+    assert "eager" not in format_gemm_header(("tq2",))
+
+
+def test_launch_goes_to_the_compiled_launcher_and_back_to_the_jit_if_its_arguments_changed(monkeypatch):
+    calls = []
+
+    class Compiled:
+        packed_metadata, function = "meta", "fn"
+
+        def __init__(self, accepts):
+            self.accepts = accepts
+
+        def run(self, *args):
+            if not self.accepts:
+                raise TypeError("launcher signature changed")
+            assert args[3] == 7 and args[6:9] == (None, None, None)  # current stream; no hooks installed
+            calls.append(("fast", args[9:]))
+
+    class Kernel:
+        arg_names = ["x_ptr", "y_ptr", "N", "BLOCK"]
+
+        def __init__(self, accepts):
+            self.accepts = accepts
+
+        def __getitem__(self, grid):
+            return lambda *args, **opts: calls.append(("jit", args)) or Compiled(self.accepts)
+
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    for accepts, want in ((True, ["jit", "fast", "fast"]), (False, ["jit", "jit", "jit"])):
+        calls.clear()
+        launch = plans.Launch(Kernel(accepts), (2, 1, 1), dict(N=5, BLOCK=64), ("x_ptr", "y_ptr"), {})
+        for i in range(3):
+            launch(f"x{i}", f"y{i}")
+        assert [c[0] for c in calls] == want
+        assert all(c[1] == (f"x{i}", f"y{i}", 5, 64) for i, c in enumerate(calls))  # arguments in kernel order
