@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from spectra.bench import build_random_model
 from spectra.decode_graph import GraphDecodeStep, GraphSamplingStep, time_decode
 from spectra.kernels import pointwise
-from spectra.kernels.bench import build_random_model
 from spectra.sampling import sample_keyed
 
 

@@ -16,8 +16,9 @@ import argparse
 
 import torch
 
+from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import bench, dispatch, gluon_launch, ternary_matmul
+from spectra.kernels import dispatch, gluon_launch, ternary_matmul, timing
 
 
 def _check(x, packed, fmt, k, scales, y) -> float:
@@ -51,12 +52,12 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="also the eager-vs-graph host cost table (3.9b, m = 1)")
     args = p.parse_args()
-    log = bench.timestamped_log(f"{args.out}/gluon_probe.log")
+    log = timing.timestamped_log(f"{args.out}/gluon_probe.log")
     dev = torch.device("cuda")
-    log(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s; "
+    log(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {timing.copy_bandwidth(dev) / 1e9:.0f} GB/s; "
         f"gluon available: {gluon_launch.usable(dev, 1, torch.float16)}")
     gen = torch.Generator(device=dev).manual_seed(0)
-    l2 = bench.l2_size(dev)
+    l2 = timing.l2_size(dev)
     if args.eager:  # first: cheap, and the host-overhead answer even if a time limit stops the sweep
         eager_table(log, dev, gen, l2, args.reps, args.trials)
     ms = [int(v) for v in args.ms.split(",")]
@@ -70,19 +71,19 @@ def main() -> None:
             tot = {"fp16": 0.0, **{f"{f} tl": 0.0 for f in fmts}, **{f"{f} gluon": 0.0 for f in fmts}}
             for k, n in bench.layer_shapes(shape_set):
                 x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
-                nd = bench.copies_for(n * k * 2, l2)
+                nd = timing.copies_for(n * k * 2, l2)
                 ws = [torch.randn(n, k, dtype=torch.float16, device=dev, generator=gen) * 0.02 for _ in range(nd)]
                 out = torch.empty(m, n, dtype=torch.float16, device=dev)
-                t16 = bench.time_graph(lambda i, x=x, ws=ws, out=out: torch.matmul(x, ws[i].t(), out=out), nd,
+                t16 = timing.time_graph(lambda i, x=x, ws=ws, out=out: torch.matmul(x, ws[i].t(), out=out), nd,
                                        args.reps, args.trials)
                 tot["fp16"] += t16
                 del ws
                 pinned = None  # the first format's best (WAIT_LATE, BJ) on this shape: later formats try only that
                 for fmt in fmts:
-                    packs = bench.cold_copies(bench.random_packed(n, k, fmt, dev, gen), l2)
+                    packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
                     s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
                     cfg = dispatch.lookup_config(fmt, n, k, m, torch.float16, 0, dev, gluon=False)
-                    t_tl = bench.time_graph(
+                    t_tl = timing.time_graph(
                         lambda i, x=x, p=packs, f=fmt, k=k, s=s: bench.portable_matmul(x, p[i], f, k, s, 0),
                         len(packs), args.reps, args.trials)
                     best = (float("inf"), None)
@@ -104,7 +105,7 @@ def main() -> None:
                         if not err < 2e-3:
                             log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: WRONG rel err {err:.3e}")
                             continue
-                        t = bench.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj, la=late:
+                        t = timing.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj, la=late:
                                              gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj,
                                                                  wait_late=la), len(packs),
                                              args.reps, args.trials)
@@ -135,18 +136,18 @@ def eager_table(log, dev, gen, l2, reps, trials) -> None:
     rows = {"fp16": [0.0, 0.0], "plan": [0.0, 0.0], "old": [0.0, 0.0]}
     for k, n in bench.layer_shapes("3.9b"):
         x = torch.randn(1, k, dtype=torch.float16, device=dev, generator=gen)
-        nd = bench.copies_for(n * k * 2, l2)
+        nd = timing.copies_for(n * k * 2, l2)
         ws = [torch.randn(n, k, dtype=torch.float16, device=dev, generator=gen) for _ in range(nd)]
         f16 = lambda i, x=x, ws=ws: torch.matmul(x, ws[i].t())  # noqa: E731
-        rows["fp16"][0] += bench.time_graph(f16, nd, reps, trials)
-        rows["fp16"][1] += bench.time_eager(f16, nd, reps, trials)
+        rows["fp16"][0] += timing.time_graph(f16, nd, reps, trials)
+        rows["fp16"][1] += timing.time_eager(f16, nd, reps, trials)
         del ws
-        packs = bench.cold_copies(bench.random_packed(n, k, "tq2", dev, gen), l2)
+        packs = timing.cold_copies(timing.random_packed(n, k, "tq2", dev, gen), l2)
         s = torch.rand(1, device=dev, generator=gen) + 0.5
         for name, fn in (("plan", ternary_matmul), ("old", old_path)):
             step = lambda i, x=x, p=packs, k=k, s=s, fn=fn: fn(x, p[i], "tq2", k, s, 0)  # noqa: E731
-            rows[name][0] += bench.time_graph(step, len(packs), reps, trials)
-            rows[name][1] += bench.time_eager(step, len(packs), reps, trials)
+            rows[name][0] += timing.time_graph(step, len(packs), reps, trials)
+            rows[name][1] += timing.time_eager(step, len(packs), reps, trials)
     log("| 3.9b TQ2 m = 1, summed over 4 products | graph us | eager us | host us per call (eager - graph) / 4 |")
     for name, (g, e) in rows.items():
         log(f"| {name} | {g * 1e6:.1f} | {e * 1e6:.1f} | {(e - g) * 1e6 / 4:.1f} |")

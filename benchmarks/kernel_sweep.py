@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import bench, dispatch, ternary_matmul
+from spectra.kernels import dispatch, ternary_matmul, timing
 from spectra.kernels.dispatch import KernelConfig
 from spectra.ternary import expand_scales
 
@@ -93,13 +94,13 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)
-    log = bench.timestamped_log(out / "sweep.log")
+    log = timing.timestamped_log(out / "sweep.log")
 
     import triton
     dev = torch.device("cuda")
     log(f"{torch.cuda.get_device_name(dev)} torch {torch.__version__} triton {triton.__version__} "
-        f"SMs {dispatch.num_sms(dev)} L2 {bench.l2_size(dev) >> 20} MiB")
-    log(f"copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
+        f"SMs {dispatch.num_sms(dev)} L2 {timing.l2_size(dev) >> 20} MiB")
+    log(f"copy bandwidth {timing.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
     fails = 0 if args.skip_check else check_all(log, args.quick_check)
 
     sets = args.sets.split(",")

@@ -7,7 +7,7 @@
    inputs, NaN-poisoned outputs, odd shapes, fp16/bf16, per-shard scales on both axes, every case twice;
 2. tune every candidate of ``dispatch.candidate_configs`` (plus the shipped choice) on the 70B and 3.9B
    layer shapes for each m, with cuBLAS fp16 of the same shape timed alongside;
-3. the summed-layer GEMM table (``spectra.kernels.bench.bench_gemm``) with the new configs, then with the
+3. the summed-layer GEMM table (``spectra.bench.bench_gemm``) with the new configs, then with the
    shipped configs ("before") for the same m.
 
 Writes DIR/sweep.log, DIR/tune.jsonl (every timing) and DIR/tuned_configs.json (the shipped table merged
@@ -94,7 +94,8 @@ def plan(shipped: dict, sets: list[str], ms: list[int], table_ms: list[int], bef
     """The tuning jobs and the (format, config) compile/check tasks of one run (no GPU needed)."""
     import torch
 
-    from spectra.kernels import bench, dispatch
+    from spectra import bench
+    from spectra.kernels import dispatch
     from spectra.kernels.dispatch import KernelConfig
 
     def shipped_cfg(fmt, n, k, m):
@@ -184,20 +185,21 @@ def main() -> int:
     import torch
     import triton
 
+    from spectra import bench
     from spectra.formats import get_format
-    from spectra.kernels import bench, clear_config_memo, dispatch
+    from spectra.kernels import clear_config_memo, dispatch, timing
     from spectra.kernels.dispatch import KernelConfig
 
     out = Path(args.out)
     t0 = time.time()
-    log = bench.timestamped_log(out / "sweep.log")
+    log = timing.timestamped_log(out / "sweep.log")
     tunef = open(out / "tune.jsonl", "w")
 
     dev = torch.device("cuda")
     gpu = dispatch.gpu_name(dev)
     sms = dispatch.num_sms(dev)
-    log(f"{gpu} torch {torch.__version__} triton {triton.__version__} SMs {sms} L2 {bench.l2_size(dev) >> 20} MiB")
-    log(f"copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
+    log(f"{gpu} torch {torch.__version__} triton {triton.__version__} SMs {sms} L2 {timing.l2_size(dev) >> 20} MiB")
+    log(f"copy bandwidth {timing.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
     shipped = json.loads(dispatch._SHIPPED.read_text())
     if not any(key.startswith(gpu + "|") for key in shipped):
         # No table for this GPU: compare against the H100-tuned choices (a user here would get the heuristic).
@@ -234,7 +236,7 @@ def main() -> int:
 
     # --- 2. tuning ------------------------------------------------------------------------------------
     gen = torch.Generator(device=dev).manual_seed(1)
-    l2 = bench.l2_size(dev)
+    l2 = timing.l2_size(dev)
     tuned: dict[str, KernelConfig] = {}
     fp16_us: dict[tuple[int, int, int], float] = {}
     for s, fmt, n, k, m, cands, old in tune_jobs:
@@ -243,13 +245,13 @@ def main() -> int:
             break
         x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
         if (n, k, m) not in fp16_us:
-            nd = bench.copies_for(n * k * 2, l2)
+            nd = timing.copies_for(n * k * 2, l2)
             ws = [torch.randn(n, k, dtype=torch.float16, device=dev, generator=gen) for _ in range(nd)]
             yo = torch.empty(m, n, dtype=torch.float16, device=dev)
-            fp16_us[(n, k, m)] = 1e6 * bench.time_graph(
+            fp16_us[(n, k, m)] = 1e6 * timing.time_graph(
                 lambda i, x=x, ws=ws, yo=yo: torch.matmul(x, ws[i].t(), out=yo), nd, 50, 3)
             del ws
-        packs = bench.cold_copies(bench.random_packed(n, k, fmt, dev, gen), l2)
+        packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
         base, copies = packs[0], len(packs)
         scales = torch.rand(1, device=dev, generator=gen) + 0.5
         ref = torch.matmul(x.float(), (get_format(fmt).unpack(base, k).float() * scales).t())
@@ -264,7 +266,7 @@ def main() -> int:
                     log(f"FAIL tune {fmt} {n}x{k} m={m} {cfg_name(c)} rel={err:.3e}")
                     fails += 1
                     continue
-                times[c] = bench.time_graph(
+                times[c] = timing.time_graph(
                     lambda i, c=c, x=x, p=packs, f=fmt, k=k, s=scales: dispatch.run_config(x, p[i], f, k, s, 0, c),
                     copies, 50, 3)
             except Exception as e:  # noqa: BLE001

@@ -19,8 +19,8 @@ import re
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from spectra.bench import build_random_model
 from spectra.kernels import pointwise
-from spectra.kernels.bench import build_random_model
 
 MATMUL = re.compile(r"tq_matmul|tq_dequant|gemm|gemv|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from spectra.kernels import bench, ternary_matmul
+from spectra import bench
+from spectra.kernels import ternary_matmul, timing
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
         for m in (1, 16):
             total: dict[str, float] = {}
             for k, n in bench.SHAPE_SETS[sset]:
-                packs = bench.cold_copies(bench.random_packed(n, k, "tq2", dev, gen), bench.l2_size(dev))
+                packs = timing.cold_copies(timing.random_packed(n, k, "tq2", dev, gen), timing.l2_size(dev))
                 x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                 line = []
                 for name, p, axis in (("s0", 1, 0), ("rows", parts[0], 0), ("cols", parts[1], 1)):
@@ -30,7 +31,7 @@ def main() -> None:
                     def call(i: int, x=x, packs=packs, k=k, s=s, axis=axis) -> None:
                         ternary_matmul(x, packs[i], "tq2", k, s, axis)
 
-                    t = bench.time_graph(call, len(packs)) * 1e6
+                    t = timing.time_graph(call, len(packs)) * 1e6
                     total[name] = total.get(name, 0.0) + t
                     line.append(f"{name}={t:.1f}")
                 print(f"{sset} tq2 m{m} {n}x{k}: " + " ".join(line), flush=True)

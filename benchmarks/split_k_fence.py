@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import bench, dispatch
+from spectra.kernels import dispatch
+from spectra.kernels import timing as kernel_timing
 from spectra.kernels.dispatch import KernelConfig
 
 ORDERINGS = (1, 2, 3)
@@ -33,7 +35,7 @@ def stress(dev: torch.device, gen: torch.Generator) -> int:
         worst = 0.0
         for fmt in ("tq2", "tq1"):
             for n, k, m, cfg in STRESS:
-                packed = bench.random_packed(n, k, fmt, dev, gen)
+                packed = kernel_timing.random_packed(n, k, fmt, dev, gen)
                 xs = [torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen) for _ in range(4)]
                 s = torch.rand(1, device=dev, generator=gen) + 0.5
                 w = get_format(fmt).unpack(packed, k).float() * s
@@ -59,7 +61,8 @@ def timing(dev: torch.device, gen: torch.Generator) -> None:
                 tuned_sum = dict.fromkeys(ORDERINGS, 0.0)
                 best_sum = dict.fromkeys(ORDERINGS, 0.0)
                 for k, n in bench.SHAPE_SETS[sset]:
-                    packs = bench.cold_copies(bench.random_packed(n, k, fmt, dev, gen), bench.l2_size(dev))
+                    base = kernel_timing.random_packed(n, k, fmt, dev, gen)
+                    packs = kernel_timing.cold_copies(base, kernel_timing.l2_size(dev))
                     x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                     s = torch.rand(1, device=dev, generator=gen) + 0.5
                     tuned = dispatch.lookup_config(fmt, n, k, m, torch.float16, 0, dev)
@@ -73,7 +76,7 @@ def timing(dev: torch.device, gen: torch.Generator) -> None:
                         for cfg in configs:
                             def call(i: int, x=x, packs=packs, fmt=fmt, k=k, s=s, cfg=cfg) -> None:
                                 dispatch.run_config(x, packs[i], fmt, k, s, 0, cfg)
-                            times[cfg] = bench.time_graph(call, len(packs)) * 1e6
+                            times[cfg] = kernel_timing.time_graph(call, len(packs)) * 1e6
                         tuned_sum[mode] += times[tuned]
                         best_sum[mode] += min(times.values())
                 print(f"| {sset} | {fmt} | {m} | " + " | ".join(f"{tuned_sum[o]:.1f}" for o in ORDERINGS) + " | "

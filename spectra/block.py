@@ -94,6 +94,13 @@ def block_linear_shapes(config: ModelConfig) -> list[tuple[str, int, int]]:
     return [(spec.name, *reversed(spec.features(config))) for spec in BLOCK_LINEARS]
 
 
+def model_linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every distinct linear product of a model with this config: the fused
+    decode shapes and the separate ones (what `spectra bench tune` tunes the kernels for)."""
+    separate = [(out, inp) for _, out, inp in block_linear_shapes(config)]
+    return list(dict.fromkeys(fused_shapes(config) + separate))
+
+
 def fused_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     """(out_features, in_features) of one block's products after fuse_projections, in order (qkv, o, gate_up,
     down): the shapes a decode step multiplies by."""

@@ -51,7 +51,7 @@ def _generate_step_seconds(model: SpectraLM, prompt: torch.Tensor) -> float:
 
 
 def _bench_step_seconds(model: SpectraLM, batch: int) -> float:
-    """`spectra bench decode`'s measurement (kernels/bench.bench_decode) over the same positions."""
+    """`spectra bench decode`'s measurement (spectra.bench.bench_decode) over the same positions."""
     with GraphDecodeStep(model, batch, PROMPT + NEW_TOKENS) as step:
         return time_decode(step, batch, torch.device("cuda"), steps=NEW_TOKENS - 1 - FIRST,
                            start=PROMPT + FIRST - 1)

@@ -11,7 +11,7 @@ import torch
 
 from spectra.formats import get_format
 from spectra.kernels import dispatch, gluon_launch, plans, ternary_matmul
-from spectra.linear import expand_scales
+from spectra.ternary import expand_scales
 
 
 @pytest.fixture

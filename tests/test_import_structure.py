@@ -21,12 +21,6 @@ ABOVE_KERNELS = ("spectra.model", "spectra.linear", "spectra.checkpoint", "spect
                  "spectra.packed")
 
 
-# TODO(#18 phase 2): kernels/bench.py builds models for its decode tables (imports spectra.model and
-# spectra.decode_graph) and shares timing helpers with kernels/dispatch.py both ways; it moves out of kernels/
-# once the Gluon work on those files is merged. Until then its imports are left out of both checks.
-PHASE2_EXCEPTIONS = ("spectra.kernels.bench",)
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -152,14 +146,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     graph = import_graph()
-    graph = {name: set() if name in PHASE2_EXCEPTIONS else targets for name, targets in graph.items()}
     assert _cycles(graph) == []
 
 
 def test_kernels_know_nothing_of_the_model():
     graph = import_graph(exempt_optional=False)
     bad = {name: sorted(t for t in targets if t.startswith(ABOVE_KERNELS))
-           for name, targets in graph.items() if name.startswith("spectra.kernels") and name not in PHASE2_EXCEPTIONS}
+           for name, targets in graph.items() if name.startswith("spectra.kernels")}
     assert {name: targets for name, targets in bad.items() if targets} == {}
 
 

@@ -115,7 +115,7 @@ def test_plans_in_interpreter_match_reference():
 
 
 def test_gemm_table_eager_columns_report_host_time_per_product():
-    from spectra.kernels.bench import GemmRow, format_gemm_header, format_gemm_row
+    from spectra.bench import GemmRow, format_gemm_header, format_gemm_row
 
     row = GemmRow("3.9b", 1, 100.0, {"tq2": 40.0}, {"tq2": 30_000_000}, 250_000_000,
                   {"fp16": 110.0, "tq2": 80.0})

@@ -260,7 +260,8 @@ def test_tuning_without_cuda_raises_device_error():
 
 def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
     import spectra
-    from spectra.kernels.bench import SHAPE_SETS, layer_shapes
+    from spectra.bench import SHAPE_SETS, layer_shapes
+    from spectra.block import model_linear_shapes
 
     config = spectra.get_config("tiny", weight_kind="ternary_frozen")
     model = spectra.SpectraLM(config)
@@ -268,10 +269,10 @@ def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
     model.fuse_projections()
     fused = {(m.out_features, m.in_features) for m in model.linear_layers().values()}
     assert fused != separate
-    assert set(dispatch.model_linear_shapes(config)) == fused | separate
+    assert set(model_linear_shapes(config)) == fused | separate
     # the 3.9B benchmark shapes (k, n) are the fused decode shapes of the 3.9B preset, which `bench gemm` also
     # takes by name
-    assert {(n, k) for k, n in SHAPE_SETS["3.9b"]} <= set(dispatch.model_linear_shapes(spectra.get_config("3.9B")))
+    assert {(n, k) for k, n in SHAPE_SETS["3.9b"]} <= set(model_linear_shapes(spectra.get_config("3.9B")))
     assert layer_shapes("3.9B") == SHAPE_SETS["3.9b"] == layer_shapes("3.9b")
     assert {(n, k) for k, n in layer_shapes("tiny")} <= fused
     with pytest.raises(ConfigError, match="unknown shape set 'x'"):
@@ -509,7 +510,9 @@ def test_gpu_fused_projections_greedy_tokens_equal_separate():
 
 
 def test_growing_workspace_keeps_the_buffers_a_captured_graph_may_use():
-    ws_pool = dispatch._Workspace()
+    from spectra.kernels import launch_support
+
+    ws_pool = launch_support._Workspace()
     dev = torch.device("cpu")
     ws1, cnt1 = ws_pool.get(dev, 100, 10)
     assert ws_pool.get(dev, 50, 5)[0] is ws1           # big enough: reused

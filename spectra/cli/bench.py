@@ -6,7 +6,14 @@ import argparse
 
 import torch
 
-from ..errors import DeviceError
+from .. import bench
+from ..block import model_linear_shapes
+from ..checkpoint import read_config
+from ..config import get_config
+from ..errors import ConfigError, DeviceError
+from ..formats import FORMATS
+from ..kernels import dispatch
+from ..kinds import PACKED_KINDS
 from .common import parse_int_list
 
 
@@ -18,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--shapes", default="70b,3.9b",
                    help="comma-separated shape sets: 70b, 3.9b, or model size presets such as 1.5B")
     g.add_argument("--ms", default="1,2,4,8,16,32,64,128,256", help="batch sizes m")
-    g.add_argument("--formats", default="tq2,tq1",
+    g.add_argument("--formats", default=",".join(PACKED_KINDS),
                    help="tq2, tq1: the dispatcher's kernel; tq2:tl, tq1:tl: the portable triton.language kernel "
                         "alone (side by side with the Hopper Gluon kernel)")
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
@@ -31,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = sub.add_parser("decode", help="CUDA-graph decode steps/s, packed vs fp16, random weights")
     d.add_argument("--models", default="3.9b,70b-slice")
     d.add_argument("--batches", default="1,16")
-    d.add_argument("--kinds", default="float,tq2,tq1")
+    d.add_argument("--kinds", default=",".join(("float", *PACKED_KINDS)))
     d.add_argument("--slice-layers", default="2,4", help="layer counts of the 70B slice (per-layer speedup)")
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--context", type=int, default=8,
@@ -50,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--size", help="a model size preset, e.g. 1.5B or 3.9B")
     src.add_argument("--checkpoint", help="a checkpoint directory (only its config.json is read)")
     t.add_argument("--formats", default=None,
-                   help="tq2,tq1 (default: the checkpoint's packed format, else both)")
+                   help=f"{','.join(PACKED_KINDS)} (default: the checkpoint's packed format, else all)")
     t.add_argument("--ms", default="1,2,4,8,16", help="batch sizes m to tune (each stands for its bucket)")
     t.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     t.set_defaults(func=run_tune)
@@ -63,10 +70,6 @@ def _need_cuda() -> None:
 
 
 def run_gemm(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..formats import FORMATS
-    from ..kernels import bench
-
     fmts = tuple(args.formats.split(","))
     for f in fmts:
         base, _, variant = f.partition(":")
@@ -91,8 +94,6 @@ def run_decode(args: argparse.Namespace) -> int:
     batches = parse_int_list(args.batches, "--batches", "batch sizes", minimum=1)
     slice_layers = parse_int_list(args.slice_layers, "--slice-layers", "layer counts", minimum=1)
     _need_cuda()
-    from ..kernels import bench
-
     kinds = tuple(args.kinds.split(","))
     print(f"{torch.cuda.get_device_name(0)}; fp16 activations, CUDA-graph decode steps"
           f"{' of the torch.compile-d step' if args.compile else ''}, "
@@ -109,13 +110,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from ..config import get_config
-    from ..errors import ConfigError
-    from ..formats import FORMATS
-    from ..kernels import dispatch
-
     if args.checkpoint:
-        from ..checkpoint import read_config
 
         config = read_config(args.checkpoint)
     else:
@@ -125,13 +120,13 @@ def run_tune(args: argparse.Namespace) -> int:
     elif config.weight_kind in FORMATS:
         fmts = (config.weight_kind,)
     else:
-        fmts = ("tq2", "tq1")
+        fmts = PACKED_KINDS
     unknown = [f for f in fmts if f not in FORMATS]
     if unknown:
-        raise ConfigError(f"unknown format {', '.join(unknown)}; use tq2 and/or tq1")
+        raise ConfigError(f"unknown format {', '.join(unknown)}; use {' and/or '.join(PACKED_KINDS)}")
     ms = parse_int_list(args.ms, "--ms", "batch sizes", minimum=1)
     _need_cuda()
-    shapes = dispatch.model_linear_shapes(config)
+    shapes = model_linear_shapes(config)
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
           f"batch sizes ({args.dtype})")
     dispatch.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)

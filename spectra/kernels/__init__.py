@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from . import dispatch
 from .plans import clear_plans, get_plan
 from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
@@ -42,8 +43,6 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
     if not scales.is_contiguous():
         scales = scales.contiguous()
     if x.numel() == 0:
-        from . import dispatch
-
         dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
         return x.new_empty(*x.shape[:-1], packed.shape[0])
     return get_plan(x, packed, fmt, in_features, scales, shard_axis)(x, packed, scales)

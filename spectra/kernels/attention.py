@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ternary import apply_rope
-from .dispatch import WORKSPACE
+from .launch_support import WORKSPACE
 
 try:
     import triton

@@ -16,17 +16,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import DeviceError, FormatError
 from ..formats import ROW_ALIGN_BYTES, get_format
 from ..io import write_text_atomic
+from ..progress import progress_bar
 from ..ternary import shard_bounds
-
-if TYPE_CHECKING:
-    from ..config import ModelConfig
+from . import gluon_launch
+from .launch_support import WORKSPACE, scale_columns, scale_mode
+from .ptx import decode_asm
+from .timing import cold_copies, l2_size, random_packed, time_graph
 
 # The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
 # that holds because packed rows are padded to ROW_ALIGN_BYTES.
@@ -215,8 +216,6 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
         entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
                  or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
         if entry is not None:
-            from . import gluon_launch
-
             if gluon_launch.usable(device, m, dtype):
                 return KernelConfig.from_dict(entry)
     entry = _load_table().get(key)
@@ -246,40 +245,6 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
 FENCE_MODE = 3
 
 
-class _Workspace:
-    """Per-device fp32 slots for split-k / stream-K partial tiles and their arrival counters (the kernels
-    leave the counters at zero; the slots are overwritten by every launch).
-
-    A grown workspace never frees the buffers it replaces: a CUDA graph captured earlier (a decode step) keeps
-    their addresses, and a later, larger launch (the prompt's prefill) must not hand that memory to other
-    tensors while the graph can still replay into it.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ws, cnt = self.buffers.get(device, (None, None))
-        if ws is None or ws.numel() < numel or cnt.numel() < tiles:
-            if ws is not None:
-                self.retired.append((ws, cnt))
-            # grow geometrically so a sequence of growing launches retires few buffers
-            size = max(numel, 0 if ws is None else 2 * ws.numel(), 1 << 16)
-            ntiles = max(tiles, 0 if cnt is None else 2 * cnt.numel(), 1024)
-            ws = torch.zeros(size, dtype=torch.float32, device=device)
-            cnt = torch.zeros(ntiles, dtype=torch.int32, device=device)
-            self.buffers[device] = (ws, cnt)
-        return ws, cnt
-
-
-WORKSPACE = _Workspace()
-
-
-def scale_mode(scales: torch.Tensor, shard_axis: int) -> int:
-    return 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
-
-
 def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                  shard_axis: int) -> None:
     """Shape/dtype checks shared by every path, with messages that say what to fix."""
@@ -301,29 +266,11 @@ def check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
                           f"({scales.device}) must be on one device")
 
 
-def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x2 [m, k] times the scale of each column's shard (P tensor_split shards of k), computed in fp32 and cast
-    back to x2's dtype, in one kernel (reference: scale_columns_reference): how the tensor-core kernels take
-    column-shard scales."""
-    import triton
-
-    from .tq_triton import tq_scale_columns_kernel
-
-    m = x2.shape[0]
-    out = torch.empty((m, in_features), dtype=x2.dtype, device=x2.device)
-    bk = 1024
-    tq_scale_columns_kernel[(m, triton.cdiv(in_features, bk))](x2, scales, out, m, in_features, scales.numel(),
-                                                                x2.stride(0), BK=bk, num_warps=4)
-    return out
-
-
 def kernel_constexprs(fmt: str, cfg: KernelConfig, dtype: torch.dtype, scale_mode: int,
                       masks: tuple[bool, int, int], use_asm: bool, fence: int) -> dict:
     """The compile-time arguments both tensor-core kernels share (format, scale mode, dtype, tiles, decode asm,
     column masks from :func:`_column_masks`, fence); benchmarks/kernel_resources.py compiles with the same."""
     import triton.language as tl
-
-    from .ptx import decode_asm
 
     use_asm = use_asm and dtype != torch.float32  # the inline-PTX decode exists for fp16 and bf16 only
     mask_j, plane_mask, loop_plane_mask = masks
@@ -367,7 +314,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     """Tensor-core kernel on a 2-D, row-contiguous x2 [m, k]; returns y [m, n] in x2's dtype."""
     import triton
 
-    from .tq_triton import tq_matmul_kernel
+    from .tq_triton import tq_matmul_kernel  # optional: triton
 
     x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
     blocks = triton.cdiv(q, cfg.block_j)
@@ -391,7 +338,7 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     """Persistent stream-K launch of the tensor-core kernel (same inputs and result as :func:`launch_tc`)."""
     import triton
 
-    from .tq_triton import tq_matmul_sk_kernel
+    from .tq_triton import tq_matmul_sk_kernel  # optional: triton
 
     x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
@@ -411,7 +358,7 @@ def dequantize(packed: torch.Tensor, fmt: str, in_features: int, scales: torch.T
     """Dense [n, k] weight (trits * scales) in `dtype`, decoded on the GPU."""
     import triton
 
-    from .tq_triton import tq_dequant_kernel
+    from .tq_triton import tq_dequant_kernel  # optional: triton
 
     n, q = packed.shape
     out = torch.empty((n, in_features), dtype=dtype, device=packed.device)
@@ -427,8 +374,6 @@ def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device:
     """`cfg`, or where it names the Gluon kernel and that cannot run here, the portable kernel's heuristic."""
     if cfg.kind != "gluon":
         return cfg
-    from . import gluon_launch
-
     if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16):
         return cfg
     return heuristic_config(n, k, m, fmt, num_sms(device) if device.type == "cuda" else 4)
@@ -437,8 +382,6 @@ def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device:
 def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
     if cfg.kind == "gluon":
-        from . import gluon_launch
-
         if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
             return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
                                        block_j=cfg.block_j, wait_late=cfg.wait_late)
@@ -451,28 +394,13 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
     return launch_tc(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
 
 
-def decode_shapes(config: ModelConfig) -> list[tuple[int, int]]:
-    """(out_features, in_features) of one block's four products in decoding, with q/k/v and gate/up fused
-    (``SpectraLM.fuse_projections``): qkv, o, gate_up, down."""
-    h, i = config.hidden_size, config.intermediate_size
-    return [(3 * h, h), (h, h), (2 * i, h), (h, i)]
-
-
-def model_linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
-    """(out_features, in_features) of every distinct ternary product of a model with this config: the fused
-    decode shapes and the separate q/k/v and gate/up ones."""
-    h, i = config.hidden_size, config.intermediate_size
-    return list(dict.fromkeys(decode_shapes(config) + [(h, h), (i, h)]))
-
-
 def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[int, ...],
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                 log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
     """Tune every (format, shape, m bucket) on this GPU, each bucket once at its largest m, and merge the
     winners into the user cache, which :func:`lookup_config` prefers to the shipped table; returns the entries
     written."""
-    from ..progress import progress_bar
-    from . import clear_config_memo
+    from . import clear_config_memo  # the package __init__, which imports this module, defines it
 
     device = torch.device(device)
     buckets = dict.fromkeys(m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
@@ -506,15 +434,12 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     candidates whose result is off by more than the dtype's rounding (2e-3 relative for fp16, 1.6e-2 for
     bf16): a larger error is a bug, and the fastest wrong kernel must never be cached.
     """
-    from .bench import cold_copies, l2_size, random_packed, time_graph
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise DeviceError("kernel tuning needs a CUDA GPU; none is available")
     gen = torch.Generator(device=device).manual_seed(1)
     if candidates is None:
-        from . import gluon_launch
-
         candidates = candidate_configs(n, k, m, fmt, num_sms(device))
         if gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype):
             candidates += gluon_candidates(m)

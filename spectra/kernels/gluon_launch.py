@@ -18,6 +18,8 @@ import warnings
 import torch
 
 from ..formats import get_format
+from .launch_support import WORKSPACE, scale_columns, scale_mode
+from .ptx import word_decode_asm
 
 BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
@@ -79,9 +81,7 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
                 ws: torch.Tensor | None = None,
                 cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one launch on activations x2 [m, k] (column-shard scales
-    already applied). ws / cnt: the split-k workspace (taken from dispatch.WORKSPACE if not given)."""
-    from . import dispatch
-    from .ptx import word_decode_asm
+    already applied). ws / cnt: the split-k workspace (taken from WORKSPACE if not given)."""
 
     m, k = x2.shape
     n, q = packed.shape
@@ -89,7 +89,7 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     steps, split = steps_and_split(q, split, block_m, g, block_j)
     grid = (-(-n // BN), split, 1)
     if ws is None:
-        ws, cnt = dispatch.WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
+        ws, cnt = WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
@@ -103,12 +103,11 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
            block_j: int = 64, wait_late: bool = False) -> torch.Tensor:
     """The Gluon kernel on a 2-D, row-contiguous x2 [m, k] with m <= block_m; returns y [m, n] (tests,
     benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
-    from . import dispatch
-    from .tq_gluon import tq_gemv_gluon_kernel
+    from .tq_gluon import tq_gemv_gluon_kernel  # needs triton's Gluon, which may be missing
 
-    mode = dispatch.scale_mode(scales, shard_axis)
+    mode = scale_mode(scales, shard_axis)
     if mode == 2:
-        x2 = dispatch.scale_columns(x2, scales, in_features)
+        x2 = scale_columns(x2, scales, in_features)
     if x2.shape[0] > block_m:
         raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)

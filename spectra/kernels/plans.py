@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..formats import get_format
+from . import dispatch, gluon_launch
 
 MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
 _plans: dict[tuple, Plan] = {}
@@ -159,7 +160,7 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
     """Dequantize launch into the cached scratch (same kernel and grid as dispatch.dequantize)."""
     import triton
 
-    from .tq_triton import tq_dequant_kernel
+    from .tq_triton import tq_dequant_kernel  # optional: triton
 
     q = get_format(fmt).row_bytes(k)
     bn, bj = 32, 128
@@ -178,19 +179,17 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
 
 def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
     """The Gluon kernel's launch, compiled now; None (after gluon_launch's one warning) where it cannot run."""
-    from . import gluon_launch
-
     if not gluon_launch.usable(x.device, plan.m, x.dtype):
         return None
     if (x.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15:
         return None  # compiled for 16-byte aligned pointers; rare: this signature runs the portable kernel
-    from .tq_gluon import tq_gemv_gluon_kernel
+    from .tq_gluon import tq_gemv_gluon_kernel  # optional: triton's Gluon
 
     stride_xm = plan.stride_xm
     if mode == 2:
         import triton
 
-        from .tq_triton import tq_scale_columns_kernel
+        from .tq_triton import tq_scale_columns_kernel  # optional: triton
 
         bk = 1024
         plan.pre = Launch(tq_scale_columns_kernel, (plan.m, triton.cdiv(plan.k, bk), 1),
@@ -218,8 +217,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     """Validate, choose the config, and precompute every launch argument of this call signature."""
     import triton
 
-    from . import KERNEL_DTYPES, dispatch
-    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel, tq_scale_columns_kernel
+    from . import KERNEL_DTYPES  # the package __init__ defines it after importing this module
+    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel, tq_scale_columns_kernel  # optional: triton
 
     dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
     if not scales.is_contiguous():

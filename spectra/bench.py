@@ -1,4 +1,5 @@
-"""GPU benchmarks of the packed ternary kernels against cuBLAS fp16 (``spectra bench gemm``).
+"""GPU benchmarks: the packed ternary kernels against cuBLAS fp16 (``spectra bench gemm``) and decode steps
+of whole models (``spectra bench decode``).
 
 Method (the anchors' method): per layer shape (k in, n out) and batch m, time ``reps`` back-to-back
 products with CUDA events and take the median of ``trials``; the weights are rotated over enough copies
@@ -9,15 +10,20 @@ kernels, not of Python launch overhead (small kernels would otherwise be launch-
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..formats import get_format
+from .block import fused_shapes
+from .config import get_config
+from .decode_graph import GraphDecodeStep, time_decode
+from .errors import ConfigError
+from .formats import get_format
+from .kernels import dispatch, ternary_matmul
+from .kernels.timing import cold_copies, copies_for, l2_size, random_packed, time_eager, time_graph
+from .kinds import PACKED_KINDS
+from .model import SpectraLM
 
 # (k = in_features, n = out_features) of the four linear shapes of one layer: q/k/v fused, o, gate/up fused, down
 SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
@@ -32,111 +38,12 @@ def layer_shapes(name: str) -> list[tuple[int, int]]:
     q/k/v, o, fused gate/up and down shapes)."""
     if name.lower() in SHAPE_SETS:
         return SHAPE_SETS[name.lower()]
-    from ..config import get_config
-    from ..errors import ConfigError
-    from .dispatch import decode_shapes
-
     try:
         cfg = get_config(name)
     except ConfigError:
         raise ConfigError(f"unknown shape set {name!r}; use {', '.join(SHAPE_SETS)} or a model size "
                           "preset such as 1.5B") from None
-    return [(k, n) for n, k in decode_shapes(cfg)]
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, trials: int = 5) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
-def time_graph(step: Callable[[int], None], copies: int, reps: int = 200, trials: int = 5) -> float:
-    """Median seconds per call of step(i) (i cycles over `copies`), timed as a CUDA-graph replay."""
-    for i in range(min(copies, 3)):  # compile, tune caches, allocate workspaces outside the capture
-        step(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for r in range(reps):
-            step(r % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    del graph
-    return statistics.median(times)
-
-
-def time_eager(step: Callable[[int], None], copies: int, reps: int = 200, trials: int = 5) -> float:
-    """Median seconds per call of step(i) launched eagerly from Python (no CUDA graph): host time that the
-    GPU cannot hide shows up here, and (this - :func:`time_graph`) is the host overhead per call."""
-    for i in range(min(copies, 3)):
-        step(i)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for r in range(reps):
-            step(r % copies)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return statistics.median(times)
-
-
-def copies_for(nbytes: int, l2_bytes: int, factor: int = 4) -> int:
-    """How many copies of an nbytes working set make `factor` times the L2 (at least 2)."""
-    return max(2, -(-factor * l2_bytes // max(nbytes, 1)))
-
-
-def cold_copies(base: torch.Tensor, l2_bytes: int) -> list[torch.Tensor]:
-    """`base` and row-rotated copies of it, enough (:func:`copies_for`) that cycling through them keeps the
-    working set several times the L2, so every timed call reads its weights from HBM."""
-    return [base] + [base.roll(c, 0) for c in range(1, copies_for(base.numel(), l2_bytes))]
-
-
-def l2_size(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
-
-
-def random_packed(n: int, k: int, fmt: str, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    trits = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
-    return get_format(fmt).pack(trits)
-
-
-def timestamped_log(path: str | Path) -> Callable[[str], None]:
-    """A `log(msg)` for long device runs: prints "[  12.3s] msg" and appends it to `path` at once, so the file
-    holds everything up to the moment a run is stopped by its time limit."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
-    start = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - start:6.1f}s] {msg}"
-        print(line, flush=True)
-        with path.open("a") as f:
-            f.write(line + "\n")
-
-    return log
+    return [(k, n) for n, k in fused_shapes(cfg)]
 
 
 @dataclass
@@ -161,7 +68,6 @@ def portable_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features
                     shard_axis: int) -> torch.Tensor:
     """ternary_matmul restricted to the portable triton.language kernels (the "tq2:tl" columns of bench gemm):
     the config the dispatcher would take without the Gluon kernel, launched through the JIT path."""
-    from . import dispatch
 
     x2 = x.reshape(-1, in_features)
     cfg = dispatch.lookup_config(fmt, packed.shape[0], in_features, x2.shape[0], x.dtype,
@@ -169,7 +75,7 @@ def portable_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features
     return dispatch.run_config(x2, packed, fmt, in_features, scales, shard_axis, cfg).reshape(*x.shape[:-1], -1)
 
 
-def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: tuple[str, ...] = ("tq2", "tq1"),
+def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: tuple[str, ...] = PACKED_KINDS,
                dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                reps: int = 200, trials: int = 5, matmul: Callable | None = None,
                log: Callable[[str], None] | None = None, eager: bool = False) -> list[GemmRow]:
@@ -177,7 +83,6 @@ def bench_gemm(shape_set: str = "70b", ms: tuple[int, ...] = DEFAULT_MS, fmts: t
     with `eager`, also of the same calls launched eagerly (no CUDA graph). A format "tq2:tl" times the
     portable triton.language kernel alone (:func:`portable_matmul`), beside "tq2" (the dispatcher's choice,
     the Gluon kernel where it is tuned to win)."""
-    from . import ternary_matmul
 
     matmul = matmul or ternary_matmul
     device = torch.device(device)
@@ -258,8 +163,6 @@ DECODE_MODELS = {
 def build_random_model(name: str, kind: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
                        max_seq_len: int = 256, seed: int = 0):
     """A model of the named shape with random weights: fp16 `float` weights, or random trits packed as `kind`."""
-    from ..config import get_config
-    from ..model import SpectraLM
 
     preset, overrides = DECODE_MODELS[name]
     overrides = dict(overrides, weight_kind=kind, max_seq_len=max_seq_len)
@@ -270,7 +173,7 @@ def build_random_model(name: str, kind: str, dtype: torch.dtype, device: torch.d
     with torch.device(device):
         model = SpectraLM(cfg)
     model = model.to(dtype).eval()
-    if kind in ("tq2", "tq1"):
+    if kind in PACKED_KINDS:
         gen = torch.Generator(device=device).manual_seed(seed)
         for module in model.linear_layers().values():
             n, k = module.out_features, module.in_features
@@ -289,7 +192,7 @@ class DecodeRow:
 
 
 def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple[int, ...] = (1, 16),
-                 kinds: tuple[str, ...] = ("float", "tq2", "tq1"), slice_layers: tuple[int, ...] = (2, 4),
+                 kinds: tuple[str, ...] = ("float", *PACKED_KINDS), slice_layers: tuple[int, ...] = (2, 4),
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
                  log: Callable[[str], None] | None = None, compile: bool = False,
                  fuse: bool = True, context: int = 8) -> list[DecodeRow]:
@@ -297,7 +200,6 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
     compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up fused into one product
     each, for every kind, unless `fuse` is False). The timed steps attend to `context` cached positions and
     more (attention reads only the filled part of the cache)."""
-    from ..decode_graph import GraphDecodeStep, time_decode
 
     device = torch.device(device)
     if context < 0:

@@ -1,0 +1,56 @@
+"""What every launcher of the packed kernels shares (dispatch, cached plans, the Gluon launcher, decode
+attention): the split-k workspace and how per-shard scales reach a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Workspace:
+    """Per-device fp32 slots for split-k / stream-K partial tiles and their arrival counters (the kernels
+    leave the counters at zero; the slots are overwritten by every launch).
+
+    A grown workspace never frees the buffers it replaces: a CUDA graph captured earlier (a decode step) keeps
+    their addresses, and a later, larger launch (the prompt's prefill) must not hand that memory to other
+    tensors while the graph can still replay into it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, cnt = self.buffers.get(device, (None, None))
+        if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+            if ws is not None:
+                self.retired.append((ws, cnt))
+            # grow geometrically so a sequence of growing launches retires few buffers
+            size = max(numel, 0 if ws is None else 2 * ws.numel(), 1 << 16)
+            ntiles = max(tiles, 0 if cnt is None else 2 * cnt.numel(), 1024)
+            ws = torch.zeros(size, dtype=torch.float32, device=device)
+            cnt = torch.zeros(ntiles, dtype=torch.int32, device=device)
+            self.buffers[device] = (ws, cnt)
+        return ws, cnt
+
+
+def scale_mode(scales: torch.Tensor, shard_axis: int) -> int:
+    return 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
+
+
+def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x2 [m, k] times the scale of each column's shard (P tensor_split shards of k), computed in fp32 and cast
+    back to x2's dtype, in one kernel (reference: scale_columns_reference): how the tensor-core kernels take
+    column-shard scales."""
+    import triton
+
+    from .tq_triton import tq_scale_columns_kernel  # optional: triton
+
+    m = x2.shape[0]
+    out = torch.empty((m, in_features), dtype=x2.dtype, device=x2.device)
+    bk = 1024
+    tq_scale_columns_kernel[(m, triton.cdiv(in_features, bk))](x2, scales, out, m, in_features, scales.numel(),
+                                                                x2.stride(0), BK=bk, num_warps=4)
+    return out
+
+
+WORKSPACE = _Workspace()
