@@ -18,7 +18,7 @@ import torch
 
 from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import dispatch, gluon_launch, ternary_matmul, timing
+from spectra.kernels import dispatch, gluon_launch, ternary_matmul, timing, tuning
 
 
 def _check(x, packed, fmt, k, scales, y) -> float:
@@ -116,7 +116,7 @@ def main() -> None:
                         if t < best[0]:
                             best = (t, (late, bj, split))
                     log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | tl {t_tl * 1e6:.1f} "
-                        f"({dispatch.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, BJ, split {best[1]})")
+                        f"({tuning.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, BJ, split {best[1]})")
                     if best[1] is not None and pinned is None:
                         pinned = best[1][:2]
                     tot[f"{fmt} tl"] += t_tl

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from spectra.kernels import dispatch
+from spectra.kernels import dispatch, tuning
 
 _VARIANT = re.compile(r"gluon (tq[12]) (\d+)x(\d+) m=(\d+) late (\d) BJ (\d+) split (\d+) .*: ([\d.]+) us")
 _SHAPE = re.compile(r"(tq[12]) (\d+)x(\d+) m=(\d+): fp16 [\d.]+ \| tl ([\d.]+)")
@@ -48,7 +48,7 @@ def main() -> None:
     for (fmt, n, k, m), (us, cfg) in sorted(best.items()):
         tl = portable.get((fmt, n, k, m))
         won = tl is not None and us < tl
-        print(f"{fmt} {n}x{k} m={m}: gluon {us:.1f} us ({dispatch.describe(cfg)}) vs portable {tl} us"
+        print(f"{fmt} {n}x{k} m={m}: gluon {us:.1f} us ({tuning.describe(cfg)}) vs portable {tl} us"
               f"{'' if won else ' (portable kept)'}")
         if won:
             for bucket in ((1, 2, 4, 8) if m <= 8 else (16,)):

@@ -18,7 +18,7 @@ import torch
 
 from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import dispatch, ternary_matmul, timing
+from spectra.kernels import dispatch, ternary_matmul, timing, tuning
 from spectra.kernels.dispatch import KernelConfig
 from spectra.ternary import expand_scales
 
@@ -112,7 +112,7 @@ def main() -> int:
                     if time.time() - t0 > args.budget * 0.6:
                         log("tuning budget spent; stopping")
                         break
-                    best, times = dispatch.tune(fmt, n, k, m, save=False)
+                    best, times = tuning.tune(fmt, n, k, m, save=False)
                     key = dispatch.config_key(fmt, n, k, m, torch.float16, 0, dispatch.gpu_name(dev))
                     tuned[key] = best
                     ranked = sorted(times.items(), key=lambda kv: kv[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spectra.formats import get_format
-from spectra.kernels import dispatch, gluon_launch, plans, ternary_matmul
+from spectra.kernels import dispatch, gluon_launch, plans, ternary_matmul, tuning
 from spectra.ternary import expand_scales
 
 
@@ -142,9 +142,9 @@ def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wi
     K = dispatch.KernelConfig
     tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 128, 4), K("gluon", 8, 64, 64, 1)
     key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
-    wins = dispatch.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, gl_fast: 7e-6, gl_slow: 8e-6})
+    wins = tuning.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, gl_fast: 7e-6, gl_slow: 8e-6})
     assert wins == {key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl_fast}
-    loses = dispatch.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 6e-6, gl_fast: 7e-6})
+    loses = tuning.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 6e-6, gl_fast: 7e-6})
     assert loses == {key: tc}
 
 

@@ -12,7 +12,7 @@ from kernel_support import run_in_interpreter
 
 from spectra.errors import ConfigError, FormatError
 from spectra.formats import get_format, tq1_digits
-from spectra.kernels import dispatch, ternary_matmul, ternary_matmul_reference
+from spectra.kernels import dispatch, ternary_matmul, ternary_matmul_reference, tuning
 from spectra.kernels.ptx import _TQ2
 
 triton = pytest.importorskip("triton")
@@ -255,7 +255,7 @@ def test_tuning_without_cuda_raises_device_error():
     from spectra.errors import DeviceError
 
     with pytest.raises(DeviceError):
-        dispatch.tune("tq2", 64, 64, 1, device="cpu")
+        tuning.tune("tq2", 64, 64, 1, device="cpu")
 
 
 def test_model_linear_shapes_are_the_products_of_the_model_fused_and_separate():
@@ -309,8 +309,8 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
         calls.append((fmt, n, k, m, save))
         return picked, {picked: 1e-5}
 
-    monkeypatch.setattr(dispatch, "tune", fake_tune)
-    entries = dispatch.tune_shapes([(200, 136), (136, 200)], ("tq2", "tq1"), (1, 3, 4), device="cpu",
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    entries = tuning.tune_shapes([(200, 136), (136, 200)], ("tq2", "tq1"), (1, 3, 4), device="cpu",
                                    log=lambda msg: None)
     # m = 3 and 4 share a bucket: tuned once, at the bucket's m
     assert len(calls) == len(entries) == 8 and not any(c[-1] for c in calls)
@@ -543,7 +543,7 @@ def test_gpu_tune_shapes_fills_the_user_cache_that_lookup_reads(monkeypatch, tmp
     monkeypatch.setattr(dispatch, "_table", None)
     dev = torch.device("cuda")
     shape = (200, 136)  # (n, k): in no shipped table
-    entries = dispatch.tune_shapes([shape], ("tq2",), (3,), log=lambda msg: None)
+    entries = tuning.tune_shapes([shape], ("tq2",), (3,), log=lambda msg: None)
     (key, cfg), = entries.items()
     assert (tmp_path / "kernel_configs.json").is_file()
     monkeypatch.setattr(dispatch, "_table", None)  # read back from the file

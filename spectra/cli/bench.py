@@ -12,7 +12,7 @@ from ..checkpoint import read_config
 from ..config import get_config
 from ..errors import ConfigError, DeviceError
 from ..formats import FORMATS
-from ..kernels import dispatch
+from ..kernels import dispatch, tuning
 from ..kinds import PACKED_KINDS
 from .common import parse_int_list
 
@@ -129,6 +129,6 @@ def run_tune(args: argparse.Namespace) -> int:
     shapes = model_linear_shapes(config)
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
           f"batch sizes ({args.dtype})")
-    dispatch.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)
+    tuning.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)
     print(f"saved to {dispatch.user_cache_path()}")
     return 0

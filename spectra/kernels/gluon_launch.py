@@ -32,7 +32,7 @@ VERIFIED_ON_GPU = False
 
 
 def tuning_enabled() -> bool:
-    """Whether ``dispatch.tune`` tries Gluon configs (see VERIFIED_ON_GPU)."""
+    """Whether ``tuning.tune`` tries Gluon configs (see VERIFIED_ON_GPU)."""
     return VERIFIED_ON_GPU or os.environ.get("SPECTRA_TUNE_GLUON") == "1"
 
 
