@@ -157,6 +157,7 @@ def test_launch_goes_to_the_compiled_launcher_and_back_to_the_jit_if_its_argumen
     monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
     for accepts, want in ((True, ["jit", "fast", "fast"]), (False, ["jit", "jit", "jit"])):
         calls.clear()
         launch = plans.Launch(Kernel(accepts), (2, 1, 1), dict(N=5, BLOCK=64), ("x_ptr", "y_ptr"), {})
@@ -164,3 +165,27 @@ def test_launch_goes_to_the_compiled_launcher_and_back_to_the_jit_if_its_argumen
             launch(f"x{i}", f"y{i}")
         assert [c[0] for c in calls] == want
         assert all(c[1] == (f"x{i}", f"y{i}", 5, 64) for i, c in enumerate(calls))  # arguments in kernel order
+
+
+def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypatch):
+    calls = []
+
+    class Kernel:
+        arg_names = ["x_ptr", "N"]
+
+        def __getitem__(self, grid):
+            class Compiled:
+                packed_metadata, function = "meta", "fn"
+
+                def run(self, *args):
+                    calls.append("fast")
+            return lambda *args, **opts: calls.append("jit") or Compiled()
+
+    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", False)
+    monkeypatch.delenv("SPECTRA_DIRECT_LAUNCH", raising=False)
+    launch = plans.Launch(Kernel(), (1, 1, 1), dict(N=3), ("x_ptr",), {})
+    for i in range(3):
+        launch(f"x{i}")
+    assert calls == ["jit", "jit", "jit"]
+    monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "1")
+    assert plans.direct_launch_enabled()

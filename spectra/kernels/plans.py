@@ -15,6 +15,7 @@ and the pointers' alignment is part of it.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -22,6 +23,17 @@ import torch
 
 from ..formats import get_format
 from . import dispatch, gluon_launch
+
+# Calling the compiled kernel's launcher directly (skipping Triton's per-call argument binding) has not yet run
+# on a GPU: until a device run of the GPU tests passes with it, launches go through Triton's JIT entry (the path
+# the GPU tests verified, with the same argument lists the interpreter tests check); SPECTRA_DIRECT_LAUNCH=1
+# turns the direct launcher on for measuring it.
+DIRECT_LAUNCH_VERIFIED_ON_GPU = False
+
+
+def direct_launch_enabled() -> bool:
+    return DIRECT_LAUNCH_VERIFIED_ON_GPU or os.environ.get("SPECTRA_DIRECT_LAUNCH") == "1"
+
 
 MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
 _plans: dict[tuple, Plan] = {}
@@ -69,7 +81,8 @@ class Launch:
         self.args = [named.get(name) for name in fn.arg_names]
         self.slots = tuple(fn.arg_names.index(name) for name in slots)
         self.compiled = None
-        self.run = None  # the compiled kernel's launcher; False: this Triton's launcher is not ours to call
+        # the compiled kernel's launcher; False: Triton's JIT entry launches (launcher not verified, or not ours)
+        self.run = None if direct_launch_enabled() else False
 
     def compile(self, *tensors: torch.Tensor) -> None:
         """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
@@ -77,8 +90,9 @@ class Launch:
         for i, t in zip(self.slots, tensors):
             args[i] = t
         compiled = self.fn.warmup(*args, grid=self.grid, **self.options)
-        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
-        self.compiled = compiled
+        if self.run is not False:
+            self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+            self.compiled = compiled
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         args = list(self.args)
