@@ -130,7 +130,15 @@ def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # A gloo rank sometimes aborts in C++ with no Python error ("terminate called without an active
+        # exception", SIGABRT; seen in 2 of ~14 full-suite runs on 2 cores, never in 11 runs of this file
+        # alone): launch once more then, into a fresh directory. Any Python error fails at once.
+        if proc.returncode == 0 or attempt or "terminate called without an active exception" not in proc.stderr:
+            break
+        out = tmp_path_factory.mktemp("dist")
+        cmd[-1] = str(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "results.json").read_text()), out
 
