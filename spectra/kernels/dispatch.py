@@ -305,20 +305,35 @@ def _column_masks(q: int, k: int, planes: int, block_j: int) -> tuple[bool, int,
     return mask_j, (2 ** planes - 1 if mask_j else loop_mask), loop_mask
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_k_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, int, int], int]:
+    """Grid of the tensor-core launch and the K bytes each split covers (the last split may be shorter):
+    the split count is cut to what the byte columns allow, then to the splits that hold any columns."""
+    blocks = _cdiv(q, cfg.block_j)
+    j_per_split = _cdiv(blocks, max(1, min(cfg.split, blocks))) * cfg.block_j
+    return (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), _cdiv(q, j_per_split)), j_per_split
+
+
+def stream_k_grid(m: int, n: int, q: int, cfg: KernelConfig, device: torch.device) -> tuple[int, int, int, int, int]:
+    """Programs, output tiles (m, n), K steps per tile and total work units of the persistent stream-K launch."""
+    tiles_m, tiles_n, steps = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), _cdiv(q, cfg.block_j)
+    total = tiles_m * tiles_n * steps
+    programs = cfg.programs or (num_sms(device) if device.type == "cuda" else 4)
+    return max(1, min(programs, total)), tiles_m, tiles_n, steps, total
+
+
 def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
               shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None,
               use_asm: bool = True) -> torch.Tensor:
     """Tensor-core kernel on a 2-D, row-contiguous x2 [m, k]; returns y [m, n] in x2's dtype."""
-    import triton
-
     from .tq_triton import tq_matmul_kernel  # optional: triton
 
     x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
-    blocks = triton.cdiv(q, cfg.block_j)
-    split = max(1, min(cfg.split, blocks))
-    j_per_split = triton.cdiv(blocks, split) * cfg.block_j
-    split = triton.cdiv(q, j_per_split)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    grid, j_per_split = split_k_grid(m, n, q, cfg)
+    split = grid[2]
     if split > 1:
         ws, cnt = WORKSPACE.get(x2.device, split * m * n, grid[0] * grid[1])
     else:
@@ -333,16 +348,10 @@ def launch_sk(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
               shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None,
               use_asm: bool = True) -> torch.Tensor:
     """Persistent stream-K launch of the tensor-core kernel (same inputs and result as :func:`launch_tc`)."""
-    import triton
-
     from .tq_triton import tq_matmul_sk_kernel  # optional: triton
 
     x2, m, k, n, q, shared, y = _launch_setup(x2, packed, fmt, scales, shard_axis, out, use_asm, cfg)
-    tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    steps = triton.cdiv(q, cfg.block_j)
-    total = tiles_m * tiles_n * steps
-    programs = cfg.programs or (num_sms(x2.device) if x2.is_cuda else 4)
-    programs = max(1, min(programs, total))
+    programs, tiles_m, tiles_n, steps, total = stream_k_grid(m, n, q, cfg, x2.device)
     ws, cnt = WORKSPACE.get(x2.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
     tq_matmul_sk_kernel[(programs,)](
         x2, packed, scales, y, ws, cnt, m, n, k, q, x2.stride(0), y.stride(0), scales.numel(),

@@ -277,19 +277,13 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "sk":
-        tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
-        steps = triton.cdiv(q, cfg.block_j)
-        total = tiles_m * tiles_n * steps
-        programs = max(1, min(cfg.programs or dispatch.num_sms(x.device), total))
+        programs, tiles_m, tiles_n, steps, total = dispatch.stream_k_grid(m, n, q, cfg, x.device)
         ws, cnt = dispatch.WORKSPACE.get(x.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
         named.update(ws_ptr=ws, cnt_ptr=cnt, TILES_M=tiles_m, STEPS=steps, TOTAL=total)
         plan.main = Launch(tq_matmul_sk_kernel, (programs, 1, 1), named, slots, options)
         return plan
-    blocks = triton.cdiv(q, cfg.block_j)
-    split = max(1, min(cfg.split, blocks))
-    j_per_split = triton.cdiv(blocks, split) * cfg.block_j
-    split = triton.cdiv(q, j_per_split)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    grid, j_per_split = dispatch.split_k_grid(m, n, q, cfg)
+    split = grid[2]
     if split > 1:
         ws, cnt = dispatch.WORKSPACE.get(x.device, split * m * n, grid[0] * grid[1])
     else:
