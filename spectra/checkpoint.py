@@ -56,6 +56,20 @@ def _float_dtype(model: SpectraLM) -> torch.dtype:
     return model.model.embed_tokens.weight.dtype
 
 
+FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a model may be loaded in, by name ("bf16", "float16", ...); None stays None."""
+    if name is None:
+        return None
+    try:
+        return FLOAT_DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(FLOAT_DTYPES)}") from None
+
+
 def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None, *,
                     owner: str = "save_checkpoint", force: bool = False) -> Path:

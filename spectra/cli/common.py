@@ -6,19 +6,8 @@ import argparse
 
 import torch
 
+from ..checkpoint import parse_dtype  # noqa: F401 - the commands' --dtype parser
 from ..errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def parse_int_list(text: str, flag: str, what: str = "integers", minimum: int | None = None) -> tuple[int, ...]:

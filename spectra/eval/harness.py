@@ -23,7 +23,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, parse_dtype
 from ..errors import CheckpointError, ConfigError, DataError
 from ..generate import sample_next
 from ..progress import progress_bar
@@ -56,8 +56,6 @@ class SpectraEvalLM(TemplateLM):
             if tokenizer is None:
                 raise ConfigError("a model object needs its tokenizer: SpectraEvalLM(model, tokenizer=tok)")
         else:
-            from ..cli.common import parse_dtype
-
             if isinstance(dtype, str):
                 dtype = None if dtype == "auto" else parse_dtype(dtype)
             self.model = load_model(pretrained, device=_usable_device(device), dtype=dtype, kind=kind)
