@@ -145,10 +145,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos, mask):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+    def forward(self, x, cos, sin, pos, mask, pending=None):
+        """Returns (the residual stream, this block's MLP output): the stream after the block is their sum,
+        left to the next norm (``pending``) so that in GPU inference the add and the norm are one kernel."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_forward(x, pending)
+        attn = self.self_attn(h, cos, sin, pos, mask)
         x, h = self.post_attention_layernorm.add_forward(x, attn)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -204,9 +210,10 @@ class SpectraLM(nn.Module):
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
+        pending = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos, mask)
-        logits = self.lm_head(self.model.norm(x))
+            x, pending = layer(x, cos, sin, input_pos, mask, pending)
+        logits = self.lm_head(self.model.norm(x) if pending is None else self.model.norm.add_forward(x, pending)[1])
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

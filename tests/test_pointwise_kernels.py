@@ -104,3 +104,39 @@ def test_gpu_pointwise_kernels_match_references(dtype):
         gate, up = (torch.randn(rows, 1, 2 * h, device="cuda", generator=gen) * 4).to(dtype).chunk(2, dim=-1)
         got, want = swiglu(gate, up), swiglu_reference(gate, up)
         assert float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1)).max()) <= ulp
+
+
+def test_every_residual_add_of_a_gpu_inference_forward_is_fused_into_a_norm(monkeypatch):
+    """The MLP's residual add joins the next block's input norm (or the final norm): in GPU inference a block
+    runs two add+norm kernels and no separate add, and the logits are those of the plain forward. The fused
+    kernels are replaced by their references (counted) so the wiring is checked on the CPU."""
+    import spectra.model as model_module
+    from spectra.config import ModelConfig
+    from spectra.kernels.pointwise import add_rms_norm_reference, rms_norm_reference, swiglu_reference
+    from spectra.model import SpectraLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
+                      max_seq_len=32)
+    model = SpectraLM(cfg).eval()
+    for p in model.parameters():  # gains away from 1, so a norm applied to the wrong stream shows
+        p.data.add_(torch.randn_like(p) * 0.1)
+    tokens = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        want = model(tokens)
+    calls = {"add_rms_norm": 0, "rms_norm": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(model_module, "fused_pointwise_applies", lambda x, weight=None: not torch.is_grad_enabled())
+    monkeypatch.setattr(model_module, "add_rms_norm", counted("add_rms_norm", add_rms_norm_reference))
+    monkeypatch.setattr(model_module, "rms_norm", counted("rms_norm", rms_norm_reference))
+    monkeypatch.setattr(model_module, "swiglu", swiglu_reference)
+    with torch.no_grad():
+        got = model(tokens)
+    assert calls == {"add_rms_norm": 2 * cfg.num_layers, "rms_norm": 1}  # only the first block's input norm adds nothing
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -115,7 +115,7 @@ def _quantize_sequentially(model: SpectraLM, config: QuantConfig, tokens: torch.
                 report.layers[name] = _relative_errors(weight, hessian, quantized, config)
                 _replace(model, name, module, quantized, config)
                 bar.update()
-        hidden = [block(x, cos, sin, None, None) for x in hidden]
+        hidden = [torch.add(*block(x, cos, sin, None, None)) for x in hidden]  # stream + the block's MLP output
 
 
 def _capture_hessians(block: nn.Module, names: tuple[str, ...], hidden: list[torch.Tensor],
