@@ -90,7 +90,7 @@ def _plain_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
         decode_step = lambda tok, pos: model(tok, input_pos=pos)  # noqa: E731
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     try:
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device))
+        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), last_only=True)
         for pos in range(prompt_len, total):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_id is not None:
@@ -121,7 +121,7 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
     ready = [torch.cuda.Event() for _ in range(n_new)]
     finished = torch.zeros(batch, dtype=torch.bool)
     try:
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device))
+        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), last_only=True)
         first = sample(logits[:, -1], torch.tensor([prompt_len], device=device))
         step.start(first, prompt_len)
         host[0].copy_(first, non_blocking=True)

@@ -190,9 +190,11 @@ class SpectraLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`document_ids` ([b, t], training only): tokens attend within their own document and positions
-        restart per document, so packed examples see exactly what they would see alone."""
+        restart per document, so packed examples see exactly what they would see alone. `last_only`: the
+        logits of the last position only ([b, 1, vocab]; a prompt before sampling needs no more, and a long
+        prompt's full logits can outweigh the model)."""
         t = tokens.shape[1]
         if document_ids is not None:
             mask, positions = document_mask_and_positions(document_ids)
@@ -213,6 +215,10 @@ class SpectraLM(nn.Module):
         pending = None
         for layer in self.model.layers:
             x, pending = layer(x, cos, sin, input_pos, mask, pending)
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only gives one position's logits; a loss needs all of them")
+            x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
         logits = self.lm_head(self.model.norm(x) if pending is None else self.model.norm.add_forward(x, pending)[1])
         if targets is None:
             return logits

@@ -93,3 +93,18 @@ def test_expand_scales_follows_tensor_split(size, parts):
     want = torch.cat([torch.full((e - s,), float(scales[i])) for i, (s, e) in enumerate(shard_bounds(size, parts))])
     assert torch.equal(expand_scales(scales, (size, 5), 0), want[:, None])
     assert torch.equal(expand_scales(scales, (5, size), 1), want[None, :])
+
+
+def test_last_only_gives_the_last_position_of_the_full_logits():
+    cfg = get_config("tiny", num_layers=2, weight_kind="ternary")
+    torch.manual_seed(3)
+    model = SpectraLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (3, 11))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(3, 16)
+        last = model(tokens, input_pos=torch.arange(11), last_only=True)
+    assert last.shape == (3, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        model(tokens, targets=tokens, last_only=True)

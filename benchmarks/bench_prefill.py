@@ -1,0 +1,84 @@
+"""Time to first token: the prompt's forward pass as `spectra.generate` runs it, packed kinds beside fp16 (CUDA).
+
+    python benchmarks/bench_prefill.py --model 3.9b --prompts 128,512,2048 --kinds float,tq2,tq1
+
+Random weights (the named shape, fused q/k/v and gate/up as `generate` fuses them), a KV cache of the prompt
+plus 16 positions, batch 1 unless --batches says more. One trial = the prompt's forward with the cache
+(``model(tokens, input_pos=arange(prompt), last_only=True)``; with --all-logits every position's logits, as
+before `generate` asked for the last only) and the greedy first token, timed with CUDA events around the
+whole call (host work included, as a user waits for it); the median of --trials after two warm-up calls.
+Packed layers at prefill-sized m take the dispatcher's large-m path (dequantize into cached fp16 scratch, then
+cuBLAS), so the ratio to fp16 is the cost of that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from spectra.bench import build_random_model
+
+
+def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = True) -> float:
+    dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
+    positions = torch.arange(prompt, device=dev)
+    model.setup_cache(batch, prompt + 16)
+    times = []
+    with torch.inference_mode():
+        for trial in range(trials + 2):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            first = model(tokens, input_pos=positions, last_only=last_only)[:, -1].argmax(-1)
+            end.record()
+            end.synchronize()
+            if trial >= 2:
+                times.append(begin.elapsed_time(end) / 1e3)
+    assert first.shape == (batch,)
+    model.clear_cache()
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="3.9b")
+    p.add_argument("--kinds", default="float,tq2,tq1")
+    p.add_argument("--prompts", default="128,512,2048")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--all-logits", action="store_true", help="compute every position's logits (the old prefill)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_prefill needs a CUDA GPU")
+    dev = torch.device("cuda")
+    kinds = args.kinds.split(",")
+    prompts = [int(v) for v in args.prompts.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    print(f"# {torch.cuda.get_device_name(dev)}; {args.model}; fp16 activations; median of {args.trials}; "
+          f"{'all positions' if args.all_logits else 'last position'}'s logits")
+    results = {}
+    for kind in kinds:
+        model = build_random_model(args.model, kind, torch.float16, dev, max_seq_len=max(prompts) + 16)
+        model.fuse_projections()
+        for batch in batches:
+            for prompt in prompts:
+                results[kind, batch, prompt] = time_prefill(model, batch, prompt, args.trials, not args.all_logits)
+        del model
+        torch.cuda.empty_cache()
+    print("| batch | prompt | " + " | ".join(f"{k} ms" for k in kinds) + " | "
+          + " | ".join(f"{k} vs float" for k in kinds if k != "float") + " |")
+    print("|---" * (2 + len(kinds) + sum(k != "float" for k in kinds)) + "|")
+    for batch in batches:
+        for prompt in prompts:
+            ms = [results[k, batch, prompt] * 1e3 for k in kinds]
+            ratio = [results["float", batch, prompt] / results[k, batch, prompt] for k in kinds
+                     if k != "float" and "float" in kinds]
+            print(f"| {batch} | {prompt} | " + " | ".join(f"{v:.2f}" for v in ms) + " | "
+                  + " | ".join(f"{r:.2f}x" for r in ratio) + " |")
+
+
+if __name__ == "__main__":
+    main()
