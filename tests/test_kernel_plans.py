@@ -80,14 +80,14 @@ _SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import dispatch, plans, ternary_matmul_reference
-    dispatch.gpu_name = lambda device: "Interpreter"
-    dispatch.num_sms = lambda device: 4
+    from spectra.kernels import configs, plans, ternary_matmul_reference
+    configs.gpu_name = lambda device: "Interpreter"
+    configs.num_sms = lambda device: 4
     torch.manual_seed(0)
-    K = dispatch.KernelConfig
+    K = configs.KernelConfig
     failures, cases = [], 0
     for cfg in (K("tc", 16, 16, 32, 3, 4, 2), K("sk", 16, 32, 32, 1, 4, 2, 3), K("dequant")):
-        dispatch.lookup_config = lambda *a, cfg=cfg: cfg
+        configs.lookup_config = lambda *a, cfg=cfg: cfg
         for fmt, n, k in (("tq2", 37, 300), ("tq1", 21, 713)):
             packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
             for p, axis, shape in ((1, 0, (3, k)), (3, 0, (2, 2, k)), (2, 1, (5, k)), (1, 0, "strided")):
