@@ -38,7 +38,6 @@ def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monk
     # a Triton whose Gluon cannot compile the kernel (API change): the plan runs the portable kernel instead
     monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: gluon_launch.available())
     monkeypatch.setattr(configs, "lookup_config", lambda *a: configs.KernelConfig("gluon", 8, 64, 64, 2))
-    monkeypatch.setattr(configs, "num_sms", lambda device: 4)
 
     def broken_compile(self, *tensors):
         raise RuntimeError("simulated: PassManager::run failed")
@@ -150,7 +149,6 @@ def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wi
 
 def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkeypatch, tmp_path):
     monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
-    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
     monkeypatch.setattr(configs, "_table", None)
     tc, gl = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3), configs.KernelConfig("gluon", 8, 64, 64, 4)
