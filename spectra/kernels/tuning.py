@@ -20,8 +20,8 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                 log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
     """Tune every (format, shape, m bucket) on this GPU, each bucket once at its largest m, and merge the
-    winners into the user cache, which :func:`lookup_config` prefers to the shipped table; returns the entries
-    written."""
+    winners into the user cache, which :func:`~spectra.kernels.configs.lookup_config` prefers to the shipped
+    table; returns the entries written."""
     device = torch.device(device)
     buckets = dict.fromkeys(configs.m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
     jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in buckets]
