@@ -18,7 +18,7 @@ import torch
 
 from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import dispatch, gluon_launch, ternary_matmul, timing, tuning
+from spectra.kernels import configs, dispatch, gluon_launch, ternary_matmul, timing, tuning
 
 
 def _check(x, packed, fmt, k, scales, y) -> float:
@@ -32,10 +32,10 @@ def old_path(x, packed, fmt, k, scales, axis, memo={}):  # noqa: B006 - the old 
     dispatch.check_inputs(x, packed, fmt, k, scales, axis)
     x2 = x.reshape(-1, k)
     mode = dispatch.scale_mode(scales, axis)
-    key = (fmt, packed.shape[0], k, dispatch.m_bucket(x2.shape[0]), x.dtype, mode, x.device)
+    key = (fmt, packed.shape[0], k, configs.m_bucket(x2.shape[0]), x.dtype, mode, x.device)
     cfg = memo.get(key)
     if cfg is None:
-        cfg = memo[key] = dispatch.lookup_config(fmt, packed.shape[0], k, x2.shape[0], x.dtype, mode, x.device)
+        cfg = memo[key] = configs.lookup_config(fmt, packed.shape[0], k, x2.shape[0], x.dtype, mode, x.device)
     return dispatch.run_config(x2, packed, fmt, k, scales.contiguous(), axis, cfg)
 
 
@@ -82,7 +82,7 @@ def main() -> None:
                 for fmt in fmts:
                     packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
                     s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
-                    cfg = dispatch.lookup_config(fmt, n, k, m, torch.float16, 0, dev, gluon=False)
+                    cfg = configs.lookup_config(fmt, n, k, m, torch.float16, 0, dev, gluon=False)
                     t_tl = timing.time_graph(
                         lambda i, x=x, p=packs, f=fmt, k=k, s=s: bench.portable_matmul(x, p[i], f, k, s, 0),
                         len(packs), args.reps, args.trials)

@@ -3,7 +3,7 @@
     python benchmarks/gluon_table.py LOG [--write]
 
 For every (format, shape, m) of the log, the fastest correct Gluon variant, where it beat the portable kernel
-timed in the same run, becomes an entry with ``dispatch.GLUON_KEY_SUFFIX`` (m = 1 also stands for the m = 2, 4,
+timed in the same run, becomes an entry with ``configs.GLUON_KEY_SUFFIX`` (m = 1 also stands for the m = 2, 4,
 8 buckets, which run the same MMA width; m = 16 for its own bucket). Prints them; with --write merges them into
 the shipped ``spectra/kernels/tuned_configs.json``.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from spectra.kernels import dispatch, tuning
+from spectra.kernels import configs, tuning
 
 _VARIANT = re.compile(r"gluon (tq[12]) (\d+)x(\d+) m=(\d+) late (\d) BJ (\d+) split (\d+) .*: ([\d.]+) us")
 _SHAPE = re.compile(r"(tq[12]) (\d+)x(\d+) m=(\d+): fp16 [\d.]+ \| tl ([\d.]+)")
@@ -31,13 +31,13 @@ def main() -> None:
     args = p.parse_args()
     text = Path(args.log).read_text()
     gpu = re.search(r"\] (NVIDIA [^;]+);", text).group(1)
-    best: dict[tuple, tuple[float, dispatch.KernelConfig]] = {}
+    best: dict[tuple, tuple[float, configs.KernelConfig]] = {}
     portable: dict[tuple, float] = {}
     for line in text.splitlines():
         if (v := _VARIANT.search(line)):
             fmt, n, k, m, late, bj, split, us = v.groups()
             key = (fmt, int(n), int(k), int(m))
-            cfg = dispatch.KernelConfig("gluon", 8 if int(m) <= 8 else 16, 64, int(bj), int(split),
+            cfg = configs.KernelConfig("gluon", 8 if int(m) <= 8 else 16, 64, int(bj), int(split),
                                         wait_late=late == "1")
             if key not in best or float(us) < best[key][0]:
                 best[key] = (float(us), cfg)
@@ -52,11 +52,11 @@ def main() -> None:
               f"{'' if won else ' (portable kept)'}")
         if won:
             for bucket in ((1, 2, 4, 8) if m <= 8 else (16,)):
-                key = dispatch.config_key(fmt, n, k, bucket, torch.float16, 0, gpu) + dispatch.GLUON_KEY_SUFFIX
+                key = configs.config_key(fmt, n, k, bucket, torch.float16, 0, gpu) + configs.GLUON_KEY_SUFFIX
                 entries[key] = asdict(cfg)
     print(f"{len(entries)} entries for {gpu}")
     if args.write:
-        path = Path(dispatch.__file__).with_name("tuned_configs.json")
+        path = Path(configs.__file__).with_name("tuned_configs.json")
         table = json.loads(path.read_text())
         table.update(entries)
         path.write_text(json.dumps(table, indent=1, sort_keys=True))

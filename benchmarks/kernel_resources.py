@@ -27,7 +27,8 @@ from triton.compiler import ASTSource
 
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
-from spectra.kernels.dispatch import FENCE_MODE, KernelConfig, _column_masks, kernel_constexprs
+from spectra.kernels.configs import KernelConfig
+from spectra.kernels.dispatch import FENCE_MODE, _column_masks, kernel_constexprs
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}", "ws_ptr": "*fp32",

@@ -18,8 +18,8 @@ import torch
 
 from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import dispatch, ternary_matmul, timing, tuning
-from spectra.kernels.dispatch import KernelConfig
+from spectra.kernels import configs, dispatch, ternary_matmul, timing, tuning
+from spectra.kernels.configs import KernelConfig
 from spectra.ternary import expand_scales
 
 
@@ -99,7 +99,7 @@ def main() -> int:
     import triton
     dev = torch.device("cuda")
     log(f"{torch.cuda.get_device_name(dev)} torch {torch.__version__} triton {triton.__version__} "
-        f"SMs {dispatch.num_sms(dev)} L2 {timing.l2_size(dev) >> 20} MiB")
+        f"SMs {configs.num_sms(dev)} L2 {timing.l2_size(dev) >> 20} MiB")
     log(f"copy bandwidth {timing.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
     fails = 0 if args.skip_check else check_all(log, args.quick_check)
 
@@ -113,7 +113,7 @@ def main() -> int:
                         log("tuning budget spent; stopping")
                         break
                     best, times = tuning.tune(fmt, n, k, m, save=False)
-                    key = dispatch.config_key(fmt, n, k, m, torch.float16, 0, dispatch.gpu_name(dev))
+                    key = configs.config_key(fmt, n, k, m, torch.float16, 0, configs.gpu_name(dev))
                     tuned[key] = best
                     ranked = sorted(times.items(), key=lambda kv: kv[1])
                     log(f"tune {fmt} k={k} n={n} m={m}: " + "; ".join(
@@ -121,7 +121,7 @@ def main() -> int:
                         f"/st{c.num_stages}={t * 1e6:.1f}" for c, t in ranked[:6]))
     (out / "tuned_configs.json").write_text(json.dumps({k: v.__dict__ for k, v in tuned.items()}, indent=1,
                                                        sort_keys=True))
-    dispatch.save_configs(tuned)
+    configs.save_configs(tuned)
     from spectra.kernels import clear_config_memo
     clear_config_memo()
 

@@ -5,7 +5,7 @@
 1. compile every kernel variant the run needs in parallel worker processes (Triton's disk cache is shared),
    and in the same workers check the stream-K variants on the GPU against an fp32 reference: fresh random
    inputs, NaN-poisoned outputs, odd shapes, fp16/bf16, per-shard scales on both axes, every case twice;
-2. tune every candidate of ``dispatch.candidate_configs`` (plus the shipped choice) on the 70B and 3.9B
+2. tune every candidate of ``configs.candidate_configs`` (plus the shipped choice) on the 70B and 3.9B
    layer shapes for each m, with cuBLAS fp16 of the same shape timed alongside;
 3. the summed-layer GEMM table (``spectra.bench.bench_gemm``) with the new configs, then with the
    shipped configs ("before") for the same m.
@@ -37,11 +37,11 @@ def _worker(task):
     import torch
 
     from spectra.formats import get_format
-    from spectra.kernels import dispatch
+    from spectra.kernels import configs, dispatch
     from spectra.ternary import expand_scales
 
     fmt, cfg_d, warm_ms, checks = task
-    cfg = dispatch.KernelConfig.from_dict(cfg_d)
+    cfg = configs.KernelConfig.from_dict(cfg_d)
     out = []
     t0 = time.time()
     gen = torch.Generator(device="cuda").manual_seed(hash((fmt, str(cfg_d))) & 0xFFFF)
@@ -95,12 +95,12 @@ def plan(shipped: dict, sets: list[str], ms: list[int], table_ms: list[int], bef
     import torch
 
     from spectra import bench
-    from spectra.kernels import dispatch
-    from spectra.kernels.dispatch import KernelConfig
+    from spectra.kernels import configs
+    from spectra.kernels.configs import KernelConfig
 
     def shipped_cfg(fmt, n, k, m):
-        e = shipped.get(dispatch.config_key(fmt, n, k, m, torch.float16, 0, gpu))
-        return KernelConfig.from_dict(e) if e else dispatch.heuristic_config(n, k, m, fmt, sms)
+        e = shipped.get(configs.config_key(fmt, n, k, m, torch.float16, 0, gpu))
+        return KernelConfig.from_dict(e) if e else configs.heuristic_config(n, k, m, fmt, sms)
 
     # --- what will run: tuning candidates, and the configs of the table rows ---------------------------
     tune_jobs = []
@@ -109,7 +109,7 @@ def plan(shipped: dict, sets: list[str], ms: list[int], table_ms: list[int], bef
         for s in sets:
             for k, n in bench.SHAPE_SETS[s]:
                 for fmt in ("tq2", "tq1"):
-                    cands = dispatch.candidate_configs(n, k, m, fmt, sms)
+                    cands = configs.candidate_configs(n, k, m, fmt, sms)
                     old = shipped_cfg(fmt, n, k, m)
                     if old not in cands:
                         cands.append(old)
@@ -187,8 +187,8 @@ def main() -> int:
 
     from spectra import bench
     from spectra.formats import get_format
-    from spectra.kernels import clear_config_memo, dispatch, timing
-    from spectra.kernels.dispatch import KernelConfig
+    from spectra.kernels import clear_config_memo, configs, dispatch, timing
+    from spectra.kernels.configs import KernelConfig
 
     out = Path(args.out)
     t0 = time.time()
@@ -196,11 +196,11 @@ def main() -> int:
     tunef = open(out / "tune.jsonl", "w")
 
     dev = torch.device("cuda")
-    gpu = dispatch.gpu_name(dev)
-    sms = dispatch.num_sms(dev)
+    gpu = configs.gpu_name(dev)
+    sms = configs.num_sms(dev)
     log(f"{gpu} torch {torch.__version__} triton {triton.__version__} SMs {sms} L2 {timing.l2_size(dev) >> 20} MiB")
     log(f"copy bandwidth {timing.copy_bandwidth(dev) / 1e9:.0f} GB/s (read + write)")
-    shipped = json.loads(dispatch._SHIPPED.read_text())
+    shipped = json.loads(configs._SHIPPED.read_text())
     if not any(key.startswith(gpu + "|") for key in shipped):
         # No table for this GPU: compare against the H100-tuned choices (a user here would get the heuristic).
         src = "NVIDIA H100 80GB HBM3|"
@@ -278,7 +278,7 @@ def main() -> int:
             fails += 1
             continue
         best = min(times, key=times.get)
-        key = dispatch.config_key(fmt, n, k, m, torch.float16, 0, gpu)
+        key = configs.config_key(fmt, n, k, m, torch.float16, 0, gpu)
         tuned[key] = best
         ranked = sorted(times.items(), key=lambda kv: kv[1])
         f16 = fp16_us[(n, k, m)]
@@ -297,7 +297,7 @@ def main() -> int:
 
     # --- 3. GEMM tables: new configs, then the shipped ones ("before") ---------------------------------
     def table(label, tbl, row_ms):
-        dispatch._table = dict(tbl)
+        configs._table = dict(tbl)
         clear_config_memo()
         for s in sets:
             if time.time() - t0 > args.budget:

@@ -17,7 +17,7 @@ from spectra import bench
 from spectra.formats import get_format
 from spectra.kernels import dispatch
 from spectra.kernels import timing as kernel_timing
-from spectra.kernels.dispatch import KernelConfig
+from spectra.kernels.configs import KernelConfig, lookup_config
 
 ORDERINGS = (1, 2, 3)
 STRESS = ((130, 999, 3, KernelConfig("tc", 16, 64, 32, 4, 4, 3)),
@@ -65,7 +65,7 @@ def timing(dev: torch.device, gen: torch.Generator) -> None:
                     packs = kernel_timing.cold_copies(base, kernel_timing.l2_size(dev))
                     x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                     s = torch.rand(1, device=dev, generator=gen) + 0.5
-                    tuned = dispatch.lookup_config(fmt, n, k, m, torch.float16, 0, dev)
+                    tuned = lookup_config(fmt, n, k, m, torch.float16, 0, dev)
                     configs = {tuned}
                     if tuned.kind == "tc":
                         configs |= {KernelConfig("tc", tuned.block_m, tuned.block_n, tuned.block_j, split,

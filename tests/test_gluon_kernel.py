@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spectra.formats import get_format
-from spectra.kernels import dispatch, gluon_launch, plans, ternary_matmul, tuning
+from spectra.kernels import configs, dispatch, gluon_launch, plans, ternary_matmul, tuning
 from spectra.ternary import expand_scales
 
 
@@ -28,7 +28,7 @@ def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_sta
         warnings.simplefilter("always")
         assert not gluon_launch.available()
         assert not gluon_launch.available()
-        cfg = dispatch.portable_config(dispatch.KernelConfig("gluon", 8, 64, 64, 4), "tq2", 3072, 3072, 1,
+        cfg = dispatch.portable_config(configs.KernelConfig("gluon", 8, 64, 64, 4), "tq2", 3072, 3072, 1,
                                        torch.device("cpu"))
     assert cfg.kind == "tc"
     assert len([w for w in seen if "Gluon" in str(w.message)]) == 1
@@ -37,8 +37,7 @@ def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_sta
 def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monkeypatch, fresh_gluon_state):
     # a Triton whose Gluon cannot compile the kernel (API change): the plan runs the portable kernel instead
     monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: gluon_launch.available())
-    monkeypatch.setattr(dispatch, "lookup_config", lambda *a: dispatch.KernelConfig("gluon", 8, 64, 64, 2))
-    monkeypatch.setattr(dispatch, "num_sms", lambda device: 4)
+    monkeypatch.setattr(configs, "lookup_config", lambda *a: configs.KernelConfig("gluon", 8, 64, 64, 2))
 
     def broken_compile(self, *tensors):
         raise RuntimeError("simulated: PassManager::run failed")
@@ -123,7 +122,7 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
     # column-scaled activations
-    monkeypatch.setattr(dispatch, "lookup_config", lambda *a: dispatch.KernelConfig("gluon", 16, 64, 64, 4))
+    monkeypatch.setattr(configs, "lookup_config", lambda *a: configs.KernelConfig("gluon", 16, 64, 64, 4))
     plans.clear_plans()
     for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4)):
         s = torch.rand(p, device="cuda", generator=gen) + 0.5
@@ -139,28 +138,27 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
 
 
 def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wins():
-    K = dispatch.KernelConfig
+    K = configs.KernelConfig
     tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 128, 4), K("gluon", 8, 64, 64, 1)
-    key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
+    key = configs.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
     wins = tuning.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, gl_fast: 7e-6, gl_slow: 8e-6})
-    assert wins == {key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl_fast}
+    assert wins == {key: tc, key + configs.GLUON_KEY_SUFFIX: gl_fast}
     loses = tuning.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 6e-6, gl_fast: 7e-6})
     assert loses == {key: tc}
 
 
 def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkeypatch, tmp_path):
-    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
-    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_table", None)
-    tc, gl = dispatch.KernelConfig("tc", 16, 64, 64, 4, 4, 3), dispatch.KernelConfig("gluon", 8, 64, 64, 4)
-    key = dispatch.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "Test GPU")
-    dispatch.save_configs({key: tc, key + dispatch.GLUON_KEY_SUFFIX: gl})
+    monkeypatch.setattr(configs, "_table", None)
+    tc, gl = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3), configs.KernelConfig("gluon", 8, 64, 64, 4)
+    key = configs.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "Test GPU")
+    configs.save_configs({key: tc, key + configs.GLUON_KEY_SUFFIX: gl})
     cuda = torch.device("cuda", 0)  # only compared, never touched: usable() is patched
     for ok, want in ((True, gl), (False, tc)):
         monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype, ok=ok: ok)
-        assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 0, cuda) == want
-        assert dispatch.lookup_config("tq2", 3072, 3072, 1, torch.float16, 1, cuda) == want  # per-shard scales
+        assert configs.lookup_config("tq2", 3072, 3072, 1, torch.float16, 0, cuda) == want
+        assert configs.lookup_config("tq2", 3072, 3072, 1, torch.float16, 1, cuda) == want  # per-shard scales
 
 
 # --- the Gluon kernel's word decode (ptx.word_decode_asm), emulated instruction by instruction --------------

@@ -80,14 +80,13 @@ _SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import dispatch, plans, ternary_matmul_reference
-    dispatch.gpu_name = lambda device: "Interpreter"
-    dispatch.num_sms = lambda device: 4
+    from spectra.kernels import configs, plans, ternary_matmul_reference
     torch.manual_seed(0)
-    K = dispatch.KernelConfig
+    K = configs.KernelConfig
     failures, cases = [], 0
     for cfg in (K("tc", 16, 16, 32, 3, 4, 2), K("sk", 16, 32, 32, 1, 4, 2, 3), K("dequant")):
-        dispatch.lookup_config = lambda *a, cfg=cfg: cfg
+        configs.lookup_config = lambda *a, cfg=cfg: cfg
+        plans.clear_plans()  # plans are cached per call signature: each config builds its own
         for fmt, n, k in (("tq2", 37, 300), ("tq1", 21, 713)):
             packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
             for p, axis, shape in ((1, 0, (3, k)), (3, 0, (2, 2, k)), (2, 1, (5, k)), (1, 0, "strided")):
@@ -97,7 +96,10 @@ _SCRIPT = textwrap.dedent("""
                         x = torch.randn(4, 2 * k, dtype=torch.float16)[:, ::2]
                     else:
                         x = torch.randn(*shape, dtype=torch.float16)
-                    y = plans.get_plan(x, packed, fmt, k, scales, axis)(x, packed, scales)
+                    plan = plans.get_plan(x, packed, fmt, k, scales, axis)
+                    if plan.cfg != cfg:
+                        failures.append(f"{cfg.kind} {fmt} {n}x{k} P={p} axis={axis} {shape}: plan ran {plan.cfg}")
+                    y = plan(x, packed, scales)
                     ref = ternary_matmul_reference(x.float(), packed, fmt, k, scales, axis)
                     err = float((y.float() - ref).norm() / ref.norm())
                     cases += 1

@@ -12,7 +12,7 @@ from kernel_support import run_in_interpreter
 
 from spectra.errors import ConfigError, FormatError
 from spectra.formats import get_format, tq1_digits
-from spectra.kernels import dispatch, ternary_matmul, ternary_matmul_reference, tuning
+from spectra.kernels import configs, dispatch, ternary_matmul, ternary_matmul_reference, tuning
 from spectra.kernels.ptx import _TQ2
 
 triton = pytest.importorskip("triton")
@@ -26,7 +26,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import dispatch, ternary_matmul_reference
+    from spectra.kernels import configs, dispatch, ternary_matmul_reference
     from spectra.ternary import ternary_dense_weight
     torch.manual_seed(0)
     failures = []
@@ -44,7 +44,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                                       (torch.float16, 3, (16, 32, 32, 2, 2)), (torch.float32, 2, (16, 16, 64, 1, 1))):
                     x = torch.randn(m, k).to(dtype)
                     bm, bn, bj, split, stages = cfg
-                    c = dispatch.KernelConfig("tc", bm, bn, bj, split, 4, stages)
+                    c = configs.KernelConfig("tc", bm, bn, bj, split, 4, stages)
                     y = torch.full((m, n), float("nan"), dtype=dtype)
                     dispatch.launch_tc(x, packed, fmt, k, scales, axis, c, out=y, use_asm=False)
                     ref = ternary_matmul_reference(x.float(), packed, fmt, k, scales, axis)
@@ -93,9 +93,9 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import dispatch, ternary_matmul_reference
+    from spectra.kernels import configs, dispatch, ternary_matmul_reference
     torch.manual_seed(1)
-    K = dispatch.KernelConfig
+    K = configs.KernelConfig
     cases = [
         (torch.float16, 33, (2, 1), K("sk", 16, 16, 16, 1, 4, 2, 3)),
         (torch.float32, 17, (1, 0), K("sk", 16, 16, 32, 1, 4, 2, 7)),
@@ -134,32 +134,32 @@ def test_stream_k_kernel_in_interpreter_matches_reference():
 def test_large_m_candidates_include_stream_k_and_old_tables_load():
     for m in (64, 100, 256):
         for fmt in ("tq2", "tq1"):
-            cands = dispatch.candidate_configs(3072, 9216, m, fmt, 132)
+            cands = configs.candidate_configs(3072, 9216, m, fmt, 132)
             assert any(c.kind == "sk" for c in cands)
-            assert all(dispatch.smem_bytes(c, fmt) <= dispatch.SMEM_LIMIT for c in cands if c.kind != "dequant")
-    assert not any(c.kind == "sk" for c in dispatch.candidate_configs(3072, 9216, 16, "tq2", 132))
+            assert all(configs.smem_bytes(c, fmt) <= configs.SMEM_LIMIT for c in cands if c.kind != "dequant")
+    assert not any(c.kind == "sk" for c in configs.candidate_configs(3072, 9216, 16, "tq2", 132))
     # tables written before the `programs` field existed still load
     old = {"kind": "tc", "block_m": 64, "block_n": 64, "block_j": 64, "split": 1, "num_warps": 4, "num_stages": 3}
-    assert dispatch.KernelConfig.from_dict(old) == dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3, 0)
+    assert configs.KernelConfig.from_dict(old) == configs.KernelConfig("tc", 64, 64, 64, 1, 4, 3, 0)
 
 
 def test_prefill_sized_m_dispatches_to_dequantize_then_cublas(monkeypatch, tmp_path):
     # past the tuned buckets, from the measured crossover on, unless a tuned entry for that bucket exists
-    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
-    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_table", None)
+    monkeypatch.setattr(configs, "_table", None)
     dev = torch.device("cpu")
 
     def kind(fmt: str, m: int) -> str:
-        return dispatch.lookup_config(fmt, 3072, 9216, m, torch.float16, 0, dev).kind
+        return configs.lookup_config(fmt, 3072, 9216, m, torch.float16, 0, dev).kind
 
     assert [kind("tq2", m) for m in (1, 256, 512, 1024, 1025, 4096)] == ["tc", "tc", "tc", "tc", "dequant",
                                                                          "dequant"]
     assert [kind("tq1", m) for m in (256, 300, 512, 513, 2048)] == ["tc", "tc", "tc", "dequant", "dequant"]
-    tuned = dispatch.KernelConfig("sk", 128, 128, 32, 1, 8, 3)
-    dispatch.save_configs({dispatch.config_key("tq2", 3072, 9216, 2048, torch.float16, 0, "Test GPU"): tuned})
-    assert dispatch.lookup_config("tq2", 3072, 9216, 2048, torch.float16, 0, dev) == tuned
+    tuned = configs.KernelConfig("sk", 128, 128, 32, 1, 8, 3)
+    configs.save_configs({configs.config_key("tq2", 3072, 9216, 2048, torch.float16, 0, "Test GPU"): tuned})
+    assert configs.lookup_config("tq2", 3072, 9216, 2048, torch.float16, 0, dev) == tuned
 
 
 # --- the inline-PTX decode, emulated bit for bit over every byte value ---------------------------------
@@ -244,10 +244,10 @@ def test_check_inputs_rejects_bad_shapes_with_clear_errors():
 def test_configs_fit_shared_memory_and_buckets_are_monotone():
     for m in (1, 3, 16, 17, 64, 100, 256, 1000):
         for fmt in ("tq2", "tq1"):
-            for cfg in dispatch.candidate_configs(8192, 28672, m, fmt, 132):
+            for cfg in configs.candidate_configs(8192, 28672, m, fmt, 132):
                 if cfg.kind == "tc":
-                    assert dispatch.smem_bytes(cfg, fmt) <= dispatch.SMEM_LIMIT
-    buckets = [dispatch.m_bucket(m) for m in range(1, 600)]
+                    assert configs.smem_bytes(cfg, fmt) <= configs.SMEM_LIMIT
+    buckets = [configs.m_bucket(m) for m in range(1, 600)]
     assert buckets == sorted(buckets) and all(b >= m for m, b in zip(range(1, 600), buckets))
 
 
@@ -300,9 +300,9 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
     # The timing itself needs a GPU (test_gpu_tune_shapes_...); here tune() is replaced by a stand-in that
     # picks a distinctive config, to check the keys, the cache file and the read-back on any machine.
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_table", None)
-    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Test GPU")
-    picked = dispatch.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+    picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
     calls = []
 
     def fake_tune(fmt, n, k, m, dtype, device, save):
@@ -315,11 +315,11 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
     # m = 3 and 4 share a bucket: tuned once, at the bucket's m
     assert len(calls) == len(entries) == 8 and not any(c[-1] for c in calls)
     assert {c[3] for c in calls} == {1, 4}
-    monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
+    monkeypatch.setattr(configs, "_table", None)  # read back from the file
     for fmt in ("tq2", "tq1"):
         for m in (1, 3, 4):  # 3 and 4 share a bucket
-            assert dispatch.lookup_config(fmt, 136, 200, m, torch.float16, 0, torch.device("cpu")) == picked
-    monkeypatch.setattr(dispatch, "_table", None)
+            assert configs.lookup_config(fmt, 136, 200, m, torch.float16, 0, torch.device("cpu")) == picked
+    monkeypatch.setattr(configs, "_table", None)
 
 
 # --- GPU ---------------------------------------------------------------------------------------------
@@ -337,8 +337,8 @@ def _fp32_reference(x, packed, fmt, k, scales, axis):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_kernels_many_shapes_poisoned_outputs(fmt, dtype):
     gen = torch.Generator(device="cuda").manual_seed(7)
-    configs = [dispatch.KernelConfig("tc", 16, 64, 64, 3, 4, 4), dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3),
-               dispatch.KernelConfig("tc", 128, 64, 32, 2, 4, 3), dispatch.KernelConfig("dequant")]
+    cfgs = [configs.KernelConfig("tc", 16, 64, 64, 3, 4, 4), configs.KernelConfig("tc", 64, 64, 64, 1, 4, 3),
+               configs.KernelConfig("tc", 128, 64, 32, 2, 4, 3), configs.KernelConfig("dequant")]
     for n, k in ((1, 16), (37, 77), (130, 999), (1000, 3001), (515, 8192)):
         packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
         for m in (1, 7, 33, 100):
@@ -349,7 +349,7 @@ def test_gpu_kernels_many_shapes_poisoned_outputs(fmt, dtype):
                 scales = torch.rand(p, device="cuda", generator=gen) + 0.5
                 ref = _fp32_reference(x, packed, fmt, k, scales, axis)
                 # every compiled variant costs seconds: all configs with one scale, split-k with every scale mode
-                for cfg in (configs if p == 1 else configs[:1]):
+                for cfg in (cfgs if p == 1 else cfgs[:1]):
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                     if cfg.kind == "tc":
                         dispatch.launch_tc(x, packed, fmt, k, scales, axis, cfg, out=y)
@@ -369,14 +369,14 @@ def test_gpu_kernels_many_shapes_poisoned_outputs(fmt, dtype):
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 def test_gpu_stream_k_poisoned_outputs(fmt):
     gen = torch.Generator(device="cuda").manual_seed(11)
-    configs = [dispatch.KernelConfig("sk", 128, 128, 32, 1, 8, 3), dispatch.KernelConfig("sk", 64, 128, 32, 1, 8, 3),
-               dispatch.KernelConfig("sk", 64, 64, 64, 1, 4, 3, 7)]
+    cfgs = [configs.KernelConfig("sk", 128, 128, 32, 1, 8, 3), configs.KernelConfig("sk", 64, 128, 32, 1, 8, 3),
+               configs.KernelConfig("sk", 64, 64, 64, 1, 4, 3, 7)]
     for n, k in ((515, 8192), (1000, 3001), (3072, 3072)):
         packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
         for m, dtype, (p, axis) in ((100, torch.float16, (3, 0)), (256, torch.float16, (1, 0)),
                                     (33, torch.float16, (2, 1)), (100, torch.bfloat16, (1, 0))):
             scales = torch.rand(p, device="cuda", generator=gen) + 0.5
-            for cfg in configs:
+            for cfg in cfgs:
                 for _ in range(2):  # fresh inputs each time: a race shows as a changing error
                     x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)
                     ref = _fp32_reference(x, packed, fmt, k, scales, axis)
@@ -396,7 +396,7 @@ def test_gpu_split_k_stress_many_launches():
     n, k = 9216, 3072
     packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
-    K = dispatch.KernelConfig
+    K = configs.KernelConfig
     cases = [(K("tc", 16, 64, 64, 8, 4, 4), 1), (K("tc", 16, 64, 64, 8, 4, 4), 16), (K("tc", 16, 64, 64, 4, 4, 4), 128),
              (K("tc", 128, 64, 32, 4, 4, 3), 256), (K("sk", 128, 64, 32, 1, 4, 3), 128),
              (K("sk", 128, 128, 32, 1, 8, 3), 256)]
@@ -540,14 +540,14 @@ def test_scale_columns_reference_broadcast_form_equals_per_column_form(dtype):
 @pytest.mark.gpu
 def test_gpu_tune_shapes_fills_the_user_cache_that_lookup_reads(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_table", None)
+    monkeypatch.setattr(configs, "_table", None)
     dev = torch.device("cuda")
     shape = (200, 136)  # (n, k): in no shipped table
     entries = tuning.tune_shapes([shape], ("tq2",), (3,), log=lambda msg: None)
     (key, cfg), = entries.items()
     assert (tmp_path / "kernel_configs.json").is_file()
-    monkeypatch.setattr(dispatch, "_table", None)  # read back from the file
-    assert dispatch.lookup_config("tq2", *shape, 3, torch.float16, 0, dev) == cfg
+    monkeypatch.setattr(configs, "_table", None)  # read back from the file
+    assert configs.lookup_config("tq2", *shape, 3, torch.float16, 0, dev) == cfg
 
 
 def test_shared_memory_plan_bounds_what_triton_allocates():
@@ -564,8 +564,8 @@ def test_shared_memory_plan_bounds_what_triton_allocates():
         spec.loader.exec_module(kernel_resources)
     except ImportError as err:  # a Triton without the NVIDIA backend
         pytest.skip(f"cannot compile for sm_90a here: {err}")
-    for fmt, cfg in (("tq2", dispatch.KernelConfig("tc", 16, 64, 64, 1, 4, 3)),
-                     ("tq2", dispatch.KernelConfig("tc", 16, 128, 64, 2, 8, 6)),
-                     ("tq1", dispatch.KernelConfig("tc", 64, 64, 64, 1, 4, 3))):
+    for fmt, cfg in (("tq2", configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3)),
+                     ("tq2", configs.KernelConfig("tc", 16, 128, 64, 2, 8, 6)),
+                     ("tq1", configs.KernelConfig("tc", 64, 64, 64, 1, 4, 3))):
         kernel = kernel_resources.compile_config(fmt, cfg)
-        assert 0 < kernel.metadata.shared <= dispatch.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)
+        assert 0 < kernel.metadata.shared <= configs.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)

@@ -12,7 +12,7 @@ from ..checkpoint import read_config
 from ..config import get_config
 from ..errors import ConfigError, DeviceError
 from ..formats import FORMATS
-from ..kernels import dispatch, tuning
+from ..kernels import configs, tuning
 from ..kinds import PACKED_KINDS
 from .common import parse_int_list
 
@@ -130,5 +130,5 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
           f"batch sizes ({args.dtype})")
     tuning.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)
-    print(f"saved to {dispatch.user_cache_path()}")
+    print(f"saved to {configs.user_cache_path()}")
     return 0

@@ -1,28 +1,21 @@
-"""Launching the Triton kernels: validation, configs, split-k sizing, workspace, autotune cache.
+"""Launching the Triton kernels: input validation, the compile-time arguments and grids of the tensor-core
+and stream-K launches, dequantize-then-cuBLAS, and running a config.
 
-A config is a tensor-core launch of ``tq_matmul_kernel`` (tile sizes, split-k, warps, stages), the same
-kernel body as a persistent stream-K launch (``sk``, ``tq_matmul_sk_kernel``), or ``dequant`` (decode the whole
-weight to a dense matrix with ``tq_dequant_kernel`` on every call, then cuBLAS; nothing is cached). Configs
-are chosen per (format, n, k, m bucket, activation dtype, scale mode, GPU name): from the tuned table shipped
-beside this file (``tuned_configs.json``), then from the user cache (``$SPECTRA_CACHE`` or
-``~/.cache/spectra/kernel_configs.json``) written by :func:`tune`, else from a heuristic.
+What to launch is decided in :mod:`spectra.kernels.configs` (:func:`~spectra.kernels.configs.lookup_config`);
+this module runs a :class:`~spectra.kernels.configs.KernelConfig` (:func:`run_config`). Cached per-signature
+launches (the path ``ternary_matmul`` takes) live in :mod:`spectra.kernels.plans`, which uses the grids and
+arguments defined here.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import threading
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import DeviceError, FormatError
 from ..formats import ROW_ALIGN_BYTES, get_format
-from ..io import write_text_atomic
 from ..ternary import shard_bounds
 from . import gluon_launch
+from .configs import KernelConfig, heuristic_config, num_sms
 from .launch_support import WORKSPACE, scale_columns, scale_mode
 from .ptx import decode_asm
 
@@ -30,209 +23,6 @@ from .ptx import decode_asm
 # that holds because packed rows are padded to ROW_ALIGN_BYTES.
 if ROW_ALIGN_BYTES % 16:
     raise ImportError(f"spectra.formats.ROW_ALIGN_BYTES = {ROW_ALIGN_BYTES}: the kernels need a multiple of 16")
-
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_SHIPPED = Path(__file__).with_name("tuned_configs.json")
-_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    # "tc": tensor-core kernel on packed weights, one program per output tile (times split-k);
-    # "sk": the same product as a persistent stream-K launch (the GEMM regime, large m);
-    # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon kernel (m <= 16; block_m and
-    # split only, see gluon_launch).
-    kind: str = "tc"
-    block_m: int = 16
-    block_n: int = 64
-    block_j: int = 128        # packed bytes per row per K step (block_j * G weights)
-    split: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    programs: int = 0         # "sk": persistent programs (0 = one per SM)
-    wait_late: bool = False   # "gluon": decode the next K step while the tensor cores run this one
-
-    @staticmethod
-    def from_dict(d: dict) -> KernelConfig:
-        return KernelConfig(**d)
-
-
-def m_bucket(m: int) -> int:
-    """Smallest bucket >= m (the largest bucket for anything bigger)."""
-    for b in M_BUCKETS:
-        if m <= b:
-            return b
-    return M_BUCKETS[-1] * (1 + (m - 1) // M_BUCKETS[-1])
-
-
-def gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-def config_key(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int, gpu: str) -> str:
-    return f"{gpu}|{fmt}|{n}x{k}|m{m_bucket(m)}|{str(dtype).replace('torch.', '')}|s{scale_mode}"
-
-
-def user_cache_path() -> Path:
-    root = os.environ.get("SPECTRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spectra")
-    return Path(root) / "kernel_configs.json"
-
-
-_table: dict[str, dict] | None = None
-
-
-def _load_table() -> dict[str, dict]:
-    global _table
-    if _table is None:
-        table: dict[str, dict] = {}
-        for path in (_SHIPPED, user_cache_path()):
-            try:
-                table.update(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                pass  # no cache yet, or an unreadable one: fall back to the heuristic
-        _table = table
-    return _table
-
-
-def save_configs(entries: dict[str, KernelConfig], path: Path | None = None) -> Path:
-    """Merge tuned entries into the user cache (atomic write)."""
-    path = path or user_cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock:
-        table = {}
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-        table.update({key: asdict(cfg) for key, cfg in entries.items()})
-        write_text_atomic(path, json.dumps(table, indent=1, sort_keys=True))
-        _load_table().update({key: asdict(cfg) for key, cfg in entries.items()})
-    return path
-
-
-def num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
-
-
-def smem_bytes(cfg: KernelConfig, fmt: str) -> int:
-    """Shared memory of the pipelined tensor-core kernel, an upper bound: byte tile + G activation tiles per
-    stage, plus one 16-bit output tile (Triton's epilogue and operand layouts take up to that much more; checked
-    against compiled kernels in tests/test_kernels.py)."""
-    g = get_format(fmt).trits_per_byte
-    stage = cfg.block_n * cfg.block_j + g * cfg.block_j * cfg.block_m * 2
-    return cfg.num_stages * stage + cfg.block_m * cfg.block_n * 2
-
-
-def heuristic_config(n: int, k: int, m: int, fmt: str, sms: int) -> KernelConfig:
-    """A sane default: the tensor-core kernel, split-k until the grid covers the GPU a few times over."""
-    g = get_format(fmt).trits_per_byte
-    q = get_format(fmt).row_bytes(k)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    bn = 64
-    bj = 128 if q >= 512 else 64 if q >= 128 else 32
-    tiles = -(-n // bn) * -(-m // bm)
-    blocks = -(-q // bj)
-    split = 1
-    # Aim for ~4 programs per SM; keep at least 4 K steps per program so the pipeline has work.
-    while tiles * split < 4 * sms and blocks // (split * 2) >= 4:
-        split *= 2
-    del g
-    if bm >= 64:
-        bj = min(bj, 64 if bm == 64 else 32)
-    return KernelConfig("tc", bm, bn, bj, split, 4, 4 if bm <= 32 else 3)
-
-
-def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[KernelConfig]:
-    """What :func:`tune` tries: the heuristic and neighbours in split, tile width and depth, plus dequant."""
-    base = heuristic_config(n, k, m, fmt, sms)
-    q = get_format(fmt).row_bytes(k)
-    out = {base}
-    if m <= 16:
-        # Decode-bound GEMV regime: depth and occupancy matter (each wgmma waits for its register operand).
-        depths = [(32, 4), (64, 2), (64, 3), (64, 4), (64, 5), (128, 2), (128, 3), (128, 4)]
-    else:
-        depths = [(64, 3), (128, 3)]
-    for bj, stages in depths:
-        if bj <= max(32, q):
-            for split in {max(1, base.split // 2), base.split, base.split * 2}:
-                if -(-q // bj) >= split:
-                    out.add(KernelConfig("tc", base.block_m, base.block_n, bj, split, 4, stages))
-    if m > 16:
-        for bm in (64, 128):
-            if bm <= max(64, m_bucket(m)):
-                for bj in (32, 64):
-                    out.add(KernelConfig("tc", bm, 64, bj, 1, 4, 3))
-                    out.add(KernelConfig("tc", bm, 128, bj, 1, 8, 3))
-    out |= set(large_m_configs(m))
-    out = {c for c in out if smem_bytes(c, fmt) <= SMEM_LIMIT}
-    out.add(KernelConfig("dequant"))
-    return sorted(out, key=lambda c: (c.kind, c.block_m, c.block_j, c.split))
-
-
-def large_m_configs(m: int) -> list[KernelConfig]:
-    """Persistent stream-K candidates for the GEMM regime (m > 32): the same tiles as the tensor-core kernel,
-    but every program gets the same number of K steps, so a tile count that is not a multiple of the SMs
-    leaves no partial last wave. Measured on an H200 (2026-11-23) it wins where the one-program-per-tile grid
-    is unbalanced (e.g. 70B shapes, TQ1, m = 128: 569 -> 504 us per layer); the tuner decides per shape."""
-    b = m_bucket(m)
-    if b < 64:
-        return []
-    bm = 64 if b == 64 else 128
-    return [KernelConfig("sk", bm, 128, 32, 1, 8, 3)]
-
-
-# Prefill-sized m, past the tuned buckets: above this m, decoding the weight once per call and running cuBLAS
-# beats the packed kernel (H100, 2026-11-23, both layer-shape sets, benchmarks/results/
-# h100_prefill_dequant_crossover.txt: TQ2 70B m = 1024 3048 vs 3110 us (a tie), m = 2048 5533 vs 6230; TQ1 70B
-# m = 512 1919 vs 2034, m = 2048 5671 vs 7793). The decode is amortised over m rows; the kernel's tensor-core
-# loop is not. Compared on the m bucket (multiples of 256 here), so every m of a bucket gets the same choice.
-DEQUANT_ABOVE_M = {"tq2": 1024, "tq1": 512}
-
-
-# Tuned entries for the Hopper Gluon kernel carry this suffix on their key, beside the portable kernel's entry
-# for the same shape (which a Triton without Gluon, or a failed Gluon compile, still uses).
-GLUON_KEY_SUFFIX = "|gluon"
-
-
-def gluon_candidates(m: int) -> list[KernelConfig]:
-    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
-    bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 64, bj, split, wait_late=late) for late in (False, True) for bj in (64, 128)
-            for split in (1, 2, 3, 4, 6, 8, 12, 16)]
-
-
-def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
-                  device: torch.device, gluon: bool = True) -> KernelConfig:
-    """The config a launch uses: a tuned Gluon entry (if `gluon` and the kernel can run here), else the tuned
-    portable entry, else the nearest tuned m bucket's, else the heuristic."""
-    key = config_key(fmt, n, k, m, dtype, scale_mode, gpu_name(device))
-    if gluon and m <= 16 and device.type == "cuda":
-        entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
-                 or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
-        if entry is not None:
-            if gluon_launch.usable(device, m, dtype):
-                return KernelConfig.from_dict(entry)
-    entry = _load_table().get(key)
-    if entry is None and scale_mode:
-        # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.
-        entry = _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)))
-    if entry is None and m_bucket(m) > DEQUANT_ABOVE_M.get(fmt, 1 << 62):
-        return KernelConfig("dequant")
-    if entry is None:
-        # An untuned bucket borrows the nearest tuned one that uses the same tile height.
-        same_tile = [b for b in M_BUCKETS if heuristic_config(n, k, b, fmt, 1).block_m
-                     == heuristic_config(n, k, m, fmt, 1).block_m]
-        for b in sorted(same_tile, key=lambda b: abs(b - m_bucket(m))):
-            entry = _load_table().get(config_key(fmt, n, k, b, dtype, 0, gpu_name(device)))
-            if entry is not None:
-                break
-    if entry is not None:
-        return KernelConfig.from_dict(entry)
-    return heuristic_config(n, k, m, fmt, num_sms(device))
-
 
 # How split-k / stream-K programs order their partial-tile stores before the arrival counter (see
 # tq_triton._gpu_fence): 1 = per-thread fence.sc.gpu, 2 = per-thread fence.acq_rel.gpu, 3 = CTA barrier only.

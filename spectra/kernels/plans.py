@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..formats import get_format
-from . import dispatch, gluon_launch
+from . import configs, dispatch, gluon_launch
 
 # Calling the compiled kernel's launcher directly (skipping Triton's per-call argument binding) has not yet run
 # on a GPU: until a device run of the GPU tests passes with it, launches go through Triton's JIT entry (the path
@@ -249,9 +249,9 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     mode = dispatch.scale_mode(scales, shard_axis)
     if x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
-        cfg = dispatch.KernelConfig("dequant")
+        cfg = configs.KernelConfig("dequant")
     else:
-        cfg = dispatch.lookup_config(fmt, n, k, m, x.dtype, mode, x.device)
+        cfg = configs.lookup_config(fmt, n, k, m, x.dtype, mode, x.device)
     if cfg.kind == "gluon":
         plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan)
         if plan.main is not None:

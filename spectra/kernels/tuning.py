@@ -1,5 +1,5 @@
 """Tuning the packed kernels on this GPU: every candidate config of a shape timed on cold random weights, the
-fastest correct one kept and merged into the user cache that :func:`spectra.kernels.dispatch.lookup_config`
+fastest correct one kept and merged into the user cache that :func:`spectra.kernels.configs.lookup_config`
 reads before the shipped table (``spectra bench tune``)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from ..errors import DeviceError
 from ..formats import get_format
 from ..progress import progress_bar
-from . import clear_config_memo, dispatch, gluon_launch
-from .dispatch import GLUON_KEY_SUFFIX, KernelConfig
+from . import clear_config_memo, configs, dispatch, gluon_launch
+from .configs import GLUON_KEY_SUFFIX, KernelConfig
 from .timing import cold_copies, l2_size, random_packed, time_graph
 
 
@@ -20,18 +20,18 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
                 log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
     """Tune every (format, shape, m bucket) on this GPU, each bucket once at its largest m, and merge the
-    winners into the user cache, which :func:`lookup_config` prefers to the shipped table; returns the entries
-    written."""
+    winners into the user cache, which :func:`~spectra.kernels.configs.lookup_config` prefers to the shipped
+    table; returns the entries written."""
     device = torch.device(device)
-    buckets = dict.fromkeys(dispatch.m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
+    buckets = dict.fromkeys(configs.m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
     jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in buckets]
     entries: dict[str, KernelConfig] = {}
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
         best, times = tune(fmt, n, k, m, dtype, device, save=False)
-        entries.update(tuned_entries(fmt, n, k, m, dtype, dispatch.gpu_name(device), times))
+        entries.update(tuned_entries(fmt, n, k, m, dtype, configs.gpu_name(device), times))
         log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
-    dispatch.save_configs(entries)
+    configs.save_configs(entries)
     clear_config_memo()
     return entries
 
@@ -51,9 +51,9 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
         raise DeviceError("kernel tuning needs a CUDA GPU; none is available")
     gen = torch.Generator(device=device).manual_seed(1)
     if candidates is None:
-        candidates = dispatch.candidate_configs(n, k, m, fmt, dispatch.num_sms(device))
+        candidates = configs.candidate_configs(n, k, m, fmt, configs.num_sms(device))
         if gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype):
-            candidates += dispatch.gluon_candidates(m)
+            candidates += configs.gluon_candidates(m)
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
     packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))
     base, copies = packs[0], len(packs)
@@ -75,7 +75,7 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
         raise DeviceError(f"no kernel config ran for {fmt} {n}x{k} m={m}")
     best = min(times, key=times.get)
     if save:
-        dispatch.save_configs(tuned_entries(fmt, n, k, m, dtype, dispatch.gpu_name(device), times))
+        configs.save_configs(tuned_entries(fmt, n, k, m, dtype, configs.gpu_name(device), times))
     return best, times
 
 
@@ -84,7 +84,7 @@ def tuned_entries(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, gpu: str
                   times: dict[KernelConfig, float]) -> dict[str, KernelConfig]:
     """The table entries of one tuning: the fastest portable config under the shape's key and, where the
     Gluon kernel beat it, the fastest Gluon config under the key + GLUON_KEY_SUFFIX."""
-    key = dispatch.config_key(fmt, n, k, m, dtype, 0, gpu)
+    key = configs.config_key(fmt, n, k, m, dtype, 0, gpu)
     portable = {c: t for c, t in times.items() if c.kind != "gluon"}
     gluon = {c: t for c, t in times.items() if c.kind == "gluon"}
     out = {}
