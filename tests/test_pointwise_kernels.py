@@ -138,5 +138,5 @@ def test_every_residual_add_of_a_gpu_inference_forward_is_fused_into_a_norm(monk
     monkeypatch.setattr(model_module, "swiglu", swiglu_reference)
     with torch.no_grad():
         got = model(tokens)
-    assert calls == {"add_rms_norm": 2 * cfg.num_layers, "rms_norm": 1}  # only the first block's input norm adds nothing
+    assert calls == {"add_rms_norm": 2 * cfg.num_layers, "rms_norm": 1}
     torch.testing.assert_close(got, want, rtol=0, atol=0)

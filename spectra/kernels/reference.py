@@ -21,7 +21,7 @@ def ternary_matmul_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, in
 
 def scale_columns_reference(x: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     """x [..., k] times the scale of each column's shard (P tensor_split shards of k), in fp32, cast back to x's
-    dtype: what dispatch.scale_columns computes in one kernel before a launch with column-shard scales."""
+    dtype: what launch_support.scale_columns computes in one kernel before a launch with column-shard scales."""
     parts = scales.numel()
     if parts > 1 and in_features % parts == 0:
         # Equal shards (every released model): a broadcast over [.., P, k / P], which torch.compile fuses into
