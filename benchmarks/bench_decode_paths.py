@@ -21,7 +21,7 @@ import torch
 
 from spectra.bench import build_random_model
 from spectra.decode_graph import GraphDecodeStep, GraphSamplingStep, time_decode
-from spectra.kernels import pdl, plans, pointwise
+from spectra.kernels import pointwise
 from spectra.sampling import sample_keyed
 
 
@@ -52,8 +52,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--context", type=int, default=8)
     p.add_argument("--long-contexts", default="", help="e.g. 2048,8192: batch-1 new-path steps from there")
-    p.add_argument("--pdl", action="store_true",
-                   help="also time the new path with programmatic dependent launch (spectra/kernels/pdl.py)")
     args = p.parse_args()
     dev = torch.device("cuda")
     kinds, modes = args.kinds.split(","), args.modes.split(",")
@@ -63,9 +61,8 @@ def main() -> None:
     t0 = time.time()
     print(f"{torch.cuda.get_device_name(dev)}; {args.model}, fp16 activations, fused projections, CUDA-graph steps "
           f"from position {args.context}, cache {max_len}")
-    pdl_cols = " new+PDL steps/s | PDL gain |" if args.pdl else ""
-    print("| mode | kind | batch | old steps/s | new steps/s | new tokens/s | new vs old | new vs float |" + pdl_cols)
-    print("|---|---|---|---|---|---|---|---|" + "---|---|" * args.pdl)
+    print("| mode | kind | batch | old steps/s | new steps/s | new tokens/s | new vs old | new vs float |")
+    print("|---|---|---|---|---|---|---|---|")
     float_new: dict[tuple[str, int], float] = {}
     for mode in modes:
         compile = mode == "compiled"
@@ -83,21 +80,11 @@ def main() -> None:
                 if batch == 1:
                     extra = [(c, time_sampling(step, 1, args.steps, c)) for c in longs]
                 step.close()
-                pdl_text = ""
-                if args.pdl:
-                    pdl.ENABLED = True
-                    plans.clear_plans()  # plans hold their launch options
-                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
-                    with_pdl = time_sampling(step, batch, args.steps, args.context)
-                    step.close()
-                    pdl.ENABLED = False
-                    plans.clear_plans()
-                    pdl_text = f" {1 / with_pdl:.0f} | {new / with_pdl:.3f}x |"
                 if kind == "float":
                     float_new[(mode, batch)] = new
                 ratio = f"{float_new[(mode, batch)] / new:.2f}x" if (mode, batch) in float_new else "-"
                 print(f"| {mode} | {kind} | {batch} | {1 / old:.0f} | {1 / new:.0f} | {batch / new:.0f} | "
-                      f"{old / new:.2f}x | {ratio} |{pdl_text}  [{time.time() - t0:.0f}s]", flush=True)
+                      f"{old / new:.2f}x | {ratio} |  [{time.time() - t0:.0f}s]", flush=True)
                 for c, t in extra:
                     print(f"|   context {c} | {kind} | 1 | - | {1 / t:.0f} | {1 / t:.0f} | "
                           f"{new / t:.2f}x of context {args.context} | - |", flush=True)

@@ -153,29 +153,6 @@ def test_gpu_fast_path_greedy_tokens_equal_the_plain_loop(kind, batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["tq2", "fp16"])
-def test_gpu_fast_path_with_programmatic_dependent_launch_gives_the_plain_loops_tokens(kind, monkeypatch):
-    """Every Triton kernel of the step launched with PDL (kernels/pdl.py) against the plain loop without it."""
-    import copy
-
-    from spectra.kernels import pdl, plans
-
-    model = _random_model(kind, seed=7)
-    reference = copy.deepcopy(model)
-    reference.fuse_projections()
-    prompt = torch.randint(0, model.config.vocab_size, (16, 60), device="cuda")
-    want = generate(reference, prompt, 150, temperature=0, fast=False)
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    plans.clear_plans()
-    try:
-        assert pdl.pdl_applies(prompt.device) == (torch.cuda.get_device_capability()[0] >= 9)
-        got = generate(model, prompt, 150, temperature=0)
-    finally:
-        plans.clear_plans()
-    assert torch.equal(got, want)
-
-
-@pytest.mark.gpu
 def test_gpu_fast_path_sampling_with_a_seed_repeats():
     model = _random_model("tq2", seed=4)
     prompt = torch.randint(0, model.config.vocab_size, (4, 9), device="cuda")

@@ -191,21 +191,3 @@ def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypat
     assert calls == ["jit", "jit", "jit"]
     monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "1")
     assert plans.direct_launch_enabled()
-
-
-def test_programmatic_dependent_launch_only_when_enabled_on_hopper_compiled_code(monkeypatch):
-    from spectra.kernels import pdl
-
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(pdl, "_hopper", {0: True})
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    assert pdl.pdl_args(cuda) == ({"GDC": False}, {})
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.pdl_args(cuda) == ({"GDC": True}, {"launch_pdl": True})
-    assert pdl.pdl_args(torch.device("cpu")) == ({"GDC": False}, {})
-    monkeypatch.setattr(pdl, "_hopper", {0: False})  # an Ampere card: griddepcontrol does not exist there
-    assert pdl.pdl_args(cuda) == ({"GDC": False}, {})
-    monkeypatch.setattr(pdl, "_hopper", {0: True})
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert pdl.pdl_args(cuda) == ({"GDC": False}, {})

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..ternary import apply_rope
 from .launch_support import WORKSPACE
-from .pdl import pdl_args
 
 try:
     import triton
@@ -60,7 +59,6 @@ def decode_step_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 if triton is not None:
-    from .pdl import wait_for_predecessor
 
     @triton.jit
     def _rope_row(x_ptr, cos_ptr, sin_ptr, rd, d_ok, D: tl.constexpr, ROPE: tl.constexpr):
@@ -80,8 +78,7 @@ if triton is not None:
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
                              D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, BS: tl.constexpr,
-                             ROPE: tl.constexpr, WRITE: tl.constexpr, GDC: tl.constexpr):
-        wait_for_predecessor(GDC)  # before the position and the cache: the step before writes them
+                             ROPE: tl.constexpr, WRITE: tl.constexpr):
         bh = tl.program_id(0)  # sequence * heads + head
         c = tl.program_id(1)   # chunk of cache positions
         b = bh // H
@@ -185,12 +182,11 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
     rope = cos is not None
     kn, vn = (new_k, new_v) if write else (q, q)  # unused pointers when not writing
     cs, sn = (cos, sin) if rope else (q, q)
-    gdc, pdl_option = pdl_args(q.device)
     _decode_attn_partial[(b * h, splits)](
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
         D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, BS=min(32, triton.next_power_of_2(splits)),
-        ROPE=rope, WRITE=write, num_warps=4, **gdc, **pdl_option)
+        ROPE=rope, WRITE=write, num_warps=4)
     return out
 
 

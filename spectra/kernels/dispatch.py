@@ -17,7 +17,6 @@ from ..ternary import shard_bounds
 from . import gluon_launch
 from .configs import KernelConfig, heuristic_config, num_sms
 from .launch_support import WORKSPACE, scale_columns, scale_mode
-from .pdl import pdl_args
 from .ptx import decode_asm
 
 # The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
@@ -67,7 +66,7 @@ def kernel_constexprs(fmt: str, cfg: KernelConfig, dtype: torch.dtype, scale_mod
                 BM=cfg.block_m, BN=cfg.block_n, BJ=cfg.block_j, USE_ASM=use_asm,
                 ASM=decode_asm(fmt, "fp16" if dtype == torch.float16 else "bf16") if use_asm else "",
                 NUM_STAGES=cfg.num_stages, FENCE=fence, MASK_J=mask_j, PLANE_MASK=plane_mask,
-                LOOP_PLANE_MASK=loop_plane_mask, GDC=False)
+                LOOP_PLANE_MASK=loop_plane_mask)
 
 
 def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, shard_axis: int,
@@ -81,9 +80,8 @@ def _launch_setup(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torc
     n, q = packed.shape
     masks = _column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    gdc, pdl_option = pdl_args(x2.device)
     shared = dict(kernel_constexprs(fmt, cfg, x2.dtype, mode, masks, use_asm, FENCE_MODE if x2.is_cuda else 0),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **gdc, **pdl_option)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return x2, m, k, n, q, shared, y
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .pdl import pdl_args
-
 
 class _Workspace:
     """Per-device fp32 slots for split-k / stream-K partial tiles and their arrival counters (the kernels
@@ -49,14 +47,10 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
 
     m = x2.shape[0]
     out = torch.empty((m, in_features), dtype=x2.dtype, device=x2.device)
-    gdc, pdl_option = pdl_args(x2.device)
-    tq_scale_columns_kernel[(m, triton.cdiv(in_features, SCALE_COLUMNS_BLOCK))](
-        x2, scales, out, m, in_features, scales.numel(), x2.stride(0), BK=SCALE_COLUMNS_BLOCK, num_warps=4,
-        **gdc, **pdl_option)
+    bk = 1024
+    tq_scale_columns_kernel[(m, triton.cdiv(in_features, bk))](x2, scales, out, m, in_features, scales.numel(),
+                                                                x2.stride(0), BK=bk, num_warps=4)
     return out
-
-
-SCALE_COLUMNS_BLOCK = 1024  # columns per program of tq_scale_columns_kernel
 
 
 WORKSPACE = _Workspace()

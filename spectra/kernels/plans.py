@@ -23,8 +23,6 @@ import torch
 
 from ..formats import get_format
 from . import configs, dispatch, gluon_launch
-from .launch_support import SCALE_COLUMNS_BLOCK
-from .pdl import pdl_args
 
 # Calling the compiled kernel's launcher directly (skipping Triton's per-call argument binding) has not yet run
 # on a GPU: until a device run of the GPU tests passes with it, launches go through Triton's JIT entry (the path
@@ -203,7 +201,14 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
 
     stride_xm = plan.stride_xm
     if mode == 2:
-        plan.pre = _scale_columns_launch(plan.m, plan.k, scales, stride_xm, x.device)
+        import triton
+
+        from .tq_triton import tq_scale_columns_kernel  # optional: triton
+
+        bk = 1024
+        plan.pre = Launch(tq_scale_columns_kernel, (plan.m, triton.cdiv(plan.k, bk), 1),
+                          dict(M=plan.m, K=plan.k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
+                          ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
         stride_xm = plan.k
     # stand-ins with the shapes and alignment of the real tensors; the plan keeps no reference to the weights
     x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
@@ -221,25 +226,13 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
     return launch
 
 
-def _scale_columns_launch(m: int, k: int, scales: torch.Tensor, stride_xm: int, device: torch.device) -> Launch:
-    """The launch that applies column-shard scales to x before the matmul (launch_support.scale_columns)."""
-    import triton
-
-    from .tq_triton import tq_scale_columns_kernel  # optional: triton
-
-    gdc, pdl_option = pdl_args(device)
-    bk = SCALE_COLUMNS_BLOCK
-    return Launch(tq_scale_columns_kernel, (m, triton.cdiv(k, bk), 1),
-                  dict(M=m, K=k, P=scales.numel(), stride_xm=stride_xm, BK=bk, **gdc),
-                  ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4, **pdl_option))
-
-
 def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int) -> Plan:
     """Validate, choose the config, and precompute every launch argument of this call signature."""
+    import triton
 
     from . import KERNEL_DTYPES  # the package __init__ defines it after importing this module
-    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel  # optional: triton
+    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel, tq_scale_columns_kernel  # optional: triton
 
     dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
     if not scales.is_contiguous():
@@ -271,15 +264,17 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         return plan
     stride_xm = plan.stride_xm
     if mode == 2:
-        plan.pre = _scale_columns_launch(m, k, scales, stride_xm, x.device)
+        bk = 1024
+        plan.pre = Launch(tq_scale_columns_kernel, (m, triton.cdiv(k, bk), 1),
+                          dict(M=m, K=k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
+                          ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
         stride_xm = k
     masks = dispatch._column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     # the inline-PTX decode and the fences exist on the GPU only (not under TRITON_INTERPRET)
     named = dispatch.kernel_constexprs(fmt, cfg, x.dtype, mode, masks, x.is_cuda,
                                        dispatch.FENCE_MODE if x.is_cuda else 0)
-    gdc, pdl_option = pdl_args(x.device)
-    named.update(M=m, N=n, K=k, Q=q, stride_xm=stride_xm, stride_ym=n, P=scales.numel(), **gdc)
-    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_option)
+    named.update(M=m, N=n, K=k, Q=q, stride_xm=stride_xm, stride_ym=n, P=scales.numel())
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "sk":
         programs, tiles_m, tiles_n, steps, total = dispatch.stream_k_grid(m, n, q, cfg, x.device)

@@ -21,8 +21,6 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs use the references
     triton = None
 
-from .pdl import pdl_args
-
 ENABLED = True  # benchmarks switch the fused kernels off to time the PyTorch ops they replace
 
 
@@ -45,12 +43,10 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
-    from .pdl import wait_for_predecessor
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, N, stride_x, stride_r, eps,
-                         BLOCK: tl.constexpr, ADD: tl.constexpr, GDC: tl.constexpr):
-        wait_for_predecessor(GDC)
+                         BLOCK: tl.constexpr, ADD: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -66,8 +62,7 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr, GDC: tl.constexpr):
-        wait_for_predecessor(GDC)
+    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < H
@@ -103,10 +98,9 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     if x2.shape[0]:
-        gdc, pdl_option = pdl_args(x.device)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight.contiguous(), out, total, n, x2.stride(0), r2.stride(0), eps,
                                          BLOCK=triton.next_power_of_2(n), ADD=residual is not None,
-                                         num_warps=4 if n <= 2048 else 8, **gdc, **pdl_option)
+                                         num_warps=4 if n <= 2048 else 8)
     return total, out
 
 
@@ -131,7 +125,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = min(1024, triton.next_power_of_2(h))
     if g2.shape[0]:
-        gdc, pdl_option = pdl_args(gate.device)
         _swiglu_kernel[(g2.shape[0], triton.cdiv(h, block))](g2, u2, out, h, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                             num_warps=4, **gdc, **pdl_option)
+                                                             num_warps=4)
     return out

@@ -34,8 +34,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pdl import wait_for_predecessor
-
 
 @triton.jit
 def _shard_of(idx, size, P):
@@ -235,8 +233,7 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
                      USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
                      FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
-                     LOOP_PLANE_MASK: tl.constexpr, GDC: tl.constexpr):
-    wait_for_predecessor(GDC)  # programmatic dependent launch (spectra/kernels/pdl.py); nothing when GDC is off
+                     LOOP_PLANE_MASK: tl.constexpr):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
     # applied to x by tq_scale_columns_kernel).
     # MASK_J: Q % BJ != 0, so a range's first step is partial (see _k_range); PLANE_MASK: bit i set if plane
@@ -285,7 +282,7 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                         BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
                         USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
                         FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
-                        LOOP_PLANE_MASK: tl.constexpr, GDC: tl.constexpr):
+                        LOOP_PLANE_MASK: tl.constexpr):
     """Persistent stream-K launch of the same product, for the GEMM regime (large m).
 
     The grid is a fixed number of programs (about one per SM). The work is TOTAL = tiles * STEPS K steps,
@@ -298,7 +295,6 @@ def tq_matmul_sk_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     writes the tile and re-zeroes the counter, as in the split-k path of tq_matmul_kernel. No program ever
     waits for another.
     """
-    wait_for_predecessor(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     start = ((pid.to(tl.int64) * TOTAL) // nprog).to(tl.int32)
@@ -373,10 +369,9 @@ def tq_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, Q, P,
 
 
 @triton.jit
-def tq_scale_columns_kernel(x_ptr, s_ptr, out_ptr, M, K, P, stride_xm, BK: tl.constexpr, GDC: tl.constexpr):
+def tq_scale_columns_kernel(x_ptr, s_ptr, out_ptr, M, K, P, stride_xm, BK: tl.constexpr):
     """out[m, c] = x[m, c] * scale of c's shard (P torch.tensor_split shards of the K columns), computed in fp32
     and cast to out's dtype: column-shard scales applied once per call instead of inside every K step."""
-    wait_for_predecessor(GDC)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BK + tl.arange(0, BK)
     ok = c < K
