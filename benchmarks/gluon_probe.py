@@ -18,7 +18,7 @@ import torch
 
 from spectra import bench
 from spectra.formats import get_format
-from spectra.kernels import configs, dispatch, gluon_launch, ternary_matmul, timing, tuning
+from spectra.kernels import configs, dispatch, gluon_launch, launch_support, ternary_matmul, timing, tuning
 
 
 def _check(x, packed, fmt, k, scales, y) -> float:
@@ -31,7 +31,7 @@ def old_path(x, packed, fmt, k, scales, axis, memo={}):  # noqa: B006 - the old 
     """What ternary_matmul did per call before launch plans (for the eager comparison)."""
     dispatch.check_inputs(x, packed, fmt, k, scales, axis)
     x2 = x.reshape(-1, k)
-    mode = dispatch.scale_mode(scales, axis)
+    mode = launch_support.scale_mode(scales, axis)
     key = (fmt, packed.shape[0], k, configs.m_bucket(x2.shape[0]), x.dtype, mode, x.device)
     cfg = memo.get(key)
     if cfg is None:

@@ -20,7 +20,7 @@ from .config import get_config
 from .decode_graph import GraphDecodeStep, time_decode
 from .errors import ConfigError
 from .formats import get_format
-from .kernels import configs, dispatch, ternary_matmul
+from .kernels import configs, dispatch, launch_support, ternary_matmul
 from .kernels.timing import cold_copies, copies_for, l2_size, random_packed, time_eager, time_graph
 from .kinds import PACKED_KINDS
 from .model import SpectraLM
@@ -71,7 +71,7 @@ def portable_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features
 
     x2 = x.reshape(-1, in_features)
     cfg = configs.lookup_config(fmt, packed.shape[0], in_features, x2.shape[0], x.dtype,
-                                 dispatch.scale_mode(scales, shard_axis), x.device, gluon=False)
+                                 launch_support.scale_mode(scales, shard_axis), x.device, gluon=False)
     return dispatch.run_config(x2, packed, fmt, in_features, scales, shard_axis, cfg).reshape(*x.shape[:-1], -1)
 
 

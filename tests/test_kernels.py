@@ -26,7 +26,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import configs, dispatch, ternary_matmul_reference
+    from spectra.kernels import configs, dispatch, launch_support, ternary_matmul_reference
     from spectra.ternary import ternary_dense_weight
     torch.manual_seed(0)
     failures = []
@@ -70,7 +70,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         for dtype in (torch.float16, torch.float32):
             x = torch.randn(3, k + 5).to(dtype)[:, :k]
             scales = torch.rand(p) + 0.5
-            got = dispatch.scale_columns(x, scales, k)
+            got = launch_support.scale_columns(x, scales, k)
             want = scale_columns_reference(x, scales, k)
             cases += 1
             if not torch.equal(got, want):
@@ -93,7 +93,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from spectra.formats import get_format
-    from spectra.kernels import configs, dispatch, ternary_matmul_reference
+    from spectra.kernels import configs, dispatch, launch_support, ternary_matmul_reference
     torch.manual_seed(1)
     K = configs.KernelConfig
     cases = [
@@ -117,7 +117,7 @@ _INTERPRETER_STREAM_K_SCRIPT = textwrap.dedent("""
                 count += 1
                 if not err < (1e-5 if dtype == torch.float32 else 2e-3):
                     failures.append(f"{fmt} {n}x{k} m={m} P={p} axis={axis} {dtype} {cfg} rel={err:.3e}")
-    ws, cnt = dispatch.WORKSPACE.buffers[torch.device("cpu")]
+    ws, cnt = launch_support.WORKSPACE.buffers[torch.device("cpu")]
     if int(cnt.abs().max()) != 0:
         failures.append("stream-K arrival counters not left zeroed")
     print(f"cases={count}")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..formats import get_format
-from . import configs, dispatch, gluon_launch
+from . import configs, dispatch, gluon_launch, launch_support
 
 # Calling the compiled kernel's launcher directly (skipping Triton's per-call argument binding) has not yet run
 # on a GPU: until a device run of the GPU tests passes with it, launches go through Triton's JIT entry (the path
@@ -246,7 +246,7 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     plan.flat = x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1)
     plan.stride_xm = x.stride(0) if plan.flat and x.dim() == 2 else k
     plan.pre = plan.main = plan.dense = None
-    mode = dispatch.scale_mode(scales, shard_axis)
+    mode = launch_support.scale_mode(scales, shard_axis)
     if x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
         cfg = configs.KernelConfig("dequant")
@@ -278,16 +278,16 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "sk":
         programs, tiles_m, tiles_n, steps, total = dispatch.stream_k_grid(m, n, q, cfg, x.device)
-        ws, cnt = dispatch.WORKSPACE.get(x.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
+        ws, cnt = launch_support.WORKSPACE.get(x.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)
         named.update(ws_ptr=ws, cnt_ptr=cnt, TILES_M=tiles_m, STEPS=steps, TOTAL=total)
         plan.main = Launch(tq_matmul_sk_kernel, (programs, 1, 1), named, slots, options)
         return plan
     grid, j_per_split = dispatch.split_k_grid(m, n, q, cfg)
     split = grid[2]
     if split > 1:
-        ws, cnt = dispatch.WORKSPACE.get(x.device, split * m * n, grid[0] * grid[1])
+        ws, cnt = launch_support.WORKSPACE.get(x.device, split * m * n, grid[0] * grid[1])
     else:
-        ws, cnt = dispatch.WORKSPACE.get(x.device, 1, 1)  # unused by the unsplit kernel
+        ws, cnt = launch_support.WORKSPACE.get(x.device, 1, 1)  # unused by the unsplit kernel
     named.update(ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split, SPLIT_K=split > 1)
     plan.main = Launch(tq_matmul_kernel, grid, named, slots, options)
     return plan
