@@ -268,6 +268,33 @@ def test_spectra_train_cli_dp_and_tp_match_the_single_process_loop(prepared):
     assert _train_losses(copy) == pytest.approx(_train_losses(tp_run), abs=LOSS_TOL)
 
 
+def test_a_run_directory_locked_by_another_process_stops_every_rank(prepared):
+    """Only rank 0 takes the run directory's lock; when it is refused the other ranks must stop too (they used
+    to wait in their first collective until the process group timed out)."""
+    import socket
+    import time
+
+    from spectra.train.rundir import LOCK_FILE
+
+    root = prepared
+    run = root / "locked"
+    run.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": "a test", "since": "now"}
+    (run / LOCK_FILE).write_text(json.dumps(holder) + "\n")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN_ARGS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "localhost:0", "-m", "spectra", "train", "--data", str(root / "data"),
+           "--out", str(run), "--vocab-size", "300", "--no-progress", "--dp=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    begin = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is locked by process") == 2, proc.stderr[-3000:]  # each rank's one line
+    assert time.monotonic() - begin < 100
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written, the holder's lock kept
+    assert json.loads((run / LOCK_FILE).read_text()) == holder
+
+
 # --- single-process checks of the API's bad input -------------------------------------------------
 
 def test_tensor_parallel_config_checks():

@@ -158,6 +158,26 @@ def barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
+def broadcast_text(ctx: ParallelContext, text: str | None) -> str | None:
+    """Rank 0's `text` (None included) on every rank, sent as bytes in tensors (no pickling): how a check only
+    rank 0 can make (the run directory's lock) stops every rank instead of leaving the others waiting."""
+    if not ctx.distributed:
+        return text
+    # NCCL moves only device tensors; gloo takes CPU ones
+    device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = (text or "").encode()
+    size = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    n = int(size.item())
+    if n < 0:
+        return None
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if ctx.is_main else \
+        torch.empty(n, dtype=torch.uint8, device=device)
+    if n:
+        dist.broadcast(payload, src=0)
+    return bytes(payload.cpu().tolist()).decode()
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the global gradient, whatever mix of shards the ranks hold.
 

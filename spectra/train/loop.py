@@ -8,6 +8,7 @@ logging and checkpointing go through `is_main_process()`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from ..distributed import (
     ParallelContext,
     RankShardedLoader,
     barrier,
+    broadcast_text,
     gather_model,
     init_parallel,
     is_main_process,
@@ -32,7 +34,7 @@ from ..distributed import (
     save_training_checkpoint,
     tensor_parallel_overrides,
 )
-from ..errors import DeviceError, TrainingError
+from ..errors import DeviceError, OutputError, SpectraError, TrainingError
 from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..progress import progress_bar
@@ -113,12 +115,23 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
     barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
     setup = (cfg, model, dataset, ctx, seq_len, saved, checkpoint, objective, callback, force)
-    if not is_main_process():
-        return Trainer(*setup).run()
-    check_export(cfg, run_dir, force)
-    # The lock is held for the whole run: a second writer of this run directory is refused. A run that fails
-    # before writing anything leaves no new directory.
-    with removing_new_empty_dirs(run_dir), hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"):
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if is_main_process():
+            # The lock is held for the whole run: a second writer of this run directory is refused. A run that
+            # fails before writing anything leaves no new directory.
+            held.enter_context(removing_new_empty_dirs(run_dir))
+            try:
+                check_export(cfg, run_dir, force)
+                held.enter_context(hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"))
+            except (SpectraError, OSError) as exc:
+                refusal = exc
+        # every rank learns rank 0's verdict: a refused run stops everywhere, no rank waits in a collective
+        message = broadcast_text(ctx, None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise OutputError(message)
         return Trainer(*setup).run()
 
 
