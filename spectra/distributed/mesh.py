@@ -160,7 +160,7 @@ def barrier(ctx: ParallelContext) -> None:
 
 def broadcast_text(ctx: ParallelContext, text: str | None) -> str | None:
     """Rank 0's `text` (None included) on every rank, sent as bytes in tensors (no pickling): how a check only
-    rank 0 can make (the run directory's lock) stops every rank instead of leaving the others waiting."""
+    rank 0 can make (the run directory's lock) stops every rank with its reason, not with a closed connection."""
     if not ctx.distributed:
         return text
     # NCCL moves only device tensors; gloo takes CPU ones
@@ -171,10 +171,11 @@ def broadcast_text(ctx: ParallelContext, text: str | None) -> str | None:
     n = int(size.item())
     if n < 0:
         return None
+    if n == 0:
+        return ""
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if ctx.is_main else \
         torch.empty(n, dtype=torch.uint8, device=device)
-    if n:
-        dist.broadcast(payload, src=0)
+    dist.broadcast(payload, src=0)
     return bytes(payload.cpu().tolist()).decode()
 
 

@@ -126,7 +126,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 held.enter_context(hold_lock(run_dir / LOCK_FILE, f"training run {run_dir}"))
             except (SpectraError, OSError) as exc:
                 refusal = exc
-        # every rank learns rank 0's verdict: a refused run stops everywhere, no rank waits in a collective
+        # every rank learns rank 0's verdict: a refused run stops every rank with the same one-line reason
         message = broadcast_text(ctx, None if refusal is None else str(refusal))
         if refusal is not None:
             raise refusal
