@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .block import BLOCK_LINEARS, spec_of
+from .block import BLOCK_LINEARS, FUSION_GROUPS, spec_of
 from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
 from .io import atomic_dir, check_output, is_plain_file_name
@@ -44,12 +44,30 @@ def checkpoint_tensors(model: SpectraLM, dtype: torch.dtype | None = None) -> di
         out[name] = tensor
     for name, module in linear.items():
         if isinstance(module, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
-            out[f"{name}.weight"] = module.dense_weight().to(dtype or _float_dtype(model))
+            tensors = {f"{name}.weight": module.dense_weight().to(dtype or _float_dtype(model))}
         else:
-            out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            tensors = {f"{name}.{k}": v for k, v in module.state_dict().items()}
+        owner, attr = name.rsplit(".", 1)
+        if attr in FUSION_GROUPS:  # projections fused for inference are saved as the layers they joined
+            tensors = _split_fused(owner, FUSION_GROUPS[attr], tensors, model.config)
+        out.update(tensors)
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("scales") else v for k, v in out.items()}
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _split_fused(owner: str, specs: tuple, tensors: dict[str, torch.Tensor],
+                 config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of a fused layer (SpectraLM.fuse_projections) as those of the layers it joined: weight and
+    packed rows split back by each layer's out_features, per-row-shard scales into equal groups (fusing
+    requires equal shard counts, see linear.joined_scales)."""
+    rows = [spec.features(config)[1] for spec in specs]
+    out = {}
+    for key, tensor in tensors.items():
+        attr = key.rsplit(".", 1)[1]
+        pieces = tensor.chunk(len(specs)) if attr == "scales" else tensor.split(rows)
+        out.update({f"{owner}.{spec.name}.{attr}": piece for spec, piece in zip(specs, pieces, strict=True)})
+    return out
 
 
 def _float_dtype(model: SpectraLM) -> torch.dtype:
@@ -79,10 +97,6 @@ def save_checkpoint(model: SpectraLM, path: str | Path, tokenizer=None, dtype: t
     interrupted save never leaves a half-written checkpoint. An existing `path` that is not empty and not a
     previous output of `owner` is refused unless `force`.
     """
-    if model.projections_fused:
-        raise ConfigError("this model's q/k/v and gate/up projections were fused for inference "
-                          "(fuse_projections; spectra.generate does it on a GPU unless fast=False); save the "
-                          "model before fusing, or reload it from its checkpoint")
     path = Path(path)
     check_output(path, owner, force=force)
     with atomic_dir(path, owner) as staging:

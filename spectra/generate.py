@@ -182,7 +182,7 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
     produced (for streaming; :func:`generate_stream` is the same as an iterator). Temperature 0 is greedy.
 
     `fast` (default: on for a model on a CUDA device) fuses the model's q/k/v and gate/up projections in
-    place (inference only: a fused model cannot be saved) and decodes with a captured CUDA-graph step that
+    place (the same weights; saving it writes the unfused layers) and decodes with a captured CUDA-graph step that
     samples on the GPU; `compile` compiles that step with torch.compile first (slower start, faster tokens).
     A `seed` makes either path repeatable; the two paths draw different random numbers, so sampled (not
     greedy) tokens differ between them. `decode_step(tokens [B,1], pos [1]) -> logits` replaces the plain

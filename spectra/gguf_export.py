@@ -25,7 +25,7 @@ import torch
 
 from .block import spec_of
 from .checkpoint import load_checkpoint, read_config
-from .errors import CheckpointError, FormatError, SpectraError
+from .errors import CheckpointError, ConfigError, FormatError, SpectraError
 from .io import atomic_file, check_output, output_lock
 from .model import SpectraLM
 from .packed import ternary_values
@@ -196,6 +196,10 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
     if tokenizer is None:
         raise CheckpointError("GGUF export needs the tokenizer (llama.cpp reads the vocabulary from the GGUF); "
                               "use a checkpoint directory with tokenizer.json")
+    if model.projections_fused:
+        raise ConfigError("this model's q/k/v and gate/up projections are fused for inference (fuse_projections; "
+                          "spectra.generate does it on a GPU), and llama.cpp reads them separately; save the model "
+                          "(save_checkpoint writes the separate layers) and export that checkpoint")
     config, path = model.config, Path(path)
     vocab = gguf_vocab(tokenizer, config.vocab_size)
     report = GGUFExportReport(path=path, type=qtype, weight_kind=config.weight_kind)

@@ -246,8 +246,8 @@ class SpectraLM(nn.Module):
         decoding, and the packed kernels run the shapes they are tuned for. Rows are concatenated exactly
         (packed rows, int8 trits or float weights) and per-shard scales stay per shard, so the weights are
         the same and outputs differ at most by the rounding of a differently blocked product. Layers that
-        cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are. The
-        fused model cannot be saved; returns the number of fused groups.
+        cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are. A
+        fused model saves the checkpoint of its unfused layers; returns the number of fused groups.
         """
         fused = 0
         for index, layer in enumerate(self.model.layers):
@@ -265,7 +265,7 @@ class SpectraLM(nn.Module):
 
     @property
     def projections_fused(self) -> bool:
-        """Whether :meth:`fuse_projections` joined any block's projections (such a model cannot be saved)."""
+        """Whether :meth:`fuse_projections` joined any block's projections."""
         return any(hasattr(layer.get_submodule(specs[0].owner), new) for layer in self.model.layers
                    for new, specs in FUSION_GROUPS.items())
 

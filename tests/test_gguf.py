@@ -189,3 +189,20 @@ def test_quantlm_exports_dequantized_f16_and_refuses_tq_types_saying_so(tmp_path
         t = tensors[f"blk.1.{short}.weight"]
         expected = model.get_submodule(f"model.layers.1.{hf}").dense_weight().half().float().numpy()
         assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), expected)
+
+
+def test_a_fused_model_is_refused_naming_the_checkpoint_route(checkpoint, tmp_path):
+    import copy
+
+    from spectra.errors import ConfigError
+    from spectra.gguf_export import write_gguf
+
+    _, model, tok = checkpoint
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    with pytest.raises(ConfigError, match="save the model"):
+        write_gguf(fused, tok, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    save_checkpoint(fused, tmp_path / "saved", tokenizer=tok)  # the route the message names works
+    export(tmp_path / "saved", tmp_path / "ok.gguf", "tq2_0")
+    assert (tmp_path / "ok.gguf").stat().st_size > 0

@@ -253,12 +253,32 @@ def test_fuse_projections_same_outputs_and_fewer_layers(kind, parts):
         torch.testing.assert_close(step[:, 0], want[:, 5], rtol=1e-5, atol=1e-5)
 
 
-def test_fused_projections_are_not_saved_and_mismatched_shards_stay_separate(tmp_path):
-    model = frozen_model(parts=2)
+@pytest.mark.parametrize(("kind", "parts"), [("frozen", 2), ("tq2", 2), ("tq1", 1), ("float", 1)])
+def test_a_fused_model_saves_the_checkpoint_of_its_unfused_layers(kind, parts, tmp_path):
+    """spectra.generate fuses a GPU model in place; saving it afterwards writes what the unfused model writes."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(5)
+    if kind == "float":
+        model = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, weight_kind="float")).eval()
+    else:
+        model = frozen_model(parts=parts, seed=5)
+        if kind != "frozen":
+            model = pack_model(model, kind)
+    save_checkpoint(model, tmp_path / "unfused")
     model.fuse_projections()
-    with pytest.raises(spectra.errors.ConfigError, match="before fusing"):
-        spectra.save_checkpoint(model, tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()
+    assert model.projections_fused
+    save_checkpoint(model, tmp_path / "fused")
+    want, got = (load_file(tmp_path / d / "model.safetensors") for d in ("unfused", "fused"))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "fused" / "config.json").read_text() == (tmp_path / "unfused" / "config.json").read_text()
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "fused")(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_projections_with_mismatched_shards_stay_separate():
     # per-shard scales that would land on other rows after joining: the layers are left alone
     from spectra.linear import FrozenTernaryLinear, concat_output_rows
 
