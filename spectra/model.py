@@ -195,6 +195,8 @@ class SpectraLM(nn.Module):
         restart per document, so packed examples see exactly what they would see alone. `last_only`: the
         logits of the last position only ([b, 1, vocab]; a prompt before sampling needs no more, and a long
         prompt's full logits can outweigh the model)."""
+        if last_only and targets is not None:
+            raise ValueError("last_only gives one position's logits; a loss needs all of them")
         t = tokens.shape[1]
         if document_ids is not None:
             mask, positions = document_mask_and_positions(document_ids)
@@ -216,8 +218,6 @@ class SpectraLM(nn.Module):
         for layer in self.model.layers:
             x, pending = layer(x, cos, sin, input_pos, mask, pending)
         if last_only:
-            if targets is not None:
-                raise ValueError("last_only gives one position's logits; a loss needs all of them")
             x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
         logits = self.lm_head(self.model.norm(x) if pending is None else self.model.norm.add_forward(x, pending)[1])
         if targets is None:
