@@ -290,3 +290,14 @@ def test_a_packed_trilm_fine_tunes_from_its_exact_trits(checkpoints, tmp_path):
     frozen = spectra.freeze_ternary(latent)
     for name, layer in frozen.linear_layers().items():
         assert torch.equal(layer.trits, packed.linear_layers()[name].trits()), name
+
+
+def test_lora_refuses_a_model_fused_for_inference():
+    """After spectra.generate fused q/k/v and gate/up, their adapters would silently be missing."""
+    from spectra.errors import ConfigError
+
+    model = spectra.SpectraLM(spectra.get_config("tiny", weight_kind="float"))
+    model.fuse_projections()
+    with pytest.raises(ConfigError, match="fused for inference"):
+        apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
