@@ -43,31 +43,20 @@ def checkpoint_tensors(model: SpectraLM, dtype: torch.dtype | None = None) -> di
             continue
         out[name] = tensor
     for name, module in linear.items():
-        if isinstance(module, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
-            tensors = {f"{name}.weight": module.dense_weight().to(dtype or _float_dtype(model))}
-        else:
-            tensors = {f"{name}.{k}": v for k, v in module.state_dict().items()}
         owner, attr = name.rsplit(".", 1)
+        layers = {name: module}
         if attr in FUSION_GROUPS:  # projections fused for inference are saved as the layers they joined
-            tensors = _split_fused(owner, FUSION_GROUPS[attr], tensors, model.config)
-        out.update(tensors)
+            specs = FUSION_GROUPS[attr]
+            pieces = module.split_output_rows(len(specs), model.config.model_parallel_size)
+            layers = {f"{owner}.{spec.name}": piece for spec, piece in zip(specs, pieces, strict=True)}
+        for layer_name, layer in layers.items():
+            if isinstance(layer, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
+                out[f"{layer_name}.weight"] = layer.dense_weight().to(dtype or _float_dtype(model))
+            else:
+                out.update({f"{layer_name}.{k}": v for k, v in layer.state_dict().items()})
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("scales") else v for k, v in out.items()}
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
-
-
-def _split_fused(owner: str, specs: tuple, tensors: dict[str, torch.Tensor],
-                 config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The tensors of a fused layer (SpectraLM.fuse_projections) as those of the layers it joined: weight and
-    packed rows split back by each layer's out_features, per-row-shard scales into equal groups (fusing
-    requires equal shard counts, see linear.joined_scales)."""
-    rows = [spec.features(config)[1] for spec in specs]
-    out = {}
-    for key, tensor in tensors.items():
-        attr = key.rsplit(".", 1)[1]
-        pieces = tensor.chunk(len(specs)) if attr == "scales" else tensor.split(rows)
-        out.update({f"{owner}.{spec.name}.{attr}": piece for spec, piece in zip(specs, pieces, strict=True)})
-    return out
 
 
 def _float_dtype(model: SpectraLM) -> torch.dtype:

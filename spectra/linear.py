@@ -134,6 +134,15 @@ class FloatLinear(nn.Linear):
         fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
         return fused
 
+    def split_output_rows(self, pieces: int, parts: int) -> list[FloatLinear]:
+        """The inverse of :meth:`join_output_rows`: `pieces` layers of equal rows (`parts`: their shard count)."""
+        layers = []
+        for rows in self.weight.detach().chunk(pieces):
+            layer = FloatLinear(self.in_features, rows.shape[0], 0, parts, device=rows.device, dtype=rows.dtype)
+            layer.weight.data = rows
+            layers.append(layer)
+        return layers
+
 
 class TernaryLinear(nn.Linear):
     """TriLM layer: latent floating-point weights, ternarized on every forward, trained with the STE.
@@ -200,6 +209,11 @@ class FrozenTernaryLinear(nn.Module):
         if scales is None:
             return None
         return cls.from_trits(torch.cat([layer.trits for layer in layers]), scales, 0, dtype=layers[0].scales.dtype)
+
+    def split_output_rows(self, pieces: int, parts: int) -> list[FrozenTernaryLinear]:
+        """The inverse of :meth:`join_output_rows`: `pieces` layers of equal rows, the scales shared out equally."""
+        return [FrozenTernaryLinear.from_trits(trits, scales, 0, dtype=self.scales.dtype)
+                for trits, scales in zip(self.trits.chunk(pieces), self.scales.chunk(pieces), strict=True)]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts}, "

@@ -113,8 +113,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Freeze every parameter of `model` and put a fresh adapter on each target layer; returns their names."""
     if getattr(model, "projections_fused", False):  # q/k/v and gate/up would silently get no adapter
         raise ConfigError("this model's q/k/v and gate/up projections are fused for inference (fuse_projections; "
-                          "spectra.generate does it on a GPU); apply LoRA to the model as loaded, before generating "
-                          "with it, or load it again")
+                          "spectra.generate does it on a GPU); call model.unfuse_projections() first (the same "
+                          "weights, separate layers)")
     model.requires_grad_(False)
     names = []
     for name, module in list(model.linear_layers().items()):

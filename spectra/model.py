@@ -247,7 +247,8 @@ class SpectraLM(nn.Module):
         (packed rows, int8 trits or float weights) and per-shard scales stay per shard, so the weights are
         the same and outputs differ at most by the rounding of a differently blocked product. Layers that
         cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are. A
-        fused model saves the checkpoint of its unfused layers; returns the number of fused groups.
+        fused model saves the checkpoint of its unfused layers (:meth:`unfuse_projections` splits them back);
+        returns the number of fused groups.
         """
         fused = 0
         for index, layer in enumerate(self.model.layers):
@@ -262,6 +263,24 @@ class SpectraLM(nn.Module):
                 replace_layers(self, {prefix + spec.name: None for spec in specs} | {prefix + new: joined})
                 fused += 1
         return fused
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> int:
+        """The inverse of :meth:`fuse_projections`: each fused layer split back into the layers it joined (the
+        same weights, as views of the fused tensors where the kind allows); returns the number split."""
+        split = 0
+        for index, layer in enumerate(self.model.layers):
+            for new, specs in FUSION_GROUPS.items():
+                owner = layer.get_submodule(specs[0].owner)
+                fused = getattr(owner, new, None)
+                if fused is None:
+                    continue
+                pieces = fused.split_output_rows(len(specs), self.config.model_parallel_size)
+                prefix = f"model.layers.{index}.{specs[0].owner}."
+                replace_layers(self, {prefix + new: None} | {prefix + spec.name: piece
+                                                              for spec, piece in zip(specs, pieces, strict=True)})
+                split += 1
+        return split
 
     @property
     def projections_fused(self) -> bool:

@@ -129,6 +129,17 @@ class PackedTernaryLinear(nn.Module):
         fused.scales = scales.to(torch.float32)
         return fused
 
+    def split_output_rows(self, pieces: int, parts: int) -> list[PackedTernaryLinear]:
+        """The inverse of :meth:`join_output_rows`: `pieces` layers of equal rows, the scales shared out equally."""
+        layers = []
+        for rows, scales in zip(self.qweight.chunk(pieces), self.scales.chunk(pieces), strict=True):
+            layer = PackedTernaryLinear(self.in_features, rows.shape[0], 0, scales.numel(), device="meta",
+                                        format=self.format, format_version=self.format_version)
+            layer.qweight, layer.scales = rows, scales
+            layer.unit_scale = self.unit_scale
+            layers.append(layer)
+        return layers
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"parts={self.parts}, shard_axis={self.shard_axis}")

@@ -301,3 +301,5 @@ def test_lora_refuses_a_model_fused_for_inference():
     with pytest.raises(ConfigError, match="fused for inference"):
         apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    model.unfuse_projections()  # the way the message names
+    assert len(apply_lora(model, LoRAConfig(rank=2, alpha=4.0))) == 7 * model.config.num_layers

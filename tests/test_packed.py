@@ -266,9 +266,23 @@ def test_a_fused_model_saves_the_checkpoint_of_its_unfused_layers(kind, parts, t
         if kind != "frozen":
             model = pack_model(model, kind)
     save_checkpoint(model, tmp_path / "unfused")
+    reference = copy.deepcopy(model)
+    original = reference.state_dict()
     model.fuse_projections()
     assert model.projections_fused
     save_checkpoint(model, tmp_path / "fused")
+    # and unfuse_projections gives back the layers themselves: the same state, the same outputs
+    unfused = copy.deepcopy(model)
+    assert unfused.unfuse_projections() == 2 * model.config.num_layers
+    assert unfused.unfuse_projections() == 0 and not unfused.projections_fused
+    state = unfused.state_dict()
+    assert sorted(state) == sorted(original) and all(torch.equal(state[k], original[k]) for k in original)
+    layers = unfused.linear_layers()
+    for name, want in reference.linear_layers().items():
+        got = layers[name]
+        assert type(got) is type(want), name
+        assert (got.in_features, got.out_features, got.shard_axis, got.parts) == \
+            (want.in_features, want.out_features, want.shard_axis, want.parts), name
     want, got = (load_file(tmp_path / d / "model.safetensors") for d in ("unfused", "fused"))
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
