@@ -8,6 +8,7 @@ model is split over the mesh is in :mod:`spectra.distributed.plans`.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,9 +75,17 @@ def init_parallel(dp: int = 1, tp: int = 1, backend: str | None = None, device: 
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        # The group this call started ends before the interpreter tears down: left to teardown, gloo's threads
+        # sometimes abort a finished rank ("terminate called without an active exception", SIGABRT).
+        atexit.register(_end_process_group)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     return ParallelContext(rank, world, local_rank, dev, dp, tp, mesh)
+
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rank_device(device: str | None, local_rank: int) -> torch.device:
