@@ -226,16 +226,19 @@ def test_torch_compile_keeps_packed_matmul_as_one_op_with_equal_logits():
     assert sum("spectra.ternary_matmul" in t for t in seen) >= 2 * len(model.linear_layers())
 
 
+def fusable_model(kind: str, parts: int, seed: int) -> spectra.SpectraLM:
+    """A tiny model whose q/k/v and gate/up can be fused: float, frozen ternary, or packed TQ2/TQ1."""
+    torch.manual_seed(seed)
+    if kind == "float":
+        return spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, weight_kind="float")).eval()
+    model = frozen_model(parts=parts, seed=seed)
+    return model if kind == "frozen" else pack_model(model, kind)
+
+
 @pytest.mark.parametrize("kind", ["frozen", "tq2", "tq1", "float"])
 @pytest.mark.parametrize("parts", [1, 2])
 def test_fuse_projections_same_outputs_and_fewer_layers(kind, parts):
-    torch.manual_seed(3)
-    if kind == "float":
-        model = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, weight_kind="float")).eval()
-    else:
-        model = frozen_model(parts=parts, seed=3)
-        if kind != "frozen":
-            model = pack_model(model, kind)
+    model = fusable_model(kind, parts, seed=3)
     tokens = torch.randint(0, 320, (2, 11))
     with torch.no_grad():
         want = model(tokens)
@@ -258,13 +261,7 @@ def test_a_fused_model_saves_the_checkpoint_of_its_unfused_layers(kind, parts, t
     """spectra.generate fuses a GPU model in place; saving it afterwards writes what the unfused model writes."""
     from safetensors.torch import load_file
 
-    torch.manual_seed(5)
-    if kind == "float":
-        model = spectra.SpectraLM(spectra.get_config("tiny", vocab_size=320, weight_kind="float")).eval()
-    else:
-        model = frozen_model(parts=parts, seed=5)
-        if kind != "frozen":
-            model = pack_model(model, kind)
+    model = fusable_model(kind, parts, seed=5)
     save_checkpoint(model, tmp_path / "unfused")
     reference = copy.deepcopy(model)
     original = reference.state_dict()
