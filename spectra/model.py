@@ -218,8 +218,8 @@ class SpectraLM(nn.Module):
         for layer in self.model.layers:
             x, pending = layer(x, cos, sin, input_pos, mask, pending)
         if last_only:
-            x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
-        logits = self.lm_head(self.model.norm(x) if pending is None else self.model.norm.add_forward(x, pending)[1])
+            x, pending = x[:, -1:], pending[:, -1:]
+        logits = self.lm_head(self.model.norm.add_forward(x, pending)[1])  # the last block's MLP add, then the norm
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
