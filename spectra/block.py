@@ -25,6 +25,10 @@ class LinearSpec:
     axis: ShardAxis    # tensor-parallel axis of the [out, in] weight (and the axis of per-shard scales)
     fused: str | None = None  # the layer it joins in fuse_projections (same input, rows concatenated)
     rotary: bool = False      # its outputs get the rotary embedding (q and k)
+    # The layer whose output rows are this layer's input columns through an op linear in each channel (o_proj:
+    # v_proj, through attention's weighted sum over positions; down_proj: up_proj, through SwiGLU's
+    # silu(gate) * up): fuse_projections moves this layer's column-shard scales onto those rows.
+    input_from: str | None = None
 
     @property
     def path(self) -> str:
@@ -41,10 +45,10 @@ BLOCK_LINEARS: tuple[LinearSpec, ...] = (
     LinearSpec("q_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV, rotary=True),
     LinearSpec("k_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV, rotary=True),
     LinearSpec("v_proj", "self_attn", "hidden_size", "hidden_size", COLUMN_PARALLEL, QKV),
-    LinearSpec("o_proj", "self_attn", "hidden_size", "hidden_size", ROW_PARALLEL),
+    LinearSpec("o_proj", "self_attn", "hidden_size", "hidden_size", ROW_PARALLEL, input_from="v_proj"),
     LinearSpec("gate_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, GATE_UP),
     LinearSpec("up_proj", "mlp", "hidden_size", "intermediate_size", COLUMN_PARALLEL, GATE_UP),
-    LinearSpec("down_proj", "mlp", "intermediate_size", "hidden_size", ROW_PARALLEL),
+    LinearSpec("down_proj", "mlp", "intermediate_size", "hidden_size", ROW_PARALLEL, input_from="up_proj"),
 )
 LINEAR_NAMES: tuple[str, ...] = tuple(spec.name for spec in BLOCK_LINEARS)
 SPECS: dict[str, LinearSpec] = {spec.name: spec for spec in BLOCK_LINEARS}

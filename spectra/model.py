@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .block import FUSION_GROUPS, GATE_UP, QKV, is_block_linear, linears_of
+from .block import BLOCK_LINEARS, FUSION_GROUPS, GATE_UP, QKV, SPECS, LinearSpec, is_block_linear, linears_of
 from .config import ModelConfig
 from .errors import ConfigError
 from .kernels.attention import cached_step_attention, uses_decode_kernel
@@ -246,9 +246,11 @@ class SpectraLM(nn.Module):
         decoding, and the packed kernels run the shapes they are tuned for. Rows are concatenated exactly
         (packed rows, int8 trits or float weights) and per-shard scales stay per shard, so the weights are
         the same and outputs differ at most by the rounding of a differently blocked product. Layers that
-        cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are. A
-        fused model saves the checkpoint of its unfused layers (:meth:`unfuse_projections` splits them back);
-        returns the number of fused groups.
+        cannot be joined exactly (latent or mixed kinds, or shards that would move) are left as they are.
+        Packed o_proj and down_proj also hand their column-shard scales to v_proj's and up_proj's rows
+        (:meth:`PackedTernaryLinear.fold_column_scales`; the block table's ``input_from``), which spares the
+        GPU a pass over their inputs: the same products, other roundings. A fused model saves the checkpoint
+        of its unfused layers (:meth:`unfuse_projections` undoes both); returns the number of fused groups.
         """
         fused = 0
         for index, layer in enumerate(self.model.layers):
@@ -262,12 +264,27 @@ class SpectraLM(nn.Module):
                 prefix = f"model.layers.{index}.{specs[0].owner}."
                 replace_layers(self, {prefix + spec.name: None for spec in specs} | {prefix + new: joined})
                 fused += 1
+            for spec in BLOCK_LINEARS:
+                consumer = layer.get_submodule(spec.path) if spec.input_from else None
+                if hasattr(consumer, "fold_column_scales"):  # packed layers
+                    consumer.fold_column_scales(*self._rows_of(layer, SPECS[spec.input_from]))
         return fused
+
+    def _rows_of(self, layer: nn.Module, spec: LinearSpec) -> tuple[nn.Module, int]:
+        """(the layer computing `spec`'s outputs in block `layer`, fused or not; their first row in it)."""
+        owner = layer.get_submodule(spec.owner)
+        if spec.fused is None or not hasattr(owner, spec.fused):
+            return getattr(owner, spec.name), 0
+        group = FUSION_GROUPS[spec.fused]
+        return getattr(owner, spec.fused), sum(s.features(self.config)[1] for s in group[:group.index(spec)])
 
     @torch.no_grad()
     def unfuse_projections(self) -> int:
         """The inverse of :meth:`fuse_projections`: each fused layer split back into the layers it joined (the
         same weights, as views of the fused tensors where the kind allows); returns the number split."""
+        for module in self.modules():
+            if hasattr(module, "unfold_scales"):
+                module.unfold_scales()
         split = 0
         for index, layer in enumerate(self.model.layers):
             for new, specs in FUSION_GROUPS.items():
@@ -284,9 +301,10 @@ class SpectraLM(nn.Module):
 
     @property
     def projections_fused(self) -> bool:
-        """Whether :meth:`fuse_projections` joined any block's projections."""
+        """Whether :meth:`fuse_projections` changed any block (joined projections or moved scales)."""
         return any(hasattr(layer.get_submodule(specs[0].owner), new) for layer in self.model.layers
-                   for new, specs in FUSION_GROUPS.items())
+                   for new, specs in FUSION_GROUPS.items()) or any(
+            getattr(module, "kernel_scales", None) is not None for module in self.modules())
 
     def linear_layers(self) -> dict[str, nn.Module]:
         """Name -> module of the seven linear layers of every block (the ones weight kinds replace)."""

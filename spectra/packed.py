@@ -29,7 +29,7 @@ from .formats import (
 from .kernels import KERNEL_DTYPES, scale_columns_reference, ternary_matmul, ternary_matmul_op
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear, joined_scales
 from .progress import progress_bar
-from .ternary import ShardAxis, detect_ternary, shard_bounds, ternary_dense_weight
+from .ternary import ShardAxis, detect_ternary, expand_scales, shard_bounds, ternary_dense_weight
 
 
 class PackedTernaryLinear(nn.Module):
@@ -58,6 +58,9 @@ class PackedTernaryLinear(nn.Module):
         # the unit scale the compiled path passes once x carries the column-shard scales (a buffer, so a
         # compiled step does not launch a kernel per layer to create it)
         self.register_buffer("unit_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
+        # Output-row scales the kernel multiplies by instead of `scales` once fold_column_scales moved a
+        # consumer's column-shard scales here (inference only; never saved: `scales` stay the true ones).
+        self.register_buffer("kernel_scales", None, persistent=False)
 
     @classmethod
     def from_trits(cls, trits: torch.Tensor, scales: torch.Tensor, shard_axis: ShardAxis = 0,
@@ -77,16 +80,44 @@ class PackedTernaryLinear(nn.Module):
         return ternary_dense_weight(self.trits(), self.scales, self.shard_axis, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
         if torch.compiler.is_compiling():
             # an opaque op for torch.compile: the graph keeps our kernel, inductor fuses what surrounds it
-            if self.shard_axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in KERNEL_DTYPES:
+            if axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in KERNEL_DTYPES:
                 # Column-shard scales: the GPU path multiplies x by them (fp32 product, cast back) before the
                 # kernel; written here as a pointwise op, inductor fuses it into x's producer instead of the op
                 # launching a kernel for it. Bitwise the same x, then a unit scale.
-                x = scale_columns_reference(x, self.scales, self.in_features)
+                x = scale_columns_reference(x, scales, self.in_features)
                 return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.unit_scale, 0)
-            return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
-        return ternary_matmul(x, self.qweight, self.format, self.in_features, self.scales, self.shard_axis)
+            return ternary_matmul_op(x, self.qweight, self.format, self.in_features, scales, axis)
+        return ternary_matmul(x, self.qweight, self.format, self.in_features, scales, axis)
+
+    @torch.no_grad()
+    def fold_column_scales(self, producer: nn.Module, first_row: int) -> bool:
+        """Inference only: move this layer's column-shard scales onto the output rows ``first_row ..
+        first_row + in_features - 1`` of `producer`, whose outputs become this layer's inputs through an op
+        that is linear in each channel (attention's weighted sum of v for o_proj; SwiGLU's product with up
+        for down_proj). On a GPU the product then needs no pass over x to scale its columns: one kernel launch
+        less per call. The true `scales` of both layers stay as they are (checkpoints, dense weights,
+        :meth:`unfold_scales`); only what the kernels multiply by changes, so outputs differ by rounding only.
+        Returns False (nothing changed) where the move does not apply: one scale, or either layer already
+        folded, or a producer that is not packed, or whose scales are not on its output rows."""
+        if (self.shard_axis != 1 or self.parts == 1 or self.kernel_scales is not None
+                or not isinstance(producer, PackedTernaryLinear) or producer.kernel_scales is not None
+                or (producer.shard_axis != 0 and producer.parts > 1)
+                or first_row < 0 or first_row + self.in_features > producer.out_features):
+            return False
+        # in fp32 whatever the scales' dtype: two fp16 scales of ~1e-3 would multiply into fp16's subnormals
+        rows = expand_scales(producer.scales.float(), (producer.out_features, 1), 0).flatten().clone()
+        rows[first_row:first_row + self.in_features] *= expand_scales(self.scales.float(), (1, self.in_features),
+                                                                      1).flatten()
+        producer.kernel_scales = fewest_shard_scales(rows)
+        self.kernel_scales = self.unit_scale
+        return True
+
+    def unfold_scales(self) -> None:
+        """Undo :meth:`fold_column_scales` on this layer (either side): the kernels multiply by `scales` again."""
+        self.kernel_scales = None
 
     # --- storage layout in state_dict --------------------------------------------------------------
     def storage_row_bytes(self) -> int:
@@ -143,6 +174,19 @@ class PackedTernaryLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"parts={self.parts}, shard_axis={self.shard_axis}")
+
+
+def fewest_shard_scales(per_row: torch.Tensor) -> torch.Tensor:
+    """The shortest scale vector whose torch.tensor_split shards expand to `per_row` exactly (the kernels'
+    per-shard form), or `per_row` itself where no shorter one does."""
+    size = per_row.numel()
+    runs = 1 + int((per_row[1:] != per_row[:-1]).sum())
+    for parts in dict.fromkeys((runs, size)):
+        starts = torch.tensor([start for start, _ in shard_bounds(size, parts)], device=per_row.device)
+        candidate = per_row[starts]
+        if torch.equal(expand_scales(candidate, (size, 1), 0).flatten(), per_row):
+            return candidate
+    return per_row
 
 
 # --- packing a model in place ------------------------------------------------------------------------

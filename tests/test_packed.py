@@ -289,6 +289,94 @@ def test_a_fused_model_saves_the_checkpoint_of_its_unfused_layers(kind, parts, t
         torch.testing.assert_close(load_checkpoint(tmp_path / "fused")(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_model_multiplies_no_input_columns_by_shard_scales(fmt, monkeypatch):
+    """fuse_projections moves o_proj's and down_proj's column-shard scales onto v's and up's rows, so no packed
+    product of a fused model takes column-shard scales (on a GPU each such call is an extra pass over x)."""
+    import spectra.packed
+
+    model = fusable_model(fmt, 2, seed=11)
+    tokens = torch.randint(0, 320, (2, 7))
+    calls = []
+    real = spectra.packed.ternary_matmul
+
+    def recording(x, packed, fmt, in_features, scales, shard_axis):
+        calls.append((shard_axis, scales.numel()))
+        return real(x, packed, fmt, in_features, scales, shard_axis)
+
+    monkeypatch.setattr(spectra.packed, "ternary_matmul", recording)
+    with torch.no_grad():
+        want = model(tokens)
+        assert sum(axis == 1 and parts > 1 for axis, parts in calls) == 2 * model.config.num_layers
+        calls.clear()
+        model.fuse_projections()
+        torch.testing.assert_close(model(tokens), want, rtol=1e-5, atol=1e-5)
+    assert calls and not [c for c in calls if c[0] == 1 and c[1] > 1]
+    attn = model.model.layers[0].self_attn
+    # q, k, v keep P shards each (v's scaled by o_proj's); o_proj multiplies by one unit scale
+    assert attn.qkv_proj.kernel_scales.numel() == 6 and attn.o_proj.kernel_scales.tolist() == [1.0]
+    assert torch.equal(attn.qkv_proj.kernel_scales[:4], attn.qkv_proj.scales[:4])
+    assert torch.equal(attn.qkv_proj.kernel_scales[4:], attn.qkv_proj.scales[4:] * attn.o_proj.scales)
+
+
+@settings(max_examples=30, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), rows=st.integers(4, 40), width=st.integers(2, 30),
+       producer_parts=st.integers(1, 3), consumer_parts=st.integers(2, 4), data=st.data())
+def test_fold_column_scales_keeps_the_composed_product(fmt, rows, width, producer_parts, consumer_parts, data):
+    """Odd sizes and shards that do not line up: the consumer's product of the producer's rows
+    first_row .. first_row + width - 1 is unchanged, the producer's other rows too; unfold_scales undoes it."""
+    width = min(width, rows)
+    consumer_parts = min(consumer_parts, width)
+    producer_parts = min(producer_parts, rows)
+    first_row = data.draw(st.integers(0, rows - width))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    producer = PackedTernaryLinear.from_trits(*random_parts(rows, 13, producer_parts, 0, seed), 0, fmt)
+    consumer = PackedTernaryLinear.from_trits(*random_parts(5, width, consumer_parts, 1, seed + 1), 1, fmt)
+    x = torch.randn(3, 13, dtype=torch.float64).float()
+    with torch.no_grad():
+        h = producer(x)
+        want_y, want_h = consumer(h[:, first_row:first_row + width]), h
+        assert consumer.fold_column_scales(producer, first_row)
+        assert not consumer.fold_column_scales(producer, first_row)  # once only
+        assert consumer.kernel_scales.tolist() == [1.0] and producer.kernel_scales.numel() <= rows
+        h = producer(x)
+        outside = torch.ones(rows, dtype=torch.bool)
+        outside[first_row:first_row + width] = False
+        torch.testing.assert_close(h[:, outside], want_h[:, outside], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(consumer(h[:, first_row:first_row + width]), want_y, rtol=1e-5, atol=1e-5)
+        producer.unfold_scales()
+        consumer.unfold_scales()
+        assert torch.equal(producer(x), want_h)
+        assert torch.equal(consumer(want_h[:, first_row:first_row + width]), want_y)
+
+
+def random_parts(out_features, in_features, parts, axis, seed):
+    layer = random_frozen(out_features, in_features, parts, axis, seed)
+    return layer.trits, layer.scales
+
+
+def test_fold_column_scales_refuses_what_it_cannot_move():
+    consumer = PackedTernaryLinear.from_trits(*random_parts(5, 8, 2, 1, 0), 1)
+    across = PackedTernaryLinear.from_trits(*random_parts(8, 6, 2, 1, 1), 1)  # producer scales on its inputs
+    assert not consumer.fold_column_scales(across, 0)
+    assert not consumer.fold_column_scales(PackedTernaryLinear.from_trits(*random_parts(10, 6, 2, 0, 2), 0), 3)
+    single = PackedTernaryLinear.from_trits(*random_parts(5, 8, 1, 1, 3), 1)
+    assert not single.fold_column_scales(PackedTernaryLinear.from_trits(*random_parts(8, 6, 2, 0, 2), 0), 0)
+    assert consumer.kernel_scales is None and across.kernel_scales is None
+
+
+def test_fewest_shard_scales():
+    from spectra.packed import fewest_shard_scales
+    from spectra.ternary import expand_scales
+
+    three = torch.tensor([0.5, 2.0, 0.25])
+    per_row = expand_scales(three, (10, 1), 0).flatten()  # tensor_split sizes 4, 3, 3
+    assert torch.equal(fewest_shard_scales(per_row), three)
+    assert torch.equal(fewest_shard_scales(torch.full((7,), 0.3)), torch.tensor([0.3]))
+    uneven = torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 3.0])  # runs of 1, 4, 1: not tensor_split shards
+    assert torch.equal(fewest_shard_scales(uneven), uneven)
+
+
 def test_projections_with_mismatched_shards_stay_separate():
     # per-shard scales that would land on other rows after joining: the layers are left alone
     from spectra.linear import FrozenTernaryLinear, concat_output_rows
