@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .block import BLOCK_LINEARS, FUSION_GROUPS, spec_of
+from .block import BLOCK_LINEARS, spec_of
 from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
 from .io import atomic_dir, check_output, is_plain_file_name
@@ -42,18 +42,12 @@ def checkpoint_tensors(model: SpectraLM, dtype: torch.dtype | None = None) -> di
         if owner in linear:
             continue
         out[name] = tensor
-    for name, module in linear.items():
-        owner, attr = name.rsplit(".", 1)
-        layers = {name: module}
-        if attr in FUSION_GROUPS:  # projections fused for inference are saved as the layers they joined
-            specs = FUSION_GROUPS[attr]
-            pieces = module.split_output_rows(len(specs), model.config.model_parallel_size)
-            layers = {f"{owner}.{spec.name}": piece for spec, piece in zip(specs, pieces, strict=True)}
-        for layer_name, layer in layers.items():
-            if isinstance(layer, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
-                out[f"{layer_name}.weight"] = layer.dense_weight().to(dtype or _float_dtype(model))
-            else:
-                out.update({f"{layer_name}.{k}": v for k, v in layer.state_dict().items()})
+    # projections fused for inference are saved as the layers they joined
+    for name, layer in model.separate_linear_layers().items():
+        if isinstance(layer, (TernaryLinear, FrozenTernaryLinear, FloatLinear)):
+            out[f"{name}.weight"] = layer.dense_weight().to(dtype or _float_dtype(model))
+        else:
+            out.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("scales") else v for k, v in out.items()}
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}

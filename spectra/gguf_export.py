@@ -25,7 +25,7 @@ import torch
 
 from .block import spec_of
 from .checkpoint import load_checkpoint, read_config
-from .errors import CheckpointError, ConfigError, FormatError, SpectraError
+from .errors import CheckpointError, FormatError, SpectraError
 from .io import atomic_file, check_output, output_lock
 from .model import SpectraLM
 from .packed import ternary_values
@@ -196,15 +196,11 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
     if tokenizer is None:
         raise CheckpointError("GGUF export needs the tokenizer (llama.cpp reads the vocabulary from the GGUF); "
                               "use a checkpoint directory with tokenizer.json")
-    if model.projections_fused:
-        raise ConfigError("this model's q/k/v and gate/up projections are fused for inference (fuse_projections; "
-                          "spectra.generate does it on a GPU), and llama.cpp reads them separately; save the model "
-                          "(save_checkpoint writes the separate layers) and export that checkpoint")
     config, path = model.config, Path(path)
     vocab = gguf_vocab(tokenizer, config.vocab_size)
     report = GGUFExportReport(path=path, type=qtype, weight_kind=config.weight_kind)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
-    linear = model.linear_layers()
+    linear = model.separate_linear_layers()  # llama.cpp reads q/k/v and gate/up separately, fused or not
 
     tensors: list[tuple[str, np.ndarray, object]] = []
     for hf_name, module in progress_bar(linear.items(), desc=f"GGUF {qtype}", disable=not progress, leave=False):
@@ -213,8 +209,9 @@ def write_gguf(model: SpectraLM, tokenizer, path: str | Path, qtype: str = "tq2_
         tensors.append((gname, data, kind))
         if misfit is not None:
             report.fallbacks[gname] = misfit
+    fused_or_not = model.linear_layers()
     for hf_name, tensor in model.state_dict().items():
-        if hf_name.rsplit(".", 1)[0] in linear:
+        if hf_name.rsplit(".", 1)[0] in fused_or_not:
             continue
         array = tensor.detach().float().cpu().numpy()
         # llama.cpp keeps 1-D tensors (norm gains) in F32; embeddings and lm head go F16.

@@ -309,3 +309,19 @@ class SpectraLM(nn.Module):
     def linear_layers(self) -> dict[str, nn.Module]:
         """Name -> module of the seven linear layers of every block (the ones weight kinds replace)."""
         return {name: mod for name, mod in self.named_modules() if is_block_linear(name)}
+
+    def separate_linear_layers(self) -> dict[str, nn.Module]:
+        """:meth:`linear_layers` with every fused layer given as the layers it joined (views of its tensors where
+        the kind allows), in block order: what checkpoints, exports and weight statistics read, fused or not."""
+        layers = {}
+        for name, module in self.linear_layers().items():
+            owner, attr = name.rsplit(".", 1)
+            if attr not in FUSION_GROUPS:
+                layers[name] = module
+                continue
+            specs = FUSION_GROUPS[attr]
+            pieces = module.split_output_rows(len(specs), self.config.model_parallel_size)
+            layers.update({f"{owner}.{spec.name}": piece for spec, piece in zip(specs, pieces, strict=True)})
+        order = {spec.path: i for i, spec in enumerate(BLOCK_LINEARS)}
+        return dict(sorted(layers.items(), key=lambda item: (int(item[0].split(".")[2]),
+                                                             order[item[0].split(".", 3)[3]])))

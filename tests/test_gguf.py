@@ -191,18 +191,19 @@ def test_quantlm_exports_dequantized_f16_and_refuses_tq_types_saying_so(tmp_path
         assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), expected)
 
 
-def test_a_fused_model_is_refused_naming_the_checkpoint_route(checkpoint, tmp_path):
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+def test_a_fused_model_exports_the_same_gguf_as_the_unfused_one(checkpoint, tmp_path, qtype):
+    """spectra.generate fuses a GPU model in place; llama.cpp reads q/k/v and gate/up separately, so the
+    export writes the layers the fused ones joined: the same file, byte for byte."""
     import copy
 
-    from spectra.errors import ConfigError
+    from spectra.convert import pack_model
     from spectra.gguf_export import write_gguf
 
-    _, model, tok = checkpoint
-    fused = copy.deepcopy(model)
-    fused.fuse_projections()
-    with pytest.raises(ConfigError, match="save the model"):
-        write_gguf(fused, tok, tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists()
-    save_checkpoint(fused, tmp_path / "saved", tokenizer=tok)  # the route the message names works
-    export(tmp_path / "saved", tmp_path / "ok.gguf", "tq2_0")
-    assert (tmp_path / "ok.gguf").stat().st_size > 0
+    _, frozen, tok = checkpoint
+    for name, model in (("frozen", frozen), ("packed", pack_model(copy.deepcopy(frozen), qtype[:3]))):
+        fused = copy.deepcopy(model)
+        assert fused.fuse_projections() > 0
+        write_gguf(model, tok, tmp_path / f"{name}.gguf", qtype)
+        write_gguf(fused, tok, tmp_path / f"{name}_fused.gguf", qtype)
+        assert (tmp_path / f"{name}_fused.gguf").read_bytes() == (tmp_path / f"{name}.gguf").read_bytes()

@@ -90,9 +90,9 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
 
 def analyze_weights(model: torch.nn.Module, entropy_bins: tuple[int, ...] = DEFAULT_ENTROPY_BINS,
                     progress: bool = False) -> list[LayerStats]:
-    """Statistics of every linear layer of `model`, in model order."""
+    """Statistics of every linear layer of `model`, in model order (fused projections as separate layers)."""
 
-    layers = model.linear_layers()
+    layers = model.separate_linear_layers()
     return [layer_stats(name, module, tuple(entropy_bins))
             for name, module in progress_bar(layers.items(), desc="layers", disable=not progress)]
 
