@@ -3,7 +3,7 @@
     python benchmarks/profile_decode_step.py                              # 3.9B TQ2: eager-old, eager-new, compiled
     python benchmarks/profile_decode_step.py --kind float --variants compiled
 
-Random weights, fused q/k/v and gate/up, batch 1, a KV cache of --max-len positions, one token at --pos.
+Random weights, fused q/k/v and gate/up, batch --batch (1), a KV cache of --max-len positions, one token at --pos.
 Variants: eager-old (RMSNorm, residual adds and SwiGLU as PyTorch ops), eager-new (the fused pointwise
 kernels of kernels/pointwise.py), compiled (torch.compile; inductor fuses the pointwise ops itself).
 The per-kernel table is kernel time without a CUDA graph; the step time is a CUDA-graph replay of the same
@@ -25,13 +25,13 @@ from spectra.kernels import pointwise
 MATMUL = re.compile(r"tq_matmul|tq_dequant|gemm|gemv|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
 
 
-def profile_variant(model, variant: str, max_len: int, pos: int, top: int) -> None:
+def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch: int = 1) -> None:
     dev = torch.device("cuda")
     pointwise.ENABLED = variant != "eager-old"
     compile = variant == "compiled"
-    model.setup_cache(1, max_len)
+    model.setup_cache(batch, max_len)
     step = torch.compile(model, dynamic=False) if compile else model
-    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     at = torch.tensor([pos], device=dev)
     reps = 5
     with torch.no_grad():
@@ -76,15 +76,17 @@ def main() -> None:
     p.add_argument("--pos", type=int, default=8, help="the step's position (context = pos + 1 tokens)")
     p.add_argument("--layers", type=int, default=None, help="layers (default: 30 for 3.9b, 4 for the slice)")
     p.add_argument("--top", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (one token each per step)")
     args = p.parse_args()
     dev = torch.device("cuda")
     layers = args.layers or (4 if args.model == "70b-slice" else None)
     max_len = max(args.max_len, args.pos + 60)
     model = build_random_model(args.model, args.kind, torch.float16, dev, layers, max_seq_len=max(max_len, 128))
     model.fuse_projections()
-    print(f"{torch.cuda.get_device_name()}; {args.model} {args.kind}, batch 1, position {args.pos}, cache {max_len}")
+    print(f"{torch.cuda.get_device_name()}; {args.model} {args.kind}, batch {args.batch}, position {args.pos}, "
+          f"cache {max_len}")
     for variant in args.variants.split(","):
-        profile_variant(model, variant, max_len, args.pos, args.top)
+        profile_variant(model, variant, max_len, args.pos, args.top, args.batch)
 
 
 if __name__ == "__main__":
