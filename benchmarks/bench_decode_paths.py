@@ -9,7 +9,9 @@ new: what `spectra.generate` replays now: fused pointwise kernels (kernels/point
      position advanced on the GPU (GraphSamplingStep), no host work between steps.
 Both use this tree's packed matmuls and decode-attention kernel. Random weights (3.9B shape, 6 shard
 scales per matrix), fp16 activations, fused q/k/v and gate/up, steps from --context. With --long-contexts,
-batch 1 of the new path is also timed from those positions (attention reads only the filled cache).
+batch 1 of the new path is also timed from those positions (attention reads only the filled cache). With
+--fold-ab, the new path is also timed with the column-shard scales of o_proj/down_proj left where they are
+(not moved onto v_proj/up_proj by fuse_projections): the last column, and the gain of moving them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--context", type=int, default=8)
     p.add_argument("--long-contexts", default="", help="e.g. 2048,8192: batch-1 new-path steps from there")
+    p.add_argument("--fold-ab", action="store_true", help="also time the new path with the scales not moved")
     args = p.parse_args()
     dev = torch.device("cuda")
     kinds, modes = args.kinds.split(","), args.modes.split(",")
@@ -61,8 +64,9 @@ def main() -> None:
     t0 = time.time()
     print(f"{torch.cuda.get_device_name(dev)}; {args.model}, fp16 activations, fused projections, CUDA-graph steps "
           f"from position {args.context}, cache {max_len}")
-    print("| mode | kind | batch | old steps/s | new steps/s | new tokens/s | new vs old | new vs float |")
-    print("|---|---|---|---|---|---|---|---|")
+    ab = " new, scales not moved (steps/s, gain) |" if args.fold_ab else ""
+    print(f"| mode | kind | batch | old steps/s | new steps/s | new tokens/s | new vs old | new vs float |{ab}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.fold_ab else ""))
     float_new: dict[tuple[str, int], float] = {}
     for mode in modes:
         compile = mode == "compiled"
@@ -80,11 +84,21 @@ def main() -> None:
                 if batch == 1:
                     extra = [(c, time_sampling(step, 1, args.steps, c)) for c in longs]
                 step.close()
+                unmoved = ""
+                if args.fold_ab:
+                    for module in model.modules():
+                        if hasattr(module, "unfold_scales"):
+                            module.unfold_scales()
+                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
+                    t = time_sampling(step, batch, args.steps, args.context)
+                    step.close()
+                    model.fuse_projections()  # moves the scales again
+                    unmoved = f" {1 / t:.0f} ({t / new:.3f}x) |"
                 if kind == "float":
                     float_new[(mode, batch)] = new
                 ratio = f"{float_new[(mode, batch)] / new:.2f}x" if (mode, batch) in float_new else "-"
                 print(f"| {mode} | {kind} | {batch} | {1 / old:.0f} | {1 / new:.0f} | {batch / new:.0f} | "
-                      f"{old / new:.2f}x | {ratio} |  [{time.time() - t0:.0f}s]", flush=True)
+                      f"{old / new:.2f}x | {ratio} |{unmoved}  [{time.time() - t0:.0f}s]", flush=True)
                 for c, t in extra:
                     print(f"|   context {c} | {kind} | 1 | - | {1 / t:.0f} | {1 / t:.0f} | "
                           f"{new / t:.2f}x of context {args.context} | - |", flush=True)
