@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .block import BLOCK_LINEARS, spec_of
 from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
-from .io import atomic_dir, check_output, is_plain_file_name
+from .io import atomic_dir, check_output, is_plain_file_name, read_json
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .model import SpectraLM
 from .tensor_table import check_tensors, read_headers
@@ -146,10 +146,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def _read_json_object(file: Path, fix: str) -> dict:
     """A JSON file that must hold an object, or one CheckpointError naming the file."""
-    try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid UTF-8 JSON ({err}); {fix}") from None
+    data = read_json(file, CheckpointError, fix)
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data

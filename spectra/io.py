@@ -267,6 +267,14 @@ def _safe(recognize: Callable[[Path], bool], path: Path) -> bool:
         return False
 
 
+def read_json(path: Path, error: type[Exception], fix: str) -> object:
+    """The JSON value in file `path`, or one `error` naming the file, what is wrong with it and `fix`."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
 def json_recognizer(test: Callable[[dict], bool]) -> Callable[[Path], bool]:
     """A `recognize` for JSON outputs: the file parses as a JSON object that passes `test`."""
     def recognize(path: Path) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..io import check_output, json_recognizer, write_text_atomic
+from ..io import check_output, json_recognizer, read_json, write_text_atomic
 from ..size import count_parameters, model_size_breakdown
 
 RESULTS_FORMAT = "spectra-eval/1"
@@ -78,10 +78,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"result file {path} does not exist")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err})") from None
+    record = read_json(path, DataError, "give a file written by `spectra eval --out`")
     if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
         raise DataError(f"{path} is not a spectra result file (format {RESULTS_FORMAT!r}); write one with "
                         f"`spectra eval ppl --out` or `spectra eval tasks --out`")

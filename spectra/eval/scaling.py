@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
-import json
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError, SpectraWarning
+from ..io import read_json
 from ..progress import progress_bar
 
 PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
@@ -89,10 +89,7 @@ def get_law(source: str | Path) -> ScalingLaw:
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"{source!r} is neither a scaling-law preset ({', '.join(LAW_PRESETS)}) nor a JSON file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err})") from None
+    data = read_json(path, DataError, "give a file written by `spectra scaling fit --out`")
     if not isinstance(data, dict) or not isinstance(data.get("law", data), dict):
         raise DataError(f"{path} holds no law object; give a file written by `spectra scaling fit --out`")
     return ScalingLaw.from_dict(data.get("law", data))

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import write_checkpoint_files
 from ..errors import CheckpointError
-from ..io import atomic_dir, check_output, output_owner, recover
+from ..io import atomic_dir, check_output, output_owner, read_json, recover
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_META = "train_state.json"
@@ -172,10 +172,7 @@ def read_training_meta(path: str | Path) -> dict:
     file = Path(path) / STATE_META
     if not file.is_file():
         raise CheckpointError(f"{path} has no {STATE_META}: it is not a training checkpoint")
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}); resume from an earlier checkpoint") from None
+    record = read_json(file, CheckpointError, "resume from an earlier checkpoint")
     meta = record.get("meta") if isinstance(record, dict) else None
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if not isinstance(record.get("optimizer") if isinstance(record, dict) else None, (dict, type(None))):
