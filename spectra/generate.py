@@ -22,11 +22,26 @@ from .errors import ConfigError, DeviceError
 from .model import SpectraLM
 from .sampling import sample_keyed, sample_next
 
-__all__ = ["DecodePlan", "check_sampling", "decode_plan", "generate", "generate_stream", "generate_uncached",
-           "sample_next"]
+__all__ = ["DecodePlan", "check_sampling", "decode_cache_length", "decode_plan", "generate", "generate_stream",
+           "generate_uncached", "sample_next"]
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 STREAM_LAG = 8  # steps the GPU may run ahead of the tokens handed out (the host never waits on the newest)
+COMPILED_CACHE_MIN = 256  # the shortest KV cache a compiled step is built for (decode_cache_length)
+
+
+def decode_cache_length(total: int, max_seq_len: int, compile: bool) -> int:
+    """KV-cache positions that a generation of `total` tokens (prompt + new) allocates on the fast path.
+
+    A compiled step is specialised to the cache's shape (``torch.compile(dynamic=False)``), so each new length
+    would compile the step again, and after 8 lengths dynamo stops compiling and silently runs the step
+    uncompiled. For a compiled step the length is therefore rounded up to a power of two (at least
+    COMPILED_CACHE_MIN, at most `max_seq_len`): generations of other lengths reuse a few compiled steps. The
+    decode-attention kernel reads only the filled part of the cache, so a step costs the same; the cache takes
+    at most twice the memory. Without compile the cache is exactly `total` long."""
+    if not compile:
+        return total
+    return max(total, min(max(COMPILED_CACHE_MIN, 1 << (total - 1).bit_length()), max_seq_len))
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -116,7 +131,8 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
     sample = partial(sample_keyed, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
     n_new = total - prompt_len
-    step = GraphSamplingStep(model, batch, total, sample, eos_id, compile=compile)
+    step = GraphSamplingStep(model, batch, decode_cache_length(total, model.config.max_seq_len, compile), sample,
+                             eos_id, compile=compile)
     host = torch.empty(n_new, batch, dtype=torch.long, pin_memory=True)
     ready = [torch.cuda.Event() for _ in range(n_new)]
     finished = torch.zeros(batch, dtype=torch.bool)

@@ -10,7 +10,7 @@ import torch
 
 from spectra.config import get_config
 from spectra.errors import DeviceError
-from spectra.generate import decode_plan, generate, generate_stream
+from spectra.generate import COMPILED_CACHE_MIN, decode_cache_length, decode_plan, generate, generate_stream
 from spectra.model import SpectraLM
 from spectra.sampling import keyed_uniform, sample_keyed, sample_next
 
@@ -42,6 +42,19 @@ def _reference_loop(model: SpectraLM, prompt: torch.Tensor, n: int, seed: int, *
         logits = model(tokens)
         tokens = torch.cat([tokens, sample_next(logits[:, -1], generator=gen, **sampling)[:, None]], dim=1)
     return tokens
+
+
+def test_compiled_generations_share_a_few_cache_lengths():
+    """A compiled step is specialised to the cache length: every total up to max_seq_len maps to one of a few
+    lengths (powers of two from COMPILED_CACHE_MIN), never below the total; uncompiled, the total itself."""
+    max_seq_len = 3000
+    lengths = {decode_cache_length(total, max_seq_len, compile=True) for total in range(1, max_seq_len + 1)}
+    assert lengths == {256, 512, 1024, 2048, 3000}
+    for total in (1, 255, 256, 257, 1000, 2049, 2999, 3000):
+        got = decode_cache_length(total, max_seq_len, compile=True)
+        assert total <= got <= max(2 * total, COMPILED_CACHE_MIN) and got <= max_seq_len
+        assert decode_cache_length(total, max_seq_len, compile=False) == total
+    assert decode_cache_length(100, 128, compile=True) == 128  # a short model: its max_seq_len
 
 
 def test_cpu_generation_is_the_plain_loop_and_leaves_the_model_as_it_was():
@@ -172,3 +185,20 @@ def test_gpu_fast_path_sampling_with_a_seed_repeats():
         first = int(hits[0]) if len(hits) else len(new_d)
         assert torch.equal(new_d[:first], new_a[:first]) and bool((new_d[first:] == eos).all())
     assert bool((d[0, 9:][:4] == eos).any())
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_generations_of_other_lengths_reuse_the_compiled_step():
+    """generate(compile=True) with prompts and token counts that change every call (a chat loop): the compiled
+    step is compiled for one cache length, not once per call (dynamo gives up after 8 and runs uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _random_model("tq2", seed=7)
+    graphs = []
+    for prompt_len, new in ((5, 20), (9, 31), (14, 17), (30, 44), (41, 9), (50, 60)):  # totals 25 .. 110
+        prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
+        got = generate(model, prompt, new, temperature=0, compile=True)
+        assert got.shape == (1, prompt_len + new) and torch.equal(got[:, :prompt_len], prompt)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[0], graphs  # no recompilation after the first call
