@@ -2,8 +2,9 @@
 
 ``ternary_matmul`` is the single entry point the packed linear layer calls. CUDA tensors go to the Triton
 kernels of :mod:`spectra.kernels.tq_triton` (a tensor-core kernel on the packed weights with split-k for
-small batches, or dequantize-then-cuBLAS where the tuned table says that is faster); everything else
-(CPU tensors, no Triton) runs the plain PyTorch reference.
+small batches, or dequantize-then-cuBLAS where the tuned table says that is faster); CPU decode steps (m <= 8,
+no gradient) a compiled loop over the packed bytes (:mod:`spectra.kernels.cpu_gemv`); everything else the
+plain PyTorch reference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 
 import torch
 
-from . import dispatch
+from . import cpu_gemv, dispatch
 from .plans import clear_plans, get_plan
 from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
@@ -39,6 +40,11 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
     On CUDA the call runs a cached launch plan (:mod:`spectra.kernels.plans`): inputs are validated and the
     kernel config chosen once per call signature, so an eager call costs little more than the launch."""
     if not (x.is_cuda and triton_available()):
+        if cpu_gemv.usable(x):  # a decode step on the CPU: one compiled loop over the packed bytes
+            dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
+            y = cpu_gemv.ternary_matmul_cpu(x, packed, fmt, in_features, scales, shard_axis)
+            if y is not None:
+                return y
         return ternary_matmul_reference(x, packed, fmt, in_features, scales, shard_axis)
     if not scales.is_contiguous():
         scales = scales.contiguous()
