@@ -46,7 +46,6 @@ def main() -> None:
     p.add_argument("--formats", default="tq2,tq1")
     p.add_argument("--shapes", default="70b,3.9b")
     p.add_argument("--splits", default="1,2,3,4,6,8,12")
-    p.add_argument("--late", default="0,1", help="WAIT_LATE variants of the Gluon kernel (0, 1)")
     p.add_argument("--bj", default="64,128", help="bytes per row per K step of the Gluon kernel (64, 128)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--trials", type=int, default=3)
@@ -63,7 +62,6 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     fmts = args.formats.split(",")
     splits = [int(v) for v in args.splits.split(",")]
-    lates = [bool(int(v)) for v in args.late.split(",")]
     bjs = [int(v) for v in args.bj.split(",")]
     summary = []
     for shape_set in args.shapes.split(","):
@@ -78,7 +76,7 @@ def main() -> None:
                                        args.reps, args.trials)
                 tot["fp16"] += t16
                 del ws
-                pinned = None  # the first format's best (WAIT_LATE, BJ) on this shape: later formats try only that
+                pinned = None  # the first format's best BJ on this shape: later formats try only that
                 for fmt in fmts:
                     packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
                     s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
@@ -88,15 +86,14 @@ def main() -> None:
                         len(packs), args.reps, args.trials)
                     best = (float("inf"), None)
                     bm = 8 if m <= 8 else 16
-                    variants = [(la, bj, sp) for la in lates for bj in bjs for sp in splits]
+                    variants = [(bj, sp) for bj in bjs for sp in splits]
                     if pinned is not None:
-                        variants = [(*pinned, sp) for sp in splits]
-                    for late, bj, split in variants:
+                        variants = [(pinned, sp) for sp in splits]
+                    for bj, split in variants:
                         xc = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
                         try:
                             y = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
-                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y, block_j=bj,
-                                                wait_late=late)
+                            gluon_launch.launch(xc, packs[0], fmt, k, s, 0, bm, split, out=y, block_j=bj)
                             err = _check(xc, packs[0], fmt, k, s, y)
                         except Exception as exc:  # noqa: BLE001 - report and go on
                             log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: FAILED {type(exc).__name__}: "
@@ -105,20 +102,19 @@ def main() -> None:
                         if not err < 2e-3:
                             log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}: WRONG rel err {err:.3e}")
                             continue
-                        t = timing.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj, la=late:
-                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj,
-                                                                 wait_late=la), len(packs),
-                                             args.reps, args.trials)
+                        t = timing.time_graph(lambda i, x=x, p=packs, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj:
+                                             gluon_launch.launch(x, p[i], f, k, s, 0, bm, sp, block_j=bj),
+                                             len(packs), args.reps, args.trials)
                         steps, eff = gluon_launch.steps_and_split(packs[0].shape[1], split, bm,
                                                                   get_format(fmt).trits_per_byte, bj)
-                        log(f"  gluon {fmt} {n}x{k} m={m} late {int(late)} BJ {bj} split {split} (eff {eff}, "
+                        log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split} (eff {eff}, "
                             f"{steps} steps): {t * 1e6:.1f} us (err {err:.1e})")
                         if t < best[0]:
-                            best = (t, (late, bj, split))
+                            best = (t, (bj, split))
                     log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | tl {t_tl * 1e6:.1f} "
-                        f"({tuning.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (late, BJ, split {best[1]})")
+                        f"({tuning.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (BJ, split {best[1]})")
                     if best[1] is not None and pinned is None:
-                        pinned = best[1][:2]
+                        pinned = best[1][0]
                     tot[f"{fmt} tl"] += t_tl
                     tot[f"{fmt} gluon"] += best[0]
             line = f"| {shape_set} | {m} | {tot['fp16'] * 1e6:.1f} | " + " | ".join(

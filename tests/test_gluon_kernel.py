@@ -34,6 +34,12 @@ def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_sta
     assert len([w for w in seen if "Gluon" in str(w.message)]) == 1
 
 
+def test_spectra_gluon_0_turns_the_kernel_off(monkeypatch, fresh_gluon_state, recwarn):
+    monkeypatch.setenv("SPECTRA_GLUON", "0")
+    assert not gluon_launch.available()
+    assert gluon_launch._broken is None and not recwarn.list  # a switch, not a failure: no warning, nothing kept
+
+
 def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monkeypatch, fresh_gluon_state):
     # a Triton whose Gluon cannot compile the kernel (API change): the plan runs the portable kernel instead
     monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: gluon_launch.available())
@@ -93,14 +99,13 @@ def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
                 if p > (n, k)[axis]:
                     continue
                 scales = torch.rand(p, device="cuda", generator=gen) + 0.5
-                for bm, split, bj, late in ((8, 1, 64, False), (16, 3, 128, True), (16, 8, 64, True),
-                                            (8, 5, 128, False)):
+                for bm, split, bj in ((8, 1, 64), (16, 3, 128), (16, 8, 64), (8, 5, 128)):
                     if m > bm:
                         continue
                     x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
                     ref = _reference(x, packed, fmt, k, scales, axis)
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj, wait_late=late)
+                    gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj)
                     err = float((y.float() - ref).norm() / ref.norm())
                     assert err < tol, (n, k, m, p, axis, bm, split, bj, err)
 
@@ -115,7 +120,7 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
     for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
         x = torch.randn(16, k, dtype=torch.float16, device="cuda", generator=gen)
-        variant = dict(block_j=64 << (i % 3 == 0), wait_late=bool(i % 2))  # both loops, both step widths
+        variant = dict(block_j=64 << (i % 2))  # both step widths
         y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant)
         assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant))
         ref = _reference(x, packed, "tq2", k, scales, 0)

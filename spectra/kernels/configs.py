@@ -44,11 +44,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs: int = 0         # "sk": persistent programs (0 = one per SM)
-    wait_late: bool = False   # "gluon": decode the next K step while the tensor cores run this one
 
     @staticmethod
     def from_dict(d: dict) -> KernelConfig:
-        return KernelConfig(**d)
+        # "wait_late" named a Gluon loop removed as unsafe (tq_gluon); an entry tuned with it runs the safe loop
+        return KernelConfig(**{k: v for k, v in d.items() if k != "wait_late"})
 
 
 def m_bucket(m: int) -> int:
@@ -194,8 +194,7 @@ GLUON_KEY_SUFFIX = "|gluon"
 def gluon_candidates(m: int) -> list[KernelConfig]:
     """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
     bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 64, bj, split, wait_late=late) for late in (False, True) for bj in (64, 128)
-            for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+    return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,

@@ -3,7 +3,6 @@ fallback to the portable ``triton.language`` kernel where it cannot compile.
 
 A config of kind ``"gluon"`` runs ``tq_gluon.tq_gemv_gluon_kernel``: ``block_m`` is the MMA width (8 or 16,
 covering m), ``block_j`` the packed bytes per row and K step (64 or 128: 16 or 32 bytes per thread and row),
-``wait_late`` the kernel's WAIT_LATE loop (decode the next step while the tensor cores run),
 ``split`` the split-k factor, clamped so that a program's activations fit
 :data:`SMEM_BUDGET` bytes of shared memory. The kernel needs an sm_90 GPU and a Triton with Gluon; where
 either is missing, or the kernel fails to compile once, :func:`usable` says no, one warning line says why,
@@ -37,8 +36,9 @@ def tuning_enabled() -> bool:
 
 
 def available() -> bool:
-    """Triton has Gluon and the Gluon kernel module imports (it failed no earlier compile)."""
-    if _broken is not None:
+    """Triton has Gluon and the Gluon kernel module imports (it failed no earlier compile); SPECTRA_GLUON=0
+    turns the kernel off (the portable kernel everywhere, e.g. to compare the two)."""
+    if _broken is not None or os.environ.get("SPECTRA_GLUON") == "0":
         return False
     try:
         from . import tq_gluon  # noqa: F401
@@ -77,7 +77,7 @@ def steps_and_split(q: int, split: int, block_m: int, planes: int, block_j: int 
 
 
 def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
-                block_m: int, split: int, y: torch.Tensor, block_j: int = 64, wait_late: bool = False,
+                block_m: int, split: int, y: torch.Tensor, block_j: int = 64,
                 ws: torch.Tensor | None = None,
                 cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one launch on activations x2 [m, k] (column-shard scales
@@ -93,14 +93,13 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), WAIT_LATE=wait_late,
-                 BJ=block_j)
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), BJ=block_j)
     return grid, named, dict(num_warps=4)
 
 
 def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
            shard_axis: int, block_m: int, split: int, out: torch.Tensor | None = None,
-           block_j: int = 64, wait_late: bool = False) -> torch.Tensor:
+           block_j: int = 64) -> torch.Tensor:
     """The Gluon kernel on a 2-D, row-contiguous x2 [m, k] with m <= block_m; returns y [m, n] (tests,
     benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
     from .tq_gluon import tq_gemv_gluon_kernel  # needs triton's Gluon, which may be missing
@@ -111,6 +110,6 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
     if x2.shape[0] > block_m:
         raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
-    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j, wait_late)
+    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j)
     tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
     return y

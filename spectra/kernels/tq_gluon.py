@@ -12,8 +12,9 @@ register-A ``wgmma`` on decoded planes, split-k with per-split fp32 slots), writ
   permuted order.
 * **The activations of a program's whole K range are loaded once**, at the start, into shared memory (the
   B operand), so the loop streams only weights.
-* Each K step issues its G planes' ``wgmma`` back to back (asynchronous, one accumulator), then waits once
-  (or, with WAIT_LATE, waits just before the next step's, so that the next decode overlaps them).
+* Each K step issues its G planes' ``wgmma`` back to back (asynchronous, one accumulator), then waits once.
+  (Waiting only just before the next step's, so that the next decode overlaps them, gave wrong results on an
+  H100, 2026-12-07: the in-flight wgmma reads its A fragments from registers the next decode may reuse.)
 
 The weight tile's register layout is given explicitly (``_word_layout``): every thread holds rows
 16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows wgmma's fragment gives it, and BJ / 4 consecutive bytes
@@ -33,7 +34,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -120,13 +120,11 @@ def _shard_of(idx, size, P):
 def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                          G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
-                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, WAIT_LATE: gl.constexpr, BJ: gl.constexpr):
+                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= BM (8 or 16); program (pid_n, pid_k) does weight
     rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of BJ = 64 or 128
     bytes per row: 16 or 32 bytes per thread and row).
-    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). WAIT_LATE: decode the next step
-    while the tensor cores still run this one (wait for them just before issuing the next), instead of waiting
-    at the end of each step."""
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch)."""
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
@@ -168,20 +166,13 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
     b1 = _load_words(wp, rows, words, row_ok, jw0 + BJ // 4, jw_end, QW)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    if WAIT_LATE:
-        acc = warpgroup_mma_init(acc)  # the loop carries an in-flight accumulator
     for s in range(n_steps):
         b2 = _load_words(wp, rows, words, row_ok, jw0 + (s + 2) * (BJ // 4), jw_end, QW)
         planes = _decode(b0, x_ptr, G, ASM, BJ)
-        if WAIT_LATE:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
-        else:
-            acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         b0 = b1
         b1 = b2
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))

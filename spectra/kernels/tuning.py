@@ -100,6 +100,6 @@ def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
-        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}{' late wait' if cfg.wait_late else ''}"
+        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
