@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spectra.formats import get_format
-from spectra.kernels import configs, dispatch, gluon_launch, plans, ternary_matmul, tuning
+from spectra.kernels import configs, dispatch, gluon_launch, plans, scale_columns_reference, ternary_matmul, tuning
 from spectra.ternary import expand_scales
 
 
@@ -75,6 +75,11 @@ def test_steps_and_split_respect_the_shared_memory_budget():
 
 
 def _reference(x, packed, fmt, k, scales, axis):
+    """fp32 product of the kernels' definition: column-shard scales multiply x first, cast back to x's dtype
+    (scale_columns_reference). Without that rounding, a lone output (n = m = 1) that is a sum of 16 cancelling
+    terms showed a relative error of 0.7% (fp16) / 3.5% (bf16) on an H100 from that rounding alone."""
+    if axis == 1 and scales.numel() > 1:
+        x, scales, axis = scale_columns_reference(x, scales, k), torch.ones(1, device=scales.device), 0
     trits = get_format(fmt).unpack(packed, k).float().cpu()
     w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
     return (x.float().cpu() @ w.t()).to(x.device)
