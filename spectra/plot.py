@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError
-from .io import save_figure
+from .io import check_figure_output, save_figure
 from .train.rundir import read_metrics
 
 
@@ -37,6 +37,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
 
     if not runs:
         raise DataError("no runs to plot; pass one or more run directories written by `spectra train`")
+    check_figure_output(out, force=force, sources=runs)  # before reading the runs
     if x_axis not in ("step", "tokens"):
         raise DataError(f"x axis must be 'step' or 'tokens', got {x_axis!r}")
     labels = list(labels) if labels is not None else [Path(r).name for r in runs]
@@ -62,7 +63,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, out, dpi=120, force=force)
+    return save_figure(fig, out, dpi=120, force=force, sources=runs)
 
 
 def _tokens_per_step(records: list[dict]) -> int:

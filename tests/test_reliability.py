@@ -196,6 +196,10 @@ def _file(path, content: bytes):
     return path
 
 
+POINTS = ("N,D,L\n" + "".join(f"{n}M,{d}B,{2 + 100 / n ** 0.3 + 50 / d ** 0.3:.4f}\n"
+                              for n in (10, 30, 100, 300) for d in (1, 3, 10, 30))).encode()
+
+
 def _index_list(world, tmp):
     d = _data_copy(world, tmp)
     (d / "index.json").write_text("[]")
@@ -276,6 +280,29 @@ CASES = {
                                                   "--steps", "4"],
     "resume state without rng::": lambda w, t: ["train", "--resume", _resume_without_tensors("rng::")(w, t),
                                                 "--steps", "4"],
+    # An output over or inside an input is refused even with --force (it used to overwrite the input).
+    "eval --out = its --data file, --force": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(
+        t / "d.txt", "\n".join(TEXT).encode()), "--device", "cpu", "--out", t / "d.txt", "--force"],
+    "scaling fit --out = its points CSV, --force": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS),
+                                                                 "--out", t / "p.csv", "--force"],
+    "analyze --json = the checkpoint's config.json, --force": lambda w, t: [
+        "analyze", "weights", _copy_ckpt(w, t), "--plot", t / "w.png", "--json", t / "bad" / "config.json",
+        "--force"],
+    "analyze --plot inside the checkpoint": lambda w, t: ["analyze", "weights", _copy_ckpt(w, t), "--plot",
+                                                          t / "bad" / "w.png"],
+    "plot --out inside the run": lambda w, t: ["plot", shutil.copytree(w["run"], t / "run"), "--out",
+                                               t / "run" / "loss.png"],
+    # Both outputs are checked before the work (the plot used to be written, then the JSON refused).
+    "analyze --json a foreign file": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png",
+                                                   "--json", _user_dir(t) / "notes.txt"],
+    "analyze --json = --plot": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png", "--json",
+                                             t / "w.png"],
+    "scaling fit --out = --plot": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS), "--out", t / "x.png",
+                                                "--plot", t / "x.png"],
+    # A figure suffix matplotlib cannot write (an unexpected ValueError, exit 1).
+    "plot --out loss.txt": lambda w, t: ["plot", w["run"], "--out", t / "loss.txt"],
+    "scaling plot --out s.json": lambda w, t: ["scaling", "plot", "--out", t / "s.json"],
+    "scaling fit --plot p.txt": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS), "--plot", t / "p.txt"],
 }
 
 

@@ -66,17 +66,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
 
 
+def _sources(args: argparse.Namespace) -> list[str]:
+    """The inputs --out may never overwrite nor lie inside: the checkpoint and the evaluation data."""
+    return [s for s in (args.checkpoint, getattr(args, "data", None), getattr(args, "include_path", None)) if s]
+
+
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse a bad --out before the (long) evaluation runs."""
 
     if args.out:
-        check_output(args.out, "eval", force=args.force, kind="file", sources=[args.checkpoint],
+        check_output(args.out, "eval", force=args.force, kind="file", sources=_sources(args),
                      recognize=json_recognizer(lambda d: d.get("format") == RESULTS_FORMAT))
 
 
 def _emit(record: dict[str, Any], args: argparse.Namespace) -> None:
     if args.out:
-        write_json(record, args.out, force=args.force)
+        write_json(record, args.out, force=args.force, sources=_sources(args))
     print(json.dumps(record, indent=2, default=str))
 
 

@@ -9,6 +9,7 @@ layers are also ternarized (per-shard absmean, as a TriLM would be) to report th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def mean_entropy(stats: list[LayerStats]) -> dict[int, float]:
     return {b: float(np.average([s.entropy[b] for s in stats], weights=sizes)) for b in stats[0].entropy}
 
 
-def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, force: bool = False) -> Path:
+def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, force: bool = False,
+                      sources: Sequence[str | Path] = (), flag: str = "--out") -> Path:
     """Four panels: pooled weight histograms, std and zero fraction per layer, entropy vs bin count."""
     import matplotlib
     matplotlib.use("Agg")
@@ -143,5 +145,5 @@ def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, for
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path, force=force)
+    return save_figure(fig, path, force=force, sources=sources, flag=flag)
 

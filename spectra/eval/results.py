@@ -13,7 +13,7 @@ Schema ``spectra-eval/1``::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,11 @@ def result_record(model_info: dict[str, Any], metrics: dict[str, float], details
 
 
 def write_json(record: dict[str, Any], path: str | Path, force: bool = False,
-               recognize: Callable[[dict], bool] | None = None) -> Path:
+               recognize: Callable[[dict], bool] | None = None, sources: Iterable[str | Path] = (),
+               flag: str = "--out") -> Path:
     """Write JSON atomically. An existing file is replaced only when it is a JSON object that passes
-    `recognize` (default: a spectra result file), or with `force`."""
-    check_output(path, "eval", force=force, kind="file",
+    `recognize` (default: a spectra result file), or with `force`; a path inside a source never."""
+    check_output(path, "eval", force=force, kind="file", sources=sources, flag=flag,
                  recognize=json_recognizer(recognize or (lambda d: d.get("format") == RESULTS_FORMAT)))
     return write_text_atomic(path, json.dumps(record, indent=2, default=_jsonable) + "\n")
 
