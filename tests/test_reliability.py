@@ -200,6 +200,11 @@ POINTS = ("N,D,L\n" + "".join(f"{n}M,{d}B,{2 + 100 / n ** 0.3 + 50 / d ** 0.3:.4
                               for n in (10, 30, 100, 300) for d in (1, 3, 10, 30))).encode()
 
 
+def _npy(tmp, array) -> Path:
+    np.save(tmp / "c.npy", array, allow_pickle=array.dtype == object)
+    return tmp / "c.npy"
+
+
 def _index_list(world, tmp):
     d = _data_copy(world, tmp)
     (d / "index.json").write_text("[]")
@@ -303,6 +308,32 @@ CASES = {
     "plot --out loss.txt": lambda w, t: ["plot", w["run"], "--out", t / "loss.txt"],
     "scaling plot --out s.json": lambda w, t: ["scaling", "plot", "--out", t / "s.json"],
     "scaling fit --plot p.txt": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS), "--plot", t / "p.txt"],
+    # Loaders that raised an unexpected error (exit 1) or read nonsense silently.
+    "eval ppl .npy of junk bytes": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "c.npy", b"junk"),
+                                                 "--device", "cpu"],
+    "eval ppl .npy of floats (were truncated to ids)": lambda w, t: ["eval", "ppl", w["ckpt"], "--data",
+                                                                     _npy(t, np.random.rand(500)), "--device", "cpu"],
+    "quantize --calib .npy of objects": lambda w, t: ["quantize", w["ckpt"], "--calib", _npy(
+        t, np.array([{"a": 1}], dtype=object)), "--device", "cpu", "--out", t / "q"],
+    "eval ppl .jsonl text 5": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "e.jsonl", b'{"text": 5}'),
+                                            "--device", "cpu"],
+    "eval ppl .jsonl not UTF-8": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "e.jsonl", b"\xff\n"),
+                                               "--device", "cpu"],
+    "eval ppl --max-tokens -5 (was a slice)": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", w["data"],
+                                                            "--device", "cpu", "--max-tokens", "-5"],
+    "finetune .jsonl not UTF-8": lambda w, t: ["finetune", w["ckpt"], "--data", _file(t / "j.jsonl", b"\xff\xfe"),
+                                               "--out", t / "r", "--device", "cpu"],
+    "quantize --batch-size 0": lambda w, t: ["quantize", w["ckpt"], "--calib", w["root"] / "corpus.txt",
+                                             "--batch-size", "0", "--device", "cpu", "--out", t / "q"],
+    "quantize --seq-len 0 (was the default)": lambda w, t: ["quantize", w["ckpt"], "--calib", w["root"] / "corpus.txt",
+                                                            "--seq-len", "0", "--device", "cpu", "--out", t / "q"],
+    "data instructions --count 0": lambda w, t: ["data", "instructions", "--out", t / "i.jsonl", "--count", "0"],
+    "data instructions --count -1 (wrote pairs)": lambda w, t: ["data", "instructions", "--out", t / "i.jsonl",
+                                                                "--count", "-1"],
+    "data prepare --vocab-size 1e10 (aborted)": lambda w, t: ["data", "prepare", w["root"] / "corpus.txt", "--out",
+                                                              t / "d", "--vocab-size", "10000000000", "--no-progress"],
+    "analyze --bins 1e11 (out of memory)": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png",
+                                                         "--bins", "100000000000"],
 }
 
 

@@ -22,6 +22,8 @@ from ..progress import progress_bar
 from ..ternary import ternarize
 
 DEFAULT_ENTROPY_BINS = (4, 16, 64, 256, 1024)
+# Bins beyond this cost memory per layer and tell nothing new: a matrix of n weights has at most log2(n) bits.
+MAX_ENTROPY_BINS = 1 << 24
 HISTOGRAM_BINS = 81
 # Histograms are of w / mean|w| over this range, so that layers of any scale share one axis and pool exactly.
 HISTOGRAM_RANGE = (-8.0, 8.0)
@@ -92,6 +94,9 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
 def analyze_weights(model: torch.nn.Module, entropy_bins: tuple[int, ...] = DEFAULT_ENTROPY_BINS,
                     progress: bool = False) -> list[LayerStats]:
     """Statistics of every linear layer of `model`, in model order (fused projections as separate layers)."""
+    bad = [b for b in entropy_bins if not 1 <= b <= MAX_ENTROPY_BINS]
+    if bad:  # a histogram of 1e11 bins would allocate 400 GB
+        raise ConfigError(f"entropy bin counts must lie in [1, {MAX_ENTROPY_BINS:,}], got {bad[0]:,}")
 
     layers = model.separate_linear_layers()
     return [layer_stats(name, module, tuple(entropy_bins))

@@ -154,9 +154,11 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
     path = Path(path)
     if not path.exists():
         raise DataError(f"evaluation data {path} does not exist")
+    if max_tokens is not None and max_tokens < 2:
+        raise DataError(f"max_tokens must be at least 2 (or unset for all), got {max_tokens}")
     tokens = _prepared_tokens(path, split)
     if tokens is None and path.suffix == ".npy":
-        tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64).reshape(-1))
+        tokens = _npy_tokens(path)
     if tokens is None:
         tokens = _tokenize_documents(_read_documents(path), tokenizer, path)
     if max_tokens is not None:
@@ -164,6 +166,19 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
     if tokens.numel() < 2:
         raise DataError(f"{path} holds {tokens.numel()} tokens; perplexity needs at least 2")
     return tokens
+
+
+def _npy_tokens(path: Path) -> torch.Tensor:
+    """Token ids of a .npy array: integers only (floats would be truncated to other ids), never unpickled."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # junk bytes, object arrays, a truncated file
+        raise DataError(f"{path} is not a plain .npy array of token ids (junk, truncated, or pickled objects, "
+                        f"which spectra never loads); save the ids with numpy.save(path, ids)") from None
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+        raise DataError(f"{path} holds {getattr(ids, 'dtype', type(ids).__name__)} values, not integer token "
+                        f"ids; save the ids as an integer array")
+    return torch.from_numpy(ids.astype(np.int64).reshape(-1))
 
 
 def _prepared_tokens(path: Path, split: str | None) -> torch.Tensor | None:
@@ -181,13 +196,18 @@ def _read_documents(path: Path) -> list[str]:
         return [doc for f in files for doc in _read_documents(f)]
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for i, raw in enumerate(path.read_bytes().splitlines(), 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 docs.append(json.loads(line)["text"])
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{i} is not UTF-8 text; fix or drop that line") from None
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
+            if not isinstance(docs[-1], str):
+                raise DataError(f"{path}:{i}: its \"text\" field is a {type(docs[-1]).__name__}, not a string")
         return docs
     try:
         return [path.read_text(encoding="utf-8")]

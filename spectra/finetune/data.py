@@ -51,13 +51,20 @@ def read_examples(path: str | Path) -> list[Example]:
         raise DataError(f"fine-tuning data {path} does not exist; pass a .jsonl file of prompt/response pairs, "
                         f"chat messages or text")
     if path.suffix not in (".jsonl", ".ndjson"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; convert it to UTF-8 or pass a .jsonl file") from None
         if not text.strip():
             raise DataError(f"{path} is empty")
         return [Example(text=text)]
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line") from None
             if line.strip():
                 examples.append(_parse(line, f"{path}:{lineno}"))
     if not examples:
