@@ -354,8 +354,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: spectra runs on CPUs and CUDA GPUs only
+        raise DeviceError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"{device} was requested but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -188,3 +188,13 @@ def test_hub_access_is_restored():
     with hub_access(online=True):
         assert os.environ["HF_DATASETS_OFFLINE"] == "0" and datasets.config.HF_HUB_OFFLINE is False
     assert (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_HUB_OFFLINE) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_tasks_on_a_missing_cuda_device_is_refused(setup, capsys):
+    # The adapter falls back to the CPU for lm-eval's own default device; a --device the user gave must not.
+    capsys.readouterr()
+    assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_local_mc", "--include-path",
+                 str(setup.tasks), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err

@@ -334,6 +334,16 @@ CASES = {
                                                               t / "d", "--vocab-size", "10000000000", "--no-progress"],
     "analyze --bins 1e11 (out of memory)": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png",
                                                          "--bins", "100000000000"],
+    # Devices, seeds and prompts that raised unexpected errors (exit 1) or were ignored.
+    "generate --device banana": lambda w, t: ["generate", w["ckpt"], "--device", "banana"],
+    "generate --device mps": lambda w, t: ["generate", w["ckpt"], "--device", "mps"],
+    "generate --device meta": lambda w, t: ["generate", w["ckpt"], "--device", "meta"],
+    "eval ppl --device meta": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", w["data"], "--device", "meta"],
+    "generate --seed 2**70": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--seed", str(2**70)],
+    "train --seed 2**70": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", *TRAIN, "--seed", str(2**70)],
+    "demo --seed -1": lambda w, t: ["demo", "--out", t / "d", "--quick", "--seed", "-1"],
+    "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
+                                                            b"caf\xe9".decode("utf-8", "surrogateescape")],
 }
 
 

@@ -11,7 +11,7 @@ from ..eval.plots import plot_scaling_law
 from ..eval.results import write_json
 from ..eval.scaling import fit_scaling_law, get_law, parse_count, read_points
 from ..io import check_figure_output, check_output, json_recognizer
-from .common import add_force
+from .common import add_force, seed_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="L-BFGS runs from the best N grid points (default 64; 0 = every point)")
     fit.add_argument("--n-unit", default="1M", help="unit of N in the law (default 1M, as the spectra-1.1 preset)")
     fit.add_argument("--d-unit", default="1B", help="unit of D in the law (default 1B)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=seed_int, default=0)
     fit.add_argument("--out", help="write the fitted law (JSON) here")
     fit.add_argument("--plot", help="also draw the law with the points to this PNG")
     add_force(fit)
