@@ -97,6 +97,15 @@ def _rope_abc(world, tmp):
     return c
 
 
+def _config_field(key, raw: str):
+    def make(world, tmp):
+        c = _copy_ckpt(world, tmp)
+        (c / "config.json").write_text((c / "config.json").read_text().replace(
+            f'"{key}": {json.dumps(json.loads((c / "config.json").read_text())[key])}', f'"{key}": {raw}'))
+        return c
+    return make
+
+
 def _nan_weight(world, tmp):
     c = _copy_ckpt(world, tmp)
     tensors = load_file(str(c / "model.safetensors"))
@@ -226,6 +235,9 @@ CASES = {
     "config.json is a list": lambda w, t: ["info", _config(b"[1, 2]")(w, t)],
     "config.json not UTF-8": lambda w, t: ["generate", _config(b'{"vocab_size": "\xff\xfe"}')(w, t)],
     "config.json rope_theta abc": lambda w, t: ["info", _rope_abc(w, t)],
+    "config.json rms_norm_eps NaN (gave NaN logits)": lambda w, t: ["generate", _config_field("rms_norm_eps", "NaN")(
+        w, t), "--device", "cpu"],
+    "info of a missing path (was 'unknown model size')": lambda w, t: ["info", t / "nope"],
     "NaN weight (generate)": lambda w, t: ["generate", _nan_weight(w, t), "--device", "cpu"],
     "NaN weight (eval ppl)": lambda w, t: ["eval", "ppl", _nan_weight(w, t), "--data", w["data"], "--device", "cpu"],
     "tokenizer larger than vocab (generate)": lambda w, t: ["generate", _big_tokenizer(w, t), "--device", "cpu"],
