@@ -98,18 +98,9 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
     corpus_paths = [Path(p) for p in corpus] if corpus else [shakespeare_corpus()]
     parallel = (os.cpu_count() or 1) >= 2 if parallel is None else parallel
     started = time.perf_counter()
-    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress, force)
-    unigram = unigram_loss(dataset)
-    echo(f"corpus: {', '.join(map(str, corpus_paths))}")
-    echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
-         f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
-         f"loss {unigram:.3f}")
-
-    configs = {}
+    configs = {}  # first, so bad settings (steps 0, threads 0) fail before anything is written
     for name, kind in MODELS.items():
         run_dir = out_dir / "train" / name
-        if (run_dir / "run.json").is_file():
-            shutil.rmtree(run_dir)  # the demo's own earlier run: start over
         configs[name] = TrainConfig(
             data=str(out_dir / "data"), out_dir=str(run_dir), model=settings.model, kind=kind,
             model_overrides={"vocab_size": settings.vocab_size, **settings.shape}, steps=settings.steps,
@@ -117,7 +108,16 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
             eval_every=settings.eval_every, eval_batches=settings.eval_batches, save_every=0, keep_last=1,
             log_every=max(1, settings.steps // 100), seed=settings.seed, device="cpu",
             export_dir=str(out_dir / name), progress=progress and not parallel, threads=threads)
-        echo(f"{name}: {configs[name].make_schedule().describe()}")
+    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress, force)
+    unigram = unigram_loss(dataset)
+    echo(f"corpus: {', '.join(map(str, corpus_paths))}")
+    echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
+         f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
+         f"loss {unigram:.3f}")
+    for name, config in configs.items():
+        if (Path(config.out_dir) / "run.json").is_file():
+            shutil.rmtree(config.out_dir)  # the demo's own earlier run: start over
+        echo(f"{name}: {config.make_schedule().describe()}")
     results = _train_parallel(configs, progress) if parallel else {n: _train_one(c) for n, c in configs.items()}
 
     summary = _summary(results, dataset, unigram, settings)

@@ -354,6 +354,16 @@ CASES = {
     "generate --seed 2**70": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--seed", str(2**70)],
     "train --seed 2**70": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", *TRAIN, "--seed", str(2**70)],
     "demo --seed -1": lambda w, t: ["demo", "--out", t / "d", "--quick", "--seed", "-1"],
+    # Settings checked only once work had started, leaving files behind.
+    "finetune --lora-alpha nan (a NaN loss at step 1)": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _file(t / "j.jsonl", b'{"prompt": "a", "response": "b"}'), "--out", t / "r",
+        "--method", "lora", "--lora-alpha", "nan", "--device", "cpu"],
+    "convert --teacher --temperature nan": lambda w, t: ["convert", w["ckpt"], "--data", w["data"], "--out", t / "r",
+                                                         "--teacher", "--temperature", "nan", "--device", "cpu"],
+    "demo --steps 0 (wrote OUT/data first)": lambda w, t: ["demo", "--out", t / "d", "--quick", "--steps", "0",
+                                                          "--no-progress"],
+    "demo --threads 0 (wrote OUT/data first)": lambda w, t: ["demo", "--out", t / "d", "--quick", "--threads", "0",
+                                                            "--no-progress"],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,11 @@ class FinetuneConfig:
             raise ConfigError(f"unknown LoRA base format {self.base_format!r}; use one of {', '.join(BASE_FORMATS)}")
         if self.pack is not None and self.pack not in PACKED_KINDS:
             raise ConfigError(f"unknown pack format {self.pack!r}; use one of {', '.join(PACKED_KINDS)}")
-        if self.temperature <= 0 or not 0 <= self.distill_weight <= 1 or self.ternary_warmup < 0:
-            raise ConfigError("temperature must be positive, distill_weight in [0, 1] and ternary_warmup >= 0")
+        # `not 0 < t`: NaN fails too (it used to reach the first step as a NaN loss).
+        if not 0 < self.temperature < math.inf or not 0 <= self.distill_weight <= 1 or self.ternary_warmup < 0:
+            raise ConfigError(f"temperature must be a finite positive number, distill_weight in [0, 1] and "
+                              f"ternary_warmup >= 0, got {self.temperature}, {self.distill_weight} and "
+                              f"{self.ternary_warmup}")
         LoRAConfig(**self.lora)  # validates
 
     def to_dict(self) -> dict[str, Any]:
