@@ -52,7 +52,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-        raise CheckpointError(f"cannot read tokenizer {file}: {err}") from None
+        raise CheckpointError(f"cannot read tokenizer {file} ({err}); it is not a tokenizer.json of the `tokenizers` "
+                              f"library — give a checkpoint directory with its model's tokenizer.json") from None
 
 
 def eos_id(tok: Tokenizer) -> int | None:

@@ -106,6 +106,12 @@ def _config_field(key, raw: str):
     return make
 
 
+def _with_file(world, tmp, name, content: bytes) -> Path:
+    c = _copy_ckpt(world, tmp)
+    (c / name).write_bytes(content)
+    return c
+
+
 def _nan_weight(world, tmp):
     c = _copy_ckpt(world, tmp)
     tensors = load_file(str(c / "model.safetensors"))
@@ -364,6 +370,20 @@ CASES = {
                                                           "--no-progress"],
     "demo --threads 0 (wrote OUT/data first)": lambda w, t: ["demo", "--out", t / "d", "--quick", "--threads", "0",
                                                             "--no-progress"],
+    "train --resume --steps below the run's step (rewrote run.json)": lambda w, t: [
+        "train", "--resume", shutil.copytree(w["run"], t / "run"), "--steps", "1"],
+    "finetune with a junk tokenizer_config.json": lambda w, t: [
+        "finetune", _with_file(w, t, "tokenizer_config.json", b"{junk"), "--data", w["root"] / "corpus.txt", "--out",
+        t / "r", "--device", "cpu"],
+    "finetune with an invalid chat_template": lambda w, t: [
+        "finetune", _with_file(w, t, "tokenizer_config.json", b'{"chat_template": "{% for %}"}'), "--data", _file(
+            t / "c.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'),
+        "--out", t / "r", "--device", "cpu"],
+    "plot of a record with loss 'x'": lambda w, t: ["plot", _file(t / "m" / "metrics.jsonl", b'{"split": "train", '
+                                                    b'"step": 1, "loss": "x"}\n'), "--out", t / "l.png"],
+    "compare of a result whose parameters is a string": lambda w, t: ["compare", _file(t / "r.json", json.dumps(
+        {"format": "spectra-eval/1", "model": {"name": "a", "family": "TriLM", "parameters": "x", "size_bits": 1},
+         "metrics": {"m": 1}}).encode()), "--out-dir", t / "c"],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }

@@ -34,7 +34,7 @@ from ..distributed import (
     save_training_checkpoint,
     tensor_parallel_overrides,
 )
-from ..errors import DeviceError, OutputError, SpectraError, TrainingError
+from ..errors import ConfigError, DeviceError, OutputError, SpectraError, TrainingError
 from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..progress import progress_bar
@@ -177,6 +177,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.tokenizer = dataset.tokenizer()
         self.start_step, self.tokens_seen = self._restore(checkpoint) if checkpoint is not None else (0, 0)
+        if self.start_step > cfg.steps:  # would rewrite run.json with a schedule the weights are already past
+            raise ConfigError(f"{checkpoint} is at step {self.start_step}, past --steps {cfg.steps}; give --steps "
+                              f"above {self.start_step} to train on (or leave it out)")
         self.main = is_main_process()
         self.log = MetricsLog(self.run_dir / METRICS_FILE, self.main)
         # A finished run resumed without more steps evaluates again but does not log its end twice.
