@@ -7,6 +7,7 @@ import torch
 from spectra import SpectraLM, get_config
 from spectra.checkpoint import save_checkpoint
 from spectra.cli.main import main
+from spectra.errors import SpectraWarning
 from spectra.tokenizer import train_tokenizer
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
@@ -49,6 +50,13 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
                  "--seed", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("To be") and len(out) > len("To be\n")
+
+
+def test_generate_past_the_model_length_says_it_stopped_short(tiny_checkpoint, capsys):
+    # The tiny model holds 256 positions; the generation used to end there without a word.
+    with pytest.warns(SpectraWarning, match=r"only \d+ of the 500 new tokens fit: the model's maximum length is 256"):
+        assert main(["generate", str(tiny_checkpoint), "--prompt", "To be " * 120, "--max-new-tokens", "500",
+                     "--temperature", "0", "--device", "cpu"]) == 0
 
 
 def test_generate_compile_on_cpu_is_a_clear_error(tiny_checkpoint):
