@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,6 @@ import torch
 from spectra import SpectraLM, get_config
 from spectra.checkpoint import save_checkpoint
 from spectra.cli.main import main
-from spectra.errors import SpectraWarning
 from spectra.tokenizer import train_tokenizer
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
@@ -54,9 +54,11 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
 
 def test_generate_past_the_model_length_says_it_stopped_short(tiny_checkpoint, capsys):
     # The tiny model holds 256 positions; the generation used to end there without a word.
-    with pytest.warns(SpectraWarning, match=r"only \d+ of the 500 new tokens fit: the model's maximum length is 256"):
-        assert main(["generate", str(tiny_checkpoint), "--prompt", "To be " * 120, "--max-new-tokens", "500",
-                     "--temperature", "0", "--device", "cpu"]) == 0
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "To be " * 40, "--max-new-tokens", "500",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"spectra: warning: only \d+ of the 500 new tokens fit: the model's "
+                                          r"maximum length is 256 tokens and the prompt has \d+", err[0]), err
 
 
 def test_generate_compile_on_cpu_is_a_clear_error(tiny_checkpoint):
