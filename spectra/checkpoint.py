@@ -130,7 +130,8 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
 def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {path} {what}; give the directory holding config.json")
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
@@ -243,6 +244,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     device = resolve_device(device)
+    if isinstance(dtype, str):  # "bf16", as the command line takes it (a str used to be taken for a device)
+        dtype = parse_dtype(dtype)
     config = checked_config(path)
     check_tokenizer_fits(path, config.vocab_size)
     tensors = load_tensors(path)
@@ -276,6 +279,9 @@ def _cast(model: SpectraLM, dtype: torch.dtype) -> SpectraLM:
 
 def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str | None,
                 path: Path) -> SpectraLM:
+    if kind not in (None, *DENSE_KINDS):  # a packed or quantized layer would find no weight to copy
+        raise CheckpointError(f"{path} holds dense weights, which load as {', '.join(DENSE_KINDS)}, not as {kind!r}; "
+                              f"convert the loaded model with spectra.convert_ (or pack_checkpoint / quantize)")
     names = [f"model.layers.{i}.{spec.path}" for i in range(config.num_layers) for spec in BLOCK_LINEARS]
     missing = [n for n in names if f"{n}.weight" not in tensors]
     if missing:

@@ -210,4 +210,8 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
                           f"({', '.join(PRESETS)})")
     if key is None:
         raise ConfigError(f"unknown model size {name!r}; known sizes: {', '.join(PRESETS)}")
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(known)}")
     return PRESETS[key].replace(**overrides)

@@ -120,6 +120,8 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window:
         raise ConfigError("--stride does not apply to the llama.cpp protocol (disjoint chunks, second half "
                           "scored); drop it, or use --protocol sliding")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+    if tokens.numel() < 2:
+        raise DataError(f"perplexity needs at least 2 tokens, got {tokens.numel()}")
     max_len = model.config.max_seq_len
     if (window is not None and window < 2) or (stride is not None and stride < 1):
         raise ConfigError(f"window must be at least 2 and stride at least 1, got window {window}, stride {stride}")
