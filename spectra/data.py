@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock
+from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock, read_json
 from .progress import progress_bar
 from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -132,10 +132,35 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
 
 
+def _check_hf_dataset_files(path: Path) -> None:
+    """`load_from_disk` opens whatever its JSON files name, `../` paths included: only plain names inside."""
+    fix = "save the dataset again with save_to_disk"
+    dirs = [path]
+    if (path / "dataset_dict.json").is_file():
+        splits = read_json(path / "dataset_dict.json", DataError, fix)
+        splits = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(splits, list) or not all(is_plain_file_name(s) for s in splits):
+            raise DataError(f"{path / 'dataset_dict.json'} does not list its splits as plain names inside {path}; "
+                            f"{fix}")
+        dirs = [path / s for s in splits]
+    for d in dirs:
+        state = read_json(d / "state.json", DataError, fix) if (d / "state.json").is_file() else None
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, dict) and is_plain_file_name(f.get("filename"))
+                                                  for f in files):
+            raise DataError(f"{d / 'state.json'} is missing or names data files that are not plain file names "
+                            f"inside {d}; a dataset may only load files from its own directory — {fix}")
+
+
 def _hf_documents(path: Path, field: str) -> Iterator[str]:
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    _check_hf_dataset_files(path)
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # datasets raises JSON, pyarrow and its own errors for a damaged directory
+        raise DataError(f"cannot read the datasets directory {path} ({type(err).__name__}: {err}); save the "
+                        f"dataset again with save_to_disk") from None
     if isinstance(data, DatasetDict):
         # The train split when there is one; otherwise every split, in name order.
         parts = [data["train"]] if "train" in data else [data[k] for k in sorted(data)]

@@ -74,6 +74,25 @@ def test_every_input_kind(tmp_path):
     assert data.index["documents"] == 6
 
 
+def test_a_datasets_directory_reads_only_its_own_files(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a private row outside"] * 3}).save_to_disk(str(tmp_path / "other"))
+    datasets.Dataset.from_dict({"text": ["mine"] * 3}).save_to_disk(str(tmp_path / "mine"))
+    state = tmp_path / "mine" / "state.json"
+    # datasets' load_from_disk opens a state.json's "../" data file, reading outside the directory given.
+    state.write_text(state.read_text().replace('"data-0', '"../other/data-0'))
+    with pytest.raises(DataError, match="not plain file names inside"):
+        list(iter_documents([tmp_path / "mine"]))
+    state.write_text("{junk")  # was a JSONDecodeError from datasets (exit 1)
+    with pytest.raises(DataError, match="state.json is not valid JSON"):
+        list(iter_documents([tmp_path / "mine"]))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["../other"]}')
+    with pytest.raises(DataError, match="splits as plain names"):
+        list(iter_documents([tmp_path / "dd"]))
+
+
 def test_uint32_shards_for_large_vocabularies(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
