@@ -1,5 +1,6 @@
 """Every bad input is one line on stderr and exit code 2, leaves no new file, and destroys nothing (issue 16)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -13,11 +14,12 @@ from safetensors.torch import load_file, save_file
 import spectra
 from spectra import SpectraLM, get_config, io
 from spectra.checkpoint import save_checkpoint
+from spectra.cli.common import _thread_count
 from spectra.cli.main import main
 from spectra.data import prepare_data
-from spectra.errors import CheckpointError
+from spectra.errors import CheckpointError, ConfigError
 from spectra.tokenizer import train_tokenizer
-from spectra.train import read_metrics
+from spectra.train import TrainConfig, read_metrics
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 40
@@ -499,3 +501,12 @@ def test_out_given_as_dot_dotdot_or_root_is_one_line(world, tmp_path, capsys, mo
         code, err = run_cli(["pack", "ckpt", "--format", "tq1", "--out", out], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (out, err)
     assert _snapshot(tmp_path) == before
+
+
+def test_thread_counts_are_bounded(world, tmp_path):
+    # torch.set_num_threads(100_000) crashed the process (segmentation fault) instead of an error line; the
+    # check must come before torch sees the number, so it is made on the option and on the config alone.
+    with pytest.raises(argparse.ArgumentTypeError, match="1 to 1024 threads"):
+        _thread_count("100000")
+    with pytest.raises(ConfigError, match="threads must be an integer from 1 to 1024"):
+        TrainConfig(data=str(world["data"]), out_dir=str(tmp_path / "r"), threads=100_000)

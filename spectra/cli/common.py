@@ -8,6 +8,7 @@ import torch
 
 from ..checkpoint import parse_dtype  # noqa: F401 - the commands' --dtype parser
 from ..errors import ConfigError
+from ..train.config import MAX_THREADS
 
 
 def parse_int_list(text: str, flag: str, what: str = "integers", minimum: int | None = None) -> tuple[int, ...]:
@@ -59,8 +60,8 @@ def _thread_count(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"takes a positive number of threads, got {text!r}")
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"takes 1 to {MAX_THREADS} threads, got {text!r}")
     return value
 
 
