@@ -134,6 +134,9 @@ def test_prepared_shards_are_read_through_spectra_data(tmp_path):
     val = load_eval_tokens(tmp_path / "shards", tok)
     assert val.tolist() == dataset.tokens("val").astype(int).tolist() and val.numel() > 0
     assert load_eval_tokens(tmp_path / "shards", split="train").numel() == dataset.num_tokens("train")
+    data.prepare_data(tmp_path / "corpus.txt", tmp_path / "no-val", tokenizer=tok, val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match="the val split of .* holds 0 tokens.*choose another --split"):
+        load_eval_tokens(tmp_path / "no-val", split="val")
 
 
 def llama_cpp_reference(model, tokens, n_ctx):

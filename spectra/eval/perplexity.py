@@ -166,7 +166,9 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     if tokens.numel() < 2:
-        raise DataError(f"{path} holds {tokens.numel()} tokens; perplexity needs at least 2")
+        which = f"the {split or 'default'} split of " if (path / INDEX_FILE).is_file() else ""
+        raise DataError(f"{which}{path} holds {tokens.numel()} tokens; perplexity needs at least 2"
+                        + ("; choose another --split" if which else ""))
     return tokens
 
 
