@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .block import BLOCK_LINEARS, spec_of
 from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
+from .formats import FORMATS
 from .io import atomic_dir, check_output, is_plain_file_name, read_json
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .model import SpectraLM
@@ -215,6 +216,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
                                   f"damaged (pass --allow-nonfinite / allow_nonfinite=True to load it anyway)")
 
 
+def check_ternary_scales(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A packed layer's scales are mean |W| + eps > 0: a zero or negative one is corruption that would load and
+    silently flip or zero the layer."""
+    for name, t in tensors.items():
+        if name.endswith(".scales") and t.is_floating_point() and not bool((t > 0).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds a zero or negative ternary scale ({t.min().item():g}); "
+                                  f"the checkpoint is corrupt — pack it again from its TriLM checkpoint")
+
+
 def check_tokenizer_fits(path: Path, vocab_size: int) -> None:
     """Refuse a tokenizer.json with more tokens than the model's embedding has rows (ids would overflow)."""
     if (path / TOKENIZER_FILE).is_file():
@@ -251,6 +261,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     tensors = load_tensors(path)
     if not allow_nonfinite:
         check_finite(tensors, path)
+    if config.weight_kind in FORMATS:
+        check_ternary_scales(tensors, path)
     if dtype is None:
         stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
         dtype = torch.float32 if device.type == "cpu" else stored

@@ -114,6 +114,14 @@ def _with_file(world, tmp, name, content: bytes) -> Path:
     return c
 
 
+def _negative_scale(world, tmp):
+    packed = spectra.pack_checkpoint(world["ckpt"], tmp / "tq2", "tq2") and tmp / "tq2"
+    tensors = load_file(str(packed / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.scales"] *= -1
+    save_file(tensors, str(packed / "model.safetensors"), metadata={"format": "pt"})
+    return packed
+
+
 def _nan_weight(world, tmp):
     c = _copy_ckpt(world, tmp)
     tensors = load_file(str(c / "model.safetensors"))
@@ -246,6 +254,8 @@ CASES = {
     "config.json rms_norm_eps NaN (gave NaN logits)": lambda w, t: ["generate", _config_field("rms_norm_eps", "NaN")(
         w, t), "--device", "cpu"],
     "info of a missing path (was 'unknown model size')": lambda w, t: ["info", t / "nope"],
+    "TQ2 checkpoint with a negative scale (loaded, flipped the layer)": lambda w, t: ["generate", _negative_scale(
+        w, t), "--device", "cpu"],
     "NaN weight (generate)": lambda w, t: ["generate", _nan_weight(w, t), "--device", "cpu"],
     "NaN weight (eval ppl)": lambda w, t: ["eval", "ppl", _nan_weight(w, t), "--data", w["data"], "--device", "cpu"],
     "tokenizer larger than vocab (generate)": lambda w, t: ["generate", _big_tokenizer(w, t), "--device", "cpu"],
