@@ -198,3 +198,16 @@ def test_cli_tasks_on_a_missing_cuda_device_is_refused(setup, capsys):
                  str(setup.tasks), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("extra", [["--limit", "-1"], ["--limit", "0"], ["--limit", "nan"], ["--num-fewshot", "-1"],
+                                   ["--include-path", "no-such-dir"]])
+def test_cli_tasks_bad_options_are_one_line(setup, capsys, extra):
+    # lm-eval failed deep inside on the limits (exit 1), took -1 few-shot examples as 0, and a missing
+    # --include-path was reported as an unknown task.
+    capsys.readouterr()
+    include = [] if "--include-path" in extra else ["--include-path", str(setup.tasks)]
+    assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_local_mc", *include, "--device", "cpu",
+                 *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("limit" in err[0] or "num_fewshot" in err[0] or "not a directory" in err[0]), err
