@@ -396,6 +396,10 @@ CASES = {
     "compare of a result whose parameters is a string": lambda w, t: ["compare", _file(t / "r.json", json.dumps(
         {"format": "spectra-eval/1", "model": {"name": "a", "family": "TriLM", "parameters": "x", "size_bits": 1},
          "metrics": {"m": 1}}).encode()), "--out-dir", t / "c"],
+    "demo --out holding the user's summary.json (was overwritten)": lambda w, t: [
+        "demo", "--out", _file(t / "d" / "summary.json", b"my summary").parent, "--quick", "--no-progress"],
+    "demo --out holding the user's loss.png (refused after training)": lambda w, t: [
+        "demo", "--out", _file(t / "d" / "loss.png", b"my plot").parent, "--quick", "--no-progress"],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }
