@@ -400,6 +400,10 @@ CASES = {
         "demo", "--out", _file(t / "d" / "summary.json", b"my summary").parent, "--quick", "--no-progress"],
     "demo --out holding the user's loss.png (refused after training)": lambda w, t: [
         "demo", "--out", _file(t / "d" / "loss.png", b"my plot").parent, "--quick", "--no-progress"],
+    "finetune --out inside its --data (left finetune.json there)": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _data_copy(w, t), "--out", t / "data" / "r", "--device", "cpu"],
+    "convert --out inside the checkpoint": lambda w, t: ["convert", _copy_ckpt(w, t), "--data", w["data"], "--out",
+                                                         t / "bad" / "r", "--device", "cpu"],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }

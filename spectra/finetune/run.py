@@ -32,7 +32,7 @@ from ..config import dataclass_from_dict
 from ..convert import freeze_ternary, pack_model
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
-from ..io import write_text_atomic
+from ..io import check_output, write_text_atomic
 from ..kinds import PACKED_KINDS
 from ..lora import LoRAConfig, apply_lora, save_adapter
 from ..model import SpectraLM
@@ -212,6 +212,8 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
                                 f"another --out")
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise TrainingError(f"{run_dir} exists and is not an empty directory; choose another --out")
+        # Never inside the checkpoint or the data (finetune.json used to be written there before the refusal).
+        check_output(run_dir, "finetune", sources=[s for s in (task.checkpoint, config.data, task.val_data) if s])
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(task, config.kind, device)
     seq_len = config.seq_len or model.config.max_seq_len
