@@ -404,6 +404,8 @@ CASES = {
         "finetune", w["ckpt"], "--data", _data_copy(w, t), "--out", t / "data" / "r", "--device", "cpu"],
     "convert --out inside the checkpoint": lambda w, t: ["convert", _copy_ckpt(w, t), "--data", w["data"], "--out",
                                                          t / "bad" / "r", "--device", "cpu"],
+    "train --out inside the --model checkpoint it starts from": lambda w, t: [
+        "train", "--data", w["data"], "--model", _copy_ckpt(w, t), "--out", t / "bad" / "r", *TRAIN[4:]],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }

@@ -112,7 +112,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     seq_len = cfg.seq_len or model.config.max_seq_len
     check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only)
     run_dir = Path(cfg.out_dir)
-    check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
+    check_run_dir(run_dir, saved is not None, force, cfg.data, cfg.model)  # on every rank: all stop, none waits
     barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
     setup = (cfg, model, dataset, ctx, seq_len, saved, checkpoint, objective, callback, force)
     with contextlib.ExitStack() as held:
