@@ -74,6 +74,9 @@ def test_read_points_and_bad_input(tmp_path):
     assert n.tolist() == [99e6, 1.5e9] and d.tolist() == [10e9, 300e9] and loss.tolist() == [3.1, 2.4]
     with pytest.raises(DataError, match="at least 5 points"):
         fit_scaling_law(n, d, loss)
+    # A spreadsheet's CSV: byte-order mark and CRLF (the BOM hid the N column).
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfparams,tokens,loss\r\n99M,10B,3.1\r\n1.5B,300B,2.4\r\n")
+    assert read_points(tmp_path / "excel.csv")[0].tolist() == [99e6, 1.5e9]
     (tmp_path / "bad.csv").write_text("size,loss\n1,2\n")
     with pytest.raises(DataError, match="lacks a N column"):
         read_points(tmp_path / "bad.csv")

@@ -139,7 +139,7 @@ def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"points file {path} does not exist")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path} is not a UTF-8 CSV file ({err}); give a CSV with a header row") from None
@@ -150,7 +150,8 @@ def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for key, aliases in _COLUMNS.items():
         found = next((header[a] for a in aliases if a in header), None)
         if found is None:
-            raise DataError(f"{path} lacks a {key} column; name it one of {', '.join(aliases)}")
+            raise DataError(f"{path} lacks a {key} column (its header reads {list(rows[0])}, comma-separated); "
+                            f"name it one of {', '.join(aliases)}")
         cols[key] = found
     try:
         arrays = [np.array([parse_count(r[cols[k]]) for r in rows]) for k in "NDL"]
