@@ -92,7 +92,7 @@ def iter_documents(sources: Sequence[str | Path], text_field: str = "text") -> I
             yield from _parquet_documents(path, text_field)
         else:
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError:
                 raise DataError(f"{path} is not UTF-8 text; convert it or pass .jsonl/.parquet instead") from None
             if text.strip():
@@ -103,7 +103,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line (JSON Lines files "
                                 f"are UTF-8)") from None

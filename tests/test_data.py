@@ -122,6 +122,9 @@ def test_bad_input_is_one_clear_error(tmp_path, hamlet_data):
         prepare_data(_mkdir(tmp_path / "nothing"), tmp_path / "o2", tokenizer=tok)
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(tmp_path / "missing.txt", tmp_path / "o3", tokenizer=tok)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "a byte-order mark first"}\n')  # was "not a JSON object with 'text'"
+    assert list(iter_documents([bom])) == ["a byte-order mark first"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):

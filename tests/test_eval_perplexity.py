@@ -95,6 +95,8 @@ def test_load_eval_tokens_formats(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "To be"}) + "\n\n" + json.dumps({"text": "or not"}) + "\n")
     joined = load_eval_tokens(tmp_path / "d.jsonl", tok).tolist()
     assert joined == tok.encode("To be").ids + [0] + tok.encode("or not").ids  # 0 = <|endoftext|>
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "d.jsonl").read_bytes())  # Notepad's BOM
+    assert load_eval_tokens(tmp_path / "bom.jsonl", tok).tolist() == joined
     assert load_eval_tokens(tmp_path / "a.txt", tok, max_tokens=10).numel() == 10
     with pytest.raises(DataError, match="does not exist"):
         load_eval_tokens(tmp_path / "missing.txt", tok)

@@ -202,7 +202,7 @@ def _read_documents(path: Path) -> list[str]:
         docs = []
         for i, raw in enumerate(path.read_bytes().splitlines(), 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
                 if not line.strip():
                     continue
                 docs.append(json.loads(line)["text"])
@@ -214,7 +214,7 @@ def _read_documents(path: Path) -> list[str]:
                 raise DataError(f"{path}:{i}: its \"text\" field is a {type(docs[-1]).__name__}, not a string")
         return docs
     try:
-        return [path.read_text(encoding="utf-8")]
+        return [path.read_text(encoding="utf-8-sig")]
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; pass text, .jsonl, .npy token ids or prepared shards") from None
 

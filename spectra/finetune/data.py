@@ -53,7 +53,7 @@ def read_examples(path: str | Path) -> list[Example]:
                         f"chat messages or text")
     if path.suffix not in (".jsonl", ".ndjson"):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise DataError(f"{path} is not UTF-8 text; convert it to UTF-8 or pass a .jsonl file") from None
         if not text.strip():
@@ -63,7 +63,7 @@ def read_examples(path: str | Path) -> list[Example]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line") from None
             if line.strip():
