@@ -304,6 +304,10 @@ def _prepare(sources: list, out_dir: Path, tokenizer, vocab_size: int, val_fract
         router.finish()
         for w in writers.values():
             w.close()
+        if writers["train"].total == 0 and writers["val"].total:  # "holds no text" misled here
+            raise DataError(f"all {writers['val'].total:,} tokens of the corpus {', '.join(map(str, sources))} "
+                            f"went to the validation split (too small to split: validation takes whole "
+                            f"{VAL_BLOCK_TOKENS}-token blocks); give more text or pass --val-fraction 0")
         if writers["train"].total == 0:
             raise DataError(f"the corpus {', '.join(map(str, sources))} holds no text (0 training tokens); "
                             f"check the inputs and --text-field")

@@ -118,6 +118,9 @@ def test_bad_input_is_one_clear_error(tmp_path, hamlet_data):
     with pytest.raises(DataError, match="holds no text"):
         prepare_data(empty, tmp_path / "o1", tokenizer=tok, progress=False)
     assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1*"))
+    (tmp_path / "short.txt").write_text("a corpus of a few words")  # was "holds no text"
+    with pytest.raises(DataError, match="went to the validation split .* --val-fraction 0"):
+        prepare_data(tmp_path / "short.txt", tmp_path / "o5", tokenizer=tok, progress=False)
     with pytest.raises(DataError, match="no readable input"):
         prepare_data(_mkdir(tmp_path / "nothing"), tmp_path / "o2", tokenizer=tok)
     with pytest.raises(DataError, match="does not exist"):
