@@ -530,3 +530,17 @@ def test_thread_counts_are_bounded(world, tmp_path):
         _thread_count("100000")
     with pytest.raises(ConfigError, match="threads must be an integer from 1 to 1024"):
         TrainConfig(data=str(world["data"]), out_dir=str(tmp_path / "r"), threads=100_000)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 512000000000 bytes"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError()])
+def test_out_of_memory_is_one_line_and_exit_2(world, capsys, monkeypatch, error):
+    # e.g. `train --vocab-size 2000000000` or `analyze weights 3.9B` on a small machine: exit 1, "a bug".
+    def allocate(source):
+        raise error
+    monkeypatch.setattr("spectra.cli.info.info", allocate)
+    code, err = run_cli(["info", world["ckpt"]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err and "bug" not in err
