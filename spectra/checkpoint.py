@@ -135,7 +135,8 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint directory {path} {what}; give the directory holding config.json")
     file = path / CONFIG_FILE
     if not file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}; "
+                              + run_dir_hint(path, "is it a checkpoint directory?"))
     data = _read_json_object(file, "the checkpoint is corrupt")
     try:
         return ModelConfig.from_hf_dict(data)
@@ -144,6 +145,15 @@ def read_config(path: str | Path) -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as err:  # e.g. rope_theta "abc", "spectra": []
         raise CheckpointError(f"{file} has a field of the wrong type ({err}); fix config.json or re-save the "
                               f"checkpoint") from None
+
+
+def run_dir_hint(path: Path, otherwise: str) -> str:
+    """What to give instead of a training run directory (whose checkpoints are in checkpoints/step-N)."""
+    steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    if steps or (path / "run.json").is_file():
+        last = steps[-1] if steps else path / "checkpoints" / "step-N"
+        return f"it is a training run: give one of its checkpoints (e.g. {last}) or its export directory"
+    return otherwise
 
 
 def _read_json_object(file: Path, fix: str) -> dict:

@@ -47,6 +47,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
+        if path.is_dir() and ((path / "run.json").is_file() or (path / "checkpoints").is_dir()):
+            raise CheckpointError(f"{path} is a training run, not a checkpoint: give one of its checkpoints "
+                                  f"({path / 'checkpoints'}/step-N) or its export directory")
         raise CheckpointError(f"no tokenizer found at {file}; pass a checkpoint directory that has "
                               f"{TOKENIZER_FILE}, or train one with spectra.train_tokenizer")
     try:

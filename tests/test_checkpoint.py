@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import spectra
 from spectra import CheckpointError, ConfigError, DataError, FrozenTernaryLinear, SpectraLM, get_config, perplexity
 from spectra.checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from spectra.linear import TernaryLinear
@@ -151,6 +152,17 @@ def test_api_misuse_gets_a_spectra_error(tmp_path):
         get_config("tiny", hidden=64)
     with pytest.raises(DataError, match="at least 2 tokens"):  # was a RuntimeError inside torch
         perplexity(load_checkpoint(tmp_path / "c"), [], progress=False)
+
+
+def test_a_training_run_given_as_checkpoint_names_its_checkpoints(tmp_path):
+    # "has no config.json; is it a checkpoint directory?" / "no tokenizer found" did not say what to give.
+    run = tmp_path / "run"
+    save_checkpoint(_tiny("float"), run / "checkpoints" / "step-0000003")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"training run: give one of its checkpoints \(e.g. .*step-0000003\)"):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match="is a training run, not a checkpoint"):
+        spectra.load_tokenizer(run)
 
 
 def test_save_is_atomic_and_replaces(tmp_path):
