@@ -122,6 +122,11 @@ def _negative_scale(world, tmp):
     return packed
 
 
+def _other_tokenizer_data(world, tmp) -> Path:
+    other = train_tokenizer(["sailing across the ocean blue, far from any shore"] * 40, vocab_size=300)
+    return prepare_data(world["root"] / "corpus.txt", tmp / "other-data", tokenizer=other, progress=False).path
+
+
 def _nan_weight(world, tmp):
     c = _copy_ckpt(world, tmp)
     tensors = load_file(str(c / "model.safetensors"))
@@ -406,6 +411,13 @@ CASES = {
                                                          t / "bad" / "r", "--device", "cpu"],
     "train --out inside the --model checkpoint it starts from": lambda w, t: [
         "train", "--data", w["data"], "--model", _copy_ckpt(w, t), "--out", t / "bad" / "r", *TRAIN[4:]],
+    # Data tokenized with another tokenizer of the same size: ids that mean other text (ran silently).
+    "eval ppl on data of another tokenizer": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _other_tokenizer_data(
+        w, t), "--device", "cpu"],
+    "train from a checkpoint on data of another tokenizer": lambda w, t: [
+        "train", "--data", _other_tokenizer_data(w, t), "--model", w["ckpt"], "--out", t / "r", *TRAIN[4:]],
+    "finetune a checkpoint on data of another tokenizer": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _other_tokenizer_data(w, t), "--out", t / "r", "--device", "cpu"],
     "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
                                                             b"caf\xe9".decode("utf-8", "surrogateescape")],
 }

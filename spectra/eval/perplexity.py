@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import INDEX_FILE, read_tokens
+from ..data import INDEX_FILE, TokenDataset, read_tokens, tokenizer_fingerprint
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from ..tokenizer import eos_id
@@ -158,7 +158,7 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
         raise DataError(f"evaluation data {path} does not exist")
     if max_tokens is not None and max_tokens < 2:
         raise DataError(f"max_tokens must be at least 2 (or unset for all), got {max_tokens}")
-    tokens = _prepared_tokens(path, split)
+    tokens = _prepared_tokens(path, split, tokenizer)
     if tokens is None and path.suffix == ".npy":
         tokens = _npy_tokens(path)
     if tokens is None:
@@ -185,10 +185,15 @@ def _npy_tokens(path: Path) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64).reshape(-1))
 
 
-def _prepared_tokens(path: Path, split: str | None) -> torch.Tensor | None:
-    """Tokens of a directory of prepared shards (spectra.data owns that format), else None."""
+def _prepared_tokens(path: Path, split: str | None, tokenizer=None) -> torch.Tensor | None:
+    """Tokens of a directory of prepared shards (spectra.data owns that format), else None. Shards made with
+    another tokenizer than the model's are refused: their ids mean other text, so the perplexity would be noise."""
     if not (path / INDEX_FILE).is_file():
         return None
+    expected = TokenDataset(path).index.get("tokenizer_sha256")
+    if tokenizer is not None and expected and tokenizer_fingerprint(tokenizer) != expected:
+        raise DataError(f"{path} was tokenized with another tokenizer than the checkpoint's; prepare the data "
+                        f"with the checkpoint's tokenizer (spectra data prepare --tokenizer CHECKPOINT) or pass text")
     return torch.from_numpy(read_tokens(path, split).astype(np.int64)).reshape(-1)
 
 

@@ -227,7 +227,7 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
             raise ConfigError(f"the ternarization warm-up ({task.ternary_warmup} steps) must end before the last "
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
-    check_compatible(model, dataset, seq_len, objective.adapters_only)  # before anything is written
+    check_compatible(model, dataset, seq_len, objective.adapters_only, task.checkpoint)  # before anything is written
     before = None
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)

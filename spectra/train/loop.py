@@ -110,7 +110,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
     model = build_model(cfg, ctx.device) if initial_model is None else initial_model.to(ctx.device).train()
     seq_len = cfg.seq_len or model.config.max_seq_len
-    check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only)
+    check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only,
+                     checkpoint=cfg.model if Path(cfg.model).is_dir() else None)
     run_dir = Path(cfg.out_dir)
     check_run_dir(run_dir, saved is not None, force, cfg.data, cfg.model)  # on every rank: all stop, none waits
     barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
