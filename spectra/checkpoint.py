@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .block import BLOCK_LINEARS, spec_of
 from .config import DENSE_KINDS, PRESETS, ModelConfig, get_config
 from .errors import CheckpointError, ConfigError, DeviceError
+from .formats import FORMATS
 from .io import atomic_dir, check_output, is_plain_file_name, read_json
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .model import SpectraLM
@@ -130,10 +131,12 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
 def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {path} {what}; give the directory holding config.json")
     file = path / CONFIG_FILE
     if not file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}; "
+                              + run_dir_hint(path, "is it a checkpoint directory?"))
     data = _read_json_object(file, "the checkpoint is corrupt")
     try:
         return ModelConfig.from_hf_dict(data)
@@ -142,6 +145,15 @@ def read_config(path: str | Path) -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as err:  # e.g. rope_theta "abc", "spectra": []
         raise CheckpointError(f"{file} has a field of the wrong type ({err}); fix config.json or re-save the "
                               f"checkpoint") from None
+
+
+def run_dir_hint(path: Path, otherwise: str) -> str:
+    """What to give instead of a training run directory (whose checkpoints are in checkpoints/step-N)."""
+    steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    if steps or (path / "run.json").is_file():
+        last = steps[-1] if steps else path / "checkpoints" / "step-N"
+        return f"it is a training run: give one of its checkpoints (e.g. {last}) or its export directory"
+    return otherwise
 
 
 def _read_json_object(file: Path, fix: str) -> dict:
@@ -214,6 +226,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
                                   f"damaged (pass --allow-nonfinite / allow_nonfinite=True to load it anyway)")
 
 
+def check_ternary_scales(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A packed layer's scales are mean |W| + eps > 0: a zero or negative one is corruption that would load and
+    silently flip or zero the layer."""
+    for name, t in tensors.items():
+        if name.endswith(".scales") and t.is_floating_point() and not bool((t > 0).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds a zero or negative ternary scale ({t.min().item():g}); "
+                                  f"the checkpoint is corrupt — pack it again from its TriLM checkpoint")
+
+
 def check_tokenizer_fits(path: Path, vocab_size: int) -> None:
     """Refuse a tokenizer.json with more tokens than the model's embedding has rows (ids would overflow)."""
     if (path / TOKENIZER_FILE).is_file():
@@ -243,11 +264,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     device = resolve_device(device)
+    if isinstance(dtype, str):  # "bf16", as the command line takes it (a str used to be taken for a device)
+        dtype = parse_dtype(dtype)
     config = checked_config(path)
     check_tokenizer_fits(path, config.vocab_size)
     tensors = load_tensors(path)
     if not allow_nonfinite:
         check_finite(tensors, path)
+    if config.weight_kind in FORMATS:
+        check_ternary_scales(tensors, path)
     if dtype is None:
         stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
         dtype = torch.float32 if device.type == "cpu" else stored
@@ -276,6 +301,9 @@ def _cast(model: SpectraLM, dtype: torch.dtype) -> SpectraLM:
 
 def _load_dense(config: ModelConfig, tensors: dict[str, torch.Tensor], kind: str | None,
                 path: Path) -> SpectraLM:
+    if kind not in (None, *DENSE_KINDS):  # a packed or quantized layer would find no weight to copy
+        raise CheckpointError(f"{path} holds dense weights, which load as {', '.join(DENSE_KINDS)}, not as {kind!r}; "
+                              f"convert the loaded model with spectra.convert_ (or pack_checkpoint / quantize)")
     names = [f"model.layers.{i}.{spec.path}" for i in range(config.num_layers) for spec in BLOCK_LINEARS]
     missing = [n for n in names if f"{n}.weight" not in tensors]
     if missing:
@@ -354,8 +382,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: spectra runs on CPUs and CUDA GPUs only
+        raise DeviceError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"{device} was requested but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

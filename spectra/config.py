@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):  # NaN or a negative eps loads and then gives NaN logits
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size}); "
@@ -133,7 +138,8 @@ class ModelConfig:
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         try:
             heads = data["num_attention_heads"]
-            if data.get("num_key_value_heads", heads) != heads:
+            valid_heads = isinstance(heads, int) and heads > 0  # else the check below names the field
+            if valid_heads and data.get("num_key_value_heads", heads) != heads:
                 raise ConfigError("grouped-query attention (num_key_value_heads != num_attention_heads) "
                                   "is not part of the Spectra architecture")
             if data.get("tie_word_embeddings", False):
@@ -197,6 +203,15 @@ PRESETS: dict[str, ModelConfig] = {
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The named preset (a suite size such as "3.9B", or "tiny"/"mini"), with fields overridden."""
     key = {k.lower(): k for k in PRESETS}.get(name.lower())
+    if key is None and (Path(name).exists() or "/" in name or "\\" in name):
+        # Callers take a directory as a checkpoint, so this is a mistyped path or a file, not a size name.
+        what = "is not a directory" if Path(name).exists() else "does not exist"
+        raise ConfigError(f"checkpoint directory {name} {what}; give a checkpoint directory or a model size "
+                          f"({', '.join(PRESETS)})")
     if key is None:
         raise ConfigError(f"unknown model size {name!r}; known sizes: {', '.join(PRESETS)}")
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(known)}")
     return PRESETS[key].replace(**overrides)

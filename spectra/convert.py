@@ -74,6 +74,11 @@ class Quantized:
     calibration: torch.Tensor | None = None
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size (calibration sequences per forward pass) must be at least 1, "
+                              f"got {self.batch_size}")
+
 
 @dataclass(frozen=True)
 class FusedProjections:
@@ -159,6 +164,11 @@ class Calibration:
     samples: int = 128
     seq_len: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or (self.seq_len is not None and self.seq_len < 1):  # 0 is not "the default"
+            raise ConfigError(f"calibration samples and seq_len must be at least 1, got {self.samples} and "
+                              f"{self.seq_len}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock
+from .io import atomic_dir, check_output, is_plain_file_name, is_regular_file, output_lock, read_json
 from .progress import progress_bar
 from .tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -92,7 +92,7 @@ def iter_documents(sources: Sequence[str | Path], text_field: str = "text") -> I
             yield from _parquet_documents(path, text_field)
         else:
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError:
                 raise DataError(f"{path} is not UTF-8 text; convert it or pass .jsonl/.parquet instead") from None
             if text.strip():
@@ -103,7 +103,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line (JSON Lines files "
                                 f"are UTF-8)") from None
@@ -132,10 +132,35 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
 
 
+def _check_hf_dataset_files(path: Path) -> None:
+    """`load_from_disk` opens whatever its JSON files name, `../` paths included: only plain names inside."""
+    fix = "save the dataset again with save_to_disk"
+    dirs = [path]
+    if (path / "dataset_dict.json").is_file():
+        splits = read_json(path / "dataset_dict.json", DataError, fix)
+        splits = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(splits, list) or not all(is_plain_file_name(s) for s in splits):
+            raise DataError(f"{path / 'dataset_dict.json'} does not list its splits as plain names inside {path}; "
+                            f"{fix}")
+        dirs = [path / s for s in splits]
+    for d in dirs:
+        state = read_json(d / "state.json", DataError, fix) if (d / "state.json").is_file() else None
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, dict) and is_plain_file_name(f.get("filename"))
+                                                  for f in files):
+            raise DataError(f"{d / 'state.json'} is missing or names data files that are not plain file names "
+                            f"inside {d}; a dataset may only load files from its own directory — {fix}")
+
+
 def _hf_documents(path: Path, field: str) -> Iterator[str]:
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    _check_hf_dataset_files(path)
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # datasets raises JSON, pyarrow and its own errors for a damaged directory
+        raise DataError(f"cannot read the datasets directory {path} ({type(err).__name__}: {err}); save the "
+                        f"dataset again with save_to_disk") from None
     if isinstance(data, DatasetDict):
         # The train split when there is one; otherwise every split, in name order.
         parts = [data["train"]] if "train" in data else [data[k] for k in sorted(data)]
@@ -279,6 +304,10 @@ def _prepare(sources: list, out_dir: Path, tokenizer, vocab_size: int, val_fract
         router.finish()
         for w in writers.values():
             w.close()
+        if writers["train"].total == 0 and writers["val"].total:  # "holds no text" misled here
+            raise DataError(f"all {writers['val'].total:,} tokens of the corpus {', '.join(map(str, sources))} "
+                            f"went to the validation split (too small to split: validation takes whole "
+                            f"{VAL_BLOCK_TOKENS}-token blocks); give more text or pass --val-fraction 0")
         if writers["train"].total == 0:
             raise DataError(f"the corpus {', '.join(map(str, sources))} holds no text (0 training tokens); "
                             f"check the inputs and --text-field")

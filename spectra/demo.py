@@ -25,15 +25,17 @@ from .checkpoint import load_checkpoint
 from .data import PREPARE_OWNER, TokenDataset, prepare_data, unigram_loss
 from .errors import DataError
 from .generate import generate
-from .io import output_owner, write_text_atomic
+from .io import check_figure_output, check_output, json_recognizer, output_owner, write_text_atomic
 from .plot import plot_runs
 from .progress import progress_bar
 from .size import count_parameters, model_size_bits
 from .tokenizer import eos_id
 from .train import TrainConfig, train
+from .train.rundir import EXPORT_OWNER
 
 MODELS = {"trilm": "ternary", "floatlm": "float"}
 SAMPLE_PROMPT = "**HAMLET**  \n"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -98,18 +100,9 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
     corpus_paths = [Path(p) for p in corpus] if corpus else [shakespeare_corpus()]
     parallel = (os.cpu_count() or 1) >= 2 if parallel is None else parallel
     started = time.perf_counter()
-    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress, force)
-    unigram = unigram_loss(dataset)
-    echo(f"corpus: {', '.join(map(str, corpus_paths))}")
-    echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
-         f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
-         f"loss {unigram:.3f}")
-
-    configs = {}
+    configs = {}  # first, so bad settings (steps 0, threads 0) fail before anything is written
     for name, kind in MODELS.items():
         run_dir = out_dir / "train" / name
-        if (run_dir / "run.json").is_file():
-            shutil.rmtree(run_dir)  # the demo's own earlier run: start over
         configs[name] = TrainConfig(
             data=str(out_dir / "data"), out_dir=str(run_dir), model=settings.model, kind=kind,
             model_overrides={"vocab_size": settings.vocab_size, **settings.shape}, steps=settings.steps,
@@ -117,8 +110,24 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
             eval_every=settings.eval_every, eval_batches=settings.eval_batches, save_every=0, keep_last=1,
             log_every=max(1, settings.steps // 100), seed=settings.seed, device="cpu",
             export_dir=str(out_dir / name), progress=progress and not parallel, threads=threads)
-        echo(f"{name}: {configs[name].make_schedule().describe()}")
-    results = _train_parallel(configs, progress) if parallel else {n: _train_one(c) for n, c in configs.items()}
+    # Every output is checked before minutes of work: files of the user's in OUT are replaced only with --force.
+    for name in MODELS:
+        check_output(out_dir / name, EXPORT_OWNER, force=force)
+    check_figure_output(out_dir / "loss.png", force=force)
+    check_output(out_dir / SUMMARY_FILE, "demo", force=force, kind="file",
+                 recognize=json_recognizer(lambda d: "unigram_loss" in d and all(m in d for m in MODELS)))
+    dataset = _prepared(corpus_paths, out_dir / "data", settings.vocab_size, progress, force)
+    unigram = unigram_loss(dataset)
+    echo(f"corpus: {', '.join(map(str, corpus_paths))}")
+    echo(f"  {dataset.num_tokens('train'):,} training and {dataset.num_tokens('val'):,} validation tokens "
+         f"({dataset.index['documents']} documents, BPE vocabulary {dataset.vocab_size}); unigram baseline "
+         f"loss {unigram:.3f}")
+    for name, config in configs.items():
+        if (Path(config.out_dir) / "run.json").is_file():
+            shutil.rmtree(config.out_dir)  # the demo's own earlier run: start over
+        echo(f"{name}: {config.make_schedule().describe()}")
+    results = (_train_parallel(configs, progress, force) if parallel
+               else {n: _train_one(c, force) for n, c in configs.items()})
 
     summary = _summary(results, dataset, unigram, settings)
     summary["parallel"], summary["threads_per_model"] = parallel, threads
@@ -128,26 +137,26 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSet
         echo(f"\n{name} sample (prompt {SAMPLE_PROMPT!r}):")
         echo(summary[name]["sample"])
     plot = plot_runs([out_dir / "train" / n for n in MODELS], out_dir / "loss.png", labels=list(MODELS),
-                     title="Tiny TriLM vs FloatLM on Shakespeare", baseline=unigram)
+                     title="Tiny TriLM vs FloatLM on Shakespeare", baseline=unigram, force=force)
     summary["plot"] = str(plot)
     summary["wall_seconds"] = time.perf_counter() - started
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     echo(f"\nloss curves: {plot}")
     echo(f"checkpoints: {out_dir / 'trilm'}, {out_dir / 'floatlm'} (try `spectra generate {out_dir / 'trilm'}`)")
     echo(f"total time: {summary['wall_seconds']:.0f} s")
     return summary
 
 
-def _train_one(cfg: TrainConfig) -> dict[str, Any]:
-    return train(cfg).to_dict()
+def _train_one(cfg: TrainConfig, force: bool = False) -> dict[str, Any]:
+    return train(cfg, force=force).to_dict()
 
 
-def _train_parallel(configs: dict[str, TrainConfig], progress: bool) -> dict[str, dict[str, Any]]:
+def _train_parallel(configs: dict[str, TrainConfig], progress: bool, force: bool = False) -> dict[str, dict[str, Any]]:
     """Both runs at once in spawned processes; one progress bar follows their metrics files."""
 
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
     with ProcessPoolExecutor(max_workers=len(configs), mp_context=context) as pool:
-        futures = {name: pool.submit(_train_one, cfg) for name, cfg in configs.items()}
+        futures = {name: pool.submit(_train_one, cfg, force) for name, cfg in configs.items()}
         total = sum(cfg.steps for cfg in configs.values())
         with progress_bar(total=total, desc="training TriLM + FloatLM", unit="step", disable=not progress) as bar:
             while not all(f.done() for f in futures.values()):

@@ -322,14 +322,31 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def save_figure(fig, path: str | Path, dpi: int = 100, force: bool = False) -> Path:
+def check_figure_output(path: str | Path, force: bool = False, sources: Iterable[str | Path] = (),
+                        flag: str = "--out") -> Path:
+    """The `--out` rule for a figure (see check_output), plus a file suffix matplotlib can write (none: PNG).
+    Commands call it before their work, so a bad path fails at once."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    fmt = (path.suffix[1:] or "png").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise OutputError(f"{flag} {path}: a figure cannot be written as .{fmt}; give a .png path (or .pdf, .svg)")
+    return check_output(path, "plot", force=force, kind="file", recognize=png_recognizer, sources=sources,
+                        flag=flag)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100, force: bool = False, sources: Iterable[str | Path] = (),
+                flag: str = "--out") -> Path:
     """Save a matplotlib figure atomically, then close it. An existing file that is not a PNG spectra wrote
-    is refused unless `force`; PNGs carry Software="spectra" so a later run recognises them."""
+    is refused unless `force`, a path inside a source always; PNGs carry Software="spectra" so a later run
+    recognises them."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     try:
-        check_output(path, "plot", force=force, kind="file", recognize=png_recognizer)
+        check_figure_output(path, force=force, sources=sources, flag=flag)
         fmt = (path.suffix[1:] or "png").lower()
         with atomic_file(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format=fmt, metadata={"Software": "spectra"} if fmt == "png" else None)
@@ -514,5 +531,5 @@ def is_regular_file(path: Path) -> bool:
 
 __all__ = ["MARKER_FILE", "atomic_dir", "atomic_file", "check_output", "hold_lock", "json_recognizer",
            "lock_path", "output_lock", "output_owner", "png_recognizer", "recover", "replace_dir",
-           "write_text_atomic", "is_plain_file_name", "is_regular_file", "save_figure",
+           "write_text_atomic", "is_plain_file_name", "is_regular_file", "save_figure", "check_figure_output",
            "removing_new_empty_dirs"]

@@ -49,6 +49,8 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         if self.rank < 1:
             raise ConfigError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not -math.inf < self.alpha < math.inf:  # NaN used to reach the first step as a NaN loss
+            raise ConfigError(f"LoRA alpha must be a finite number, got {self.alpha}")
         unknown = sorted(set(self.targets) - set(ALL_TARGETS))
         if unknown or not self.targets:
             raise ConfigError(f"unknown LoRA target layers {unknown or '(none given)'}; choose among "

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError
-from .io import save_figure
+from .io import check_figure_output, save_figure
 from .train.rundir import read_metrics
 
 
@@ -15,9 +15,14 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
         if r.get("split") in ("train", "val") and r.get("loss") is not None:
+            try:
+                step, loss = int(r["step"]), float(r["loss"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"a {r['split']} record without a numeric step and loss ({str(r)[:80]}); is it a "
+                                f"metrics.jsonl written by `spectra train`?") from None
             steps, losses = curves.setdefault(r["split"], ([], []))
-            steps.append(int(r["step"]))
-            losses.append(float(r["loss"]))
+            steps.append(step)
+            losses.append(loss)
     return curves
 
 
@@ -37,6 +42,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
 
     if not runs:
         raise DataError("no runs to plot; pass one or more run directories written by `spectra train`")
+    check_figure_output(out, force=force, sources=runs)  # before reading the runs
     if x_axis not in ("step", "tokens"):
         raise DataError(f"x axis must be 'step' or 'tokens', got {x_axis!r}")
     labels = list(labels) if labels is not None else [Path(r).name for r in runs]
@@ -47,7 +53,11 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     for run, label, color in zip(runs, labels, _colors(len(runs))):
         records = read_metrics(run)
         tokens_per_step = _tokens_per_step(records)
-        for split, (steps, losses) in sorted(loss_curves(records).items(), reverse=True):
+        try:
+            curves = loss_curves(records)
+        except DataError as err:
+            raise DataError(f"{run}: {err}") from None
+        for split, (steps, losses) in sorted(curves.items(), reverse=True):
             xs = [s * tokens_per_step for s in steps] if x_axis == "tokens" else steps
             style = {"linestyle": "-", "alpha": 0.8} if split == "train" else {"linestyle": "--", "marker": "o"}
             ax.plot(xs, losses, color=color, label=f"{label} {split}", **style)
@@ -62,7 +72,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, out, dpi=120, force=force)
+    return save_figure(fig, out, dpi=120, force=force, sources=runs)
 
 
 def _tokens_per_step(records: list[dict]) -> int:

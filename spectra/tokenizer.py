@@ -12,12 +12,17 @@ from .errors import CheckpointError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Largest vocabulary train_tokenizer accepts (LLaMA-3 has 128K, Gemma 256K tokens).
+MAX_TRAINED_VOCAB = 1 << 20
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """Byte-level BPE over `texts` (any iterable of strings); the end-of-text token gets id 0."""
     if vocab_size < 257 + 1:
         raise DataError(f"vocab_size {vocab_size} is too small for byte-level BPE (needs at least 258)")
+    if vocab_size > MAX_TRAINED_VOCAB:  # the trainer reserves memory for it up front: 1e10 aborts the process
+        raise DataError(f"vocab_size {vocab_size:,} is larger than any useful BPE vocabulary; choose at most "
+                        f"{MAX_TRAINED_VOCAB:,} (the suite uses 50,304)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,12 +47,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
+        if path.is_dir() and ((path / "run.json").is_file() or (path / "checkpoints").is_dir()):
+            raise CheckpointError(f"{path} is a training run, not a checkpoint: give one of its checkpoints "
+                                  f"({path / 'checkpoints'}/step-N) or its export directory")
         raise CheckpointError(f"no tokenizer found at {file}; pass a checkpoint directory that has "
                               f"{TOKENIZER_FILE}, or train one with spectra.train_tokenizer")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-        raise CheckpointError(f"cannot read tokenizer {file}: {err}") from None
+        raise CheckpointError(f"cannot read tokenizer {file} ({err}); it is not a tokenizer.json of the `tokenizers` "
+                              f"library — give a checkpoint directory with its model's tokenizer.json") from None
 
 
 def eos_id(tok: Tokenizer) -> int | None:

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from spectra import CheckpointError, FrozenTernaryLinear, SpectraLM, get_config
+import spectra
+from spectra import CheckpointError, ConfigError, DataError, FrozenTernaryLinear, SpectraLM, get_config, perplexity
 from spectra.checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from spectra.linear import TernaryLinear
 from spectra.ternary import detect_ternary, ternarize
@@ -136,6 +137,32 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="config.json and the weights disagree"):
         load_checkpoint(tmp_path / "m")
+
+
+def test_api_misuse_gets_a_spectra_error(tmp_path):
+    save_checkpoint(_tiny("float"), tmp_path / "c")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):  # was "does not exist"
+        load_checkpoint(tmp_path / "f.txt")
+    with pytest.raises(CheckpointError, match="holds dense weights"):  # was an AttributeError deep in the load
+        load_checkpoint(tmp_path / "c", kind="tq2")
+    # A dtype by name, as the command line takes it, was taken for a device string (RuntimeError).
+    assert load_checkpoint(tmp_path / "c", dtype="bf16").model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="unknown config fields"):  # was a TypeError
+        get_config("tiny", hidden=64)
+    with pytest.raises(DataError, match="at least 2 tokens"):  # was a RuntimeError inside torch
+        perplexity(load_checkpoint(tmp_path / "c"), [], progress=False)
+
+
+def test_a_training_run_given_as_checkpoint_names_its_checkpoints(tmp_path):
+    # "has no config.json; is it a checkpoint directory?" / "no tokenizer found" did not say what to give.
+    run = tmp_path / "run"
+    save_checkpoint(_tiny("float"), run / "checkpoints" / "step-0000003")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"training run: give one of its checkpoints \(e.g. .*step-0000003\)"):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match="is a training run, not a checkpoint"):
+        spectra.load_tokenizer(run)
 
 
 def test_save_is_atomic_and_replaces(tmp_path):

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,15 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
                  "--seed", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("To be") and len(out) > len("To be\n")
+
+
+def test_generate_past_the_model_length_says_it_stopped_short(tiny_checkpoint, capsys):
+    # The tiny model holds 256 positions; the generation used to end there without a word.
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "To be " * 40, "--max-new-tokens", "500",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"spectra: warning: only \d+ of the 500 new tokens fit: the model's "
+                                          r"maximum length is 256 tokens and the prompt has \d+", err[0]), err
 
 
 def test_generate_compile_on_cpu_is_a_clear_error(tiny_checkpoint):

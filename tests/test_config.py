@@ -30,6 +30,28 @@ def test_unknown_size_and_bad_heads():
         ModelConfig(num_layers=0)
 
 
+@pytest.mark.parametrize("field", ["norm_eps", "rope_theta"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0, "1e-5", True])
+def test_eps_and_rope_theta_must_be_finite_positive(field, value):
+    # A NaN or negative eps used to load, then give NaN logits.
+    with pytest.raises(ConfigError, match=f"{field} must be a finite positive number"):
+        ModelConfig(**{field: value})
+
+
+def test_zero_heads_is_named_not_taken_for_grouped_query_attention():
+    data = get_config("tiny").to_hf_dict() | {"num_attention_heads": 0}
+    with pytest.raises(ConfigError, match="num_heads must be a positive integer"):
+        ModelConfig.from_hf_dict(data)
+
+
+def test_a_path_that_is_no_checkpoint_is_not_called_an_unknown_size(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint directory .*nope does not exist"):
+        get_config(str(tmp_path / "nope"))
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ConfigError, match="f.txt is not a directory"):
+        get_config(str(tmp_path / "f.txt"))
+
+
 def test_hf_config_roundtrip():
     c = get_config("1.1B", weight_kind="float")
     assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c

@@ -74,6 +74,25 @@ def test_every_input_kind(tmp_path):
     assert data.index["documents"] == 6
 
 
+def test_a_datasets_directory_reads_only_its_own_files(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a private row outside"] * 3}).save_to_disk(str(tmp_path / "other"))
+    datasets.Dataset.from_dict({"text": ["mine"] * 3}).save_to_disk(str(tmp_path / "mine"))
+    state = tmp_path / "mine" / "state.json"
+    # datasets' load_from_disk opens a state.json's "../" data file, reading outside the directory given.
+    state.write_text(state.read_text().replace('"data-0', '"../other/data-0'))
+    with pytest.raises(DataError, match="not plain file names inside"):
+        list(iter_documents([tmp_path / "mine"]))
+    state.write_text("{junk")  # was a JSONDecodeError from datasets (exit 1)
+    with pytest.raises(DataError, match="state.json is not valid JSON"):
+        list(iter_documents([tmp_path / "mine"]))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["../other"]}')
+    with pytest.raises(DataError, match="splits as plain names"):
+        list(iter_documents([tmp_path / "dd"]))
+
+
 def test_uint32_shards_for_large_vocabularies(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -99,10 +118,16 @@ def test_bad_input_is_one_clear_error(tmp_path, hamlet_data):
     with pytest.raises(DataError, match="holds no text"):
         prepare_data(empty, tmp_path / "o1", tokenizer=tok, progress=False)
     assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1*"))
+    (tmp_path / "short.txt").write_text("a corpus of a few words")  # was "holds no text"
+    with pytest.raises(DataError, match="went to the validation split .* --val-fraction 0"):
+        prepare_data(tmp_path / "short.txt", tmp_path / "o5", tokenizer=tok, progress=False)
     with pytest.raises(DataError, match="no readable input"):
         prepare_data(_mkdir(tmp_path / "nothing"), tmp_path / "o2", tokenizer=tok)
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(tmp_path / "missing.txt", tmp_path / "o3", tokenizer=tok)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "a byte-order mark first"}\n')  # was "not a JSON object with 'text'"
+    assert list(iter_documents([bom])) == ["a byte-order mark first"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):

@@ -188,3 +188,26 @@ def test_hub_access_is_restored():
     with hub_access(online=True):
         assert os.environ["HF_DATASETS_OFFLINE"] == "0" and datasets.config.HF_HUB_OFFLINE is False
     assert (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_HUB_OFFLINE) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_tasks_on_a_missing_cuda_device_is_refused(setup, capsys):
+    # The adapter falls back to the CPU for lm-eval's own default device; a --device the user gave must not.
+    capsys.readouterr()
+    assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_local_mc", "--include-path",
+                 str(setup.tasks), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("extra", [["--limit", "-1"], ["--limit", "0"], ["--limit", "nan"], ["--num-fewshot", "-1"],
+                                   ["--include-path", "no-such-dir"]])
+def test_cli_tasks_bad_options_are_one_line(setup, capsys, extra):
+    # lm-eval failed deep inside on the limits (exit 1), took -1 few-shot examples as 0, and a missing
+    # --include-path was reported as an unknown task.
+    capsys.readouterr()
+    include = [] if "--include-path" in extra else ["--include-path", str(setup.tasks)]
+    assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_local_mc", *include, "--device", "cpu",
+                 *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("limit" in err[0] or "num_fewshot" in err[0] or "not a directory" in err[0]), err

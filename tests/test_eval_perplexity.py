@@ -95,6 +95,8 @@ def test_load_eval_tokens_formats(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "To be"}) + "\n\n" + json.dumps({"text": "or not"}) + "\n")
     joined = load_eval_tokens(tmp_path / "d.jsonl", tok).tolist()
     assert joined == tok.encode("To be").ids + [0] + tok.encode("or not").ids  # 0 = <|endoftext|>
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "d.jsonl").read_bytes())  # Notepad's BOM
+    assert load_eval_tokens(tmp_path / "bom.jsonl", tok).tolist() == joined
     assert load_eval_tokens(tmp_path / "a.txt", tok, max_tokens=10).numel() == 10
     with pytest.raises(DataError, match="does not exist"):
         load_eval_tokens(tmp_path / "missing.txt", tok)
@@ -134,6 +136,9 @@ def test_prepared_shards_are_read_through_spectra_data(tmp_path):
     val = load_eval_tokens(tmp_path / "shards", tok)
     assert val.tolist() == dataset.tokens("val").astype(int).tolist() and val.numel() > 0
     assert load_eval_tokens(tmp_path / "shards", split="train").numel() == dataset.num_tokens("train")
+    data.prepare_data(tmp_path / "corpus.txt", tmp_path / "no-val", tokenizer=tok, val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match="the val split of .* holds 0 tokens.*choose another --split"):
+        load_eval_tokens(tmp_path / "no-val", split="val")
 
 
 def llama_cpp_reference(model, tokens, n_ctx):

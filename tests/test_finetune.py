@@ -157,6 +157,17 @@ def test_bad_data_gets_one_clear_line_and_exit_2(line, message, checkpoints, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_two_examples_with_a_byte_order_mark_train_without_held_out_loss(checkpoints, tmp_path, capsys):
+    # A Notepad BOM made line 1 "not valid JSON"; with no held-out example the empty held-out row divided by
+    # zero (exit 1).
+    path = tmp_path / "two.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                                              for p, r in (("a", "b"), ("c", "d"))).encode())
+    code = main(["finetune", str(checkpoints["float"]), "--data", str(path), "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--no-progress", "--device", "cpu"])
+    assert code == 0 and "held-out loss n/a" in capsys.readouterr().out
+
+
 # --- conversion ------------------------------------------------------------------------------------
 
 def test_phase_zero_is_the_float_model_and_phase_one_the_frozen_trilm():

@@ -1,5 +1,6 @@
 """Every bad input is one line on stderr and exit code 2, leaves no new file, and destroys nothing (issue 16)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -13,11 +14,12 @@ from safetensors.torch import load_file, save_file
 import spectra
 from spectra import SpectraLM, get_config, io
 from spectra.checkpoint import save_checkpoint
+from spectra.cli.common import _thread_count
 from spectra.cli.main import main
 from spectra.data import prepare_data
-from spectra.errors import CheckpointError
+from spectra.errors import CheckpointError, ConfigError
 from spectra.tokenizer import train_tokenizer
-from spectra.train import read_metrics
+from spectra.train import TrainConfig, read_metrics
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 40
@@ -95,6 +97,34 @@ def _rope_abc(world, tmp):
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": "abc"}
     (c / "config.json").write_text(json.dumps(config))
     return c
+
+
+def _config_field(key, raw: str):
+    def make(world, tmp):
+        c = _copy_ckpt(world, tmp)
+        (c / "config.json").write_text((c / "config.json").read_text().replace(
+            f'"{key}": {json.dumps(json.loads((c / "config.json").read_text())[key])}', f'"{key}": {raw}'))
+        return c
+    return make
+
+
+def _with_file(world, tmp, name, content: bytes) -> Path:
+    c = _copy_ckpt(world, tmp)
+    (c / name).write_bytes(content)
+    return c
+
+
+def _negative_scale(world, tmp):
+    packed = spectra.pack_checkpoint(world["ckpt"], tmp / "tq2", "tq2") and tmp / "tq2"
+    tensors = load_file(str(packed / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.scales"] *= -1
+    save_file(tensors, str(packed / "model.safetensors"), metadata={"format": "pt"})
+    return packed
+
+
+def _other_tokenizer_data(world, tmp) -> Path:
+    other = train_tokenizer(["sailing across the ocean blue, far from any shore"] * 40, vocab_size=300)
+    return prepare_data(world["root"] / "corpus.txt", tmp / "other-data", tokenizer=other, progress=False).path
 
 
 def _nan_weight(world, tmp):
@@ -196,6 +226,15 @@ def _file(path, content: bytes):
     return path
 
 
+POINTS = ("N,D,L\n" + "".join(f"{n}M,{d}B,{2 + 100 / n ** 0.3 + 50 / d ** 0.3:.4f}\n"
+                              for n in (10, 30, 100, 300) for d in (1, 3, 10, 30))).encode()
+
+
+def _npy(tmp, array) -> Path:
+    np.save(tmp / "c.npy", array, allow_pickle=array.dtype == object)
+    return tmp / "c.npy"
+
+
 def _index_list(world, tmp):
     d = _data_copy(world, tmp)
     (d / "index.json").write_text("[]")
@@ -217,6 +256,11 @@ CASES = {
     "config.json is a list": lambda w, t: ["info", _config(b"[1, 2]")(w, t)],
     "config.json not UTF-8": lambda w, t: ["generate", _config(b'{"vocab_size": "\xff\xfe"}')(w, t)],
     "config.json rope_theta abc": lambda w, t: ["info", _rope_abc(w, t)],
+    "config.json rms_norm_eps NaN (gave NaN logits)": lambda w, t: ["generate", _config_field("rms_norm_eps", "NaN")(
+        w, t), "--device", "cpu"],
+    "info of a missing path (was 'unknown model size')": lambda w, t: ["info", t / "nope"],
+    "TQ2 checkpoint with a negative scale (loaded, flipped the layer)": lambda w, t: ["generate", _negative_scale(
+        w, t), "--device", "cpu"],
     "NaN weight (generate)": lambda w, t: ["generate", _nan_weight(w, t), "--device", "cpu"],
     "NaN weight (eval ppl)": lambda w, t: ["eval", "ppl", _nan_weight(w, t), "--data", w["data"], "--device", "cpu"],
     "tokenizer larger than vocab (generate)": lambda w, t: ["generate", _big_tokenizer(w, t), "--device", "cpu"],
@@ -276,6 +320,106 @@ CASES = {
                                                   "--steps", "4"],
     "resume state without rng::": lambda w, t: ["train", "--resume", _resume_without_tensors("rng::")(w, t),
                                                 "--steps", "4"],
+    # An output over or inside an input is refused even with --force (it used to overwrite the input).
+    "eval --out = its --data file, --force": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(
+        t / "d.txt", "\n".join(TEXT).encode()), "--device", "cpu", "--out", t / "d.txt", "--force"],
+    "scaling fit --out = its points CSV, --force": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS),
+                                                                 "--out", t / "p.csv", "--force"],
+    "analyze --json = the checkpoint's config.json, --force": lambda w, t: [
+        "analyze", "weights", _copy_ckpt(w, t), "--plot", t / "w.png", "--json", t / "bad" / "config.json",
+        "--force"],
+    "analyze --plot inside the checkpoint": lambda w, t: ["analyze", "weights", _copy_ckpt(w, t), "--plot",
+                                                          t / "bad" / "w.png"],
+    "plot --out inside the run": lambda w, t: ["plot", shutil.copytree(w["run"], t / "run"), "--out",
+                                               t / "run" / "loss.png"],
+    # Both outputs are checked before the work (the plot used to be written, then the JSON refused).
+    "analyze --json a foreign file": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png",
+                                                   "--json", _user_dir(t) / "notes.txt"],
+    "analyze --json = --plot": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png", "--json",
+                                             t / "w.png"],
+    "scaling fit --out = --plot": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS), "--out", t / "x.png",
+                                                "--plot", t / "x.png"],
+    # A figure suffix matplotlib cannot write (an unexpected ValueError, exit 1).
+    "plot --out loss.txt": lambda w, t: ["plot", w["run"], "--out", t / "loss.txt"],
+    "scaling plot --out s.json": lambda w, t: ["scaling", "plot", "--out", t / "s.json"],
+    "scaling fit --plot p.txt": lambda w, t: ["scaling", "fit", _file(t / "p.csv", POINTS), "--plot", t / "p.txt"],
+    # Loaders that raised an unexpected error (exit 1) or read nonsense silently.
+    "eval ppl .npy of junk bytes": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "c.npy", b"junk"),
+                                                 "--device", "cpu"],
+    "eval ppl .npy of floats (were truncated to ids)": lambda w, t: ["eval", "ppl", w["ckpt"], "--data",
+                                                                     _npy(t, np.random.rand(500)), "--device", "cpu"],
+    "quantize --calib .npy of objects": lambda w, t: ["quantize", w["ckpt"], "--calib", _npy(
+        t, np.array([{"a": 1}], dtype=object)), "--device", "cpu", "--out", t / "q"],
+    "eval ppl .jsonl text 5": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "e.jsonl", b'{"text": 5}'),
+                                            "--device", "cpu"],
+    "eval ppl .jsonl not UTF-8": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _file(t / "e.jsonl", b"\xff\n"),
+                                               "--device", "cpu"],
+    "eval ppl --max-tokens -5 (was a slice)": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", w["data"],
+                                                            "--device", "cpu", "--max-tokens", "-5"],
+    "finetune .jsonl not UTF-8": lambda w, t: ["finetune", w["ckpt"], "--data", _file(t / "j.jsonl", b"\xff\xfe"),
+                                               "--out", t / "r", "--device", "cpu"],
+    "quantize --batch-size 0": lambda w, t: ["quantize", w["ckpt"], "--calib", w["root"] / "corpus.txt",
+                                             "--batch-size", "0", "--device", "cpu", "--out", t / "q"],
+    "quantize --seq-len 0 (was the default)": lambda w, t: ["quantize", w["ckpt"], "--calib", w["root"] / "corpus.txt",
+                                                            "--seq-len", "0", "--device", "cpu", "--out", t / "q"],
+    "data instructions --count 0": lambda w, t: ["data", "instructions", "--out", t / "i.jsonl", "--count", "0"],
+    "data instructions --count -1 (wrote pairs)": lambda w, t: ["data", "instructions", "--out", t / "i.jsonl",
+                                                                "--count", "-1"],
+    "data prepare --vocab-size 1e10 (aborted)": lambda w, t: ["data", "prepare", w["root"] / "corpus.txt", "--out",
+                                                              t / "d", "--vocab-size", "10000000000", "--no-progress"],
+    "analyze --bins 1e11 (out of memory)": lambda w, t: ["analyze", "weights", w["ckpt"], "--plot", t / "w.png",
+                                                         "--bins", "100000000000"],
+    # Devices, seeds and prompts that raised unexpected errors (exit 1) or were ignored.
+    "generate --device banana": lambda w, t: ["generate", w["ckpt"], "--device", "banana"],
+    "generate --device mps": lambda w, t: ["generate", w["ckpt"], "--device", "mps"],
+    "generate --device meta": lambda w, t: ["generate", w["ckpt"], "--device", "meta"],
+    "eval ppl --device meta": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", w["data"], "--device", "meta"],
+    "generate --seed 2**70": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--seed", str(2**70)],
+    "train --seed 2**70": lambda w, t: ["train", "--data", w["data"], "--out", t / "r", *TRAIN, "--seed", str(2**70)],
+    "demo --seed -1": lambda w, t: ["demo", "--out", t / "d", "--quick", "--seed", "-1"],
+    # Settings checked only once work had started, leaving files behind.
+    "finetune --lora-alpha nan (a NaN loss at step 1)": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _file(t / "j.jsonl", b'{"prompt": "a", "response": "b"}'), "--out", t / "r",
+        "--method", "lora", "--lora-alpha", "nan", "--device", "cpu"],
+    "convert --teacher --temperature nan": lambda w, t: ["convert", w["ckpt"], "--data", w["data"], "--out", t / "r",
+                                                         "--teacher", "--temperature", "nan", "--device", "cpu"],
+    "demo --steps 0 (wrote OUT/data first)": lambda w, t: ["demo", "--out", t / "d", "--quick", "--steps", "0",
+                                                          "--no-progress"],
+    "demo --threads 0 (wrote OUT/data first)": lambda w, t: ["demo", "--out", t / "d", "--quick", "--threads", "0",
+                                                            "--no-progress"],
+    "train --resume --steps below the run's step (rewrote run.json)": lambda w, t: [
+        "train", "--resume", shutil.copytree(w["run"], t / "run"), "--steps", "1"],
+    "finetune with a junk tokenizer_config.json": lambda w, t: [
+        "finetune", _with_file(w, t, "tokenizer_config.json", b"{junk"), "--data", w["root"] / "corpus.txt", "--out",
+        t / "r", "--device", "cpu"],
+    "finetune with an invalid chat_template": lambda w, t: [
+        "finetune", _with_file(w, t, "tokenizer_config.json", b'{"chat_template": "{% for %}"}'), "--data", _file(
+            t / "c.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'),
+        "--out", t / "r", "--device", "cpu"],
+    "plot of a record with loss 'x'": lambda w, t: ["plot", _file(t / "m" / "metrics.jsonl", b'{"split": "train", '
+                                                    b'"step": 1, "loss": "x"}\n'), "--out", t / "l.png"],
+    "compare of a result whose parameters is a string": lambda w, t: ["compare", _file(t / "r.json", json.dumps(
+        {"format": "spectra-eval/1", "model": {"name": "a", "family": "TriLM", "parameters": "x", "size_bits": 1},
+         "metrics": {"m": 1}}).encode()), "--out-dir", t / "c"],
+    "demo --out holding the user's summary.json (was overwritten)": lambda w, t: [
+        "demo", "--out", _file(t / "d" / "summary.json", b"my summary").parent, "--quick", "--no-progress"],
+    "demo --out holding the user's loss.png (refused after training)": lambda w, t: [
+        "demo", "--out", _file(t / "d" / "loss.png", b"my plot").parent, "--quick", "--no-progress"],
+    "finetune --out inside its --data (left finetune.json there)": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _data_copy(w, t), "--out", t / "data" / "r", "--device", "cpu"],
+    "convert --out inside the checkpoint": lambda w, t: ["convert", _copy_ckpt(w, t), "--data", w["data"], "--out",
+                                                         t / "bad" / "r", "--device", "cpu"],
+    "train --out inside the --model checkpoint it starts from": lambda w, t: [
+        "train", "--data", w["data"], "--model", _copy_ckpt(w, t), "--out", t / "bad" / "r", *TRAIN[4:]],
+    # Data tokenized with another tokenizer of the same size: ids that mean other text (ran silently).
+    "eval ppl on data of another tokenizer": lambda w, t: ["eval", "ppl", w["ckpt"], "--data", _other_tokenizer_data(
+        w, t), "--device", "cpu"],
+    "train from a checkpoint on data of another tokenizer": lambda w, t: [
+        "train", "--data", _other_tokenizer_data(w, t), "--model", w["ckpt"], "--out", t / "r", *TRAIN[4:]],
+    "finetune a checkpoint on data of another tokenizer": lambda w, t: [
+        "finetune", w["ckpt"], "--data", _other_tokenizer_data(w, t), "--out", t / "r", "--device", "cpu"],
+    "generate a prompt of undecodable bytes": lambda w, t: ["generate", w["ckpt"], "--device", "cpu", "--prompt",
+                                                            b"caf\xe9".decode("utf-8", "surrogateescape")],
 }
 
 
@@ -389,3 +533,26 @@ def test_out_given_as_dot_dotdot_or_root_is_one_line(world, tmp_path, capsys, mo
         code, err = run_cli(["pack", "ckpt", "--format", "tq1", "--out", out], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (out, err)
     assert _snapshot(tmp_path) == before
+
+
+def test_thread_counts_are_bounded(world, tmp_path):
+    # torch.set_num_threads(100_000) crashed the process (segmentation fault) instead of an error line; the
+    # check must come before torch sees the number, so it is made on the option and on the config alone.
+    with pytest.raises(argparse.ArgumentTypeError, match="1 to 1024 threads"):
+        _thread_count("100000")
+    with pytest.raises(ConfigError, match="threads must be an integer from 1 to 1024"):
+        TrainConfig(data=str(world["data"]), out_dir=str(tmp_path / "r"), threads=100_000)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 512000000000 bytes"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError()])
+def test_out_of_memory_is_one_line_and_exit_2(world, capsys, monkeypatch, error):
+    # e.g. `train --vocab-size 2000000000` or `analyze weights 3.9B` on a small machine: exit 1, "a bug".
+    def allocate(source):
+        raise error
+    monkeypatch.setattr("spectra.cli.info.info", allocate)
+    code, err = run_cli(["info", world["ckpt"]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err and "bug" not in err

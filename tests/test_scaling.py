@@ -74,6 +74,9 @@ def test_read_points_and_bad_input(tmp_path):
     assert n.tolist() == [99e6, 1.5e9] and d.tolist() == [10e9, 300e9] and loss.tolist() == [3.1, 2.4]
     with pytest.raises(DataError, match="at least 5 points"):
         fit_scaling_law(n, d, loss)
+    # A spreadsheet's CSV: byte-order mark and CRLF (the BOM hid the N column).
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfparams,tokens,loss\r\n99M,10B,3.1\r\n1.5B,300B,2.4\r\n")
+    assert read_points(tmp_path / "excel.csv")[0].tolist() == [99e6, 1.5e9]
     (tmp_path / "bad.csv").write_text("size,loss\n1,2\n")
     with pytest.raises(DataError, match="lacks a N column"):
         read_points(tmp_path / "bad.csv")
@@ -164,3 +167,27 @@ def test_a_fit_stopped_by_the_iteration_cap_says_so(monkeypatch):
     with pytest.warns(ScalingFitWarning, match="did not converge"):
         result = fit_scaling_law(n, d, loss, bootstrap=0, grid="coarse", starts=4)
     assert not result.converged and result.to_dict()["converged"] is False
+
+
+@pytest.mark.parametrize("text", ["0", "1e400", "0.0B", "1.2.3"])
+def test_counts_must_be_finite_and_positive(text):
+    # 0 parameters predicted an infinite loss, 1e400 FLOPs a NaN split, "1.2.3" raised a bare ValueError.
+    with pytest.raises(ConfigError, match="positive count"):
+        parse_count(text)
+
+
+@pytest.mark.parametrize("law", [{"E": "a", "A": 1, "alpha": 1, "B": 1, "beta": 1},
+                                 {"E": 1, "A": -1, "alpha": -1, "B": 1, "beta": 1},
+                                 {"E": 1, "A": 1, "alpha": 1, "B": 1, "beta": 1, "n_unit": 0}])
+def test_a_law_file_with_bad_values_is_one_line(tmp_path, capsys, law):
+    # These raised a TypeError or ZeroDivisionError (exit 1).
+    (tmp_path / "law.json").write_text(json.dumps({"law": law}))
+    assert main(["scaling", "predict", "--law", str(tmp_path / "law.json"), "--flops", "1e20"]) == 2
+    assert "a scaling law's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [{"delta": float("nan")}, {"bootstrap": -1}, {"starts": -1}, {"n_unit": 0.0}])
+def test_fit_options_out_of_range_are_refused(option):
+    n, d = np.repeat([10e6, 30e6, 100e6], 2), np.tile([1e9, 3e9], 3)
+    with pytest.raises(ConfigError):
+        fit_scaling_law(n, d, 2 + 1 / n ** 0.3 + 1 / d ** 0.3, **option)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import load_model
+from ..errors import OutputError
 from ..eval.analysis import (
     HISTOGRAM_BINS,
     HISTOGRAM_RANGE,
@@ -15,6 +16,7 @@ from ..eval.analysis import (
     stats_table,
 )
 from ..eval.results import write_json
+from ..io import check_figure_output, check_output, json_recognizer
 from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, parse_dtype, parse_int_list
 
 
@@ -37,12 +39,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.set_defaults(func=run_weights)
 
 
+def _is_stats(data: dict) -> bool:
+    """A statistics JSON an earlier `analyze weights --json` wrote."""
+    return all(isinstance(v, dict) and "layers" in v for v in data.values())
+
+
 def run_weights(args: argparse.Namespace) -> int:
     import numpy as np
 
 
     apply_threads(args)
     bins = parse_int_list(args.bins, "--bins", minimum=1)
+    # Both outputs are checked before the (long) analysis, never inside a checkpoint being read.
+    sources = [c for c in args.checkpoints if Path(c).exists()]
+    if args.json_out and Path(args.json_out).resolve() == Path(args.plot).resolve():
+        raise OutputError(f"--json and --plot both name {args.plot}; give them different paths")
+    check_figure_output(args.plot, force=args.force, sources=sources, flag="--plot")
+    if args.json_out:
+        check_output(args.json_out, "analyze weights", force=args.force, kind="file", sources=sources,
+                     flag="--json", recognize=json_recognizer(_is_stats))
     per_model = {}
     for source in args.checkpoints:
         model = load_model(source, dtype=parse_dtype(args.dtype), allow_nonfinite=args.allow_nonfinite)
@@ -53,7 +68,7 @@ def run_weights(args: argparse.Namespace) -> int:
         print(stats_table(stats))
         ent = mean_entropy(stats)
         print("size-weighted mean entropy: " + ", ".join(f"{b} bins {h:.3f} bits" for b, h in ent.items()))
-    plot = plot_weight_stats(per_model, args.plot, force=args.force)
+    plot = plot_weight_stats(per_model, args.plot, force=args.force, sources=sources, flag="--plot")
     print(f"\nplot written to {plot}")
     if args.json_out:
         edges = np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1).tolist()
@@ -61,7 +76,7 @@ def run_weights(args: argparse.Namespace) -> int:
                             "histogram_edges_over_abs_mean": edges,
                             "mean_entropy": {str(b): h for b, h in mean_entropy(stats).items()}}
                     for label, stats in per_model.items()}, args.json_out, force=args.force,
-                   recognize=lambda d: all(isinstance(v, dict) and "layers" in v for v in d.values()))
+                   recognize=_is_stats, sources=sources, flag="--json")
         print(f"statistics written to {args.json_out}")
     return 0
 

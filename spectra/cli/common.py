@@ -8,6 +8,7 @@ import torch
 
 from ..checkpoint import parse_dtype  # noqa: F401 - the commands' --dtype parser
 from ..errors import ConfigError
+from ..train.config import MAX_THREADS
 
 
 def parse_int_list(text: str, flag: str, what: str = "integers", minimum: int | None = None) -> tuple[int, ...]:
@@ -43,13 +44,24 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def seed_int(text: str) -> int:
+    """The type of every `--seed`: torch, numpy and Python's random all take an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"takes an integer seed in [0, 2**63), got {text!r}")
+    return value
+
+
 def _thread_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"takes a positive number of threads, got {text!r}")
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"takes 1 to {MAX_THREADS} threads, got {text!r}")
     return value
 
 
@@ -67,7 +79,7 @@ def add_loop_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--eval-batches", type=int, default=unset, help="held-out batches per evaluation (default 20)")
     group.add_argument("--save-every", type=int, default=unset, help="steps between checkpoints (default 500)")
     group.add_argument("--log-every", type=int, default=unset, help="steps between metrics records (default 10)")
-    group.add_argument("--seed", type=int, default=unset)
+    group.add_argument("--seed", type=seed_int, default=unset)
     group.add_argument("--device", default=unset, help="cpu or cuda (default: cuda when available)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=unset,
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")

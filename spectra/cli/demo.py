@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from ..demo import QUICK, DemoSettings, run_demo
+from .common import seed_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model (default 1)")
     p.add_argument("--sequential", action="store_true",
                    help="train the models one after the other (default: both at once on machines with 2+ cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace an OUT/data directory the demo did not write")
     p.set_defaults(func=run)

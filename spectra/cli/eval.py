@@ -7,13 +7,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_device
 from ..errors import ConfigError
 from ..eval.perplexity import load_eval_tokens, perplexity
 from ..eval.results import RESULTS_FORMAT, describe_model, result_record, write_json
 from ..io import check_output, json_recognizer
 from ..tokenizer import load_tokenizer
-from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
+from .common import (
+    add_allow_nonfinite,
+    add_force,
+    add_threads_option,
+    apply_threads,
+    default_device,
+    parse_dtype,
+    seed_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tasks.add_argument("--limit", type=float, help="evaluate only this many (or this fraction of) documents")
     tasks.add_argument("--skip-unavailable", action="store_true", help="skip tasks whose data is not local")
     tasks.add_argument("--online", action="store_true", help="allow datasets to download from the hub")
-    tasks.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and sampled generation")
+    tasks.add_argument("--seed", type=seed_int, default=1234, help="seed for few-shot sampling and sampled generation")
     tasks.set_defaults(func=run_tasks)
 
 
@@ -66,17 +74,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
 
 
+def _sources(args: argparse.Namespace) -> list[str]:
+    """The inputs --out may never overwrite nor lie inside: the checkpoint and the evaluation data."""
+    return [s for s in (args.checkpoint, getattr(args, "data", None), getattr(args, "include_path", None)) if s]
+
+
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse a bad --out before the (long) evaluation runs."""
 
     if args.out:
-        check_output(args.out, "eval", force=args.force, kind="file", sources=[args.checkpoint],
+        check_output(args.out, "eval", force=args.force, kind="file", sources=_sources(args),
                      recognize=json_recognizer(lambda d: d.get("format") == RESULTS_FORMAT))
 
 
 def _emit(record: dict[str, Any], args: argparse.Namespace) -> None:
     if args.out:
-        write_json(record, args.out, force=args.force)
+        write_json(record, args.out, force=args.force, sources=_sources(args))
     print(json.dumps(record, indent=2, default=str))
 
 
@@ -104,6 +117,8 @@ def run_tasks(args: argparse.Namespace) -> int:
 
     _check_out(args)
     apply_threads(args)
+    if args.device:  # the harness adapter falls back to the CPU for lm-eval's default cuda:0; a user's choice must not
+        resolve_device(args.device)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PAPER_TASKS)
     if not names:
         raise ConfigError("--tasks is empty; name at least one lm-eval task")

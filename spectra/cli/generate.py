@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
-from ..checkpoint import load_checkpoint
-from ..errors import DataError
+from ..checkpoint import load_checkpoint, resolve_device
+from ..errors import DataError, SpectraWarning
 from ..generate import check_sampling, decode_plan, generate
 from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
-from .common import add_allow_nonfinite, add_threads_option, apply_threads, default_device, parse_dtype
+from .common import add_allow_nonfinite, add_threads_option, apply_threads, default_device, parse_dtype, seed_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed_int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
     add_threads_option(p)
@@ -40,8 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or default_device()
-    plan = decode_plan(torch.device(device), fast=False if args.no_fast else None, compile=args.compile)
+    device = resolve_device(args.device or default_device())  # an unknown or absent device fails here
+    plan = decode_plan(device, fast=False if args.no_fast else None, compile=args.compile)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode reach Python as surrogates
+        raise DataError("--prompt is not valid UTF-8 text; set the terminal to UTF-8 or retype the prompt") from None
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the (slow) load
     apply_threads(args)
     tokenizer = load_tokenizer(args.checkpoint)
@@ -54,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")
     if len(ids) >= model.config.max_seq_len:
         raise DataError(f"the prompt has {len(ids)} tokens; the model's maximum is {model.config.max_seq_len}")
+    room = model.config.max_seq_len - len(ids)
+    if args.max_new_tokens > room:  # generation stops at the model's length; say so rather than stop short silently
+        warnings.warn(f"only {room} of the {args.max_new_tokens} new tokens fit: the model's maximum length is "
+                      f"{model.config.max_seq_len} tokens and the prompt has {len(ids)}", SpectraWarning,
+                      stacklevel=2)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sys.stdout.write(args.prompt)

@@ -77,9 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
+        if is_out_of_memory(err):  # sizes the machine cannot hold: the user's to change, like a full disk
+            what = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+            _fail(f"out of memory ({what}); use a smaller model, --batch-size or "
+                  f"--seq-len, or a machine (GPU) with more memory")
+            return 2
         _fail(f"unexpected {type(err).__name__}: {err}; this is a bug in spectra — run with SPECTRA_DEBUG=1 "
               f"for the traceback and report it")
         return 1
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation the machine refused: Python's MemoryError, torch's CUDA OutOfMemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def describe_os_error(err: OSError) -> str:

@@ -7,7 +7,15 @@ import statistics
 
 from ..convert import quantize_checkpoint
 from ..quant import QuantConfig
-from .common import add_allow_nonfinite, add_force, add_threads_option, apply_threads, default_device, parse_dtype
+from .common import (
+    add_allow_nonfinite,
+    add_force,
+    add_threads_option,
+    apply_threads,
+    default_device,
+    parse_dtype,
+    seed_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the calibration window sampling")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float16",
                    help="dtype of embeddings, norms and lm head in the output (default float16)")

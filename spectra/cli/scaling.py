@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..eval.plots import plot_scaling_law
 from ..eval.results import write_json
 from ..eval.scaling import fit_scaling_law, get_law, parse_count, read_points
-from ..io import check_output, json_recognizer
-from .common import add_force
+from ..io import check_figure_output, check_output, json_recognizer
+from .common import add_force, seed_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="L-BFGS runs from the best N grid points (default 64; 0 = every point)")
     fit.add_argument("--n-unit", default="1M", help="unit of N in the law (default 1M, as the spectra-1.1 preset)")
     fit.add_argument("--d-unit", default="1B", help="unit of D in the law (default 1B)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=seed_int, default=0)
     fit.add_argument("--out", help="write the fitted law (JSON) here")
     fit.add_argument("--plot", help="also draw the law with the points to this PNG")
     add_force(fit)
@@ -59,8 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     LAW_FILE = json_recognizer(lambda d: "law" in d)
 
+    sources = [args.points]
+    if args.out and args.plot and Path(args.out).resolve() == Path(args.plot).resolve():
+        raise OutputError(f"--out and --plot both name {args.out}; give the law JSON and the plot different paths")
     if args.out:  # refused before the fit, not after it
-        check_output(args.out, "scaling fit", force=args.force, kind="file", recognize=LAW_FILE)
+        check_output(args.out, "scaling fit", force=args.force, kind="file", recognize=LAW_FILE, sources=sources)
+    if args.plot:
+        check_figure_output(args.plot, force=args.force, sources=sources, flag="--plot")
     n, d, loss = read_points(args.points)
     result = fit_scaling_law(n, d, loss, delta=args.delta, bootstrap=args.bootstrap, seed=args.seed,
                              n_unit=parse_count(args.n_unit), d_unit=parse_count(args.d_unit), grid=args.grid,
@@ -74,10 +80,10 @@ def run_fit(args: argparse.Namespace) -> int:
         bounds = f"  95% CI [{ci[0]:.4g}, {ci[1]:.4g}] ({result.bootstrap} bootstrap fits)" if ci else ""
         print(f"  {name:<6}{getattr(law, name):>10.4g}{bounds}")
     if args.out:
-        write_json(result.to_dict(), args.out, force=args.force, recognize=lambda d: "law" in d)
+        write_json(result.to_dict(), args.out, force=args.force, recognize=lambda d: "law" in d, sources=sources)
         print(f"law written to {args.out}")
     if args.plot:
-        plot_scaling_law(law, args.plot, points=(n, d, loss), force=args.force)
+        plot_scaling_law(law, args.plot, points=(n, d, loss), force=args.force, sources=sources)
         print(f"plot written to {args.plot}")
     return 0
 
@@ -110,7 +116,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    sources = [s for s in (args.points, args.law) if s and Path(s).exists()]
+    check_figure_output(args.out, force=args.force, sources=sources)
     law = get_law(args.law)
     points = read_points(args.points) if args.points else None
-    print(f"plot written to {plot_scaling_law(law, args.out, points=points, force=args.force)}")
+    print(f"plot written to {plot_scaling_law(law, args.out, points=points, force=args.force, sources=sources)}")
     return 0

@@ -9,6 +9,7 @@ layers are also ternarized (per-shard absmean, as a TriLM would be) to report th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ..progress import progress_bar
 from ..ternary import ternarize
 
 DEFAULT_ENTROPY_BINS = (4, 16, 64, 256, 1024)
+# Bins beyond this cost memory per layer and tell nothing new: a matrix of n weights has at most log2(n) bits.
+MAX_ENTROPY_BINS = 1 << 24
 HISTOGRAM_BINS = 81
 # Histograms are of w / mean|w| over this range, so that layers of any scale share one axis and pool exactly.
 HISTOGRAM_RANGE = (-8.0, 8.0)
@@ -91,6 +94,9 @@ def layer_stats(name: str, module: torch.nn.Module, entropy_bins: tuple[int, ...
 def analyze_weights(model: torch.nn.Module, entropy_bins: tuple[int, ...] = DEFAULT_ENTROPY_BINS,
                     progress: bool = False) -> list[LayerStats]:
     """Statistics of every linear layer of `model`, in model order (fused projections as separate layers)."""
+    bad = [b for b in entropy_bins if not 1 <= b <= MAX_ENTROPY_BINS]
+    if bad:  # a histogram of 1e11 bins would allocate 400 GB
+        raise ConfigError(f"entropy bin counts must lie in [1, {MAX_ENTROPY_BINS:,}], got {bad[0]:,}")
 
     layers = model.separate_linear_layers()
     return [layer_stats(name, module, tuple(entropy_bins))
@@ -115,7 +121,8 @@ def mean_entropy(stats: list[LayerStats]) -> dict[int, float]:
     return {b: float(np.average([s.entropy[b] for s in stats], weights=sizes)) for b in stats[0].entropy}
 
 
-def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, force: bool = False) -> Path:
+def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, force: bool = False,
+                      sources: Sequence[str | Path] = (), flag: str = "--out") -> Path:
     """Four panels: pooled weight histograms, std and zero fraction per layer, entropy vs bin count."""
     import matplotlib
     matplotlib.use("Agg")
@@ -143,5 +150,5 @@ def plot_weight_stats(models: dict[str, list[LayerStats]], path: str | Path, for
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path, force=force)
+    return save_figure(fig, path, force=force, sources=sources, flag=flag)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -302,6 +303,13 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
     import lm_eval
 
     tasks = list(tasks)
+    # lm-eval itself fails on these deep inside (islice of -1, no docs for 0, NaN to int) or samples nonsense.
+    if limit is not None and not (0 < limit < math.inf and (limit < 1 or float(limit).is_integer())):
+        raise ConfigError(f"limit must be a fraction in (0, 1) or a whole number of documents >= 1, got {limit}")
+    if num_fewshot < 0:
+        raise ConfigError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise DataError(f"--include-path {include_path} is not a directory of task YAMLs")
     with hub_access(online):
         manager = task_manager(tasks, include_path)
         status = task_availability(tasks, manager)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import INDEX_FILE, read_tokens
+from ..data import INDEX_FILE, TokenDataset, read_tokens, tokenizer_fingerprint
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from ..tokenizer import eos_id
@@ -120,6 +120,8 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor | list[int], window:
         raise ConfigError("--stride does not apply to the llama.cpp protocol (disjoint chunks, second half "
                           "scored); drop it, or use --protocol sliding")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+    if tokens.numel() < 2:
+        raise DataError(f"perplexity needs at least 2 tokens, got {tokens.numel()}")
     max_len = model.config.max_seq_len
     if (window is not None and window < 2) or (stride is not None and stride < 1):
         raise ConfigError(f"window must be at least 2 and stride at least 1, got window {window}, stride {stride}")
@@ -154,22 +156,44 @@ def load_eval_tokens(path: str | Path, tokenizer=None, max_tokens: int | None = 
     path = Path(path)
     if not path.exists():
         raise DataError(f"evaluation data {path} does not exist")
-    tokens = _prepared_tokens(path, split)
+    if max_tokens is not None and max_tokens < 2:
+        raise DataError(f"max_tokens must be at least 2 (or unset for all), got {max_tokens}")
+    tokens = _prepared_tokens(path, split, tokenizer)
     if tokens is None and path.suffix == ".npy":
-        tokens = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64).reshape(-1))
+        tokens = _npy_tokens(path)
     if tokens is None:
         tokens = _tokenize_documents(_read_documents(path), tokenizer, path)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     if tokens.numel() < 2:
-        raise DataError(f"{path} holds {tokens.numel()} tokens; perplexity needs at least 2")
+        which = f"the {split or 'default'} split of " if (path / INDEX_FILE).is_file() else ""
+        raise DataError(f"{which}{path} holds {tokens.numel()} tokens; perplexity needs at least 2"
+                        + ("; choose another --split" if which else ""))
     return tokens
 
 
-def _prepared_tokens(path: Path, split: str | None) -> torch.Tensor | None:
-    """Tokens of a directory of prepared shards (spectra.data owns that format), else None."""
+def _npy_tokens(path: Path) -> torch.Tensor:
+    """Token ids of a .npy array: integers only (floats would be truncated to other ids), never unpickled."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # junk bytes, object arrays, a truncated file
+        raise DataError(f"{path} is not a plain .npy array of token ids (junk, truncated, or pickled objects, "
+                        f"which spectra never loads); save the ids with numpy.save(path, ids)") from None
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+        raise DataError(f"{path} holds {getattr(ids, 'dtype', type(ids).__name__)} values, not integer token "
+                        f"ids; save the ids as an integer array")
+    return torch.from_numpy(ids.astype(np.int64).reshape(-1))
+
+
+def _prepared_tokens(path: Path, split: str | None, tokenizer=None) -> torch.Tensor | None:
+    """Tokens of a directory of prepared shards (spectra.data owns that format), else None. Shards made with
+    another tokenizer than the model's are refused: their ids mean other text, so the perplexity would be noise."""
     if not (path / INDEX_FILE).is_file():
         return None
+    expected = TokenDataset(path).index.get("tokenizer_sha256")
+    if tokenizer is not None and expected and tokenizer_fingerprint(tokenizer) != expected:
+        raise DataError(f"{path} was tokenized with another tokenizer than the checkpoint's; prepare the data "
+                        f"with the checkpoint's tokenizer (spectra data prepare --tokenizer CHECKPOINT) or pass text")
     return torch.from_numpy(read_tokens(path, split).astype(np.int64)).reshape(-1)
 
 
@@ -181,16 +205,21 @@ def _read_documents(path: Path) -> list[str]:
         return [doc for f in files for doc in _read_documents(f)]
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for i, raw in enumerate(path.read_bytes().splitlines(), 1):
             try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
+                if not line.strip():
+                    continue
                 docs.append(json.loads(line)["text"])
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{i} is not UTF-8 text; fix or drop that line") from None
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{path}:{i} is not a JSON object with a \"text\" field") from None
+            if not isinstance(docs[-1], str):
+                raise DataError(f"{path}:{i}: its \"text\" field is a {type(docs[-1]).__name__}, not a string")
         return docs
     try:
-        return [path.read_text(encoding="utf-8")]
+        return [path.read_text(encoding="utf-8-sig")]
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; pass text, .jsonl, .npy token ids or prepared shards") from None
 

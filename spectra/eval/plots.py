@@ -6,6 +6,7 @@ All figures are written atomically as small PNGs (matplotlib's Agg backend, no d
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def metric_filename(metric: str) -> str:
 
 def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                      n_range: tuple[float, float] | None = None, d_range: tuple[float, float] | None = None,
-                     force: bool = False) -> Path:
+                     force: bool = False, sources: Sequence[str | Path] = ()) -> Path:
     """Iso-loss contours over (D, N) with the compute-optimal frontier, and L vs D curves per model size."""
     import matplotlib
     matplotlib.use("Agg")
@@ -145,7 +146,7 @@ def plot_scaling_law(law: Any, path: str | Path, points: tuple[np.ndarray, np.nd
     for ax in (ax0, ax1):
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return save_figure(fig, path, force=force)
+    return save_figure(fig, path, force=force, sources=sources)
 
 
 def _short(count: float) -> str:

@@ -13,7 +13,7 @@ Schema ``spectra-eval/1``::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,11 @@ def result_record(model_info: dict[str, Any], metrics: dict[str, float], details
 
 
 def write_json(record: dict[str, Any], path: str | Path, force: bool = False,
-               recognize: Callable[[dict], bool] | None = None) -> Path:
+               recognize: Callable[[dict], bool] | None = None, sources: Iterable[str | Path] = (),
+               flag: str = "--out") -> Path:
     """Write JSON atomically. An existing file is replaced only when it is a JSON object that passes
-    `recognize` (default: a spectra result file), or with `force`."""
-    check_output(path, "eval", force=force, kind="file",
+    `recognize` (default: a spectra result file), or with `force`; a path inside a source never."""
+    check_output(path, "eval", force=force, kind="file", sources=sources, flag=flag,
                  recognize=json_recognizer(recognize or (lambda d: d.get("format") == RESULTS_FORMAT)))
     return write_text_atomic(path, json.dumps(record, indent=2, default=_jsonable) + "\n")
 
@@ -82,7 +83,21 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
         raise DataError(f"{path} is not a spectra result file (format {RESULTS_FORMAT!r}); write one with "
                         f"`spectra eval ppl --out` or `spectra eval tasks --out`")
+    model = record.get("model")
+    if not isinstance(model, dict):
+        raise DataError(f"{path}: the model block is missing or not an object; write the file with `spectra eval`")
     for key in ("parameters", "size_bits", "family"):
-        if key not in record.get("model", {}):
+        if key not in model:
             raise DataError(f"{path}: the model block lacks {key!r}")
+    for key in ("parameters", "size_bits"):  # a string here used to fail deep inside the plot (exit 1)
+        if not _is_number(model[key]) or not model[key] > 0:
+            raise DataError(f"{path}: the model's {key} must be a positive number, got {model[key]!r}")
+    metrics = record.get("metrics", {})
+    bad = [k for k, v in metrics.items() if not _is_number(v)] if isinstance(metrics, dict) else ["(not an object)"]
+    if bad:
+        raise DataError(f"{path}: metric {bad[0]} is not a number; write the file with `spectra eval`")
     return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

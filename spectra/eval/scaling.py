@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,18 @@ class ScalingLaw:
     @classmethod
     def from_dict(cls, data: dict) -> ScalingLaw:
         try:
-            return cls(**{k: data[k] for k in PARAM_NAMES},
-                       **{k: data[k] for k in ("n_unit", "d_unit", "name") if k in data})
+            law = cls(**{k: data[k] for k in PARAM_NAMES},
+                      **{k: data[k] for k in ("n_unit", "d_unit", "name") if k in data})
         except (KeyError, TypeError) as err:
             raise DataError(f"a scaling law needs the keys {', '.join(PARAM_NAMES)} ({err})") from None
+        # E may be any finite number; the rest must be positive (the compute-optimal split divides by them).
+        for key in (*PARAM_NAMES, "n_unit", "d_unit"):
+            value = getattr(law, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+                    math.isfinite(value) and (key == "E" or value > 0)):
+                need = "finite number" if key == "E" else "finite positive number"
+                raise DataError(f"a scaling law's {key} must be a {need}, got {value!r}")
+        return law
 
     def formula(self) -> str:
         return (f"L(N, D) = {self.E:.4g} + {self.A:.4g} / N^{self.alpha:.4g} + {self.B:.4g} / D^{self.beta:.4g}"
@@ -103,9 +112,13 @@ def parse_count(text: str | float) -> float:
     if isinstance(text, (int, float)):
         return float(text)
     m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kKmMbBgGtT]?)\s*", text)
-    if not m:
-        raise ConfigError(f"cannot read {text!r} as a count; write e.g. 1.5B, 300M, 1.2T or 6e20")
-    return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    try:
+        value = float(m.group(1)) * _SUFFIX[m.group(2).upper()] if m else math.nan
+    except ValueError:  # "1.2.3"
+        value = math.nan
+    if not 0 < value < math.inf:  # 0 parameters or 1e400 FLOPs give inf or nan predictions
+        raise ConfigError(f"cannot read {text!r} as a positive count; write e.g. 1.5B, 300M, 1.2T or 6e20")
+    return value
 
 
 def _unit_name(unit: float) -> str:
@@ -126,7 +139,7 @@ def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"points file {path} does not exist")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path} is not a UTF-8 CSV file ({err}); give a CSV with a header row") from None
@@ -137,7 +150,8 @@ def read_points(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for key, aliases in _COLUMNS.items():
         found = next((header[a] for a in aliases if a in header), None)
         if found is None:
-            raise DataError(f"{path} lacks a {key} column; name it one of {', '.join(aliases)}")
+            raise DataError(f"{path} lacks a {key} column (its header reads {list(rows[0])}, comma-separated); "
+                            f"name it one of {', '.join(aliases)}")
         cols[key] = found
     try:
         arrays = [np.array([parse_count(r[cols[k]]) for r in rows]) for k in "NDL"]
@@ -291,8 +305,12 @@ def fit_scaling_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float
         raise DataError(f"fitting 5 coefficients needs at least 5 points, got {n.size}")
     if np.unique(n).size < 2 or np.unique(d).size < 2:
         raise DataError("the points need at least two distinct model sizes and two distinct token counts")
-    if delta <= 0:
-        raise ConfigError(f"the Huber delta must be positive, got {delta}")
+    if not 0 < delta < math.inf:
+        raise ConfigError(f"the Huber delta must be a finite positive number, got {delta}")
+    if bootstrap < 0 or (starts is not None and starts < 0):
+        raise ConfigError(f"bootstrap and starts must be >= 0, got {bootstrap} and {starts}")
+    if not (0 < n_unit < math.inf and 0 < d_unit < math.inf):
+        raise ConfigError(f"the units of N and D must be finite positive counts, got {n_unit:g} and {d_unit:g}")
     grids = {"chinchilla": chinchilla_grid, "coarse": coarse_grid}
     if grid not in grids:
         raise ConfigError(f"unknown initialisation grid {grid!r}; use {' or '.join(grids)}")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..data import LoaderState
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
+from ..io import read_json
 from ..tokenizer import EOS_TOKEN
 
 IGNORE = -100  # target of tokens that carry no loss (cross_entropy's ignore_index)
@@ -51,13 +52,20 @@ def read_examples(path: str | Path) -> list[Example]:
         raise DataError(f"fine-tuning data {path} does not exist; pass a .jsonl file of prompt/response pairs, "
                         f"chat messages or text")
     if path.suffix not in (".jsonl", ".ndjson"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; convert it to UTF-8 or pass a .jsonl file") from None
         if not text.strip():
             raise DataError(f"{path} is empty")
         return [Example(text=text)]
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not JSON
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text; fix or drop that line") from None
             if line.strip():
                 examples.append(_parse(line, f"{path}:{lineno}"))
     if not examples:
@@ -121,16 +129,25 @@ class ChatFormat:
         self.template = None
         if chat_template:
             import jinja2
-            self.template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+            try:
+                self.template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+            except jinja2.TemplateSyntaxError as err:
+                raise DataError(f"the tokenizer's chat_template is not a valid Jinja template ({err}); fix "
+                                f"tokenizer_config.json or pass --no-chat-template") from None
 
     @classmethod
     def for_checkpoint(cls, path: str | Path, eos: str = EOS_TOKEN) -> ChatFormat:
         config = Path(path) / "tokenizer_config.json"
         template = None
         if config.is_file():
-            template = json.loads(config.read_text()).get("chat_template")
+            fix = "fix it or delete it (its chat_template is all spectra reads)"
+            data = read_json(config, CheckpointError, fix)
+            template = data.get("chat_template") if isinstance(data, dict) else None
             if isinstance(template, list):  # transformers also stores named templates
-                template = next((t["template"] for t in template if t.get("name") == "default"), None)
+                template = next((t.get("template") for t in template if isinstance(t, dict)
+                                 and t.get("name") == "default"), None)
+            if not isinstance(data, dict) or not isinstance(template, (str, type(None))):
+                raise CheckpointError(f"{config} is not a tokenizer config with a string chat_template; {fix}")
         return cls(template, eos)
 
     def segments(self, example: Example) -> list[tuple[str, bool]]:

@@ -41,6 +41,8 @@ def speeches(path: Path) -> Iterator[list[tuple[str, list[str]]]]:
 
 def play_instructions(corpus: str | Path, count: int = 4000) -> list[dict[str, str]]:
     """Up to `count` prompt/response pairs, alternating the two tasks, spread evenly over the corpus."""
+    if count < 1:
+        raise DataError(f"count must be at least 1, got {count}")
     pairs = []
     for path in sorted(p for p in list_sources([corpus]) if p.suffix == ".md"):
         for scene in speeches(path):
@@ -59,6 +61,8 @@ def play_instructions(corpus: str | Path, count: int = 4000) -> list[dict[str, s
 def write_instructions(corpus: str | Path, out: str | Path, count: int = 4000, force: bool = False) -> int:
     """Write play_instructions as .jsonl to `out` (atomically; an existing file only with `force`); returns the
     number of examples."""
+    if count < 1:  # before anything is read
+        raise DataError(f"count must be at least 1, got {count}")
     check_output(out, "data instructions", force=force, kind="file", replace_own=False, sources=[corpus])
     pairs = play_instructions(corpus, count)
     write_text_atomic(out, "".join(json.dumps(p) + "\n" for p in pairs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..config import dataclass_from_dict
 from ..convert import freeze_ternary, pack_model
 from ..data import TokenDataset
 from ..errors import ConfigError, TrainingError
-from ..io import write_text_atomic
+from ..io import check_output, write_text_atomic
 from ..kinds import PACKED_KINDS
 from ..lora import LoRAConfig, apply_lora, save_adapter
 from ..model import SpectraLM
@@ -77,8 +78,11 @@ class FinetuneConfig:
             raise ConfigError(f"unknown LoRA base format {self.base_format!r}; use one of {', '.join(BASE_FORMATS)}")
         if self.pack is not None and self.pack not in PACKED_KINDS:
             raise ConfigError(f"unknown pack format {self.pack!r}; use one of {', '.join(PACKED_KINDS)}")
-        if self.temperature <= 0 or not 0 <= self.distill_weight <= 1 or self.ternary_warmup < 0:
-            raise ConfigError("temperature must be positive, distill_weight in [0, 1] and ternary_warmup >= 0")
+        # `not 0 < t`: NaN fails too (it used to reach the first step as a NaN loss).
+        if not 0 < self.temperature < math.inf or not 0 <= self.distill_weight <= 1 or self.ternary_warmup < 0:
+            raise ConfigError(f"temperature must be a finite positive number, distill_weight in [0, 1] and "
+                              f"ternary_warmup >= 0, got {self.temperature}, {self.distill_weight} and "
+                              f"{self.ternary_warmup}")
         LoRAConfig(**self.lora)  # validates
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,6 +212,8 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
                                 f"another --out")
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise TrainingError(f"{run_dir} exists and is not an empty directory; choose another --out")
+        # Never inside the checkpoint or the data (finetune.json used to be written there before the refusal).
+        check_output(run_dir, "finetune", sources=[s for s in (task.checkpoint, config.data, task.val_data) if s])
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(task, config.kind, device)
     seq_len = config.seq_len or model.config.max_seq_len
@@ -221,7 +227,7 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
             raise ConfigError(f"the ternarization warm-up ({task.ternary_warmup} steps) must end before the last "
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
-    check_compatible(model, dataset, seq_len, objective.adapters_only)  # before anything is written
+    check_compatible(model, dataset, seq_len, objective.adapters_only, task.checkpoint)  # before anything is written
     before = None
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)

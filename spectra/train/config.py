@@ -27,6 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 ON_NAN = ("stop", "skip")
 
 
+# torch CPU threads a run may ask for: 100,000 crashed torch (segmentation fault), and no CPU has that many cores.
+MAX_THREADS = 1024
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; `spectra train` flags map one to one onto these fields."""
@@ -106,8 +109,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or not 1 <= self.threads <= MAX_THREADS):
+            raise ConfigError(f"threads must be an integer from 1 to {MAX_THREADS}, got {self.threads!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be positive (or None to disable), got {self.grad_clip}")
         self.make_schedule()  # validates LR, decay and phases

@@ -34,7 +34,7 @@ from ..distributed import (
     save_training_checkpoint,
     tensor_parallel_overrides,
 )
-from ..errors import DeviceError, OutputError, SpectraError, TrainingError
+from ..errors import ConfigError, DeviceError, OutputError, SpectraError, TrainingError
 from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..progress import progress_bar
@@ -110,9 +110,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
     model = build_model(cfg, ctx.device) if initial_model is None else initial_model.to(ctx.device).train()
     seq_len = cfg.seq_len or model.config.max_seq_len
-    check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only)
+    check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only,
+                     checkpoint=cfg.model if Path(cfg.model).is_dir() else None)
     run_dir = Path(cfg.out_dir)
-    check_run_dir(run_dir, saved is not None, force, cfg.data)  # on every rank: all stop, none waits
+    check_run_dir(run_dir, saved is not None, force, cfg.data, cfg.model)  # on every rank: all stop, none waits
     barrier(ctx)  # no rank writes before every rank has checked the same, untouched directory
     setup = (cfg, model, dataset, ctx, seq_len, saved, checkpoint, objective, callback, force)
     with contextlib.ExitStack() as held:
@@ -177,6 +178,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.tokenizer = dataset.tokenizer()
         self.start_step, self.tokens_seen = self._restore(checkpoint) if checkpoint is not None else (0, 0)
+        if self.start_step > cfg.steps:  # would rewrite run.json with a schedule the weights are already past
+            raise ConfigError(f"{checkpoint} is at step {self.start_step}, past --steps {cfg.steps}; give --steps "
+                              f"above {self.start_step} to train on (or leave it out)")
         self.main = is_main_process()
         self.log = MetricsLog(self.run_dir / METRICS_FILE, self.main)
         # A finished run resumed without more steps evaluates again but does not log its end twice.

@@ -92,10 +92,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str) -> None:
+def check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str, model: str | None = None) -> None:
     """A new run goes to a missing or empty directory, or (with `force`) beside files that are not a run;
-    never into its data directory."""
-    check_output(run_dir / RUN_FILE, "train", force=True, kind="file", sources=[data])
+    never into its data directory nor into the checkpoint it starts from."""
+    sources = [data] + ([model] if model and Path(model).is_dir() else [])
+    check_output(run_dir / RUN_FILE, "train", force=True, kind="file", sources=sources)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; the run directory must be a directory (or not exist yet)")
     if resuming or not run_dir.is_dir():

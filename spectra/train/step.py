@@ -18,10 +18,11 @@ import torch.nn as nn
 
 from ..checkpoint import load_checkpoint
 from ..config import TRAINABLE_KINDS, get_config
-from ..data import TokenDataset, WindowLoader
+from ..data import TokenDataset, WindowLoader, tokenizer_fingerprint
 from ..distributed import ParallelContext, clip_grad_norm_, mean_over_data_parallel
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..model import SpectraLM
+from ..tokenizer import TOKENIZER_FILE, load_tokenizer
 from .config import TrainConfig
 from .schedule import Schedule
 
@@ -38,8 +39,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SpectraLM:
     return model.to(device).train()
 
 
-def check_compatible(model: SpectraLM, dataset: TokenDataset, seq_len: int, adapters_only: bool = False) -> None:
+def check_compatible(model: SpectraLM, dataset: TokenDataset, seq_len: int, adapters_only: bool = False,
+                     checkpoint: str | Path | None = None) -> None:
     config = model.config
+    if checkpoint is not None and isinstance(dataset, TokenDataset) and (Path(checkpoint) / TOKENIZER_FILE).is_file():
+        # Ids of another tokenizer mean other text to this model: it would train on noise, silently.
+        expected = dataset.index.get("tokenizer_sha256")
+        if expected and tokenizer_fingerprint(load_tokenizer(checkpoint)) != expected:
+            raise DataError(f"{dataset.path} was tokenized with another tokenizer than the checkpoint {checkpoint}; "
+                            f"prepare the data with `spectra data prepare --tokenizer {checkpoint}`")
     if config.weight_kind not in TRAINABLE_KINDS and not adapters_only:
         raise ConfigError(f"cannot train weight kind {config.weight_kind!r}; train 'ternary' or 'float' "
                           f"(load checkpoints with kind='ternary' to continue a TriLM)")
@@ -159,4 +167,4 @@ def evaluate(model: nn.Module, batches: list, device: torch.device, precision: s
         total += float(loss) * tokens
         count += tokens
     model.train(was_training)
-    return total / count
+    return total / count if count else None  # held-out rows whose targets were all cut off: nothing to score
