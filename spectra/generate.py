@@ -11,6 +11,7 @@ with ``fast=False``) a plain loop runs the model's forward step by step and samp
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from functools import partial
 import torch
 
 from .decode_graph import GraphDecodeStep, GraphSamplingStep
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DataError, DeviceError, SpectraWarning
 from .model import SpectraLM
 from .sampling import sample_keyed, sample_next
 
@@ -82,11 +83,25 @@ def decode_plan(device: torch.device, fast: bool | None = None, compile: bool = 
 
 
 def _prompt_tensor(model: SpectraLM, prompt: torch.Tensor | list[int]) -> torch.Tensor:
-    tokens = torch.as_tensor(prompt, dtype=torch.long, device=model.model.embed_tokens.weight.device)
+    """The prompt as [B, T] ids on the model's device; DataError for an empty prompt, ids outside the
+    vocabulary or more tokens than the model takes."""
+    tokens = torch.as_tensor(prompt, device=model.model.embed_tokens.weight.device)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise DataError(f"the prompt must be token ids (integers), got {tokens.dtype}")
+    tokens = tokens.long()
     if tokens.dim() == 1:
         tokens = tokens[None]
-    if tokens.shape[1] == 0:
-        raise ValueError("the prompt must hold at least one token")
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise DataError(f"the prompt must be a non-empty list of ids or a [batch, tokens] tensor, got shape "
+                        f"{tuple(tokens.shape)}")
+    vocab = model.config.vocab_size
+    if bool(((tokens < 0) | (tokens >= vocab)).any()):
+        bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
+        raise DataError(f"the prompt holds token id {bad}, outside the model's vocabulary of {vocab}; encode it "
+                        f"with the model's own tokenizer")
+    if tokens.shape[1] > model.config.max_seq_len:
+        raise DataError(f"the prompt has {tokens.shape[1]} tokens; the model takes at most "
+                        f"{model.config.max_seq_len}")
     return tokens
 
 
@@ -171,6 +186,10 @@ def generate_stream(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     tokens = _prompt_tensor(model, prompt)
     total = min(tokens.shape[1] + max_new_tokens, model.config.max_seq_len)
+    if total < tokens.shape[1] + max_new_tokens:  # stopping short of what was asked is said, not silent
+        warnings.warn(f"only {total - tokens.shape[1]} of the {max_new_tokens} new tokens fit: the model's maximum "
+                      f"length is {model.config.max_seq_len} tokens and the prompt has {tokens.shape[1]}",
+                      SpectraWarning, stacklevel=3)
     if total <= tokens.shape[1]:
         return
     if decode_step is not None:

@@ -57,6 +57,20 @@ def test_compiled_generations_share_a_few_cache_lengths():
     assert decode_cache_length(100, 128, compile=True) == 128  # a short model: its max_seq_len
 
 
+def test_bad_prompts_are_one_data_error_and_a_short_room_is_a_warning():
+    from spectra.errors import DataError, SpectraWarning
+
+    torch.manual_seed(0)
+    model = SpectraLM(get_config("tiny", vocab_size=320, max_seq_len=32)).eval()
+    for prompt, match in (([], "non-empty"), ([5, 320], "id 320, outside"), ([-1], "id -1"),
+                          (torch.rand(1, 4), "integers"), (list(range(33)), "33 tokens")):
+        with pytest.raises(DataError, match=match):
+            generate(model, prompt, 4)
+    with pytest.warns(SpectraWarning, match="only 2 of the 10 new tokens fit"):
+        out = generate(model, list(range(30)), 10, temperature=0)
+    assert out.shape == (1, 32)
+
+
 def test_cpu_generation_is_the_plain_loop_and_leaves_the_model_as_it_was():
     torch.manual_seed(5)
     model = SpectraLM(get_config("tiny")).eval()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import torch
 
 from ..checkpoint import load_checkpoint, resolve_device
-from ..errors import DataError, SpectraWarning
+from ..errors import DataError
 from ..generate import check_sampling, decode_plan, generate
 from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
@@ -59,11 +58,6 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")
     if len(ids) >= model.config.max_seq_len:
         raise DataError(f"the prompt has {len(ids)} tokens; the model's maximum is {model.config.max_seq_len}")
-    room = model.config.max_seq_len - len(ids)
-    if args.max_new_tokens > room:  # generation stops at the model's length; say so rather than stop short silently
-        warnings.warn(f"only {room} of the {args.max_new_tokens} new tokens fit: the model's maximum length is "
-                      f"{model.config.max_seq_len} tokens and the prompt has {len(ids)}", SpectraWarning,
-                      stacklevel=2)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sys.stdout.write(args.prompt)
