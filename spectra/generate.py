@@ -86,6 +86,8 @@ def _prompt_tensor(model: SpectraLM, prompt: torch.Tensor | list[int]) -> torch.
     """The prompt as [B, T] ids on the model's device; DataError for an empty prompt, ids outside the
     vocabulary or more tokens than the model takes."""
     tokens = torch.as_tensor(prompt, device=model.model.embed_tokens.weight.device)
+    if tokens.numel() == 0:
+        raise DataError("the prompt must be a non-empty list of ids or a [batch, tokens] tensor; it is empty")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise DataError(f"the prompt must be token ids (integers), got {tokens.dtype}")
     tokens = tokens.long()
