@@ -5,9 +5,11 @@ another base of the same shape is refused instead of silently giving garbage.
 
 What is hashed (sha256, every byte, nothing sampled), in a fixed order: the model's essential config (sizes,
 RoPE θ, norm ε), then every linear layer of every block in a canonical form, then every other parameter
-(embedding, norms, head) by name. A ternary layer counts as its int8 trits and fp32 per-shard scales, whatever
-holds them (TQ2 or TQ1 packed bytes, int8 trits, latent weights), so the TQ2-packed base a LoRA run trains on
-and the same checkpoint loaded unpacked for generation agree; a float layer counts as its weights. Fused
+(embedding, norms, head) by name. A ternary layer counts as its trits in canonical TQ2 bytes (kernel layout:
+one trit matrix, one byte string) and its fp32 per-shard scales, whatever holds them (TQ2 or TQ1 packed
+bytes, int8 trits, latent weights), so the TQ2-packed base a LoRA run trains on and the same checkpoint
+loaded unpacked for generation agree; a float layer counts as its weights. TQ2 is the canonical form because
+a TQ2 layer's bytes are hashed as they are (a quarter of the bytes of int8 trits, and nothing to unpack). Fused
 projections are read through :meth:`SpectraLM.separate_linear_layers` and folded kernel scales are not read
 (the true ``scales`` are), so fusing for inference changes nothing; tensors are hashed from CPU copies, so the
 device does not matter; an adapted layer counts as its frozen base.
@@ -18,8 +20,8 @@ each over the float tensors cast to that dtype, and a model is checked under the
 an adapter trained on a float32 base loads on that base loaded in bfloat16, whose weights are the float32
 ones rounded exactly as the cast rounds them. Two bases equal at bfloat16 precision are the same base there.
 
-Cost (docs/finetuning.md): one pass over the weights, ~0.35 s for a 560M TriLM on one CPU core (TQ2 unpacked
-to trits, then sha256), layers hashed in parallel threads (hashlib and torch release the GIL).
+Cost: one pass over the weights, measured in docs/finetuning.md (benchmarks/fingerprint_cost.py); layers are
+hashed in parallel threads (hashlib and torch release the GIL).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
+from .formats import pack_tq2
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
 from .packed import PackedTernaryLinear, ternary_values
 
@@ -67,8 +70,13 @@ def base_summary(model: nn.Module) -> dict:
 def _layer_entries(name: str, module: nn.Module) -> list[Entry]:
     module = _base_layer(module)
     if isinstance(module, TERNARY_LAYERS):
-        trits, scales = ternary_values(name, module)
-        return [(f"{name}.trits", trits, False), (f"{name}.scales", scales.float(), False)]
+        if isinstance(module, PackedTernaryLinear) and module.format == "tq2":
+            # already the canonical bytes: loading checks that the padding holds zero trits, as packing writes
+            codes, scales = module.qweight, module.scales
+        else:
+            trits, scales = ternary_values(name, module)
+            codes = pack_tq2(trits)
+        return [(f"{name}.tq2", codes, False), (f"{name}.scales", scales.float(), False)]
     # float weights (cast on load); any other kind by its saved tensors, whose "scales" a load never casts
     return [(f"{name}.{key}", t, t.is_floating_point() and key != "scales")
             for key, t in module.state_dict().items()]
@@ -81,8 +89,9 @@ def _tensor_digest(t: torch.Tensor, dtype: torch.dtype | None) -> bytes:
     elif t.is_floating_point():
         t = t.float()  # exact: a scale held in bf16/fp16 widens to the same value
     t = t.contiguous().cpu()
-    header = f"{tuple(t.shape)}|{t.dtype}|".encode()
-    return hashlib.sha256(header + memoryview(t.reshape(-1).view(torch.uint8).numpy())).digest()
+    digest = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+    return digest.digest()
 
 
 def _digests(entries: list[Entry], dtypes: tuple[str, ...]) -> list[tuple[str, dict[str, bytes]]]:
