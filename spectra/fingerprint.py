@@ -76,7 +76,7 @@ def _layer_entries(name: str, module: nn.Module) -> list[Entry]:
         else:
             trits, scales = ternary_values(name, module)
             codes = pack_tq2(trits)
-        return [(f"{name}.tq2", codes, False), (f"{name}.scales", scales.float(), False)]
+        return [(f"{name}.tq2", codes, False), (f"{name}.scales", scales.float().reshape(-1), False)]
     # float weights (cast on load); any other kind by its saved tensors, whose "scales" a load never casts
     return [(f"{name}.{key}", t, t.is_floating_point() and key != "scales")
             for key, t in module.state_dict().items()]

@@ -163,3 +163,12 @@ def test_cli_generate_refuses_another_base_and_force_base_warns_once(bases, tmp_
     assert main([*args, "--force-base"]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "forced" in lines[0]
+
+
+def test_a_corrupt_base_record_is_one_clear_error(bases, tmp_path):
+    _adapter(bases["ternary-A"], tmp_path / "adapter")
+    (tmp_path / "adapter" / ADAPTER_BASE).write_text('{"version": 1, "fingerprint": "trunc')
+    model = spectra.load_checkpoint(bases["ternary-A"])
+    with pytest.raises(CheckpointError, match="corrupt") as err:
+        load_adapter(model, tmp_path / "adapter")
+    assert "\n" not in str(err.value) and not any(isinstance(m, LoRALinear) for m in model.modules())
