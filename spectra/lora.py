@@ -11,12 +11,17 @@ Adapters are saved apart from the base as peft does it — ``adapter_config.json
 names are those of transformers' LLaMA, a peft LoRA of rank r on the same modules has the same names and
 shapes. peft itself does not fit: it wraps nn.Linear (and a list of known quantized layers), not our packed
 layers, and it would route the backward through kernels that have none.
+
+Beside them, ``spectra_base.json`` records the base the adapter was trained on: its checkpoint, config
+essentials and weight fingerprint (spectra.fingerprint). Loading on a base with other weights is refused
+unless forced. It is a file of its own because older peft versions refuse unknown keys in adapter_config.json.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +31,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .block import LINEAR_NAMES
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SpectraWarning
+from .fingerprint import FINGERPRINT_VERSION, base_summary, held_dtype, weight_fingerprint
 from .io import atomic_dir, check_output
 from .linear import replace_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_OWNER = "lora-adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_BASE = "spectra_base.json"  # the base it was trained on: checkpoint, config essentials, fingerprint
 PEFT_PREFIX = "base_model.model."
 ALL_TARGETS = LINEAR_NAMES  # every linear layer of a block (spectra.block)
 
@@ -145,19 +152,77 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
 
 
 def save_adapter(model: nn.Module, path: str | Path, base: str | None = None, force: bool = False) -> Path:
-    """Write the adapters of `model` to directory `path` (adapter_config.json + adapter_model.safetensors),
-    atomically; an existing `path` that is not an earlier adapter is refused unless `force`."""
+    """Write the adapters of `model` to directory `path` (adapter_config.json + adapter_model.safetensors, and
+    spectra_base.json with the fingerprint of the base `model` holds, checkpoint `base`), atomically; an
+    existing `path` that is not an earlier adapter is refused unless `force`."""
     path = Path(path)
     config = lora_config_of(model).peft_dict() | {"base_model_name_or_path": base}
+    record = {"version": FINGERPRINT_VERSION, "checkpoint": base, "config": base_summary(model),
+              "fingerprint": weight_fingerprint(model)}
     check_output(path, ADAPTER_OWNER, force=force)
     with atomic_dir(path, ADAPTER_OWNER) as staging:
         save_file(adapter_tensors(model), str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / ADAPTER_BASE).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Put the adapters saved in `path` on `model` (in place); every tensor must match a layer exactly."""
+def _read_base_record(path: Path) -> dict | None:
+    file = path / ADAPTER_BASE
+    if not file.exists():
+        return None
+    try:
+        record = json.loads(file.read_text())
+        fingerprint = record["fingerprint"]
+        if not isinstance(fingerprint, dict) or not all(isinstance(v, str) for v in fingerprint.values()):
+            raise TypeError("fingerprint is not an object of digests")
+    except (json.JSONDecodeError, OSError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot read {file} ({err}); it is corrupt: save the adapter again, or delete the "
+                              f"file to load it unchecked") from None
+    return record
+
+
+def check_adapter_base(model: nn.Module, path: str | Path, force: bool = False, base: str | None = None) -> None:
+    """Refuse (CheckpointError) the adapter in `path` for `model` (loaded from checkpoint `base`, for the
+    message) unless `model` holds the base weights it was trained on; with `force`, warn instead. An adapter
+    saved before fingerprints were recorded loads with a warning that its base cannot be checked."""
+    path = Path(path)
+    record = _read_base_record(path)
+    here = base or "the model given"
+    if record is None:
+        warnings.warn(f"adapter {path} has no {ADAPTER_BASE} (saved by an older spectra), so it cannot be "
+                      f"checked that {here} is the base it was trained on; loading it anyway", SpectraWarning,
+                      stacklevel=3)
+        return
+    if record.get("version") != FINGERPRINT_VERSION:
+        message = (f"{path / ADAPTER_BASE} has fingerprint version {record.get('version')!r}, which this spectra "
+                   f"(version {FINGERPRINT_VERSION}) cannot check")
+        if not force:
+            raise CheckpointError(f"{message}; update spectra, or pass --force-base (force=True) to load it unchecked")
+        warnings.warn(f"{message}; loading it unchecked as forced", SpectraWarning, stacklevel=3)
+        return
+    dtype = held_dtype(model)
+    expected = record["fingerprint"].get(dtype)
+    if expected is not None and weight_fingerprint(model, (dtype,))[dtype] == expected:
+        return
+    trained_on = record.get("checkpoint") or "a base whose path was not recorded"
+    theirs, ours = record.get("config", {}), base_summary(model)
+    differ = [f"{key} {theirs.get(key)} there, {ours[key]} here" for key in ours if theirs.get(key) != ours[key]]
+    why = f"({'; '.join(differ[:2])})" if differ else "(same shape, other weights)"
+    if force:
+        warnings.warn(f"adapter {path} was trained on {trained_on}, not on {here} {why}; loading it anyway as "
+                      f"forced: its outputs may be garbage", SpectraWarning, stacklevel=3)
+        return
+    raise CheckpointError(f"adapter {path} was trained on {trained_on}, and {here} is another base {why}; load "
+                          f"it on the base it was trained on, or pass --force-base (force=True) to load it anyway")
+
+
+def load_adapter(model: nn.Module, path: str | Path, force: bool = False, base: str | None = None) -> nn.Module:
+    """Put the adapters saved in `path` on `model` (in place); every tensor must match a layer exactly.
+
+    `model` must hold the base weights the adapter was trained on (its recorded fingerprint), else
+    CheckpointError before anything changes; `force` loads it anyway with a warning. `base` names the
+    checkpoint `model` was loaded from, for the messages."""
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, "
@@ -167,6 +232,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         tensors = load_file(str(path / ADAPTER_WEIGHTS))
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the adapter in {path} ({err}); it is corrupt") from None
+    check_adapter_base(model, path, force, base)
     apply_lora(model, config)
     expected = adapter_tensors(model)
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CUDA: decode with the plain step-by-step loop instead of the fused, graph-captured step")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (spectra finetune --method lora) to "
                                                     "apply to the model")
+    p.add_argument("--force-base", action="store_true",
+                   help="apply --adapter even if it was trained on another base than CHECKPOINT (its recorded "
+                        "weight fingerprint differs); prints a warning")
     add_allow_nonfinite(p)
     p.set_defaults(func=run)
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, device=device, dtype=parse_dtype(args.dtype),
                             allow_nonfinite=args.allow_nonfinite)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, force=args.force_base, base=args.checkpoint)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise DataError("the prompt encodes to no tokens; give a non-empty --prompt")
