@@ -233,7 +233,23 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False, base: 
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the adapter in {path} ({err}); it is corrupt") from None
     check_adapter_base(model, path, force, base)
-    apply_lora(model, config)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    adapted = {name for name, module in model.linear_layers().items() if isinstance(module, LoRALinear)}
+    try:
+        apply_lora(model, config)
+        _copy_adapter(model, tensors, path)
+    except (CheckpointError, ConfigError):
+        # an adapter that does not fit leaves the model as it was, not half-adapted
+        replace_layers(model, {name: module.base for name, module in model.linear_layers().items()
+                               if isinstance(module, LoRALinear) and name not in adapted})
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
+        raise
+    return model
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the adapter's tensors into the LoRA layers of `model`: every tensor must match a layer exactly."""
     expected = adapter_tensors(model)
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
@@ -249,4 +265,3 @@ def load_adapter(model: nn.Module, path: str | Path, force: bool = False, base: 
                         raise CheckpointError(f"{path}: {name}.{part} has shape {tuple(src.shape)}, the model "
                                               f"needs {tuple(dst.shape)}; load it on the base it was trained on")
                     dst.copy_(src.to(dst.dtype))
-    return model

@@ -172,3 +172,24 @@ def test_a_corrupt_base_record_is_one_clear_error(bases, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt") as err:
         load_adapter(model, tmp_path / "adapter")
     assert "\n" not in str(err.value) and not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_an_adapter_whose_tensors_do_not_fit_leaves_the_model_as_it_was(bases, tmp_path):
+    """The right base, but the adapter's tensors disagree with its config (rank edited): refused after the
+    adapters were put on, so they are taken off again and the trainable flags restored."""
+    _adapter(bases["ternary-A"], tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["r"] = 3
+    config_file.write_text(json.dumps(config))
+    model = spectra.load_checkpoint(bases["ternary-A"])
+    model.model.norm.weight.requires_grad_(True)
+    model.lm_head.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_adapter(model, tmp_path / "adapter")
+    assert {name: type(m) for name, m in model.named_modules()} == modules
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.model.norm.weight.requires_grad and not model.lm_head.weight.requires_grad
