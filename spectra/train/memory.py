@@ -161,12 +161,19 @@ def memory_refusal(estimate: StepMemory, available: int | None, device: torch.de
     if available is None or estimate.total <= available:
         return None
     where = "free on the GPU" if device.type == "cuda" else "of memory available"
-    fits = max(0, int(batch_size * available / estimate.total))
-    hint = (f"--batch-size {fits} --grad-accum {grad_accum * max(1, -(-batch_size // max(1, fits)))} keeps "
-            f"about the same batch per step" if fits >= 1 else "a shorter --seq-len, a smaller model")
+    fits = int(batch_size * available / estimate.total)  # the estimate is affine in the batch: this one fits
+    if fits >= 1:
+        accum = grad_accum * -(-batch_size // fits)
+        fix = (f"lower --batch-size or --seq-len (--batch-size {fits} --grad-accum {accum} keeps about the same "
+               f"batch per step) or use a device with more memory")
+    elif estimate.total - estimate.activations - estimate.logits - estimate.batch < available:
+        fix = "even --batch-size 1 does not fit: use a shorter --seq-len or a device with more memory"
+    else:
+        fix = ("the model's weights, gradients and optimizer state alone do not fit: use a smaller model, shard it "
+               "over GPUs (torchrun --dp with FSDP) or a device with more memory")
     return (f"one training step of micro-batches of {batch_size} x {seq_len} tokens needs about "
-            f"{estimate.describe()}, but {device} has {_gb(available)} {where}; lower --batch-size or --seq-len "
-            f"({hint}) or use a device with more memory; --skip-memory-check runs anyway")
+            f"{estimate.describe()}, but {device} has {_gb(available)} {where}; {fix}; --skip-memory-check runs "
+            f"anyway")
 
 
 def planned_model_config(cfg: TrainConfig) -> ModelConfig:
