@@ -15,13 +15,14 @@ import spectra.train.memory as memory
 from spectra import SpectraLM, get_config
 from spectra.checkpoint import save_checkpoint
 from spectra.cli.main import main
-from spectra.data import prepare_data
+from spectra.data import TokenDataset, prepare_data
 from spectra.distributed import ParallelContext, first_refusal
 from spectra.errors import DeviceError
 from spectra.finetune import FinetuneConfig, finetune
 from spectra.tokenizer import train_tokenizer
 from spectra.train import TrainConfig, train
 from spectra.train.memory import estimate_step_memory, training_memory_refusal
+from spectra.train.step import build_loaders
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 60
@@ -102,6 +103,14 @@ def test_the_estimate_grows_with_what_a_step_holds():
 
 
 CASES = [[None, "rank 1 has too little memory"], ["rank 0 first", "rank 1"], [None, None]]  # text of rank 0, 1
+
+
+@pytest.mark.parametrize("batch_size, seq_len, eval_batches", [(2, 16, 1), (3, 7, 4), (1000, 16, 20), (5, 64, 3)])
+def test_the_fixed_evaluation_rows_are_those_the_loaders_keep(world, batch_size, seq_len, eval_batches):
+    cfg = TrainConfig(data=world["data"], out_dir="unused", batch_size=batch_size, eval_batches=eval_batches)
+    dataset = TokenDataset(world["data"])
+    _, val, fixed = build_loaders(cfg, dataset, seq_len)
+    assert memory.fixed_eval_rows(cfg, dataset, seq_len) == sum(len(b[0]) for b in val + fixed)
 
 
 def _rank(rank: int, port: int, results) -> None:

@@ -229,7 +229,8 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
     check_compatible(model, dataset, seq_len, objective.adapters_only, task.checkpoint)  # before anything is written
-    too_big = training_memory_refusal(config, device, model)  # train() checks again; finetune.json comes first
+    # train() checks again, but finetune.json and the held-out loss come before it
+    too_big = training_memory_refusal(config, device, model, dataset=dataset)
     if too_big is not None:
         raise DeviceError(too_big)
     before = None

@@ -111,7 +111,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
     # Each rank checks its own device before the model or a batch is allocated; one refusal stops every rank.
-    too_big = first_refusal(ctx, training_memory_refusal(cfg, ctx.device, initial_model))
+    too_big = first_refusal(ctx, training_memory_refusal(cfg, ctx.device, initial_model, dataset=dataset))
     if too_big is not None:
         raise DeviceError(too_big)
     model = build_model(cfg, ctx.device) if initial_model is None else initial_model.to(ctx.device).train()

@@ -17,6 +17,8 @@ T of them trained, L layers, h hidden, i intermediate, V vocabulary, B*t tokens 
                                        attention's output, the o_proj input, gate/up/silu/product of the MLP
     logits         16 B t V            the lm head's output, its fp32 copy, log-softmax and their gradients
     batch          B (t + 1) 16 + B 112  the token windows (int64), once as rows and once stacked, on the host
+    eval batches   8 (t + 1) per row   the fixed evaluation windows (train and validation, --eval-batches of
+                                       each, fewer on a small split), held on the host for the whole run
     runtime        256 MiB             what the first step loads besides tensors (libraries, workspaces)
 
 Fully sharded data parallelism divides the first three by dp, tensor parallelism the weights by tp;
@@ -40,6 +42,7 @@ import torch.nn as nn
 from ..block import BLOCK_LINEARS
 from ..checkpoint import read_config
 from ..config import ModelConfig, get_config
+from ..data import TokenDataset
 from .config import TrainConfig
 
 ROW_OBJECT_BYTES = 112     # a NumPy array object per loaded window, before np.stack (spectra.data.WindowLoader)
@@ -74,12 +77,13 @@ class StepMemory:
     activations: int
     logits: int
     batch: int
+    eval_batches: int = 0
     optimizer_temporaries: int = 0
     runtime: int = RUNTIME_BYTES
 
     @property
     def total(self) -> int:
-        state = self.runtime + self.weights + self.gradients + self.optimizer + self.weight_copies
+        state = self.runtime + self.weights + self.gradients + self.optimizer + self.weight_copies + self.eval_batches
         return state + max(self.activations + self.logits + self.batch, self.optimizer_temporaries)
 
     def describe(self) -> str:
@@ -91,13 +95,15 @@ class StepMemory:
 def estimate_step_memory(config: ModelConfig, batch_size: int, seq_len: int, *, bf16: bool = False,
                          parameters: int | None = None, weight_bytes: int | None = None,
                          trainable: int | None = None, linear: int | None = None, ternary: bool = True,
-                         dp: int = 1, tp: int = 1, fsdp: bool = True, cuda: bool = False) -> StepMemory:
+                         dp: int = 1, tp: int = 1, fsdp: bool = True, cuda: bool = False,
+                         eval_rows: int = 0) -> StepMemory:
     """Peak bytes of one training step of `batch_size` sequences of `seq_len` tokens on one rank.
 
     `parameters`, `trainable` and `linear` (the blocks' linear weights) default to a fresh model of `config`;
     pass a built model's counts (LoRA trains only its adapters) and `weight_bytes` (its parameters and buffers,
     a packed base included). `batch_size` is the global micro-batch, split over `dp` ranks; `cuda` counts the
-    optimizer's foreach temporaries and leaves the host's copy of the batch out."""
+    optimizer's foreach temporaries and leaves the host's copies of the batch and of the `eval_rows` fixed
+    evaluation windows out."""
     all_params, all_linear = parameter_counts(config)
     parameters = all_params if parameters is None else parameters
     trainable = parameters if trainable is None else trainable
@@ -116,6 +122,7 @@ def estimate_step_memory(config: ModelConfig, batch_size: int, seq_len: int, *, 
         activations=tokens * per_token,
         logits=16 * tokens * vocab,
         batch=rows * (seq_len + 1) * 16 + (0 if cuda else rows * ROW_OBJECT_BYTES),
+        eval_batches=0 if cuda else eval_rows * (seq_len + 1) * 8,
         optimizer_temporaries=4 * trainable // shard if cuda else 0)
 
 
@@ -183,12 +190,23 @@ def planned_model_config(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.model, weight_kind=cfg.kind, **cfg.model_overrides)
 
 
+def fixed_eval_rows(cfg: TrainConfig, dataset: TokenDataset, seq_len: int) -> int:
+    """Windows of the fixed evaluation batches `build_loaders` keeps for the run (train and validation)."""
+    rows = 0
+    for split in ("train", "val"):
+        windows = max(0, dataset.num_tokens(split) - 1) // seq_len
+        if split == "train" or dataset.num_tokens(split) > seq_len:
+            rows += min(cfg.eval_batches * cfg.batch_size, windows)
+    return rows
+
+
 def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Module | None = None,
-                            seq_len: int | None = None) -> str | None:
+                            seq_len: int | None = None, dataset: object = None) -> str | None:
     """Why one step of `cfg` cannot fit on `device` (this rank's), or None: the check `train()` and
     `finetune()` make before allocating or writing anything. `model`: an already built one (fine-tuning's,
     whose trained parameters and packed buffers are counted as they are, its weights not at all when they are
-    on `device` already); otherwise the one `cfg` would build.
+    on `device` already); otherwise the one `cfg` would build. A `TokenDataset` adds its fixed evaluation
+    batches.
     `cfg.skip_memory_check` turns it off."""
     if cfg.skip_memory_check:
         return None
@@ -202,6 +220,8 @@ def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Mo
                   # a model already on this device is already counted in what the device has left
                   "weight_bytes": 0 if params and params[0].device.type == device.type else
                   sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])}
+    if isinstance(dataset, TokenDataset):
+        counts["eval_rows"] = fixed_eval_rows(cfg, dataset, seq_len)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     estimate = estimate_step_memory(config, cfg.batch_size, seq_len, bf16=bf16, ternary=config.weight_kind != "float",
                                     dp=cfg.dp, tp=cfg.tp, fsdp=cfg.dp_mode == "fsdp", cuda=device.type == "cuda",
