@@ -19,15 +19,33 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = [  # (preset, kind, batch size, seq len)
-    ("tiny", "ternary", 8, 128),
-    ("tiny", "ternary", 64, 256),
-    ("tiny", "float", 64, 256),
-    ("mini", "ternary", 8, 256),
-    ("mini", "ternary", 32, 512),
-    ("mini", "float", 32, 512),
-    ("99M", "ternary", 4, 512),
+CONFIGS = [  # (preset, kind, batch size, seq len, packed documents as fine-tuning's rows)
+    ("tiny", "ternary", 8, 128, False),
+    ("tiny", "ternary", 64, 256, False),
+    ("tiny", "float", 64, 256, False),
+    ("mini", "ternary", 8, 256, False),
+    ("mini", "ternary", 32, 512, False),
+    ("mini", "float", 32, 512, False),
+    ("99M", "ternary", 4, 512, False),
+    ("mini", "ternary", 8, 512, True),
+    ("mini", "ternary", 16, 256, True),
+    ("mini", "float", 32, 512, True),
 ]
+DOCUMENT_TOKENS = 100  # packed rows: a new document every 100 tokens
+
+
+class PackedRows:
+    """Windows with document ids, as fine-tuning's packed examples come (spectra.finetune.data)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def next_batch(self) -> tuple:
+        import torch
+
+        inputs, targets = self.loader.next_batch()
+        documents = (torch.arange(inputs.shape[1]) // DOCUMENT_TOKENS).expand_as(inputs).contiguous()
+        return inputs, targets, documents
 
 
 def rss_now() -> int:
@@ -37,7 +55,7 @@ def rss_now() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure(data: str, preset: str, kind: str, batch: int, seq_len: int, threads: int) -> dict:
+def measure(data: str, preset: str, kind: str, batch: int, seq_len: int, docs: bool, threads: int) -> dict:
     """One configuration, in this process: peak resident growth over two steps, and the estimate."""
     import torch
 
@@ -53,11 +71,13 @@ def measure(data: str, preset: str, kind: str, batch: int, seq_len: int, threads
     model = build_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg)
     loader = WindowLoader(dataset, "train", seq_len, batch, seed=0)
+    loader = PackedRows(loader) if docs else loader
     schedule = cfg.make_schedule()
     for step in range(2):
         train_step(model, optimizer, loader, cfg, schedule, step, torch.device("cpu"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    estimate = estimate_step_memory(planned_model_config(cfg), batch, seq_len, ternary=kind == "ternary")
+    estimate = estimate_step_memory(planned_model_config(cfg), batch, seq_len, ternary=kind == "ternary",
+                                    document_masks=docs)
     return {"measured": peak - base, "estimate": estimate.total, "terms": estimate.describe()}
 
 
@@ -82,14 +102,15 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(Path(tmp), 1024)
-        print(f"{'model':>5} {'kind':>7} {'batch':>5} {'seq':>4} {'estimate MB':>11} {'measured MB':>11} "
-              f"{'ratio':>5}  largest terms")
-        for preset, kind, batch, seq_len in CONFIGS:
-            spec = {"data": data, "preset": preset, "kind": kind, "batch": batch, "seq_len": seq_len}
+        print(f"{'model':>5} {'kind':>7} {'batch':>5} {'seq':>4} {'docs':>4} {'estimate MB':>11} "
+              f"{'measured MB':>11} {'ratio':>5}  largest terms")
+        for preset, kind, batch, seq_len, docs in CONFIGS:
+            spec = {"data": data, "preset": preset, "kind": kind, "batch": batch, "seq_len": seq_len, "docs": docs}
             out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--one", json.dumps(spec)],
                                  check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
-            print(f"{preset:>5} {kind:>7} {batch:>5} {seq_len:>4} {row['estimate'] / 1e6:>11.1f} "
+            print(f"{preset:>5} {kind:>7} {batch:>5} {seq_len:>4} {'yes' if docs else 'no':>4} "
+                  f"{row['estimate'] / 1e6:>11.1f} "
                   f"{row['measured'] / 1e6:>11.1f} {row['estimate'] / row['measured']:>5.2f}  {row['terms']}")
 
 

@@ -100,6 +100,9 @@ def test_the_estimate_grows_with_what_a_step_holds():
     # every parameter of a built model is counted
     assert memory.parameter_counts(config)[0] == sum(p.numel() for p in SpectraLM(config).parameters())
     assert "activations" in base.describe()
+    # fine-tuning's packed rows attend under a [B, 1, t, t] mask; pretraining windows do not
+    packed = estimate_step_memory(config, 8, 256, document_masks=True)
+    assert base.masks == 0 and packed.masks >= 8 * 8 * 256**2 and packed.total > base.total
 
 
 CASES = [[None, "rank 1 has too little memory"], ["rank 0 first", "rank 1"], [None, None]]  # text of rank 0, 1

@@ -15,6 +15,9 @@ T of them trained, L layers, h hidden, i intermediate, V vocabulary, B*t tokens 
     activations    B t (L ((16 + 16 a) h + 4 a i) + (16 + a) h)   tensors saved for the backward: per block the
                                        two RMSNorms (fp32 inside), q/k/v before and after the rotary embedding,
                                        attention's output, the o_proj input, gate/up/silu/product of the MLP
+    masks          B t (8 a h L) + 8 B t^2   packed fine-tuning rows only (document ids): what attention under a
+                                       mask saves beyond causal attention (measured on CPU: up to 60 KB a token
+                                       of the mini preset), and the [B, 1, t, t] mask and its temporaries
     logits         16 B t V            the lm head's output, its fp32 copy, log-softmax and their gradients
     batch          B (t + 1) 16 + B 112  the token windows (int64), once as rows and once stacked, on the host
     eval batches   8 (t + 1) per row   the fixed evaluation windows (train and validation, --eval-batches of
@@ -25,9 +28,9 @@ Fully sharded data parallelism divides the first three by dp, tensor parallelism
 activations are counted whole (conservative). The optimizer's foreach temporaries (4 T, on GPU) run after the
 activations are freed, so the step's peak takes the larger of the two.
 
-Measured against the peak resident memory of one CPU step (benchmarks/train_memory.py, docs/training.md),
-the estimate is above it by a factor of 1.0-1.5: it never under-counts by design, and a refusal names the
-override, ``skip_memory_check`` (``--skip-memory-check``), for users who know better.
+Measured against the peak resident memory of CPU steps (benchmarks/train_memory.py, table in docs/training.md),
+the estimate is 1.2-1.5x above it, for pretraining windows and packed fine-tuning rows alike, never below.
+A refusal names the override, ``skip_memory_check`` (``--skip-memory-check``), for users who know better.
 """
 
 from __future__ import annotations
@@ -78,13 +81,14 @@ class StepMemory:
     logits: int
     batch: int
     eval_batches: int = 0
+    masks: int = 0
     optimizer_temporaries: int = 0
     runtime: int = RUNTIME_BYTES
 
     @property
     def total(self) -> int:
         state = self.runtime + self.weights + self.gradients + self.optimizer + self.weight_copies + self.eval_batches
-        return state + max(self.activations + self.logits + self.batch, self.optimizer_temporaries)
+        return state + max(self.activations + self.masks + self.logits + self.batch, self.optimizer_temporaries)
 
     def describe(self) -> str:
         """"3.10 GB (activations 2.00 GB, logits 1.00 GB, ...)": the total and its largest terms."""
@@ -96,14 +100,14 @@ def estimate_step_memory(config: ModelConfig, batch_size: int, seq_len: int, *, 
                          parameters: int | None = None, weight_bytes: int | None = None,
                          trainable: int | None = None, linear: int | None = None, ternary: bool = True,
                          dp: int = 1, tp: int = 1, fsdp: bool = True, cuda: bool = False,
-                         eval_rows: int = 0) -> StepMemory:
+                         eval_rows: int = 0, document_masks: bool = False) -> StepMemory:
     """Peak bytes of one training step of `batch_size` sequences of `seq_len` tokens on one rank.
 
     `parameters`, `trainable` and `linear` (the blocks' linear weights) default to a fresh model of `config`;
     pass a built model's counts (LoRA trains only its adapters) and `weight_bytes` (its parameters and buffers,
     a packed base included). `batch_size` is the global micro-batch, split over `dp` ranks; `cuda` counts the
     optimizer's foreach temporaries and leaves the host's copies of the batch and of the `eval_rows` fixed
-    evaluation windows out."""
+    evaluation windows out. `document_masks`: rows packed from several documents (fine-tuning's examples)."""
     all_params, all_linear = parameter_counts(config)
     parameters = all_params if parameters is None else parameters
     trainable = parameters if trainable is None else trainable
@@ -123,6 +127,7 @@ def estimate_step_memory(config: ModelConfig, batch_size: int, seq_len: int, *, 
         logits=16 * tokens * vocab,
         batch=rows * (seq_len + 1) * 16 + (0 if cuda else rows * ROW_OBJECT_BYTES),
         eval_batches=0 if cuda else eval_rows * (seq_len + 1) * 8,
+        masks=tokens * config.num_layers * 8 * a * h + 8 * rows * seq_len**2 if document_masks else 0,
         optimizer_temporaries=4 * trainable // shard if cuda else 0)
 
 
@@ -206,7 +211,7 @@ def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Mo
     `finetune()` make before allocating or writing anything. `model`: an already built one (fine-tuning's,
     whose trained parameters and packed buffers are counted as they are, its weights not at all when they are
     on `device` already); otherwise the one `cfg` would build. A `TokenDataset` adds its fixed evaluation
-    batches.
+    batches; any other dataset is taken as packed examples with document masks.
     `cfg.skip_memory_check` turns it off."""
     if cfg.skip_memory_check:
         return None
@@ -222,6 +227,8 @@ def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Mo
                   sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])}
     if isinstance(dataset, TokenDataset):
         counts["eval_rows"] = fixed_eval_rows(cfg, dataset, seq_len)
+    elif dataset is not None:  # fine-tuning's packed examples (spectra.finetune.data), with document ids
+        counts["document_masks"] = True
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     estimate = estimate_step_memory(config, cfg.batch_size, seq_len, bf16=bf16, ternary=config.weight_kind != "float",
                                     dp=cfg.dp, tp=cfg.tp, fsdp=cfg.dp_mode == "fsdp", cuda=device.type == "cuda",
