@@ -68,6 +68,22 @@ def test_a_step_larger_than_the_free_memory_is_refused_and_the_override_runs_it(
     assert result.step == 1 and json.loads((tmp_path / "r" / "run.json").read_text())["config"]["skip_memory_check"]
 
 
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_the_suggested_batch_fits_and_suits_the_ranks(dp):
+    config = get_config("mini")
+    estimate = estimate_step_memory(config, 4096, 512, dp=dp)
+    available = estimate.total // 7
+    line = memory.memory_refusal(estimate, available, torch.device("cpu"), 4096, 512, grad_accum=2, dp=dp)
+    fits = int(line.split("--batch-size ")[2].split()[0])
+    accum = int(line.split("--grad-accum ")[1].split()[0])
+    assert fits % dp == 0 and fits * accum >= 4096 * 2
+    assert estimate_step_memory(config, fits, 512, dp=dp).total <= available
+    assert memory.memory_refusal(estimate, estimate.total, torch.device("cpu"), 4096, 512, 1) is None
+    # a model whose state alone is too big is told so, not to lower the batch
+    line = memory.memory_refusal(estimate, estimate.model_state // 2, torch.device("cpu"), 4096, 512, 1)
+    assert "alone do not fit" in line and "--batch-size" not in line.split("; ")[1]
+
+
 def test_a_tiny_run_fits_the_real_machine(world, tmp_path):
     cfg = TrainConfig(data=world["data"], out_dir=str(tmp_path / "r"), steps=1, **TINY)
     assert training_memory_refusal(cfg, torch.device("cpu")) is None

@@ -86,9 +86,14 @@ class StepMemory:
     runtime: int = RUNTIME_BYTES
 
     @property
+    def model_state(self) -> int:
+        """What does not grow with the batch: runtime, weights, gradients, optimizer state, weight copies."""
+        return self.runtime + self.weights + self.gradients + self.optimizer + self.weight_copies
+
+    @property
     def total(self) -> int:
-        state = self.runtime + self.weights + self.gradients + self.optimizer + self.weight_copies + self.eval_batches
-        return state + max(self.activations + self.masks + self.logits + self.batch, self.optimizer_temporaries)
+        step = max(self.activations + self.masks + self.logits + self.batch, self.optimizer_temporaries)
+        return self.model_state + self.eval_batches + step
 
     def describe(self) -> str:
         """"3.10 GB (activations 2.00 GB, logits 1.00 GB, ...)": the total and its largest terms."""
@@ -168,18 +173,22 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def memory_refusal(estimate: StepMemory, available: int | None, device: torch.device, batch_size: int,
-                   seq_len: int, grad_accum: int) -> str | None:
+                   seq_len: int, grad_accum: int, dp: int = 1) -> str | None:
     """The one-line reason a step of `estimate` cannot run in `available` bytes, or None when it fits."""
     if available is None or estimate.total <= available:
         return None
     where = "free on the GPU" if device.type == "cuda" else "of memory available"
-    fits = int(batch_size * available / estimate.total)  # the estimate is affine in the batch: this one fits
+    # What grows with the batch is linear in each rank's rows; the rest (the evaluation windows at most as many
+    # as now) stays. The batch suggested is a multiple of dp: each rank takes a share.
+    fixed = estimate.model_state + estimate.eval_batches
+    per_row = (estimate.total - fixed) / -(-batch_size // dp)
+    fits = max(0, int((available - fixed) // per_row)) * dp
     if fits >= 1:
         accum = grad_accum * -(-batch_size // fits)
         fix = (f"lower --batch-size or --seq-len (--batch-size {fits} --grad-accum {accum} keeps about the same "
                f"batch per step) or use a device with more memory")
-    elif estimate.total - estimate.activations - estimate.logits - estimate.batch < available:
-        fix = "even --batch-size 1 does not fit: use a shorter --seq-len or a device with more memory"
+    elif estimate.model_state < available:
+        fix = "even one sequence per rank does not fit: use a shorter --seq-len or a device with more memory"
     else:
         fix = ("the model's weights, gradients and optimizer state alone do not fit: use a smaller model, shard it "
                "over GPUs (torchrun --dp with FSDP) or a device with more memory")
@@ -233,4 +242,5 @@ def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Mo
     estimate = estimate_step_memory(config, cfg.batch_size, seq_len, bf16=bf16, ternary=config.weight_kind != "float",
                                     dp=cfg.dp, tp=cfg.tp, fsdp=cfg.dp_mode == "fsdp", cuda=device.type == "cuda",
                                     **counts)
-    return memory_refusal(estimate, available_memory(device), device, cfg.batch_size, seq_len, cfg.grad_accum)
+    return memory_refusal(estimate, available_memory(device), device, cfg.batch_size, seq_len, cfg.grad_accum,
+                          cfg.dp)
