@@ -173,11 +173,12 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def memory_refusal(estimate: StepMemory, available: int | None, device: torch.device, batch_size: int,
-                   seq_len: int, grad_accum: int, dp: int = 1) -> str | None:
+                   seq_len: int, grad_accum: int, dp: int = 1, ranks: int = 1) -> str | None:
     """The one-line reason a step of `estimate` cannot run in `available` bytes, or None when it fits."""
     if available is None or estimate.total <= available:
         return None
     where = "free on the GPU" if device.type == "cuda" else "of memory available"
+    where += " per rank" if ranks > 1 and device.type == "cpu" else ""
     # What grows with the batch is linear in each rank's rows; the rest (the evaluation windows at most as many
     # as now) stays. The batch suggested is a multiple of dp: each rank takes a share.
     fixed = estimate.model_state + estimate.eval_batches
@@ -192,8 +193,9 @@ def memory_refusal(estimate: StepMemory, available: int | None, device: torch.de
     else:
         fix = ("the model's weights, gradients and optimizer state alone do not fit: use a smaller model, shard it "
                "over GPUs (torchrun --dp with FSDP) or a device with more memory")
+    each = f" on each of {ranks} ranks" if ranks > 1 else ""
     return (f"one training step of micro-batches of {batch_size} x {seq_len} tokens needs about "
-            f"{estimate.describe()}, but {device} has {_gb(available)} {where}; {fix}; --skip-memory-check runs "
+            f"{estimate.describe()}{each}, but {device} has {_gb(available)} {where}; {fix}; --skip-memory-check runs "
             f"anyway")
 
 
@@ -243,4 +245,4 @@ def training_memory_refusal(cfg: TrainConfig, device: torch.device, model: nn.Mo
                                     dp=cfg.dp, tp=cfg.tp, fsdp=cfg.dp_mode == "fsdp", cuda=device.type == "cuda",
                                     **counts)
     return memory_refusal(estimate, available_memory(device), device, cfg.batch_size, seq_len, cfg.grad_accum,
-                          cfg.dp)
+                          cfg.dp, cfg.dp * cfg.tp)
