@@ -85,6 +85,9 @@ def add_loop_flags(group: argparse._ArgumentGroup) -> None:
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")
     add_threads_option(group, default=unset)
     group.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bar")
+    group.add_argument("--skip-memory-check", action="store_true", default=unset,
+                       help="start even when one step's memory estimate exceeds what the device has free "
+                            "(docs/training.md, Memory)")
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from .mesh import (
     barrier,
     broadcast_text,
     clip_grad_norm_,
+    first_refusal,
     init_parallel,
     is_main_process,
     launched_by_torchrun,
@@ -38,7 +39,8 @@ from .plans import (
 
 __all__ = ["full_model_state", "full_optimizer_state", "gather_model", "load_model_state", "load_optimizer_state",
            "load_training_checkpoint", "save_training_checkpoint",
-           "ParallelContext", "RankShardedLoader", "barrier", "broadcast_text", "clip_grad_norm_", "init_parallel",
-           "is_main_process", "launched_by_torchrun", "local_batch", "mean_over_data_parallel", "shutdown_parallel",
+           "ParallelContext", "RankShardedLoader", "barrier", "broadcast_text", "clip_grad_norm_", "first_refusal",
+           "init_parallel", "is_main_process", "launched_by_torchrun", "local_batch", "mean_over_data_parallel",
+           "shutdown_parallel",
            "DP_MODES", "apply_compile", "apply_ddp", "apply_fsdp", "apply_tensor_parallel", "check_tensor_parallel",
            "config_for_tensor_parallel", "parallelize", "sharded_ternary_weight_ste", "tensor_parallel_overrides"]

@@ -167,8 +167,8 @@ def barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
-def broadcast_text(ctx: ParallelContext, text: str | None) -> str | None:
-    """Rank 0's `text` (None included) on every rank, sent as bytes in tensors (no pickling): how a check only
+def broadcast_text(ctx: ParallelContext, text: str | None, src: int = 0) -> str | None:
+    """Rank `src`'s `text` (None included) on every rank, sent as bytes in tensors (no pickling): how a check only
     rank 0 can make (the run directory's lock) stops every rank with its reason, not with a closed connection."""
     if not ctx.distributed:
         return text
@@ -176,16 +176,28 @@ def broadcast_text(ctx: ParallelContext, text: str | None) -> str | None:
     device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
     data = (text or "").encode()
     size = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=0)
+    dist.broadcast(size, src=src)
     n = int(size.item())
     if n < 0:
         return None
     if n == 0:
         return ""
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if ctx.is_main else \
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if ctx.rank == src else \
         torch.empty(n, dtype=torch.uint8, device=device)
-    dist.broadcast(payload, src=0)
+    dist.broadcast(payload, src=src)
     return bytes(payload.cpu().tolist()).decode()
+
+
+def first_refusal(ctx: ParallelContext, text: str | None) -> str | None:
+    """The `text` of the lowest rank that has one, on every rank: a check each rank makes on its own device
+    (the memory estimate) stops all of them with the same line when any one of them refuses."""
+    if not ctx.distributed:
+        return text
+    device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    src = torch.tensor([ctx.rank if text is not None else ctx.world_size], dtype=torch.int64, device=device)
+    dist.all_reduce(src, op=dist.ReduceOp.MIN)
+    first = int(src.item())
+    return None if first == ctx.world_size else broadcast_text(ctx, text, src=first)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ..checkpoint import (
 from ..config import dataclass_from_dict
 from ..convert import freeze_ternary, pack_model
 from ..data import TokenDataset
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, DeviceError, TrainingError
 from ..io import check_output, write_text_atomic
 from ..kinds import PACKED_KINDS
 from ..lora import LoRAConfig, apply_lora, save_adapter
@@ -40,6 +40,7 @@ from ..packed import ternary_values
 from ..ternary import detect_ternary, latent_from_ternary
 from ..tokenizer import EOS_TOKEN, load_tokenizer
 from ..train import TrainConfig, TrainResult, train
+from ..train.memory import training_memory_refusal
 from ..train.state import CHECKPOINTS_DIR, read_training_meta, resolve_resume
 from ..train.step import Objective, build_loaders, check_compatible, evaluate
 from .convert import DistillationLoss, phase_at, phase_in, set_phase
@@ -228,6 +229,10 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
     check_compatible(model, dataset, seq_len, objective.adapters_only, task.checkpoint)  # before anything is written
+    # train() checks again, but finetune.json and the held-out loss come before it
+    too_big = training_memory_refusal(config, device, model, dataset=dataset)
+    if too_big is not None:
+        raise DeviceError(too_big)
     before = None
     if resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import types
 
 from .config import DEFAULT_LR, TrainConfig
 from .loop import Trainer, TrainResult, is_main_process, train
+from .memory import StepMemory, estimate_step_memory
 from .rundir import read_metrics
 from .schedule import Schedule, SchedulePhase, spectra_phases
 from .state import list_checkpoints, load_training_state, resolve_resume, save_training_state
@@ -19,7 +20,7 @@ from .step import Objective, build_loaders, build_model, build_optimizer, evalua
 __all__ = ["DEFAULT_LR", "Objective", "TrainConfig", "TrainResult", "Trainer", "build_loaders", "build_model",
            "build_optimizer", "evaluate", "is_main_process", "read_metrics", "train", "train_step", "Schedule",
            "SchedulePhase", "spectra_phases", "list_checkpoints", "load_training_state", "resolve_resume",
-           "save_training_state"]
+           "save_training_state", "StepMemory", "estimate_step_memory"]
 
 
 class _CallableModule(types.ModuleType):

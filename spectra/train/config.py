@@ -72,6 +72,7 @@ class TrainConfig:
     dp: int = 1                                 # data-parallel ranks under torchrun (spectra.distributed)
     tp: int = 1                                 # tensor-parallel ranks; a TriLM gets one scale per shard
     dp_mode: str = "fsdp"                       # data parallelism: "fsdp" (FSDP2) or "ddp"
+    skip_memory_check: bool = False             # start even when a step's memory estimate exceeds the device's
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -26,6 +26,7 @@ from ..distributed import (
     RankShardedLoader,
     barrier,
     broadcast_text,
+    first_refusal,
     gather_model,
     init_parallel,
     is_main_process,
@@ -39,6 +40,7 @@ from ..io import hold_lock, removing_new_empty_dirs, write_text_atomic
 from ..model import SpectraLM
 from ..progress import progress_bar
 from .config import TrainConfig
+from .memory import training_memory_refusal
 from .rundir import (
     EXPORT_OWNER,
     LOCK_FILE,
@@ -108,6 +110,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     dataset = TokenDataset(cfg.data) if dataset is None else dataset
     device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = init_parallel(cfg.dp, cfg.tp, device=str(device))  # under torchrun: join the group, take LOCAL_RANK's GPU
+    # Each rank checks its own device before the model or a batch is allocated; one refusal stops every rank.
+    too_big = first_refusal(ctx, training_memory_refusal(cfg, ctx.device, initial_model, dataset=dataset))
+    if too_big is not None:
+        raise DeviceError(too_big)
     model = build_model(cfg, ctx.device) if initial_model is None else initial_model.to(ctx.device).train()
     seq_len = cfg.seq_len or model.config.max_seq_len
     check_compatible(model, dataset, seq_len, objective is not None and objective.adapters_only,
