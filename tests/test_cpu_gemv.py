@@ -18,7 +18,7 @@ from spectra.kernels import cpu_gemv, ternary_matmul, ternary_matmul_reference
 @pytest.fixture
 def compiled_path(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "ENABLED", True)
-    monkeypatch.setattr(cpu_gemv, "_broken", None)
+    monkeypatch.setattr(cpu_gemv.FALLBACK, "broken", None)
 
 
 def _case(fmt, n, k, parts, axis, seed):

@@ -16,7 +16,7 @@ from spectra.ternary import expand_scales
 
 @pytest.fixture
 def fresh_gluon_state(monkeypatch):
-    monkeypatch.setattr(gluon_launch, "_broken", None)
+    monkeypatch.setattr(gluon_launch.FALLBACK, "broken", None)
     plans.clear_plans()
     yield
     plans.clear_plans()
@@ -37,7 +37,7 @@ def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_sta
 def test_spectra_gluon_0_turns_the_kernel_off(monkeypatch, fresh_gluon_state, recwarn):
     monkeypatch.setenv("SPECTRA_GLUON", "0")
     assert not gluon_launch.available()
-    assert gluon_launch._broken is None and not recwarn.list  # a switch, not a failure: no warning, nothing kept
+    assert gluon_launch.FALLBACK.broken is None and not recwarn.list  # a switch, not a failure: no warning
 
 
 def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monkeypatch, fresh_gluon_state):

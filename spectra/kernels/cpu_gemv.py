@@ -15,18 +15,18 @@ up to fp32 summation order (the reference multiplies in x's dtype, this accumula
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..formats import TQ1_POW3, get_format
+from .launch_support import FastPathSwitch
 from .reference import scale_columns_reference
 
 MAX_M = 8
 # SPECTRA_CPU_GEMV=0 turns the path off (the reference everywhere, e.g. for bit-exact comparisons).
 ENABLED = os.environ.get("SPECTRA_CPU_GEMV", "1") != "0"
-_broken: str | None = None
+FALLBACK = FastPathSwitch("the compiled CPU product of packed weights", "the reference (unpack, then a dense product)")
 _compiled: dict[str, object] = {}
 
 
@@ -59,19 +59,11 @@ _PRODUCTS = {"tq2": _tq2_product, "tq1": _tq1_product}
 
 def usable(x: torch.Tensor) -> bool:
     """Whether a call with activations `x` may take this path (CPU, small m, no gradient, compiling works)."""
-    if not ENABLED or _broken is not None or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not ENABLED or FALLBACK.broken is not None or x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
     return x.numel() // max(x.shape[-1], 1) <= MAX_M
-
-
-def _disable(reason: str) -> None:
-    global _broken
-    if _broken is None:
-        _broken = reason
-        warnings.warn(f"spectra: the compiled CPU product of packed weights is unavailable ({reason}); using the "
-                      "reference (unpack, then a dense product)", RuntimeWarning, stacklevel=4)
 
 
 def _product(fmt: str):
@@ -95,7 +87,7 @@ def ternary_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_featu
     try:
         y = _product(fmt)(xf, packed)
     except Exception as exc:  # noqa: BLE001 - no C++ compiler, or an inductor failure: the reference instead
-        _disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        FALLBACK.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return None
     if scales.numel() == 1:
         y = y * scales.float()

@@ -12,18 +12,17 @@ and the dispatcher runs the portable kernel instead.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 from ..formats import get_format
-from .launch_support import WORKSPACE, scale_columns, scale_mode
+from .launch_support import WORKSPACE, FastPathSwitch, scale_columns, scale_mode
 from .ptx import word_decode_asm
 
 BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
-_broken: str | None = None  # why the Gluon kernel cannot be used in this process (first failure), or None
+FALLBACK = FastPathSwitch("the Hopper Gluon kernel", "the portable Triton kernel")
 # tests/test_gluon_kernel.py passed on an H100 (2026-12-07, after the late-wait loop was removed), so the tuner
 # offers Gluon configs; not yet run on an H200. Dispatch uses the kernel only through tuned entries (H100: the
 # 3.9B q/k/v and o shapes at m <= 8, where it beat the portable kernel).
@@ -38,7 +37,7 @@ def tuning_enabled() -> bool:
 def available() -> bool:
     """Triton has Gluon and the Gluon kernel module imports (it failed no earlier compile); SPECTRA_GLUON=0
     turns the kernel off (the portable kernel everywhere, e.g. to compare the two)."""
-    if _broken is not None or os.environ.get("SPECTRA_GLUON") == "0":
+    if FALLBACK.broken is not None or os.environ.get("SPECTRA_GLUON") == "0":
         return False
     try:
         from . import tq_gluon  # noqa: F401
@@ -59,11 +58,7 @@ def usable(device: torch.device, m: int, dtype: torch.dtype) -> bool:
 
 def disable(reason: str) -> None:
     """Stop using the Gluon kernel in this process, with one warning line (the first reason only)."""
-    global _broken
-    if _broken is None:
-        _broken = reason
-        warnings.warn(f"spectra: the Hopper Gluon kernel is unavailable ({reason}); using the portable Triton "
-                      "kernel", RuntimeWarning, stacklevel=3)
+    FALLBACK.disable(reason)
 
 
 def steps_and_split(q: int, split: int, block_m: int, planes: int, block_j: int = 64) -> tuple[int, int]:

@@ -1,7 +1,10 @@
 """What every launcher of the packed kernels shares (dispatch, cached plans, the Gluon launcher, decode
-attention): the split-k workspace and how per-shard scales reach a kernel."""
+attention, the compiled CPU product): the split-k workspace, how per-shard scales reach a kernel, and the
+switch that turns a fast path off at its first failure."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -54,3 +57,18 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
 
 
 WORKSPACE = _Workspace()
+
+
+class FastPathSwitch:
+    """A fast path that turns itself off for the rest of the process at its first failure (a compiler that
+    cannot build it), with one warning line giving the first reason; callers then take `instead`."""
+
+    def __init__(self, name: str, instead: str) -> None:
+        self.name, self.instead = name, instead
+        self.broken: str | None = None  # why the fast path is off in this process, or None
+
+    def disable(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            warnings.warn(f"spectra: {self.name} is unavailable ({reason}); using {self.instead}", RuntimeWarning,
+                          stacklevel=4)
