@@ -211,3 +211,14 @@ def test_cli_tasks_bad_options_are_one_line(setup, capsys, extra):
                  *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("limit" in err[0] or "num_fewshot" in err[0] or "not a directory" in err[0]), err
+
+
+def test_cli_tasks_more_fewshot_examples_than_documents_is_one_error_line(setup, capsys):
+    # lm-eval samples the few-shot examples once it has started (its own log lines come first) and failed with
+    # "Sample larger than population" (exit 1): now exit 2 and one error line naming the fix.
+    capsys.readouterr()
+    assert main(["eval", "tasks", str(setup.ckpt), "--tasks", "spectra_local_mc", "--include-path", str(setup.tasks),
+                 "--device", "cpu", "--num-fewshot", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert errors == [err[-1]] and "num_fewshot 1000" in err[-1] and "lower --num-fewshot" in err[-1], err[-3:]

@@ -322,10 +322,17 @@ def evaluate_tasks(model: str | Path | torch.nn.Module, tasks: list[str] | tuple
         runnable = [name for name in tasks if name not in missing]
         lm = model if isinstance(model, SpectraEvalLM) else SpectraEvalLM(model, tokenizer=tokenizer,
                                                                           device=device, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=lm, tasks=runnable, num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=manager, log_samples=log_samples, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed,
-                                          fewshot_random_seed=seed)
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=runnable, num_fewshot=num_fewshot, limit=limit,
+                                              task_manager=manager, log_samples=log_samples, random_seed=seed,
+                                              numpy_random_seed=seed, torch_random_seed=seed,
+                                              fewshot_random_seed=seed)
+        except ValueError as err:
+            # lm-eval draws the few-shot examples with random.sample, which fails this way deep inside
+            if "larger than population" not in str(err):
+                raise
+            raise DataError(f"num_fewshot {num_fewshot} asks for more few-shot examples than a task's documents "
+                            f"hold ({', '.join(runnable)}); lower --num-fewshot") from None
     results["skipped_tasks"] = missing
     return results
 
