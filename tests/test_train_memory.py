@@ -66,6 +66,10 @@ def test_a_step_larger_than_the_free_memory_is_refused_and_the_override_runs_it(
     assert not (tmp_path / "r").exists()
     result = train(data=world["data"], out_dir=str(tmp_path / "r"), steps=1, skip_memory_check=True, **TINY)
     assert result.step == 1 and json.loads((tmp_path / "r" / "run.json").read_text())["config"]["skip_memory_check"]
+    # the override was for that start on this machine: resuming checks again unless it is given again
+    with pytest.raises(DeviceError, match="needs about"):
+        train(resume=str(tmp_path / "r"), steps=2)
+    assert train(resume=str(tmp_path / "r"), steps=2, skip_memory_check=True).step == 2
 
 
 @pytest.mark.parametrize("dp", [1, 2, 4])

@@ -149,7 +149,8 @@ def _run_config(config: TrainConfig | None, saved: dict | None, checkpoint: Path
         if saved is not None:
             # Keep writing next to the checkpoint, wherever the run directory has moved since.
             here = {"out_dir": str(checkpoint.parent.parent)} if checkpoint.parent.name == CHECKPOINTS_DIR else {}
-            config = TrainConfig.from_dict({**saved["config"], **here, **options})
+            # the memory check is about this machine, not the run: a resumed run checks again unless told not to
+            config = TrainConfig.from_dict({**saved["config"], **here, "skip_memory_check": False, **options})
         else:
             config = TrainConfig(**options)
     elif options:
