@@ -97,8 +97,9 @@ def _prompt_tensor(model: SpectraLM, prompt: torch.Tensor | list[int]) -> torch.
         raise DataError(f"the prompt must be a non-empty list of ids or a [batch, tokens] tensor, got shape "
                         f"{tuple(tokens.shape)}")
     vocab = model.config.vocab_size
-    if bool(((tokens < 0) | (tokens >= vocab)).any()):
-        bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
+    outside = (tokens < 0) | (tokens >= vocab)
+    if bool(outside.any()):
+        bad = int(tokens[outside][0])
         raise DataError(f"the prompt holds token id {bad}, outside the model's vocabulary of {vocab}; encode it "
                         f"with the model's own tokenizer")
     if tokens.shape[1] > model.config.max_seq_len:

@@ -265,7 +265,9 @@ class SpectraLM(nn.Module):
                 replace_layers(self, {prefix + spec.name: None for spec in specs} | {prefix + new: joined})
                 fused += 1
             for spec in BLOCK_LINEARS:
-                consumer = layer.get_submodule(spec.path) if spec.input_from else None
+                if spec.input_from is None:
+                    continue
+                consumer = layer.get_submodule(spec.path)
                 if hasattr(consumer, "fold_column_scales"):  # packed layers
                     consumer.fold_column_scales(*self._rows_of(layer, SPECS[spec.input_from]))
         return fused

@@ -180,13 +180,10 @@ def fewest_shard_scales(per_row: torch.Tensor) -> torch.Tensor:
     """The shortest scale vector whose torch.tensor_split shards expand to `per_row` exactly (the kernels'
     per-shard form), or `per_row` itself where no shorter one does."""
     size = per_row.numel()
-    runs = 1 + int((per_row[1:] != per_row[:-1]).sum())
-    for parts in dict.fromkeys((runs, size)):
-        starts = torch.tensor([start for start, _ in shard_bounds(size, parts)], device=per_row.device)
-        candidate = per_row[starts]
-        if torch.equal(expand_scales(candidate, (size, 1), 0).flatten(), per_row):
-            return candidate
-    return per_row
+    runs = 1 + int((per_row[1:] != per_row[:-1]).sum())  # the only shard count that can work
+    starts = torch.tensor([start for start, _ in shard_bounds(size, runs)], device=per_row.device)
+    candidate = per_row[starts]
+    return candidate if torch.equal(expand_scales(candidate, (size, 1), 0).flatten(), per_row) else per_row
 
 
 # --- packing a model in place ------------------------------------------------------------------------

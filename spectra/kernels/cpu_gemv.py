@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import TQ1_POW3, get_format
+from ..ternary import expand_scales
 from .launch_support import FastPathSwitch
 from .reference import scale_columns_reference
 
@@ -77,22 +78,20 @@ def ternary_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_featu
                        shard_axis: int) -> torch.Tensor | None:
     """y = x @ (trits * scales)^T for x [..., in_features] on the CPU, or None if compiling failed (the caller
     then runs the reference). Same arguments as :func:`~spectra.kernels.ternary_matmul`."""
-    fmt = get_format(fmt).name
+    spec = get_format(fmt)
+    n = packed.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if scales.numel() > 1 and shard_axis == 1:  # column-shard scales: on x first, as the reference's weight has them
+    column_scales = scales.numel() > 1 and shard_axis == 1
+    if column_scales:  # on x first, as the reference's weight has them
         x2 = scale_columns_reference(x2, scales, in_features)
-    width = get_format(fmt).trits_per_byte * packed.shape[1]  # the planes' columns, padding included
+    width = spec.trits_per_byte * packed.shape[1]  # the planes' columns, padding included
     xf = F.pad(x2.float(), (0, width - in_features))
     try:
-        y = _product(fmt)(xf, packed)
+        y = _product(spec.name)(xf, packed)
     except Exception as exc:  # noqa: BLE001 - no C++ compiler, or an inductor failure: the reference instead
         FALLBACK.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return None
-    if scales.numel() == 1:
-        y = y * scales.float()
-    elif shard_axis == 0:
-        base, extra = divmod(packed.shape[0], scales.numel())
-        sizes = [base + 1] * extra + [base] * (scales.numel() - extra)
-        y = y * torch.repeat_interleave(scales.float(), torch.tensor(sizes))
-    return y.to(x.dtype).reshape(*lead, packed.shape[0])
+    if not column_scales:  # one scale, or one per shard of the output rows
+        y = y * expand_scales(scales.float(), (n, 1), 0).flatten()
+    return y.to(x.dtype).reshape(*lead, n)
