@@ -19,6 +19,7 @@ from spectra.data import TokenDataset, prepare_data
 from spectra.distributed import ParallelContext, first_refusal
 from spectra.errors import DeviceError
 from spectra.finetune import FinetuneConfig, finetune
+from spectra.size import count_parameters
 from spectra.tokenizer import train_tokenizer
 from spectra.train import TrainConfig, train
 from spectra.train.memory import estimate_step_memory, training_memory_refusal
@@ -118,7 +119,7 @@ def test_the_estimate_grows_with_what_a_step_holds():
     assert fsdp.optimizer == base.optimizer // 2 and fsdp.activations == base.activations // 2
     assert ddp.optimizer == base.optimizer and ddp.gradients == 2 * base.gradients
     # every parameter of a built model is counted
-    assert memory.parameter_counts(config)[0] == sum(p.numel() for p in SpectraLM(config).parameters())
+    assert count_parameters(config).total == sum(p.numel() for p in SpectraLM(config).parameters())
     assert "activations" in base.describe()
     # fine-tuning's packed rows attend under a [B, 1, t, t] mask; pretraining windows do not
     packed = estimate_step_memory(config, 8, 256, document_masks=True)

@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..block import BLOCK_LINEARS
 from ..checkpoint import read_config
 from ..config import ModelConfig, get_config
 from ..data import TokenDataset
+from ..size import count_parameters
 from .config import TrainConfig
 
 ROW_OBJECT_BYTES = 112     # a NumPy array object per loaded window, before np.stack (spectra.data.WindowLoader)
@@ -58,15 +58,6 @@ def _gb(n: float) -> str:
     if n >= 1e12:
         return f"{n / 1e12:,.1f} TB"
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def parameter_counts(config: ModelConfig) -> tuple[int, int]:
-    """(all trainable parameters of a fresh model of `config`, those in the blocks' linear layers), from the
-    block table: what a model of this config holds before it is built."""
-    per_layer = sum(getattr(config, s.in_size) * getattr(config, s.out_size) for s in BLOCK_LINEARS)
-    linear = config.num_layers * per_layer
-    norms = (2 * config.num_layers + 1) * config.hidden_size
-    return linear + norms + 2 * config.vocab_size * config.hidden_size, linear  # + embedding and lm head
 
 
 @dataclass(frozen=True)
@@ -113,10 +104,10 @@ def estimate_step_memory(config: ModelConfig, batch_size: int, seq_len: int, *, 
     a packed base included). `batch_size` is the global micro-batch, split over `dp` ranks; `cuda` counts the
     optimizer's foreach temporaries and leaves the host's copies of the batch and of the `eval_rows` fixed
     evaluation windows out. `document_masks`: rows packed from several documents (fine-tuning's examples)."""
-    all_params, all_linear = parameter_counts(config)
-    parameters = all_params if parameters is None else parameters
+    counts = count_parameters(config)  # a fresh model of `config`, as the block table gives it
+    parameters = counts.total if parameters is None else parameters
     trainable = parameters if trainable is None else trainable
-    linear = all_linear if linear is None else linear
+    linear = counts.linear if linear is None else linear
     a = 2 if bf16 else 4
     h, i, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     shard = tp * (dp if fsdp else 1)
