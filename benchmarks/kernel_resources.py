@@ -3,6 +3,7 @@
     python benchmarks/kernel_resources.py --format tq2 --block-n 128 --warps 8 --stages 6
     python benchmarks/kernel_resources.py --sass        # + SASS instruction counts of the K loop
     python benchmarks/kernel_resources.py --format tq1 --in-features 8192 --sass   # the masks k = 8192 needs
+    python benchmarks/kernel_resources.py --kernel gemv --block-n 16 --block-j 256 --stages 1 --sass
 
 Compiles ``tq_matmul_kernel`` ahead of time with the installed Triton (its bundled ptxas and nvdisasm) for
 the sizes a real launch specialises on (16-byte aligned rows; the column masks of --in-features, none by
@@ -28,24 +29,31 @@ from triton.compiler import ASTSource
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
 from spectra.kernels.configs import KernelConfig
-from spectra.kernels.dispatch import FENCE_MODE, _column_masks, kernel_constexprs
+from spectra.kernels.dispatch import FENCE_MODE, _column_masks, gemv_args, kernel_constexprs
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}", "ws_ptr": "*fp32",
              "cnt_ptr": "*i32"}
-_ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT")  # multiples of 16 in real layer shapes
+# multiples of 16 in real layer shapes
+_ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT", "C_PER_SPLIT")
 
 
 def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None):
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
     (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
-    fn = tq_triton.tq_matmul_kernel
-    masks = (False, 0, 0)
-    if in_features is not None:
-        spec = get_format(fmt)
-        masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
-    constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
-                                   use_asm=True, fence=FENCE_MODE)
+    spec = get_format(fmt)
+    if cfg.kind == "gemv":
+        fn = tq_triton.tq_gemv_kernel
+        k = in_features or 8192
+        args = gemv_args(fmt, cfg, 1, 4096, k, spec.row_bytes(k), 0, FENCE_MODE)
+        constexprs = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name in args}
+    else:
+        fn = tq_triton.tq_matmul_kernel
+        masks = (False, 0, 0)
+        if in_features is not None:
+            masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
+        constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
+                                       use_asm=True, fence=FENCE_MODE)
     constexprs["SPLIT_K"] = cfg.split > 1
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -103,6 +111,8 @@ def loop_op_counts(cubin: bytes) -> collections.Counter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", default="tc", choices=["tc", "gemv"],
+                   help="tc: the tensor-core kernel; gemv: the CUDA-core GEMV kernel (block-m is ignored)")
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--block-m", type=int, default=16)
@@ -115,7 +125,7 @@ def main() -> None:
                    help="compile with the column masks this k needs (default: none, as for 70B TQ2 shapes)")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
     args = p.parse_args()
-    cfg = KernelConfig("tc", args.block_m, args.block_n, args.block_j, args.split, args.warps, args.stages)
+    cfg = KernelConfig(args.kernel, args.block_m, args.block_n, args.block_j, args.split, args.warps, args.stages)
     kernel = compile_config(args.format, cfg, args.dtype, args.in_features)
     usage = resource_usage(kernel.asm["cubin"])
     regs, shared = usage["REG"], kernel.metadata.shared

@@ -73,8 +73,8 @@ def test_plan_validates_on_first_use(monkeypatch):
 
 
 # The plans' launches (compiled-kernel fast path on a GPU; the interpreter here) against the reference: split-k,
-# stream-K, per-shard scales on both axes, a 3-D and a strided activation, and the dequantize path into the
-# cached scratch; each plan called twice (the second call is the cached launch).
+# stream-K, the CUDA-core GEMV, per-shard scales on both axes, a 3-D and a strided activation, and the dequantize
+# path into the cached scratch; each plan called twice (the second call is the cached launch).
 _SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
@@ -84,7 +84,8 @@ _SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     K = configs.KernelConfig
     failures, cases = [], 0
-    for cfg in (K("tc", 16, 16, 32, 3, 4, 2), K("sk", 16, 32, 32, 1, 4, 2, 3), K("dequant")):
+    for cfg in (K("tc", 16, 16, 32, 3, 4, 2), K("sk", 16, 32, 32, 1, 4, 2, 3), K("dequant"),
+                K("gemv", 1, 16, 64, 2, 4, 1)):
         configs.lookup_config = lambda *a, cfg=cfg: cfg
         plans.clear_plans()  # plans are cached per call signature: each config builds its own
         for fmt, n, k in (("tq2", 37, 300), ("tq1", 21, 713)):
@@ -113,7 +114,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_plans_in_interpreter_match_reference():
-    assert "cases=48" in run_in_interpreter(_SCRIPT)
+    assert "cases=64" in run_in_interpreter(_SCRIPT)
 
 
 def test_gemm_table_eager_columns_report_host_time_per_product():
@@ -190,4 +191,9 @@ def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypat
         launch(f"x{i}")
     assert calls == ["jit", "jit", "jit"]
     monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "1")
+    assert plans.direct_launch_enabled()
+    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
+    monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "0")
+    assert not plans.direct_launch_enabled()
+    monkeypatch.delenv("SPECTRA_DIRECT_LAUNCH")
     assert plans.direct_launch_enabled()

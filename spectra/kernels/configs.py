@@ -3,12 +3,12 @@
 A config (:class:`KernelConfig`) is a tensor-core launch of ``tq_matmul_kernel`` (tile sizes, split-k, warps,
 stages), the same kernel body as a persistent stream-K launch (``sk``, ``tq_matmul_sk_kernel``), ``dequant``
 (decode the whole weight to a dense matrix with ``tq_dequant_kernel`` on every call, then cuBLAS; nothing is
-cached), or ``gluon`` (the Hopper Gluon kernel, m <= 16). Configs are keyed by (GPU name, format, n x k, m bucket,
-activation dtype, scale mode) (:func:`config_key`; a Gluon entry adds :data:`GLUON_KEY_SUFFIX`) and come from,
-in order: the user cache (``$SPECTRA_CACHE`` or ``~/.cache/spectra/kernel_configs.json``, written by
-:mod:`spectra.kernels.tuning`), the tuned table shipped beside this file (``tuned_configs.json``), else a
-heuristic (:func:`heuristic_config`). :func:`lookup_config` is that choice; :mod:`spectra.kernels.dispatch`
-launches what it returns.
+cached), ``gluon`` (the Hopper Gluon kernel, m <= 16), or ``gemv`` (``tq_gemv_kernel`` on the CUDA cores,
+m <= 2). Configs are keyed by (GPU name, format, n x k, m bucket, activation dtype, scale mode)
+(:func:`config_key`; a Gluon entry adds :data:`GLUON_KEY_SUFFIX`) and come from, in order: the user cache
+(``$SPECTRA_CACHE`` or ``~/.cache/spectra/kernel_configs.json``, written by :mod:`spectra.kernels.tuning`), the
+tuned table shipped beside this file (``tuned_configs.json``), else a heuristic (:func:`heuristic_config`).
+:func:`lookup_config` is that choice; :mod:`spectra.kernels.dispatch` launches what it returns.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class KernelConfig:
     # "tc": tensor-core kernel on packed weights, one program per output tile (times split-k);
     # "sk": the same product as a persistent stream-K launch (the GEMM regime, large m);
     # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon kernel (m <= 16; block_m and
-    # split only, see gluon_launch).
+    # split only, see gluon_launch); "gemv": the CUDA-core GEMV kernel (small m; block_n rows per program,
+    # block_j packed bytes per row and step, block_m unused).
     kind: str = "tc"
     block_m: int = 16
     block_n: int = 64
@@ -162,6 +163,7 @@ def candidate_configs(n: int, k: int, m: int, fmt: str, sms: int) -> list[Kernel
                     out.add(KernelConfig("tc", bm, 128, bj, 1, 8, 3))
     out |= set(large_m_configs(m))
     out = {c for c in out if smem_bytes(c, fmt) <= SMEM_LIMIT}
+    out |= set(gemv_candidates(n, k, m, fmt, sms))
     out.add(KernelConfig("dequant"))
     return sorted(out, key=lambda c: (c.kind, c.block_m, c.block_j, c.split))
 
@@ -176,6 +178,30 @@ def large_m_configs(m: int) -> list[KernelConfig]:
         return []
     bm = 64 if b == 64 else 128
     return [KernelConfig("sk", bm, 128, 32, 1, 8, 3)]
+
+
+# GEMV tiles (rows per program, packed bytes per row and step, stages) the tuner tries at m <= GEMV_MAX_M: rows
+# per thread amortise the activation loads, and deeper tiles keep more weight bytes in flight per thread.
+GEMV_TILES = ((16, 256, 1), (32, 256, 1), (64, 128, 1), (64, 256, 1), (32, 512, 1), (32, 256, 2), (64, 256, 2))
+GEMV_MAX_M = 2
+
+
+def gemv_candidates(n: int, k: int, m: int, fmt: str, sms: int,
+                    tiles: tuple[tuple[int, int, int], ...] = GEMV_TILES) -> list[KernelConfig]:
+    """CUDA-core GEMV configs (m <= GEMV_MAX_M; one activation row per program): each tile with the split-k
+    factors that give between half a wave and a few waves of programs."""
+    if m > GEMV_MAX_M:
+        return []
+    words = get_format(fmt).row_bytes(k) // 4
+    out = []
+    for bn, bj, stages in tiles:
+        fits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if s == 1 or words // s >= bj // 4]
+        programs = {s: -(-n // bn) * s * m for s in fits}
+        chosen = [s for s in fits if sms // 2 <= programs[s] <= 8 * sms]
+        # a small matrix: the split that comes nearest to filling the GPU
+        out += [KernelConfig("gemv", 1, bn, bj, s, 4, stages)
+                for s in chosen or [min(fits, key=lambda s: abs(programs[s] - sms))]]
+    return out
 
 
 # Prefill-sized m, past the tuned buckets: above this m, decoding the weight once per call and running cuBLAS
@@ -220,6 +246,8 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
                      == heuristic_config(n, k, m, fmt, 1).block_m]
         for b in sorted(same_tile, key=lambda b: abs(b - m_bucket(m))):
             entry = _load_table().get(config_key(fmt, n, k, b, dtype, 0, gpu_name(device)))
+            if entry is not None and entry.get("kind") == "gemv" and m_bucket(m) > GEMV_MAX_M:
+                entry = None  # one activation row per program: reads the weights m times
             if entry is not None:
                 break
     if entry is not None:

@@ -14,10 +14,10 @@ import torch
 from ..errors import DeviceError, FormatError
 from ..formats import ROW_ALIGN_BYTES, get_format
 from ..ternary import shard_bounds
-from . import gluon_launch
+from . import gluon_launch, launch_support
 from .configs import KernelConfig, heuristic_config, num_sms
 from .launch_support import WORKSPACE, scale_columns, scale_mode
-from .ptx import decode_asm
+from .ptx import decode_asm, widen_x4_asm
 
 # The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
 # that holds because packed rows are padded to ROW_ALIGN_BYTES.
@@ -107,6 +107,65 @@ def split_k_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, 
     return (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), _cdiv(q, j_per_split)), j_per_split
 
 
+def gemv_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, int, int], int]:
+    """Grid of the CUDA-core GEMV launch (one activation row per program on axis 0) and the int32 words of a
+    row each split covers (a multiple of the words per step)."""
+    words, step = q // 4, cfg.block_j // 4
+    blocks = _cdiv(words, step)
+    c_per_split = _cdiv(blocks, max(1, min(cfg.split, blocks))) * step
+    return (m, _cdiv(n, cfg.block_n), _cdiv(words, c_per_split)), c_per_split
+
+
+def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode: int, fence: int,
+              x_vec: bool = True, dtype: torch.dtype | None = torch.float16, pdl: bool = False) -> dict:
+    """Non-tensor arguments of tq_gemv_kernel for a config (the grid comes from :func:`gemv_grid`). x_vec: the
+    activations' rows start 8-byte aligned, so four of them load as one int64; dtype: the activations' dtype on
+    a GPU (their inline-asm widening), None under the interpreter; pdl: launched with programmatic dependent
+    launch (the launch must then pass launch_pdl=True)."""
+    planes = get_format(fmt).trits_per_byte
+    _, c_per_split = gemv_grid(m, n, q, cfg)
+    return dict(M=m, N=n, K=k, Q=q, P=None, C_PER_SPLIT=c_per_split, G=planes, SCALE_MODE=mode, BN=cfg.block_n,
+                BC=cfg.block_j // 4, MASK_C=(q // 4) % (cfg.block_j // 4) != 0,
+                PLANE_MASK=_column_masks(q, k, planes, cfg.block_j)[2], FENCE=fence, NUM_STAGES=cfg.num_stages,
+                X_VEC=x_vec, USE_ASM=dtype is not None, PDL=pdl,
+                X_ASM=widen_x4_asm("fp16" if dtype == torch.float16 else "bf16") if dtype is not None else "")
+
+
+def gemv_usable(packed: torch.Tensor) -> bool:
+    """The GEMV kernel reads packed rows as int32 words: rows must be 4-byte aligned (ROW_ALIGN_BYTES makes
+    row lengths so; a tensor's start may not be, e.g. a view at an odd byte offset)."""
+    return packed.data_ptr() % 4 == 0 and packed.stride(0) % 4 == 0 and packed.stride(1) == 1
+
+
+def x_vec_aligned(x2: torch.Tensor) -> bool:
+    """Rows of x2 start at 8-byte boundaries (the GEMV kernel's int64 activation loads)."""
+    return (x2.data_ptr() % 8 == 0 and (x2.stride(0) * x2.element_size()) % 8 == 0
+            and x2.element_size() == 2)
+
+
+def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                shard_axis: int, cfg: KernelConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """CUDA-core GEMV kernel on a 2-D, row-contiguous x2 [m, k] (same inputs and result as :func:`launch_tc`)."""
+    from .tq_triton import tq_gemv_kernel  # optional: triton
+
+    mode = scale_mode(scales, shard_axis)
+    if mode == 2:
+        x2 = scale_columns(x2, scales, x2.shape[1])
+    m, k = x2.shape
+    n, q = packed.shape
+    y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    grid, _ = gemv_grid(m, n, q, cfg)
+    ws, cnt = WORKSPACE.get(x2.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
+    pdl = launch_support.pdl_enabled(x2.device)
+    named = gemv_args(fmt, cfg, m, n, k, q, mode, FENCE_MODE if x2.is_cuda else 0, x_vec_aligned(x2),
+                      x2.dtype if x2.is_cuda else None, pdl)
+    named.update(P=scales.numel(), SPLIT_K=grid[2] > 1)
+    tq_gemv_kernel[grid](x2, packed, scales, y, ws, cnt, stride_xm=x2.stride(0), stride_ym=y.stride(0),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **named,
+                         **(dict(launch_pdl=True) if pdl else {}))
+    return y
+
+
 def stream_k_grid(m: int, n: int, q: int, cfg: KernelConfig, device: torch.device) -> tuple[int, int, int, int, int]:
     """Programs, output tiles (m, n), K steps per tile and total work units of the persistent stream-K launch."""
     tiles_m, tiles_n, steps = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), _cdiv(q, cfg.block_j)
@@ -187,4 +246,9 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
         return torch.matmul(x2, w.t())
     if cfg.kind == "sk":
         return launch_sk(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)
+    if cfg.kind == "gemv":
+        if gemv_usable(packed):
+            return launch_gemv(x2, packed, fmt, in_features, scales, shard_axis, cfg)
+        cfg = heuristic_config(packed.shape[0], in_features, x2.shape[0], fmt,
+                               num_sms(x2.device) if x2.is_cuda else 4)
     return launch_tc(x2, packed, fmt, in_features, scales, shard_axis, cfg, use_asm=use_asm)

@@ -4,6 +4,7 @@ switch that turns a fast path off at its first failure."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -57,6 +58,26 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
 
 
 WORKSPACE = _Workspace()
+
+
+_pdl: dict[tuple, bool] = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with the griddepcontrol intrinsics;
+    SPECTRA_PDL=0 turns it off (to compare). The GEMV kernel is launched with it and prefetches its weights
+    before waiting; the kernels that run before it in a decode step (norms, SwiGLU, decode attention) signal
+    at their start that it may launch."""
+    if device.type != "cuda":
+        return False
+    key = (device.index, os.environ.get("SPECTRA_PDL"))  # memoised: pointwise launches ask on every call
+    if key not in _pdl:
+        from . import tq_triton  # optional: triton
+
+        _pdl[key] = (tq_triton.gdc_wait is not None and key[1] != "0"
+                     and torch.cuda.get_device_capability(device)[0] >= 9)
+    return _pdl[key]
+
 
 
 class FastPathSwitch:

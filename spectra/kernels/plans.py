@@ -24,15 +24,15 @@ import torch
 from ..formats import get_format
 from . import configs, dispatch, gluon_launch, launch_support
 
-# Calling the compiled kernel's launcher directly (skipping Triton's per-call argument binding) has not yet run
-# on a GPU: until a device run of the GPU tests passes with it, launches go through Triton's JIT entry (the path
-# the GPU tests verified, with the same argument lists the interpreter tests check); SPECTRA_DIRECT_LAUNCH=1
-# turns the direct launcher on for measuring it.
-DIRECT_LAUNCH_VERIFIED_ON_GPU = False
+# Calling the compiled kernel's launcher directly skips Triton's per-call argument binding. The GPU tests of the
+# decode paths passed with it on an H100 (2026-12-07, Triton 3.6: generation, CUDA graphs, fused projections,
+# the GEMV kernel with PDL), and it cut the host time of an eager call from 20.2 to 6.0 us, so it is on;
+# SPECTRA_DIRECT_LAUNCH=0 sends every launch through Triton's JIT entry instead (=1 forces it where unverified).
+DIRECT_LAUNCH_VERIFIED_ON_GPU = True
 
 
 def direct_launch_enabled() -> bool:
-    return DIRECT_LAUNCH_VERIFIED_ON_GPU or os.environ.get("SPECTRA_DIRECT_LAUNCH") == "1"
+    return os.environ.get("SPECTRA_DIRECT_LAUNCH", "1" if DIRECT_LAUNCH_VERIFIED_ON_GPU else "0") == "1"
 
 
 MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
@@ -232,7 +232,12 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     import triton
 
     from . import KERNEL_DTYPES  # the package __init__ defines it after importing this module
-    from .tq_triton import tq_matmul_kernel, tq_matmul_sk_kernel, tq_scale_columns_kernel  # optional: triton
+    from .tq_triton import (  # optional: triton
+        tq_gemv_kernel,
+        tq_matmul_kernel,
+        tq_matmul_sk_kernel,
+        tq_scale_columns_kernel,
+    )
 
     dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
     if not scales.is_contiguous():
@@ -258,6 +263,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
             plan.cfg = cfg
             return plan
         cfg = dispatch.portable_config(cfg, fmt, n, k, m, x.device)
+    if cfg.kind == "gemv" and not dispatch.gemv_usable(packed):
+        cfg = configs.heuristic_config(n, k, m, fmt, configs.num_sms(x.device) if x.is_cuda else 4)
     plan.cfg = cfg
     if cfg.kind == "dequant":
         plan.dense = _dense(n, fmt, k, scales.numel(), shard_axis, x.dtype, x.device)
@@ -269,13 +276,26 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
                           dict(M=m, K=k, P=scales.numel(), stride_xm=stride_xm, BK=bk),
                           ("x_ptr", "s_ptr", "out_ptr"), dict(num_warps=4))
         stride_xm = k
+    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
+    if cfg.kind == "gemv":
+        grid, _ = dispatch.gemv_grid(m, n, q, cfg)
+        ws, cnt = launch_support.WORKSPACE.get(x.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
+        pdl = launch_support.pdl_enabled(x.device)
+        # x_vec: the activations the kernel reads (x, or the column-scaled copy) start rows at 8-byte boundaries
+        x_vec = x.element_size() == 2 and (stride_xm * 2) % 8 == 0 and (plan.pre is not None or x.data_ptr() % 8 == 0)
+        named = dispatch.gemv_args(fmt, cfg, m, n, k, q, mode, dispatch.FENCE_MODE if x.is_cuda else 0, x_vec,
+                                   x.dtype if x.is_cuda else None, pdl)
+        named.update(P=scales.numel(), ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=grid[2] > 1, stride_xm=stride_xm,
+                     stride_ym=n)
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
+        plan.main = Launch(tq_gemv_kernel, grid, named, slots, options)
+        return plan
     masks = dispatch._column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     # the inline-PTX decode and the fences exist on the GPU only (not under TRITON_INTERPRET)
     named = dispatch.kernel_constexprs(fmt, cfg, x.dtype, mode, masks, x.is_cuda,
                                        dispatch.FENCE_MODE if x.is_cuda else 0)
     named.update(M=m, N=n, K=k, Q=q, stride_xm=stride_xm, stride_ym=n, P=scales.numel())
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "sk":
         programs, tiles_m, tiles_n, steps, total = dispatch.stream_k_grid(m, n, q, cfg, x.device)
         ws, cnt = launch_support.WORKSPACE.get(x.device, programs * 2 * cfg.block_m * cfg.block_n, tiles_m * tiles_n)

@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .launch_support import pdl_enabled
+
 try:
     import triton
     import triton.language as tl
+
+    from .tq_triton import gdc_launch_dependents
 except ImportError:  # pragma: no cover - CPU-only installs use the references
     triton = None
 
@@ -46,7 +50,9 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, N, stride_x, stride_r, eps,
-                         BLOCK: tl.constexpr, ADD: tl.constexpr):
+                         BLOCK: tl.constexpr, ADD: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:  # the next launch (a GEMV, launched with PDL) may start and prefetch its weights
+            gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -62,7 +68,9 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr):
+    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:  # as in _rms_norm_kernel
+            gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < H
@@ -100,7 +108,7 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight.contiguous(), out, total, n, x2.stride(0), r2.stride(0), eps,
                                          BLOCK=triton.next_power_of_2(n), ADD=residual is not None,
-                                         num_warps=4 if n <= 2048 else 8)
+                                         TRIGGER=pdl_enabled(x.device), num_warps=4 if n <= 2048 else 8)
     return total, out
 
 
@@ -126,5 +134,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(h))
     if g2.shape[0]:
         _swiglu_kernel[(g2.shape[0], triton.cdiv(h, block))](g2, u2, out, h, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                             num_warps=4)
+                                                             TRIGGER=pdl_enabled(gate.device), num_warps=4)
     return out

@@ -89,6 +89,51 @@ def l2_size(device: torch.device) -> int:
     return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
 
 
+def time_fp16_product(x: torch.Tensor, n: int, l2_bytes: int, generator: torch.Generator, reps: int = 200,
+                      trials: int = 5) -> float:
+    """Median seconds of cuBLAS x @ W^T for cold random fp16 weights W [n, k] (the baseline of the kernel tables)."""
+    m, k = x.shape
+    copies = copies_for(n * k * 2, l2_bytes)
+    ws = [torch.randn(n, k, dtype=x.dtype, device=x.device, generator=generator) * 0.02 for _ in range(copies)]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    return time_graph(lambda i: torch.matmul(x, ws[i].t(), out=out), copies, reps, trials)
+
+
+def layer_table_row(shape_set: str, m: int, fp16_seconds: float, seconds: list[float]) -> str:
+    """One markdown row of a per-layer table: shape set, m, the fp16 time, then each time with its speedup."""
+    return (f"| {shape_set} | {m} | {fp16_seconds * 1e6:.1f} | "
+            + " | ".join(f"{t * 1e6:.1f} ({fp16_seconds / t:.2f}x)" for t in seconds) + " |")
+
+
+def reference_error(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                    y: torch.Tensor) -> float:
+    """Relative error of y against the fp32-accumulated product of x and the packed weights (one scale)."""
+    w = get_format(fmt).unpack(packed, in_features).float() * scales.float()
+    ref = x.float() @ w.t()
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def time_checked(launch: Callable[..., torch.Tensor], x: torch.Tensor, packs: list[torch.Tensor], fmt: str,
+                 scales: torch.Tensor, generator: torch.Generator, log: Callable[[str], None], label: str,
+                 reps: int = 200, trials: int = 5) -> float | None:
+    """Seconds per call of launch(x, packed) on cold copies `packs`, after checking launch(fresh x, packs[0],
+    out=poisoned) against the fp32 reference (relative error < 2e-3); None, with one log line, if it fails to
+    run or is wrong (a probe goes on with the next variant)."""
+    m, k = x.shape
+    fresh = torch.randn(m, k, dtype=x.dtype, device=x.device, generator=generator)
+    try:
+        y = torch.full((m, packs[0].shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+        launch(fresh, packs[0], out=y)
+        err = reference_error(fresh, packs[0], fmt, k, scales, y)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        log(f"  {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+    if not err < 2e-3:
+        log(f"  {label}: WRONG rel err {err:.3e}")
+        return None
+    return time_graph(lambda i: launch(x, packs[i]), len(packs), reps, trials)
+
+
 def random_packed(n: int, k: int, fmt: str, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     trits = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
     return get_format(fmt).pack(trits)

@@ -24,6 +24,9 @@ measured 2026-11-23: the per-column shard index is an integer division in the la
 USE_ASM selects the inline-PTX decode (spectra/kernels/ptx.py); the plain-Triton decode computes the same
 values and is what runs under TRITON_INTERPRET=1 on the CPU.
 
+tq_gemv_kernel is the small-m product on the CUDA cores (one activation row per program, three instructions
+per weight, fp32 sums; see its docstring): at m = 1 it beats the tensor-core kernel on most layer shapes.
+
 tq_matmul_sk_kernel runs the same K steps as a persistent stream-K launch (one program per SM, each taking
 an equal share of all tiles' K steps), for the GEMM regime where a one-program-per-tile grid leaves a partial
 last wave.
@@ -33,6 +36,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+try:  # programmatic dependent launch (Triton >= 3.4); the GEMV kernel uses it only where PDL is set
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: PDL stays off (dispatch.PDL_AVAILABLE)
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -378,3 +386,180 @@ def tq_scale_columns_kernel(x_ptr, s_ptr, out_ptr, M, K, P, stride_xm, BK: tl.co
     x = tl.load(x_ptr + row * stride_xm + c, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + _shard_of(c, K, P), mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * K + c, (x * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# The GEMV kernel (small m, CUDA cores): see tq_gemv_kernel.
+# Constants written out below: 0x4B000000 is the fp32 bits of 2^23 (OR-ing an integer below 2^23 into its
+# mantissa gives 2^23 + that integer); -8388608 is 0xFF800000 as int32, the sign and exponent bits of an fp32.
+
+
+@triton.jit
+def _gemv_trits(lo, hi, word, e: tl.constexpr, i: tl.constexpr, G: tl.constexpr):
+    """Trit of byte e, plane i of each int32 word, times 2^p, in fp32 and exact.
+
+    TQ2 (one AND per weight): lo holds the word's bits 0..21 under the exponent bits of 2^23 (_gemv_words), and
+    hi its bits 16..31 the same way, so masking one 2-bit digit at bit p together with the exponent gives the
+    float 2^23 + digit * 2^p; subtracting 2^23 + 2^p leaves trit * 2^p. p = 8e + 2i, or 8e + 2i - 16 taken from
+    hi past bit 21 (where digit * 2^p would leave the mantissa). TQ1 digits come out of the base-3 decode at
+    p = 8 and get the exponent bits by an OR. The activation it meets was multiplied by 2^-p (_gemv_x)."""
+    if G == 4:
+        if 8 * e + 2 * i > 21:
+            f = (hi & ((3 << (8 * e + 2 * i - 16)) | -8388608)).to(tl.float32, bitcast=True)
+            f = f - (8388608.0 + 2 ** (8 * e + 2 * i - 16))
+        else:
+            f = (lo & ((3 << (8 * e + 2 * i)) | -8388608)).to(tl.float32, bitcast=True)
+            f = f - (8388608.0 + 2 ** (8 * e + 2 * i))
+    else:
+        q = (word >> (8 * e)) & 255
+        bits = (((q * (3 ** i)) & 255) * 3) & 0x300  # digit = ((q * 3^i) mod 256) * 3 >> 8, kept at bit 8
+        f = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 256.0)
+    return f
+
+
+@triton.jit
+def _gemv_x(xv, e: tl.constexpr, i: tl.constexpr, G: tl.constexpr):
+    """Activations in fp32 times the 2^-p that _gemv_trits leaves on byte e, plane i's trits (exact)."""
+    if G == 4:
+        if 8 * e + 2 * i > 21:
+            out = xv.to(tl.float32) * (1.0 / 2 ** (8 * e + 2 * i - 16))
+        else:
+            out = xv.to(tl.float32) * (1.0 / 2 ** (8 * e + 2 * i))
+    else:
+        out = xv.to(tl.float32) * (1.0 / 256.0)
+    return out
+
+
+@triton.jit
+def _gemv_x4(xq, DT: tl.constexpr, USE_ASM: tl.constexpr, X_ASM: tl.constexpr):
+    """The four 16-bit activations (little endian) of each int64 in xq, as four fp32 tensors (by the inline
+    asm X_ASM on the GPU; by shifts, which the interpreter runs)."""
+    if USE_ASM:
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(X_ASM, "=r,=r,=r,=r,l", [xq], dtype=(tl.float32,) * 4,
+                                                   is_pure=True, pack=1)
+    else:
+        x0 = (xq & 0xFFFF).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        x1 = ((xq >> 16) & 0xFFFF).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        x2 = ((xq >> 32) & 0xFFFF).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        x3 = ((xq >> 48) & 0xFFFF).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_load(words, c, c_end, MASK_C: tl.constexpr):
+    """The [BN, BC] int32 word tile at word columns c (words past c_end load as 0 when MASK_C)."""
+    if MASK_C:
+        wv = tl.load(words + c[None, :], mask=(c < c_end)[None, :], other=0)
+    else:
+        wv = tl.load(words + c[None, :])
+    return wv
+
+
+@triton.jit
+def _gemv_step(acc, wv, c, c_end, x_row, K, Q, G: tl.constexpr, MASK_C: tl.constexpr, PLANE_MASK: tl.constexpr,
+               X_VEC: tl.constexpr, USE_ASM: tl.constexpr, X_ASM: tl.constexpr):
+    """acc[BN, BC] += trits of the word tile wv times their activations (every plane and byte of each word)."""
+    if G == 4:  # the word's bits 0..21 and 16..31 under the exponent of 2^23 (see _gemv_trits)
+        if USE_ASM:  # opaque to the compiler, which otherwise folds the OR back into every weight's mask
+            lo, hi = tl.inline_asm_elementwise(
+                "lop3.b32 $0, $2, 0x3FFFFF, 0x4B000000, 0xEA;\n"
+                "{ .reg .b32 t; shr.u32 t, $2, 16; or.b32 $1, t, 0x4B000000; }",
+                "=r,=r,r", [wv], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            lo = (wv & 0x3FFFFF) | 0x4B000000
+            hi = ((wv >> 16) & 0xFFFF) | 0x4B000000
+    else:
+        lo = wv
+        hi = wv
+    c_ok = c < c_end
+    for i in tl.static_range(G):
+        # X_VEC: plane i's activations of word c are 4 consecutive values, one int64 (8-byte aligned rows);
+        # planes whose columns pass k, and masked steps, load value by value
+        if X_VEC and not MASK_C and ((PLANE_MASK >> i) & 1) == 0:
+            xq = tl.load(x_row.to(tl.pointer_type(tl.int64)) + (i * (Q // 4) + c))
+            x0, x1, x2, x3 = _gemv_x4(xq, x_row.dtype.element_ty, USE_ASM, X_ASM)
+            acc += _gemv_trits(lo, hi, wv, 0, i, G) * _gemv_x(x0, 0, i, G)[None, :]
+            acc += _gemv_trits(lo, hi, wv, 1, i, G) * _gemv_x(x1, 1, i, G)[None, :]
+            acc += _gemv_trits(lo, hi, wv, 2, i, G) * _gemv_x(x2, 2, i, G)[None, :]
+            acc += _gemv_trits(lo, hi, wv, 3, i, G) * _gemv_x(x3, 3, i, G)[None, :]
+        else:
+            for e in tl.static_range(4):
+                col = i * Q + 4 * c + e
+                if MASK_C:
+                    xv = tl.load(x_row + col, mask=c_ok & (col < K), other=0.0)
+                elif (PLANE_MASK >> i) & 1:  # padding columns of the last planes lie past k
+                    xv = tl.load(x_row + col, mask=col < K, other=0.0)
+                else:
+                    xv = tl.load(x_row + col)
+                acc += _gemv_trits(lo, hi, wv, e, i, G) * _gemv_x(xv, e, i, G)[None, :]
+    return acc
+
+
+@triton.jit
+def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                   M, N, K, Q, stride_xm, stride_ym, P, C_PER_SPLIT,
+                   G: tl.constexpr, SCALE_MODE: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                   SPLIT_K: tl.constexpr, MASK_C: tl.constexpr, PLANE_MASK: tl.constexpr, FENCE: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, X_VEC: tl.constexpr, USE_ASM: tl.constexpr, X_ASM: tl.constexpr,
+                   PDL: tl.constexpr):
+    """y[m, rows] for one activation row m (grid axis 0) and BN weight rows, on the CUDA cores.
+
+    At m = 1..4 a decode step is a matrix-vector product, and the tensor-core kernel pads the activation side
+    to 16 and waits on each wgmma plane; this kernel instead streams the packed rows as int32 words (16-byte
+    loads, BC words per row and step) and spends three instructions per weight: one and that keeps the digit
+    and the exponent bits of 2^23 (the float is then 2^23 + digit * 2^p), one fadd that subtracts 2^23 + 2^p
+    (giving trit * 2^p, exact), and one fma with the activation times 2^-p (exact, done once per activation
+    value and shared by the rows a thread holds). Products are exact and summed in fp32, as on the tensor
+    cores. Byte e of word c holds plane i's trit for column i * Q + 4c + e.
+
+    PDL (programmatic dependent launch, on the GPU): the kernel lets the next launch start at once, and loads
+    its first weight tile before waiting for the previous launch to finish: weights never depend on an earlier
+    kernel, so their first trip to memory overlaps the previous kernel's tail. Everything that reads
+    activations or writes memory comes after the wait.
+
+    Split-k (grid axis 2) and the arrival counter work as in tq_matmul_kernel; SCALE_MODE as there (mode 2's
+    column scales were applied to x before the launch)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    QW = Q // 4
+    rn = pid_n * BN + tl.arange(0, BN)
+    rc = tl.arange(0, BC)
+    # rows past N read row N - 1 (unmasked 16-byte loads); their sums are never stored
+    rows = tl.minimum(rn, N - 1)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * QW
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    c_start = pid_k * C_PER_SPLIT
+    c_end = tl.minimum(c_start + C_PER_SPLIT, QW)
+    # the first step is peeled: its weights load before the PDL wait
+    c = tl.max_contiguous(tl.multiple_of(c_start + rc, BC), BC)
+    wv = _gemv_load(words, c, c_end, MASK_C)
+    if PDL:
+        gdc_wait()
+    acc = _gemv_step(tl.zeros((BN, BC), dtype=tl.float32), wv, c, c_end, x_row, K, Q, G, MASK_C, PLANE_MASK,
+                     X_VEC, USE_ASM, X_ASM)
+    for c0 in tl.range(c_start + BC, c_end, BC, num_stages=NUM_STAGES):
+        c = tl.max_contiguous(tl.multiple_of(c0 + rc, BC), BC)
+        wv = _gemv_load(words, c, c_end, MASK_C)
+        acc = _gemv_step(acc, wv, c, c_end, x_row, K, Q, G, MASK_C, PLANE_MASK, X_VEC, USE_ASM, X_ASM)
+    out = tl.sum(acc, axis=1)
+    if SCALE_MODE == 0:
+        out = out * tl.load(s_ptr).to(tl.float32)
+    elif SCALE_MODE == 1:
+        out = out * tl.load(s_ptr + _shard_of(rows, N, P)).to(tl.float32)
+    row_ok = rn < N
+    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + rn
+    if not SPLIT_K:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        S = tl.num_programs(2)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        slot = ws_ptr + (pid_k * M + pid_m).to(tl.int64) * N + rn
+        if _publish_partial(slot, out, row_ok, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
+            _gpu_fence(pid_k, FENCE)
+            total = tl.zeros((BN,), dtype=tl.float32)
+            for s in range(0, S):
+                total += tl.load(ws_ptr + (s * M + pid_m).to(tl.int64) * N + rn, mask=row_ok, other=0.0,
+                                 cache_modifier=".cg")
+            _finish_tile(y_ptrs, total, row_ok, cnt_ptr, tile)

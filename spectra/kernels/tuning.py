@@ -101,5 +101,8 @@ def describe(cfg: KernelConfig) -> str:
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
         return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
+    if cfg.kind == "gemv":
+        return (f"gemv BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} warps {cfg.num_warps} "
+                f"stages {cfg.num_stages}")
     return (f"{cfg.kind} BM {cfg.block_m} BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} "
             f"warps {cfg.num_warps} stages {cfg.num_stages}")
