@@ -13,6 +13,7 @@ from ..config import get_config
 from ..errors import ConfigError, DeviceError
 from ..formats import FORMATS
 from ..kernels import configs, tuning
+from ..kernels.timing import copy_bandwidth
 from ..kinds import PACKED_KINDS
 from .common import parse_int_list
 
@@ -80,7 +81,7 @@ def run_gemm(args: argparse.Namespace) -> int:
         bench.layer_shapes(shapes)  # a bad name fails before any GPU work
     _need_cuda()
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {bench.copy_bandwidth(dev) / 1e9:.0f} GB/s "
+    print(f"{torch.cuda.get_device_name(dev)}; copy bandwidth {copy_bandwidth(dev) / 1e9:.0f} GB/s "
           f"(read + write); cold weights, CUDA graphs of {args.reps} launches, median of {args.trials}")
     for shapes in args.shapes.split(","):
         print(bench.format_gemm_header(fmts, args.eager))
