@@ -42,14 +42,18 @@ def expand_scales(scales: torch.Tensor, shape: tuple[int, int], axis: int) -> to
     if parts == 1:
         per_feature = scales.reshape(1).expand(size)
     else:
-        # Shard of each feature for torch.tensor_split sizes (the first `extra` shards one longer), computed on
-        # the scales' device: no host-to-device copy, so no stall per layer and safe inside CUDA-graph capture.
-        base, extra = divmod(size, parts)
-        head = extra * (base + 1)
-        feature = torch.arange(size, device=scales.device)
-        shard = torch.where(feature < head, feature // (base + 1), extra + (feature - head) // base)
-        per_feature = scales[shard]
+        per_feature = scales[shard_index(size, parts, scales.device)]
     return per_feature[:, None] if axis == 0 else per_feature[None, :]
+
+
+def shard_index(size: int, parts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The shard (0..parts-1) of each of `size` features for torch.tensor_split sizes (the first `extra` shards
+    one longer), computed on `device`: no host-to-device copy, so no stall per layer and safe inside CUDA-graph
+    capture."""
+    base, extra = divmod(size, parts)
+    head = extra * (base + 1)
+    feature = torch.arange(size, device=device)
+    return torch.where(feature < head, feature // (base + 1), extra + (feature - head) // max(base, 1))
 
 
 def ternary_dense_weight(trits: torch.Tensor, scales: torch.Tensor, shard_axis: int,

@@ -98,3 +98,18 @@ def test_greedy_decoding_of_a_packed_model_equals_the_reference_path(compiled_pa
         monkeypatch.setattr(cpu_gemv, "ENABLED", True)
         assert taken and torch.equal(got, want)
     assert kernels.cpu_gemv is cpu_gemv
+
+
+def test_scales_changed_in_place_or_swapped_take_effect_at_once(compiled_path):
+    # the loop gathers each row's scale itself (only the shard index, a function of the shape, is memoised):
+    # a scale edited in place, another layer's scales of the same shape, or a new count of shards must never
+    # reuse an earlier call's values
+    packed, scales, g = _case("tq2", 50, 64, 5, 0, 7)
+    x = torch.randn(1, 64, generator=g)
+    first = cpu_gemv.ternary_matmul_cpu(x, packed, "tq2", 64, scales, 0)
+    scales.mul_(2.0)
+    torch.testing.assert_close(cpu_gemv.ternary_matmul_cpu(x, packed, "tq2", 64, scales, 0), 2 * first)
+    for parts in (5, 2, 1):
+        other = torch.rand(parts, generator=g) + 0.5
+        torch.testing.assert_close(cpu_gemv.ternary_matmul_cpu(x, packed, "tq2", 64, other, 0),
+                                   ternary_matmul_reference(x, packed, "tq2", 64, other, 0), rtol=1e-5, atol=1e-5)

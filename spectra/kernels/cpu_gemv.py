@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import TQ1_POW3, get_format
-from ..ternary import expand_scales
+from ..ternary import shard_index
 from .launch_support import FastPathSwitch
 from .reference import scale_columns_reference
 
@@ -31,28 +31,30 @@ FALLBACK = FastPathSwitch("the compiled CPU product of packed weights", "the ref
 _compiled: dict[str, object] = {}
 
 
-def _tq2_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """sum over planes i of x[:, i*q:(i+1)*q] . (code_i(packed) - 1), in fp32 ([m, n])."""
+def _tq2_product(xf: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum over planes i of xf[:, i*q:(i+1)*q] . (code_i(packed) - 1) in fp32, times each output row's scale
+    scales[rows] ([m, n]); xf is fp32, zero-padded to the planes' width. (Padding inside the compiled loop made inductor
+    test every index against k: 2-3x slower, measured on the 2-core CI-like machine.)"""
     q = packed.shape[1]
     b = packed.to(torch.int32)
     acc = None
     for i in range(4):
         trits = ((b >> (2 * i)) & 3).to(torch.float32) - 1.0
-        part = (x[:, None, i * q:(i + 1) * q] * trits[None]).sum(-1)
+        part = (xf[:, None, i * q:(i + 1) * q] * trits[None]).sum(-1)
         acc = part if acc is None else acc + part
-    return acc
+    return acc * scales.float()[rows]
 
 
-def _tq1_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def _tq1_product(xf: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The same for TQ1: digit i = ((q * 3^i) mod 256) * 3 >> 8, no division (formats.unpack_tq1)."""
     q = packed.shape[1]
     b = packed.to(torch.int32)
     acc = None
     for i, pow3 in enumerate(TQ1_POW3):
         trits = ((((b * pow3) & 255) * 3) >> 8).to(torch.float32) - 1.0
-        part = (x[:, None, i * q:(i + 1) * q] * trits[None]).sum(-1)
+        part = (xf[:, None, i * q:(i + 1) * q] * trits[None]).sum(-1)
         acc = part if acc is None else acc + part
-    return acc
+    return acc * scales.float()[rows]
 
 
 _PRODUCTS = {"tq2": _tq2_product, "tq1": _tq1_product}
@@ -65,6 +67,20 @@ def usable(x: torch.Tensor) -> bool:
     if x.requires_grad and torch.is_grad_enabled():
         return False
     return x.numel() // max(x.shape[-1], 1) <= MAX_M
+
+
+_SHARD_INDEX: dict[tuple[int, int], torch.Tensor] = {}
+_ONE = torch.ones(1)
+
+
+def _row_shards(n: int, parts: int) -> torch.Tensor:
+    """The scale index of each of the n output rows (ternary.shard_index), memoised per (n, parts): it depends
+    on the shape only, so it can never go stale. Expanding the scales on every call cost more than the product
+    of a small layer; the compiled loop now gathers each row's scale itself."""
+    idx = _SHARD_INDEX.get((n, parts))
+    if idx is None:
+        idx = _SHARD_INDEX[(n, parts)] = shard_index(n, parts)
+    return idx
 
 
 def _product(fmt: str):
@@ -85,13 +101,14 @@ def ternary_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_featu
     column_scales = scales.numel() > 1 and shard_axis == 1
     if column_scales:  # on x first, as the reference's weight has them
         x2 = scale_columns_reference(x2, scales, in_features)
-    width = spec.trits_per_byte * packed.shape[1]  # the planes' columns, padding included
-    xf = F.pad(x2.float(), (0, width - in_features))
+    pad = spec.trits_per_byte * packed.shape[1] - in_features  # the planes' padding columns
+    xf = F.pad(x2.float(), (0, pad)) if pad else x2.float()
     try:
-        y = _product(spec.name)(xf, packed)
+        if column_scales:  # already on x; one scale, or one per shard of the output rows, on the fp32 sums
+            y = _product(spec.name)(xf, packed, _ONE, _row_shards(n, 1))
+        else:
+            y = _product(spec.name)(xf, packed, scales, _row_shards(n, scales.numel()))
     except Exception as exc:  # noqa: BLE001 - no C++ compiler, or an inductor failure: the reference instead
         FALLBACK.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return None
-    if not column_scales:  # one scale, or one per shard of the output rows
-        y = y * expand_scales(scales.float(), (n, 1), 0).flatten()
     return y.to(x.dtype).reshape(*lead, n)
