@@ -137,10 +137,12 @@ def gemv_usable(packed: torch.Tensor) -> bool:
     return packed.data_ptr() % 4 == 0 and packed.stride(0) % 4 == 0 and packed.stride(1) == 1
 
 
-def x_vec_aligned(x2: torch.Tensor) -> bool:
-    """Rows of x2 start at 8-byte boundaries (the GEMV kernel's int64 activation loads)."""
-    return (x2.data_ptr() % 8 == 0 and (x2.stride(0) * x2.element_size()) % 8 == 0
-            and x2.element_size() == 2)
+def x_vec_aligned(x2: torch.Tensor, row_stride: int | None = None, fresh: bool = False) -> bool:
+    """Rows of the activations the GEMV kernel reads start at 8-byte boundaries (its int64 activation loads):
+    16-bit values, a row stride (default x2's) of a multiple of 4 values, and x2's start aligned, unless the
+    kernel reads a fresh copy (`fresh`: the allocator aligns it)."""
+    stride = x2.stride(0) if row_stride is None else row_stride
+    return x2.element_size() == 2 and stride % 4 == 0 and (fresh or x2.data_ptr() % 8 == 0)
 
 
 def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,

@@ -281,8 +281,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         grid, _ = dispatch.gemv_grid(m, n, q, cfg)
         ws, cnt = launch_support.WORKSPACE.get(x.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
         pdl = launch_support.pdl_enabled(x.device)
-        # x_vec: the activations the kernel reads (x, or the column-scaled copy) start rows at 8-byte boundaries
-        x_vec = x.element_size() == 2 and (stride_xm * 2) % 8 == 0 and (plan.pre is not None or x.data_ptr() % 8 == 0)
+        # the kernel reads x itself, a contiguous copy (not flat) or the column-scaled copy (pre)
+        x_vec = dispatch.x_vec_aligned(x, stride_xm, fresh=plan.pre is not None or not plan.flat)
         named = dispatch.gemv_args(fmt, cfg, m, n, k, q, mode, dispatch.FENCE_MODE if x.is_cuda else 0, x_vec,
                                    x.dtype if x.is_cuda else None, pdl)
         named.update(P=scales.numel(), ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=grid[2] > 1, stride_xm=stride_xm,
