@@ -95,13 +95,50 @@ def test_a_tiny_run_fits_the_real_machine(world, tmp_path):
     assert train(cfg).step == 1
 
 
-def test_finetune_is_refused_before_it_writes_finetune_json(world, tmp_path, monkeypatch):
+def test_finetune_is_refused_before_it_loads_the_base_or_writes_finetune_json(world, tmp_path, monkeypatch):
+    from spectra.finetune import run as finetune_run
+
     monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)
-    task = FinetuneConfig(checkpoint=world["ckpt"], method="lora")
-    with pytest.raises(DeviceError, match="needs about"):
-        finetune(task, data=world["examples"], out_dir=str(tmp_path / "ft"), steps=1, batch_size=2, seq_len=32,
-                 device="cpu", progress=False, echo=lambda *a: None)
+    monkeypatch.setattr(finetune_run, "load_checkpoint", _no_model_built)
+    for method in ("lora", "full", "convert"):
+        task = FinetuneConfig(checkpoint=world["ckpt"], method=method)
+        with pytest.raises(DeviceError, match="needs about"):
+            finetune(task, data=world["examples"], out_dir=str(tmp_path / "ft"), steps=1, batch_size=2, seq_len=32,
+                     device="cpu", progress=False, echo=lambda *a: None)
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(world, tmp_path_factory):
+    from spectra.convert import pack_model
+
+    root = tmp_path_factory.mktemp("kinds")
+    torch.manual_seed(1)
+    float_model = SpectraLM(get_config("tiny", vocab_size=300, weight_kind="float"))
+    packed = pack_model(SpectraLM(get_config("tiny", vocab_size=300)).eval(), "tq1")
+    return {"ternary": world["ckpt"], "float": str(save_checkpoint(float_model, root / "float")),
+            "tq1": str(save_checkpoint(packed, root / "tq1"))}
+
+
+@pytest.mark.parametrize("stored", ["ternary", "float", "tq1"])
+@pytest.mark.parametrize("method", ["lora", "full", "convert"])
+def test_the_planned_finetune_model_has_the_built_models_sizes(checkpoints, method, stored):
+    from spectra.finetune import run as finetune_run
+
+    if method == "convert" and stored != "float":
+        pytest.skip("conversion starts from a float model")
+    task = FinetuneConfig(checkpoint=checkpoints[stored], method=method)
+    kind = finetune_run._training_kind(task)
+    planned = finetune_run.planned_model(task, kind)
+    built = finetune_run.build_model(task, kind, torch.device("cpu"))
+
+    def sizes(model):
+        params = list(model.parameters())
+        return (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                sum(b.numel() * b.element_size() for b in model.buffers()), model.config.weight_kind)
+
+    assert all(p.device.type == "meta" for p in planned.parameters())
+    assert sizes(planned) == sizes(built)
 
 
 def test_the_estimate_grows_with_what_a_step_holds():

@@ -28,7 +28,7 @@ from ..checkpoint import (
     save_checkpoint,
     weight_files,
 )
-from ..config import dataclass_from_dict
+from ..config import DENSE_KINDS, dataclass_from_dict
 from ..convert import freeze_ternary, pack_model
 from ..data import TokenDataset
 from ..errors import ConfigError, DeviceError, TrainingError
@@ -112,16 +112,21 @@ def _training_kind(task: FinetuneConfig) -> str:
     config = read_config(task.checkpoint)
     if config.weight_kind in (*PACKED_KINDS, "ternary", "ternary_frozen"):
         return "ternary"
-    # A float-declared dense checkpoint may still hold a TriLM (transformers' config of a SpectraSuite
-    # *_Unpacked model): look at its first matrix, as loading does for all of them.
+    return "ternary" if _stores_trits(task.checkpoint) else "float"
+
+
+def _stores_trits(checkpoint: str) -> bool:
+    """Whether a dense checkpoint's first matrix is ternary (trits times per-shard scales). A float-declared
+    checkpoint may still hold a TriLM (transformers' config of a SpectraSuite *_Unpacked model); loading looks
+    at all of them, this at the first only (one tensor read)."""
     first = f"model.layers.0.{BLOCK_LINEARS[0].path}.weight"
-    for file in weight_files(Path(task.checkpoint)):
+    for file in weight_files(Path(checkpoint)):
         with safe_open(str(file), framework="pt") as f:
             if first in f.keys():
                 weight = f.get_tensor(first).float()
                 parts = _infer_parts({first: weight})
-                return "ternary" if parts and detect_ternary(weight, parts, 0) is not None else "float"
-    return "float"
+                return bool(parts) and detect_ternary(weight, parts, 0) is not None
+    return False
 
 
 def build_model(task: FinetuneConfig, kind: str, device: torch.device) -> SpectraLM:
@@ -144,6 +149,29 @@ def build_model(task: FinetuneConfig, kind: str, device: torch.device) -> Spectr
     if read_config(task.checkpoint).weight_kind in PACKED_KINDS:
         return latent_model(load_checkpoint(task.checkpoint, dtype=torch.float32)).to(device).train()
     return load_checkpoint(task.checkpoint, dtype=torch.float32, kind=kind).to(device).train()
+
+
+def planned_model(task: FinetuneConfig, kind: str) -> SpectraLM:
+    """The model :func:`build_model` would build, on the meta device: its parameters, buffers and trainable
+    flags without reading a weight, for the memory check made before the base is loaded."""
+    config = read_config(task.checkpoint)
+    if task.method == "lora":
+        if config.weight_kind in DENSE_KINDS:  # load_checkpoint freezes a dense TriLM, keeps other weights float
+            config = config.replace(weight_kind="ternary_frozen" if _stores_trits(task.checkpoint) else "float")
+        if config.weight_kind == "ternary_frozen" and task.base_format in PACKED_KINDS:
+            config = config.replace(weight_kind=task.base_format)
+    elif task.method == "convert":
+        config = config.replace(weight_kind="ternary", weight_options={},
+                                model_parallel_size=task.model_parallel_size or config.model_parallel_size)
+    elif kind == "ternary" or config.weight_kind in PACKED_KINDS:  # latent weights (latent_model, or a load)
+        config = config.replace(weight_kind="ternary", weight_options={})
+    else:
+        config = config.replace(weight_kind="float", weight_options={})
+    with torch.device("meta"):
+        model = SpectraLM(config)
+        if task.method == "lora":
+            apply_lora(model, LoRAConfig(**task.lora))
+    return model
 
 
 @torch.no_grad()
@@ -216,10 +244,15 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
         # Never inside the checkpoint or the data (finetune.json used to be written there before the refusal).
         check_output(run_dir, "finetune", sources=[s for s in (task.checkpoint, config.data, task.val_data) if s])
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(task, config.kind, device)
-    seq_len = config.seq_len or model.config.max_seq_len
+    planned = planned_model(task, config.kind)
+    seq_len = config.seq_len or planned.config.max_seq_len
     config = config.replace(seq_len=seq_len)
     dataset = build_dataset(task, config.data, seq_len)
+    # before the base is read: a run that cannot fit is refused in seconds, not after loading gigabytes
+    too_big = training_memory_refusal(config, device, planned, dataset=dataset)
+    if too_big is not None:
+        raise DeviceError(too_big)
+    model = build_model(task, config.kind, device)
     summary = dataset.describe() if isinstance(dataset, FinetuneDataset) else f"prepared tokens at {config.data}"
     echo(f"data: {summary}")
     objective = build_objective(task, device)
@@ -229,7 +262,8 @@ def finetune(task: FinetuneConfig | None = None, *, resume: str | Path | None = 
                               f"step ({config.steps}); lower --ternary-warmup or raise --steps")
         objective.before_step = lambda step: set_phase(model, phase_at(step, task.ternary_warmup))
     check_compatible(model, dataset, seq_len, objective.adapters_only, task.checkpoint)  # before anything is written
-    # train() checks again, but finetune.json and the held-out loss come before it
+    # again with the built model (exact sizes, the weights now on the device); train() checks once more, but
+    # finetune.json and the held-out loss come before it
     too_big = training_memory_refusal(config, device, model, dataset=dataset)
     if too_big is not None:
         raise DeviceError(too_big)
