@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from kernel_support import fp32_reference
 
 from spectra.formats import get_format
-from spectra.kernels import configs, dispatch, gluon_launch, plans, scale_columns_reference, ternary_matmul, tuning
-from spectra.ternary import expand_scales
+from spectra.kernels import configs, dispatch, gluon_launch, plans, ternary_matmul, tuning
 
 
 @pytest.fixture
@@ -74,17 +74,6 @@ def test_steps_and_split_respect_the_shared_memory_budget():
                 assert steps <= -(-blocks // min(want, blocks))  # at least the asked split, up to rounding
 
 
-def _reference(x, packed, fmt, k, scales, axis):
-    """fp32 product of the kernels' definition: column-shard scales multiply x first, cast back to x's dtype
-    (scale_columns_reference). Without that rounding, a lone output (n = m = 1) that is a sum of 16 cancelling
-    terms showed a relative error of 0.7% (fp16) / 3.5% (bf16) on an H100 from that rounding alone."""
-    if axis == 1 and scales.numel() > 1:
-        x, scales, axis = scale_columns_reference(x, scales, k), torch.ones(1, device=scales.device), 0
-    trits = get_format(fmt).unpack(packed, k).float().cpu()
-    w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
-    return (x.float().cpu() @ w.t()).to(x.device)
-
-
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and gluon_launch.available()
 
@@ -108,7 +97,7 @@ def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
                     if m > bm:
                         continue
                     x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
-                    ref = _reference(x, packed, fmt, k, scales, axis)
+                    ref = fp32_reference(x, packed, fmt, k, scales, axis)
                     y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                     gluon_launch.launch(x, packed, fmt, k, scales, axis, bm, split, out=y, block_j=bj)
                     err = float((y.float() - ref).norm() / ref.norm())
@@ -128,7 +117,7 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
         variant = dict(block_j=64 << (i % 2))  # both step widths
         y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant)
         assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant))
-        ref = _reference(x, packed, "tq2", k, scales, 0)
+        ref = fp32_reference(x, packed, "tq2", k, scales, 0)
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
     # column-scaled activations
@@ -141,7 +130,7 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
             if shape[-1] == 2 * k:
                 x = x[:, ::2]
             y = ternary_matmul(x, packed, "tq2", k, s, axis)
-            ref = _reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
+            ref = fp32_reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
             assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     assert any(pl.cfg.kind == "gluon" for pl in plans._plans.values())
     plans.clear_plans()
