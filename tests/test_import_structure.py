@@ -214,3 +214,14 @@ def test_modules_and_benchmarks_use_only_what_the_modules_they_import_define():
                 missing.append(f"{path.relative_to(ROOT)}:{line}: {module}.{attr}")
     assert not missing, missing
     assert checked > 100  # the walker finds the module-attribute uses of the package and the benchmarks
+
+
+def test_every_environment_switch_is_in_the_architecture_table():
+    import re
+
+    used = set()
+    for path in PACKAGE.rglob("*.py"):
+        used |= set(re.findall(r"""environ(?:\.get\(|\[)["'](SPECTRA_[A-Z_]+)""", path.read_text()))
+    table = (ROOT / "docs" / "architecture.md").read_text().split("## Environment switches", 1)[1]
+    documented = set(re.findall(r"^\| `(SPECTRA_[A-Z_]+)` \|", table, re.MULTILINE))
+    assert used and used == documented, (sorted(used - documented), sorted(documented - used))
