@@ -197,3 +197,24 @@ def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypat
     assert not plans.direct_launch_enabled()
     monkeypatch.delenv("SPECTRA_DIRECT_LAUNCH")
     assert plans.direct_launch_enabled()
+
+
+def test_a_call_the_gluon_kernel_cannot_take_gets_the_portable_entry(monkeypatch):
+    # 16-byte-misaligned activations on a shape with a Gluon entry: the plan used to keep the Gluon config and
+    # launch the portable kernel with its tiles (an 8-wide dot that does not compile)
+    from spectra.formats import get_format
+    from spectra.kernels import configs, gluon_launch, plans
+
+    gluon_cfg = configs.KernelConfig("gluon", 8, 64, 64, 4)
+    portable = configs.KernelConfig("tc", 16, 64, 64, 2, 4, 3)
+    # the lookup as on an sm_90 GPU (a CPU device never gets the Gluon entry)
+    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: gluon_cfg if gluon else portable)
+    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
+    monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: True)
+    plans.clear_plans()
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (64, 512), dtype=torch.int8))
+    x = torch.randn(1, 520, dtype=torch.float16)[:, 1:513]  # starts 2 bytes past an aligned address
+    assert x.data_ptr() % 16
+    plan = plans.build_plan(x, packed, "tq2", 512, torch.rand(1) + 0.5, 0)
+    assert plan.cfg == portable
+    plans.clear_plans()

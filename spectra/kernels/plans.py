@@ -262,7 +262,9 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         if plan.main is not None:
             plan.cfg = cfg
             return plan
-        cfg = dispatch.portable_config(cfg, fmt, n, k, m, x.device)
+        # the Gluon kernel cannot take this call (no Gluon here, a failed compile, or pointers not 16-byte
+        # aligned): the portable kernel's own tuned entry (a Gluon entry's tiles do not fit that kernel)
+        cfg = configs.lookup_config(fmt, n, k, m, x.dtype, mode, x.device, gluon=False)
     if cfg.kind == "gemv" and not dispatch.gemv_usable(packed):
         cfg = configs.heuristic_config(n, k, m, fmt, configs.num_sms(x.device) if x.is_cuda else 4)
     plan.cfg = cfg
