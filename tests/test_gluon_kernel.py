@@ -43,7 +43,8 @@ def test_spectra_gluon_0_turns_the_kernel_off(monkeypatch, fresh_gluon_state, re
 def test_compile_failure_falls_back_to_the_portable_kernel_with_one_warning(monkeypatch, fresh_gluon_state):
     # a Triton whose Gluon cannot compile the kernel (API change): the plan runs the portable kernel instead
     monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: gluon_launch.available())
-    monkeypatch.setattr(configs, "lookup_config", lambda *a: configs.KernelConfig("gluon", 8, 64, 64, 2))
+    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: configs.KernelConfig("gluon", 8, 64, 64, 2)
+                        if gluon else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
 
     def broken_compile(self, *tensors):
         raise RuntimeError("simulated: PassManager::run failed")
@@ -121,7 +122,8 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
         assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
     # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
     # column-scaled activations
-    monkeypatch.setattr(configs, "lookup_config", lambda *a: configs.KernelConfig("gluon", 16, 64, 64, 4))
+    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: configs.KernelConfig("gluon", 16, 64, 64, 4)
+                        if gluon else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
     plans.clear_plans()
     for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4)):
         s = torch.rand(p, device="cuda", generator=gen) + 0.5
