@@ -224,7 +224,7 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
             raise OutputError(f"{flag} {path} is a symbolic link; give the directory path it points to")
         if not path.is_dir():
             raise OutputError(f"{flag} {path} exists and is not a directory; give a directory path")
-        if not any(path.iterdir()):
+        if not entries(path):
             return path
         if replace_own and (output_owner(path) == owner or (recognize is not None and _safe(recognize, path))):
             return path
@@ -243,6 +243,16 @@ def check_output(path: str | Path, owner: str, force: bool = False, kind: str = 
                       f"to replace it")
 
 
+PROBE_PREFIX = ".spectra-probe-"  # the short-lived file _check_writable_parent creates and removes
+
+
+def entries(directory: Path) -> list[Path]:
+    """What `directory` holds, less another process's writability probe (PROBE_PREFIX), which exists for
+    microseconds: under torchrun every rank checks the same output directory at once, and one rank's probe
+    made the other refuse the directory as not empty."""
+    return [p for p in directory.iterdir() if not p.name.startswith(PROBE_PREFIX)]
+
+
 def _check_writable_parent(path: Path, flag: str) -> None:
     """Fail now, not after hours of work, when `path` cannot be created: its nearest existing ancestor must be
     a directory this process can create files in (tried with a probe file that is removed at once)."""
@@ -251,7 +261,7 @@ def _check_writable_parent(path: Path, flag: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputError(f"{flag} {path} cannot be created: {ancestor} is a file, not a directory; fix the path")
-    probe = ancestor / f".spectra-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    probe = ancestor / f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as err:

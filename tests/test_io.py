@@ -189,3 +189,19 @@ def test_an_error_at_any_step_leaves_old_or_new_and_no_debris(tmp_path, exchange
         monkeypatch.setattr(io, "_STEP_HOOK", None)
         assert _tree(out) in (OLD, {**NEW, io.MARKER_FILE: '{"command": "pack"}\n'})
         assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_another_processs_writability_probe_does_not_make_a_directory_look_used(tmp_path):
+    # under torchrun every rank checks the same --out at once: rank 0's probe file, alive for microseconds, made
+    # rank 1 refuse the directory as "not empty and not a training run" (seen once in CI-like runs)
+    from spectra.train.rundir import LOCK_FILE, check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".spectra-probe-4242-abcdef").write_text("")  # the name _check_writable_parent gives its probe
+    assert io.check_output(out, "train") == out
+    (out / LOCK_FILE).write_text("{}")
+    check_run_dir(out, resuming=False, force=False, data=str(tmp_path / "data"))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a training run"):
+        check_run_dir(out, resuming=False, force=False, data=str(tmp_path / "data"))

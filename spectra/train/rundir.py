@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
-from ..io import check_output, write_text_atomic
+from ..io import check_output, entries, write_text_atomic
 from ..model import SpectraLM
 from .config import TrainConfig
 from .state import list_checkpoints
@@ -106,7 +106,7 @@ def check_run_dir(run_dir: Path, resuming: bool, force: bool, data: str, model: 
                             f"or choose another output directory")
     # A run killed before its first checkpoint (run.json, no checkpoints) starts over in place.
     own = (run_dir / RUN_FILE).is_file()
-    if not own and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not force:
+    if not own and any(p.name != LOCK_FILE for p in entries(run_dir)) and not force:
         raise OutputError(f"--out {run_dir} already exists, is not empty and is not a training run; choose "
                           f"another directory or pass --force to write the run beside its files")
 
