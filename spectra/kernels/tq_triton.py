@@ -503,7 +503,7 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                    PDL: tl.constexpr):
     """y[m, rows] for one activation row m (grid axis 0) and BN weight rows, on the CUDA cores.
 
-    At m = 1..4 a decode step is a matrix-vector product, and the tensor-core kernel pads the activation side
+    At m = 1 or 2 a decode step is a matrix-vector product, and the tensor-core kernel pads the activation side
     to 16 and waits on each wgmma plane; this kernel instead streams the packed rows as int32 words (16-byte
     loads, BC words per row and step) and spends three instructions per weight: one and that keeps the digit
     and the exponent bits of 2^23 (the float is then 2^23 + digit * 2^p), one fadd that subtracts 2^23 + 2^p
