@@ -14,6 +14,7 @@ up to fp32 summation order (the reference multiplies in x's dtype, this accumula
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -69,18 +70,15 @@ def usable(x: torch.Tensor) -> bool:
     return x.numel() // max(x.shape[-1], 1) <= MAX_M
 
 
-_SHARD_INDEX: dict[tuple[int, int], torch.Tensor] = {}
 _ONE = torch.ones(1)
 
 
+@functools.cache
 def _row_shards(n: int, parts: int) -> torch.Tensor:
     """The scale index of each of the n output rows (ternary.shard_index), memoised per (n, parts): it depends
     on the shape only, so it can never go stale. Expanding the scales on every call cost more than the product
     of a small layer; the compiled loop now gathers each row's scale itself."""
-    idx = _SHARD_INDEX.get((n, parts))
-    if idx is None:
-        idx = _SHARD_INDEX[(n, parts)] = shard_index(n, parts)
-    return idx
+    return shard_index(n, parts)
 
 
 def _product(fmt: str):

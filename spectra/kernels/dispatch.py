@@ -117,14 +117,16 @@ def gemv_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, int
 
 
 def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode: int, fence: int,
-              x_vec: bool = True, dtype: torch.dtype | None = torch.float16, pdl: bool = False) -> dict:
+              x_vec: bool = True, dtype: torch.dtype | None = torch.float16, pdl: bool = False,
+              parts: int = 1) -> dict:
     """Non-tensor arguments of tq_gemv_kernel for a config (the grid comes from :func:`gemv_grid`). x_vec: the
     activations' rows start 8-byte aligned, so four of them load as one int64; dtype: the activations' dtype on
     a GPU (their inline-asm widening), None under the interpreter; pdl: launched with programmatic dependent
-    launch (the launch must then pass launch_pdl=True)."""
+    launch (the launch must then pass launch_pdl=True); parts: the number of scales."""
     planes = get_format(fmt).trits_per_byte
-    _, c_per_split = gemv_grid(m, n, q, cfg)
-    return dict(M=m, N=n, K=k, Q=q, P=None, C_PER_SPLIT=c_per_split, G=planes, SCALE_MODE=mode, BN=cfg.block_n,
+    grid, c_per_split = gemv_grid(m, n, q, cfg)
+    return dict(M=m, N=n, K=k, Q=q, P=parts, C_PER_SPLIT=c_per_split, SPLIT_K=grid[2] > 1, G=planes,
+                SCALE_MODE=mode, BN=cfg.block_n,
                 BC=cfg.block_j // 4, MASK_C=(q // 4) % (cfg.block_j // 4) != 0,
                 PLANE_MASK=_column_masks(q, k, planes, cfg.block_j)[2], FENCE=fence, NUM_STAGES=cfg.num_stages,
                 X_VEC=x_vec, USE_ASM=dtype is not None, PDL=pdl,
@@ -160,8 +162,7 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
     ws, cnt = WORKSPACE.get(x2.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
     pdl = launch_support.pdl_enabled(x2.device)
     named = gemv_args(fmt, cfg, m, n, k, q, mode, FENCE_MODE if x2.is_cuda else 0, x_vec_aligned(x2),
-                      x2.dtype if x2.is_cuda else None, pdl)
-    named.update(P=scales.numel(), SPLIT_K=grid[2] > 1)
+                      x2.dtype if x2.is_cuda else None, pdl, scales.numel())
     tq_gemv_kernel[grid](x2, packed, scales, y, ws, cnt, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, **named,
                          **(dict(launch_pdl=True) if pdl else {}))

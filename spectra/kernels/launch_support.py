@@ -4,6 +4,7 @@ switch that turns a fast path off at its first failure."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -60,24 +61,20 @@ def scale_columns(x2: torch.Tensor, scales: torch.Tensor, in_features: int) -> t
 WORKSPACE = _Workspace()
 
 
-_pdl: dict[tuple, bool] = {}
-
-
 def pdl_enabled(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with the griddepcontrol intrinsics;
     SPECTRA_PDL=0 turns it off (to compare). The GEMV kernel is launched with it and prefetches its weights
     before waiting; the kernels that run before it in a decode step (norms, SwiGLU, decode attention) signal
     at their start that it may launch."""
-    if device.type != "cuda":
-        return False
-    key = (device.index, os.environ.get("SPECTRA_PDL"))  # memoised: pointwise launches ask on every call
-    if key not in _pdl:
-        from . import tq_triton  # optional: triton
+    return device.type == "cuda" and _pdl_supported(device.index, os.environ.get("SPECTRA_PDL"))
 
-        _pdl[key] = (tq_triton.gdc_wait is not None and key[1] != "0"
-                     and torch.cuda.get_device_capability(device)[0] >= 9)
-    return _pdl[key]
 
+@functools.cache  # pointwise launches ask on every call
+def _pdl_supported(index: int | None, switch: str | None) -> bool:
+    from . import tq_triton  # optional: triton
+
+    return (tq_triton.gdc_wait is not None and switch != "0"
+            and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
 class FastPathSwitch:

@@ -286,9 +286,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         # the kernel reads x itself, a contiguous copy (not flat) or the column-scaled copy (pre)
         x_vec = dispatch.x_vec_aligned(x, stride_xm, fresh=plan.pre is not None or not plan.flat)
         named = dispatch.gemv_args(fmt, cfg, m, n, k, q, mode, dispatch.FENCE_MODE if x.is_cuda else 0, x_vec,
-                                   x.dtype if x.is_cuda else None, pdl)
-        named.update(P=scales.numel(), ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=grid[2] > 1, stride_xm=stride_xm,
-                     stride_ym=n)
+                                   x.dtype if x.is_cuda else None, pdl, scales.numel())
+        named.update(ws_ptr=ws, cnt_ptr=cnt, stride_xm=stride_xm, stride_ym=n)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
         plan.main = Launch(tq_gemv_kernel, grid, named, slots, options)
         return plan
