@@ -28,12 +28,8 @@ _VARIANT = re.compile(r"gluon (?:(sync|wgmma) )?(tq[12]) (\d+)x(\d+) m=(\d+) (?:
 _SHAPE = re.compile(r"(tq[12]) (\d+)x(\d+) m=(\d+): fp16 [\d.]+ \| tl ([\d.]+)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("log")
-    p.add_argument("--write", action="store_true")
-    args = p.parse_args()
-    text = Path(args.log).read_text()
+def entries_from_log(text: str) -> tuple[dict[str, dict], list[str]]:
+    """(tuned-table entries, one report line per probed shape) from a probe log's text."""
     gpu = re.search(r"\] (NVIDIA [^;]+);", text).group(1)
     best: dict[tuple, tuple[float, configs.KernelConfig]] = {}
     portable: dict[tuple, float] = {}
@@ -49,19 +45,29 @@ def main() -> None:
         elif (s := _SHAPE.search(line)):
             fmt, n, k, m, tl = s.groups()
             portable[(fmt, int(n), int(k), int(m))] = float(tl)
-    entries = {}
+    entries, report = {}, []
     probed = sorted({m for (_, _, _, m) in best})
     for (fmt, n, k, m), (us, cfg) in sorted(best.items()):
         tl = portable.get((fmt, n, k, m))
         won = tl is not None and us < tl
-        print(f"{fmt} {n}x{k} m={m}: gluon {us:.1f} us ({tuning.describe(cfg)}) vs portable {tl} us"
-              f"{'' if won else ' (portable kept)'}")
+        report.append(f"{fmt} {n}x{k} m={m}: gluon {us:.1f} us ({tuning.describe(cfg)}) vs portable {tl} us"
+                      f"{'' if won else ' (portable kept)'}")
         if won:
-            nxt = next((p for p in probed if p > m), configs.gluon_launch.MAX_M + 1)
-            for bucket in (b for b in configs.M_BUCKETS if m <= b < nxt and b <= configs.gluon_launch.MAX_M):
+            nxt = next((p for p in probed if p > m), cfg.block_m + 1)  # never past the MMA width
+            for bucket in (b for b in configs.M_BUCKETS if m <= b < nxt and b <= cfg.block_m):
                 key = configs.config_key(fmt, n, k, bucket, torch.float16, 0, gpu) + configs.GLUON_KEY_SUFFIX
                 entries[key] = asdict(cfg)
-    print(f"{len(entries)} entries for {gpu}")
+    report.append(f"{len(entries)} entries for {gpu}")
+    return entries, report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("log")
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args()
+    entries, report = entries_from_log(Path(args.log).read_text())
+    print("\n".join(report))
     if args.write:
         path = Path(configs.__file__).with_name("tuned_configs.json")
         table = json.loads(path.read_text())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +250,28 @@ def test_word_decode_asm_gives_every_plane_of_all_four_bytes(fmt, dtype):
             else:
                 want = [int(tq1_digits(torch.tensor([b]))[i]) - 1 for b in bytes4]
             assert got == want, (fmt, dtype, bytes4, i, got, want)
+
+
+def test_gluon_table_takes_mma_sync_wins_only_for_the_buckets_it_probed(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gluon_table
+
+    gpu = "NVIDIA Test GPU"
+    log = "\n".join([
+        f"[   0.5s] {gpu}; copy bandwidth 2979 GB/s; gluon available: True",
+        "[   1.0s]   gluon sync tq2 3072x3072 m=1 BJ 128 W 8 split 8 (eff 8, 1 steps): 5.0 us",
+        "[   1.1s]   gluon sync tq2 3072x3072 m=1 BJ 64 W 4 split 2 (eff 2, 6 steps): 6.5 us",
+        "[   1.2s]   gluon wgmma tq2 3072x3072 m=1 BJ 128 W 4 split 8 (eff 8, 1 steps): 4.0 us",  # reference only
+        "[   1.3s] 3.9b tq2 3072x3072 m=1: fp16 10.9 | tl 5.8 (gemv) | gluon 4.0 (BJ, W, split ...)",
+        "[   1.4s]   gluon sync tq2 9216x3072 m=1 BJ 128 W 4 split 4 (eff 4, 2 steps): 7.4 us",
+        "[   1.5s] 3.9b tq2 9216x3072 m=1: fp16 21.1 | tl 7.0 (gemv) | gluon 7.4 (BJ, W, split ...)",
+        "[   1.6s]   gluon sync tq2 3072x3072 m=16 BJ 64 W 4 split 4 (eff 4, 3 steps): 6.0 us",
+        "[   1.7s] 3.9b tq2 3072x3072 m=16: fp16 11.0 | tl 7.5 (tc) | gluon 6.0 (BJ, W, split ...)",
+    ])
+    entries, report = gluon_table.entries_from_log(log)
+    key = f"{gpu}|tq2|3072x3072|m{{}}|float16|s0|gluon"
+    # m = 1 stands for the buckets up to the next probed m that its MMA width (8) covers; m = 16 for its own
+    assert set(entries) == {key.format(b) for b in (1, 2, 4, 8, 16)}
+    assert entries[key.format(1)] == asdict(configs.KernelConfig("gluon", 8, 128, 128, 8, 8))  # the sync winner
+    assert entries[key.format(16)]["block_m"] == 16 and entries[key.format(16)]["num_warps"] == 4
+    assert any("9216x3072 m=1" in line and "portable kept" in line for line in report)  # 7.4 us lost to 7.0 us
