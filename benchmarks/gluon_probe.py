@@ -41,7 +41,6 @@ def main() -> None:
     p.add_argument("--shapes", default="70b,3.9b")
     p.add_argument("--splits", default="1,2,3,4,6,8,12")
     p.add_argument("--bj", default="64,128", help="bytes per row per K step of the Gluon kernel (64, 128)")
-    p.add_argument("--warps", default="4,8", help="warps per program (16 weight rows each)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="also the eager-vs-graph host cost table (3.9b, m = 1)")
@@ -58,7 +57,6 @@ def main() -> None:
     fmts = args.formats.split(",")
     splits = [int(v) for v in args.splits.split(",")]
     bjs = [int(v) for v in args.bj.split(",")]
-    warps = [int(v) for v in args.warps.split(",")]
     summary = []
     for shape_set in args.shapes.split(","):
         for m in ms:
@@ -77,26 +75,27 @@ def main() -> None:
                         len(packs), args.reps, args.trials)
                     best = (float("inf"), None)
                     bm = 8 if m <= 8 else 16
-                    variants = [(bj, sp, w) for bj in bjs for sp in splits for w in warps]
+                    variants = [(bj, sp) for bj in bjs for sp in splits]
                     if pinned is not None:
-                        variants = [(pinned[0], sp, pinned[1]) for sp in splits]
-                    for bj, split, w in variants:
-                        name = f"gluon sync {fmt} {n}x{k} m={m} BJ {bj} W {w} split {split}"
+                        variants = [(pinned, sp) for sp in splits]
+                    for bj, split in variants:
                         t = timing.time_checked(
-                            lambda xx, p, out=None, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj, w=w:
-                            gluon_launch.launch(xx, p, f, k, s, 0, bm, sp, out=out, block_j=bj, num_warps=w),
-                            x, packs, fmt, s, gen, log, name, args.reps, args.trials)
+                            lambda xx, p, out=None, f=fmt, k=k, s=s, sp=split, bm=bm, bj=bj:
+                            gluon_launch.launch(xx, p, f, k, s, 0, bm, sp, out=out, block_j=bj),
+                            x, packs, fmt, s, gen, log, f"gluon {fmt} {n}x{k} m={m} BJ {bj} split {split}",
+                            args.reps, args.trials)
                         if t is None:
                             continue
                         steps, eff = gluon_launch.steps_and_split(packs[0].shape[1], split, bm,
                                                                   get_format(fmt).trits_per_byte, bj)
-                        log(f"  {name} (eff {eff}, {steps} steps): {t * 1e6:.1f} us")
+                        log(f"  gluon {fmt} {n}x{k} m={m} BJ {bj} split {split} (eff {eff}, "
+                            f"{steps} steps): {t * 1e6:.1f} us")
                         if t < best[0]:
-                            best = (t, (bj, w, split))
+                            best = (t, (bj, split))
                     log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | tl {t_tl * 1e6:.1f} "
-                        f"({tuning.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (BJ, W, split {best[1]})")
+                        f"({tuning.describe(cfg)}) | gluon {best[0] * 1e6:.1f} (BJ, split {best[1]})")
                     if best[1] is not None and pinned is None:
-                        pinned = best[1][:2]
+                        pinned = best[1][0]
                     tot[f"{fmt} tl"] += t_tl
                     tot[f"{fmt} gluon"] += best[0]
             summary.append(timing.layer_table_row(shape_set, m, tot["fp16"],

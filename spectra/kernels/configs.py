@@ -218,11 +218,9 @@ GLUON_KEY_SUFFIX = "|gluon"
 
 
 def gluon_candidates(m: int) -> list[KernelConfig]:
-    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, bytes per row and step, split-k
-    factors, 4 or 8 warps (16 weight rows each)."""
+    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
     bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 16 * w, bj, split, w) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)
-            for w in (4, 8)]
+    return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,

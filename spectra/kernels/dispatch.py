@@ -242,7 +242,7 @@ def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: in
     if cfg.kind == "gluon":
         if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
             return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
-                                       block_j=cfg.block_j, num_warps=cfg.num_warps)
+                                       block_j=cfg.block_j)
         cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)
     if cfg.kind == "dequant":
         w = dequantize(packed, fmt, in_features, scales, shard_axis, x2.dtype)

@@ -16,9 +16,10 @@ import os
 import torch
 
 from ..formats import get_format
-from .launch_support import WORKSPACE, FastPathSwitch, pdl_enabled, scale_columns, scale_mode
+from .launch_support import WORKSPACE, FastPathSwitch, scale_columns, scale_mode
 from .ptx import word_decode_asm
 
+BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
 FALLBACK = FastPathSwitch("the Hopper Gluon kernel", "the portable Triton kernel")
@@ -72,31 +73,28 @@ def steps_and_split(q: int, split: int, block_m: int, planes: int, block_j: int 
 
 def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
                 block_m: int, split: int, y: torch.Tensor, block_j: int = 64,
-                ws: torch.Tensor | None = None, cnt: torch.Tensor | None = None,
-                num_warps: int = 4) -> tuple[tuple[int, int, int], dict, dict]:
+                ws: torch.Tensor | None = None,
+                cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one launch on activations x2 [m, k] (column-shard scales
-    already applied). ws / cnt: the split-k workspace (taken from WORKSPACE if not given); num_warps: 16 weight
-    rows each."""
+    already applied). ws / cnt: the split-k workspace (taken from WORKSPACE if not given)."""
 
     m, k = x2.shape
     n, q = packed.shape
     g = get_format(fmt).trits_per_byte
-    pdl = pdl_enabled(x2.device)
     steps, split = steps_and_split(q, split, block_m, g, block_j)
-    grid = (-(-n // (16 * num_warps)), split, 1)
+    grid = (-(-n // BN), split, 1)
     if ws is None:
         ws, cnt = WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), BJ=block_j,
-                 W=num_warps, PDL=pdl)
-    return grid, named, dict(num_warps=num_warps, **(dict(launch_pdl=True) if pdl else {}))
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), BJ=block_j)
+    return grid, named, dict(num_warps=4)
 
 
 def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
            shard_axis: int, block_m: int, split: int, out: torch.Tensor | None = None,
-           block_j: int = 64, num_warps: int = 4) -> torch.Tensor:
+           block_j: int = 64) -> torch.Tensor:
     """The Gluon kernel on a 2-D, row-contiguous x2 [m, k] with m <= block_m; returns y [m, n] (tests,
     benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
     from .tq_gluon import tq_gemv_gluon_kernel  # needs triton's Gluon, which may be missing
@@ -107,7 +105,6 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
     if x2.shape[0] > block_m:
         raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
-    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j,
-                                       num_warps=num_warps)
+    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j)
     tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
     return y

@@ -214,7 +214,7 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
     x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
     y = torch.empty((plan.m, plan.n), dtype=x.dtype, device=x.device)
     grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y,
-                                                    cfg.block_j, num_warps=cfg.num_warps)
+                                                    cfg.block_j)
     named.update(stride_xm=stride_xm, x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
     launch = Launch(tq_gemv_gluon_kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
     try:

@@ -1,66 +1,64 @@
-"""Gluon kernel for the packed ternary product at decode-sized m (1..16), on mma.sync tensor cores.
+"""Hopper (sm_90) Gluon kernel for the packed ternary product at decode-sized m (1..16).
 
-Same product and layout as ``tq_triton.tq_matmul_kernel`` (``acc[16 W weight rows, BM rows of x] = W @ x^T``,
-register-A tensor-core products on decoded planes, split-k with per-split fp32 slots), written in Gluon
+Same product and layout as ``tq_triton.tq_matmul_kernel`` (``acc[64 weight rows, BM rows of x] = W @ x^T``,
+register-A ``wgmma`` on decoded planes, split-k with per-split fp32 slots), written in Gluon
 (``triton.experimental.gluon``) so that the layouts are ours rather than the compiler's:
 
 * **Weights go from global memory straight to the registers of the tensor-core A fragment**, as 32-bit words,
   16 or 32 bytes per thread and row per K step (BJ = 64 or 128 bytes per row), two steps ahead: no
   shared-memory round trip, no per-stage barrier, no 2-byte shared loads. This works because the reduction
   order of a matrix product is free: a thread's contiguous bytes are given the K positions that the thread
-  holds in the A fragment (``_byte_of_k``), and the activations are laid out in shared memory in the same
+  holds in wgmma's A fragment (``_byte_of_k``), and the activations are laid out in shared memory in the same
   permuted order.
-* **The first two weight steps load before anything waits**: before the wait for the previous kernel (PDL)
-  and before the activations of the program's whole K range are loaded, once, into shared memory (the B
-  operand), so the loop streams only weights.
-* Each K step runs its G planes' ``mma.sync`` (m16n8k16) on one accumulator; B fragments come from shared
-  memory by ``ldmatrix``. mma.sync replaced register-A ``wgmma`` (H100, 2026-12-07, same run and variants):
-  1.3-1.4x faster on every 70B shape (wgmma waited on each step), within 5% on the 3.9B ones, and it takes
-  any number of warps (W = 4 or 8, 16 weight rows each).
+* **The activations of a program's whole K range are loaded once**, at the start, into shared memory (the
+  B operand), so the loop streams only weights.
+* Each K step issues its G planes' ``wgmma`` back to back (asynchronous, one accumulator), then waits once.
+  (Waiting only just before the next step's, so that the next decode overlaps them, gave wrong results on an
+  H100, 2026-12-07: the in-flight wgmma reads its A fragments from registers the next decode may reuse.)
 
 The weight tile's register layout is given explicitly (``_word_layout``): every thread holds rows
-16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows the fragment gives it, and BJ / 4 consecutive bytes
+16w + 8h + g (warp w, g = lane / 4, h = 0, 1), the rows wgmma's fragment gives it, and BJ / 4 consecutive bytes
 at (BJ / 4) * (lane % 4). Each word is broadcast four times along a third axis, so that one ``pack=4`` inline-PTX
 call (``ptx.word_decode_asm``) sees one word and writes the half2 registers of its four bytes for every plane;
 a reshape/permute then renames K positions so that each plane's tensor *is* the A fragment, which
 ``convert_layout(..., assert_trivial=True)`` checks at compile time (no data movement).
 
-Requires Triton with Gluon (>= 3.5; run with 3.6, compiled with 3.9) and, as dispatched, an sm_90 GPU
-(mma.sync itself is sm_80+, untried there). ``dispatch`` falls back to the portable ``triton.language`` kernel
-where this cannot compile.
+Requires Triton with Gluon (>= 3.5; written against 3.6) and an sm_90 GPU. ``dispatch`` falls back to the
+portable ``triton.language`` kernel where this cannot compile.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
-# a CTA-wide barrier: gl.thread_barrier up to Triton 3.6, gl.barrier later
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+BN = gl.constexpr(64)   # weight rows per program: one warpgroup's wgmma M
 
 
 @gluon.constexpr_function
-def _word_layout(BJ, W):
-    # [16 W rows, BJ / 4 words, 4 copies]: the weight tile as 32-bit words (4 packed bytes each), each word
-    # broadcast 4 times along the last axis so that a pack=4 inline-asm call sees one word and writes its 4 bytes'
-    # values. Registers: the 4 copies, then BJ / 16 consecutive words (16-byte loads), then row + 8; lanes: word
-    # groups (lane bits 0-1) and rows 1, 2, 4 (lane bits 2-4); warps: rows 16, 32, ... Rows match the A fragment
-    # of mma.sync m16n8k16.
+def _word_layout(BJ):
+    # [BN rows, BJ / 4 words, 4 copies]: the weight tile as 32-bit words (4 packed bytes each), each word broadcast
+    # 4 times along the last axis so that a pack=4 inline-asm call sees one word and writes its 4 bytes' values.
+    # Registers: the 4 copies, then BJ / 16 consecutive words (16-byte loads), then row + 8; lanes: word groups
+    # (lane bits 0-1) and rows 1, 2, 4 (lane bits 2-4); warps: rows 16, 32. Rows match wgmma's A fragment.
     w = BJ // 16  # words per thread and row
     word_regs = [[0, 1 << i, 0] for i in range(w.bit_length() - 1)]
     return gl.DistributedLinearLayout(
         reg_bases=[[0, 0, 1], [0, 0, 2]] + word_regs + [[8, 0, 0]],
         lane_bases=[[0, w, 0], [0, 2 * w, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16 << i, 0, 0] for i in range(W.bit_length() - 1)], block_bases=[], shape=[16 * W, BJ // 4, 4])
+        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, BJ // 4, 4])
 
 
 @gluon.jit
 def _byte_of_k(kap, BJ: gl.constexpr):
     """Byte column (within a K step of BJ bytes) whose digit sits at K position `kap` of a plane's A operand.
 
-    The A fragment gives lane t = lane % 4 the K positions 16c + 8e1 + 2t + e0 (c < BJ / 16, e1, e0 < 2);
+    wgmma's A fragment gives lane t = lane % 4 the K positions 16c + 8e1 + 2t + e0 (c < BJ / 16, e1, e0 < 2);
     the thread loaded bytes (BJ / 4) t + 4c + 2e1 + e0. Both sides of the product use this map."""
     return (BJ // 4) * ((kap >> 1) & 3) + 4 * (kap >> 4) + 2 * ((kap >> 3) & 1) + (kap & 1)
 
@@ -73,23 +71,21 @@ def _load_words(w_ptr, rows, words, row_ok, jw, jw_end, QW):
 
 
 @gluon.jit
-def _plane_mma(p, x_slot, acc, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, BJ: gl.constexpr):
-    # [rows, word w, byte e] -> byte column 4w + e = (BJ / 4) t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0
+def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
+    # [BN, word w, byte e] -> byte column 4w + e = (BJ / 4) t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0
     # (a renaming of each thread's registers: convert_layout checks that it moves nothing)
-    rows: gl.constexpr = p.shape[0]
-    a = gl.reshape(p, [rows, 4, BJ // 16, 2, 2])
+    a = gl.reshape(p, [BN, 4, BJ // 16, 2, 2])
     a = gl.permute(a, (0, 2, 3, 1, 4))
-    a = gl.reshape(a, [rows, BJ])
+    a = gl.reshape(a, [BN, BJ])
     a = gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
-    return mma_v2(a, x_slot.permute((1, 0)).load(B_LAYOUT), acc)
+    return warpgroup_mma(a, xs.permute((1, 0)), acc, is_async=True)
 
 
 @gluon.jit
-def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr, W: gl.constexpr):
-    """One [16 W, BJ / 4 words] tile -> G planes of [16 W, BJ / 4, 4] values (-1/0/+1, x's dtype), word layout."""
+def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
+    """One [BN, BJ / 4 words] tile -> G planes of [BN, BJ / 4, 4] values (-1/0/+1, x's dtype), word layout."""
     ET = x_ptr.dtype.element_ty
-    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([16 * W, BJ // 4, 4], 0, gl.int32,
-                                                     layout=_word_layout(BJ, W)))[0]
+    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout(BJ)))[0]
     if G == 4:
         planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
                                            is_pure=True, pack=4)
@@ -100,15 +96,14 @@ def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr, W: g
 
 
 @gluon.jit
-def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
-           BJ: gl.constexpr):
-    """The G planes' products, back to back on one accumulator."""
-    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT, B_LAYOUT, BJ)
-    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT, B_LAYOUT, BJ)
-    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT, B_LAYOUT, BJ)
-    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT, B_LAYOUT, BJ)
+def _issue(planes, acc, x_smem, slot, G: gl.constexpr, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
+    """The G planes' wgmma, asynchronous, back to back (one accumulator: the tensor cores chain them)."""
+    acc = _plane_mma(planes[0], x_smem.index(slot), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[1], x_smem.index(slot + 1), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[2], x_smem.index(slot + 2), acc, A_LAYOUT, BJ)
+    acc = _plane_mma(planes[3], x_smem.index(slot + 3), acc, A_LAYOUT, BJ)
     if G == 5:
-        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT, B_LAYOUT, BJ)
+        acc = _plane_mma(planes[4], x_smem.index(slot + 4), acc, A_LAYOUT, BJ)
     return acc
 
 
@@ -125,43 +120,23 @@ def _shard_of(idx, size, P):
 def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                          G: gl.constexpr, SCALE_MODE: gl.constexpr, BM: gl.constexpr, SLOTS: gl.constexpr,
-                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr, W: gl.constexpr,
-                         PDL: gl.constexpr):
+                         SPLIT_K: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= BM (8 or 16); program (pid_n, pid_k) does weight
-    rows pid_n * 16 W.. (W warps, 16 rows each) over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G
-    steps of BJ = 64 or 128 bytes per row: 16 or 32 bytes per thread and row).
-    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). PDL as in tq_gemv_kernel: the first
-    two weight tiles load before the wait for the previous kernel, the activations after it."""
-    if PDL:
-        gdc_launch_dependents()
+    rows pid_n * 64.. over the byte columns pid_k * J_PER_SPLIT.. (at most SLOTS / G steps of BJ = 64 or 128
+    bytes per row: 16 or 32 bytes per thread and row).
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch)."""
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    BN: gl.constexpr = 16 * W
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    WL: gl.constexpr = gl.SliceLayout(2, _word_layout(BJ, W))
-    XL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[1, 32], warps_per_cta=[W, 1],
+    WL: gl.constexpr = gl.SliceLayout(2, _word_layout(BJ))
+    XL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[1, 32], warps_per_cta=[4, 1],
                                         order=[1, 0])
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
     j_start = pid_k * J_PER_SPLIT
     j_end = gl.minimum(j_start + J_PER_SPLIT, Q)
     n_steps = gl.cdiv(j_end - j_start, BJ)
-
-    # Weights: global -> registers as 32-bit words, two K steps ahead of the tensor cores; the first two steps
-    # are in flight before anything waits (the previous kernel, the activations below).
-    wp = w_ptr.to(gl.pointer_type(gl.int32))  # rows are 16-byte aligned (formats.ROW_ALIGN_BYTES)
-    QW = Q // 4
-    jw0 = j_start // 4
-    jw_end = j_end // 4
-    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
-    words = gl.arange(0, BJ // 4, layout=gl.SliceLayout(0, WL))
-    row_ok = rows < N
-    b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
-    b1 = _load_words(wp, rows, words, row_ok, jw0 + BJ // 4, jw_end, QW)
-    if PDL:
-        gdc_wait()
 
     # The activations of this K range, in the permuted K order of _byte_of_k, one [BM, BJ] slot per (step, plane).
     x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [SLOTS, BM, BJ], X_SMEM)
@@ -177,13 +152,25 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
             col = i * Q + j
             v = gl.load(x_rows + col[None, :], mask=xrow_ok[:, None] & (j_ok & (col < K))[None, :], other=0.0)
             x_smem.index(s * G + i).store(v)
-    _cta_barrier()
+    fence_async_shared()
+    gl.thread_barrier()
 
+    # Weights: global -> registers as 32-bit words, two K steps ahead of the tensor cores.
+    wp = w_ptr.to(gl.pointer_type(gl.int32))  # rows are 16-byte aligned (formats.ROW_ALIGN_BYTES)
+    QW = Q // 4
+    jw0 = j_start // 4
+    jw_end = j_end // 4
+    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
+    words = gl.arange(0, BJ // 4, layout=gl.SliceLayout(0, WL))
+    row_ok = rows < N
+    b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
+    b1 = _load_words(wp, rows, words, row_ok, jw0 + BJ // 4, jw_end, QW)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     for s in range(n_steps):
         b2 = _load_words(wp, rows, words, row_ok, jw0 + (s + 2) * (BJ // 4), jw_end, QW)
-        planes = _decode(b0, x_ptr, G, ASM, BJ, W)
-        acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, B_LAYOUT, BJ)
+        planes = _decode(b0, x_ptr, G, ASM, BJ)
+        acc = _issue(planes, acc, x_smem, s * G, G, A_LAYOUT, BJ)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         b0 = b1
         b1 = b2
 
@@ -204,7 +191,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         S = gl.num_programs(1)
         slot_ptrs = ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * N + rn[:, None]
         gl.store(slot_ptrs, acc, mask=out_mask)
-        _cta_barrier()
+        gl.thread_barrier()
         if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
             total = gl.zeros([BN, BM], gl.float32, layout=MMA)
             for sk in range(0, S):

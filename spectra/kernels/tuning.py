@@ -100,7 +100,7 @@ def describe(cfg: KernelConfig) -> str:
     if cfg.kind == "dequant":
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
-        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} W {cfg.num_warps} split {cfg.split}"
+        return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
     if cfg.kind == "gemv":
         return (f"gemv BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} warps {cfg.num_warps} "
                 f"stages {cfg.num_stages}")
