@@ -17,7 +17,8 @@ fragment, ``tq_gluon._byte_of_k``'s K permutation) and changes the rest:
 
 TQ2, fp16 or bf16 activations, m <= 8, one scale per matrix, rows a multiple of 64 bytes (every suite shape):
 an experiment, not a dispatched kernel. Each variant is checked against the fp32 reference before it is timed
-(``timing.time_checked``), next to cuBLAS fp16 and the shipped path. Written 2026-12-07 and compiled for sm_90a
+(``timing.time_checked``), next to cuBLAS fp16 and the shipped portable path (``bench.portable_matmul``: the
+tuned GEMV / tensor-core kernels, without Gluon entries). Written 2026-12-07 and compiled for sm_90a
 with Triton 3.9 on the development machine; not yet run on a GPU.
 """
 
@@ -34,9 +35,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from spectra import bench
 from spectra.kernels import launch_support, timing
 from spectra.kernels.ptx import word_decode_asm
+from spectra.kernels.tq_gluon import _load_words
 
-BJ = 64            # packed bytes per row and K step (16 per thread and row)
-AHEAD = 4          # K steps of weights in flight per thread
+BJ = 64            # packed bytes per row and K step (16 per thread and row); four steps are in flight (b0..b3)
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after Triton 3.6
 
 
@@ -57,12 +58,6 @@ def _x_layout(W):
         reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0]],
         lane_bases=[[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[[0, 0] for _ in range(W.bit_length() - 1)], block_bases=[], shape=[64, 8])
-
-
-@gluon.jit
-def _load_step(wp, rows, words, row_ok, jw, jw_end, QW):
-    mask = row_ok[:, None] & ((jw + words) < jw_end)[None, :]
-    return gl.load(wp + rows[:, None].to(gl.int64) * QW + (jw + words)[None, :], mask=mask, other=0)
 
 
 @gluon.jit
@@ -108,10 +103,10 @@ def tq2_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Q, 
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
     words = gl.arange(0, 16, layout=gl.SliceLayout(0, WL))
     row_ok = rows < N
-    b0 = _load_step(wp, rows, words, row_ok, jw0, jw_end, QW)
-    b1 = _load_step(wp, rows, words, row_ok, jw0 + 16, jw_end, QW)
-    b2 = _load_step(wp, rows, words, row_ok, jw0 + 32, jw_end, QW)
-    b3 = _load_step(wp, rows, words, row_ok, jw0 + 48, jw_end, QW)
+    b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
+    b1 = _load_words(wp, rows, words, row_ok, jw0 + 16, jw_end, QW)
+    b2 = _load_words(wp, rows, words, row_ok, jw0 + 32, jw_end, QW)
+    b3 = _load_words(wp, rows, words, row_ok, jw0 + 48, jw_end, QW)
     if PDL:
         gdc_wait()  # activations (and the outputs below) come from / go to the previous kernels' memory
 
@@ -121,7 +116,7 @@ def tq2_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Q, 
     x_rows = x_ptr + xrow[None, :].to(gl.int64) * stride_xm
     acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
     for s in range(n_steps):
-        b4 = _load_step(wp, rows, words, row_ok, jw0 + (s + 4) * 16, jw_end, QW)
+        b4 = _load_words(wp, rows, words, row_ok, jw0 + (s + 4) * 16, jw_end, QW)
         acc = _step(b0, x_rows, xrow_ok, cols, j_start + s * 64, Q, acc, ASM, W, A_LAYOUT, B_LAYOUT)
         b0 = b1
         b1 = b2
@@ -193,7 +188,7 @@ def main() -> None:
                 t16 = timing.time_fp16_product(x, n, l2, gen, args.reps, args.trials)
                 packs = timing.cold_copies(timing.random_packed(n, k, "tq2", dev, gen), l2)
                 s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
-                t_ship = timing.time_graph(lambda i, x=x, p=packs, k=k, s=s: bench.portable_matmul(x, p[i], "tq2", k,
+                t_tl = timing.time_graph(lambda i, x=x, p=packs, k=k, s=s: bench.portable_matmul(x, p[i], "tq2", k,
                                                                                                    s, 0),
                                            len(packs), args.reps, args.trials)
                 best = (float("inf"), None)
@@ -206,12 +201,12 @@ def main() -> None:
                         if t is not None:
                             log(f"  {label}: {t * 1e6:.1f} us")
                             best = min(best, (t, (w, split)), key=lambda v: v[0])
-                log(f"{shape_set} tq2 {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | shipped {t_ship * 1e6:.1f} | "
+                log(f"{shape_set} tq2 {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | portable {t_tl * 1e6:.1f} | "
                     f"stream {best[0] * 1e6:.1f} (W, split {best[1]})")
-                tot = [tot[0] + t16, tot[1] + t_ship, tot[2] + best[0]]
+                tot = [tot[0] + t16, tot[1] + t_tl, tot[2] + best[0]]
             summary.append(timing.layer_table_row(shape_set, m, tot[0], tot[1:]))
             log(summary[-1])
-    log("| shapes | m | fp16 us | shipped us (x) | stream us (x) |")
+    log("| shapes | m | fp16 us | portable us (x) | stream us (x) |")
     log("\n".join(summary))
 
 

@@ -11,8 +11,8 @@ product kernels use, so that their bandwidth can be told apart from their arithm
   ``stages`` deep (the GEMV kernel's access pattern; the tensor-core kernels read rows the same way).
 
 Shapes are rows x bytes per row (70B gate/up TQ2: 57344x2048; 3.9B q/k/v: 9216x768). Method as ``spectra
-bench gemm``: cold copies (working set several times the L2), CUDA-graph replay, median of trials; the
-result is checked against a torch reduction.
+bench gemm``: cold copies (working set several times the L2), CUDA-graph replay, median of trials; every
+variant's XOR is first checked against one computed by torch.
 """
 
 from __future__ import annotations
@@ -54,15 +54,26 @@ def read_rows_kernel(w_ptr, out_ptr, N, QW, C_PER_SPLIT, BN: tl.constexpr, BC: t
     tl.store(out_ptr + pid_k * N + rn, tl.xor_sum(acc, axis=1), mask=rn < N)
 
 
+def xor_fold(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """XOR of `t` along `dim` (torch has no XOR reduction): halve the axis until one slice is left."""
+    t = t.movedim(dim, 0)
+    while t.shape[0] > 1:
+        half = t.shape[0] // 2
+        rest = t[2 * half:]
+        t = t[:half] ^ t[half:2 * half]
+        if rest.shape[0]:
+            t = torch.cat([t[:1] ^ rest, t[1:]])
+    return t[0]
+
+
 def sweep(n: int, q: int, dev: torch.device, gen: torch.Generator, log, reps: int, trials: int) -> None:
     """Every variant on one [n, q bytes] matrix; logs each and the six fastest."""
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     qw = q // 4
     base = torch.randint(-2**31, 2**31 - 1, (n, qw), dtype=torch.int32, device=dev, generator=gen)
     copies = timing.cold_copies(base, timing.l2_size(dev))
-    expect = base[:, 0].clone()  # each row's XOR, the check of every tiled variant
-    for j in range(1, qw):
-        expect ^= base[:, j]
+    expect = xor_fold(base, 1)  # each row's XOR: the check of every row variant
+    expect_all = xor_fold(expect, 0)  # the whole buffer's: the check of every flat variant
     nbytes = n * q
     results = []
 
@@ -79,6 +90,10 @@ def sweep(n: int, q: int, dev: torch.device, gen: torch.Generator, log, reps: in
 
     for block, per_prog in itertools.product((1024, 4096), (1, 4, 16)):
         out = torch.empty(triton.cdiv(n * qw, block * per_prog), dtype=torch.int32, device=dev)
+        flat(0, out, block * per_prog, block)
+        if not torch.equal(xor_fold(out, 0), expect_all):
+            log(f"  {n}x{q} flat BLOCK {block * 4} B x {per_prog}: WRONG")
+            continue
         t = timing.time_graph(lambda i, o=out, c=block * per_prog, b=block: flat(i, o, c, b), len(copies), reps,
                               trials)
         record(f"flat BLOCK {block * 4} B x {per_prog}", t)
@@ -90,10 +105,7 @@ def sweep(n: int, q: int, dev: torch.device, gen: torch.Generator, log, reps: in
         split_eff = triton.cdiv(qw, c_per)
         out = torch.empty(split_eff * n, dtype=torch.int32, device=dev)
         rows(0, out, bn, bc, warps, stages, c_per)
-        got = out.view(split_eff, n)[0].clone()
-        for sk in range(1, split_eff):
-            got ^= out.view(split_eff, n)[sk]
-        if not torch.equal(got, expect):
+        if not torch.equal(xor_fold(out.view(split_eff, n), 0), expect):
             log(f"  {n}x{q} rows BN {bn} BC {bc}: WRONG")
             continue
         t = timing.time_graph(lambda i, o=out, a=(bn, bc, warps, stages, c_per): rows(i, o, *a), len(copies), reps,

@@ -8,6 +8,7 @@ import sys
 
 # every interpreter battery counts its checks in `cases` and collects messages in `failures`; this ends it
 _REPORT = """
+import sys
 print(f"cases={cases}")
 for f in failures:
     print("FAIL", f)
@@ -17,8 +18,8 @@ sys.exit(1 if failures else 0)
 
 def run_in_interpreter(script: str) -> str:
     """Run a kernel battery in a fresh process under TRITON_INTERPRET=1 (it must be set before triton is
-    imported); its stdout ("cases=N" and a line per failure), after asserting exit 0. The battery (dedented,
-    importing sys) defines `cases` and `failures`; the report is appended here."""
+    imported); its stdout ("cases=N" and a line per failure), after asserting exit 0. The battery (dedented)
+    defines `cases` and `failures`; the report is appended here."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script + _REPORT], capture_output=True, text=True, env=env,
                           timeout=300)
