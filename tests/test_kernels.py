@@ -4,6 +4,7 @@ exhaustive checks of the inline-PTX decode constants, dispatcher checks, and GPU
 from __future__ import annotations
 
 import textwrap
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -302,7 +303,8 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
     picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
     calls = []
 
-    def fake_tune(fmt, n, k, m, dtype, device, save):
+    def fake_tune(fmt, n, k, m, dtype, device, candidates, save):
+        assert candidates is None  # the full search
         calls.append((fmt, n, k, m, save))
         return picked, {picked: 1e-5}
 
@@ -316,6 +318,53 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_pa
     for fmt in ("tq2", "tq1"):
         for m in (1, 3, 4):  # 3 and 4 share a bucket
             assert configs.lookup_config(fmt, 136, 200, m, torch.float16, 0, torch.device("cpu")) == picked
+    monkeypatch.setattr(configs, "_table", None)
+
+
+def test_quick_tune_times_the_configs_other_gpus_chose_for_the_shape(monkeypatch):
+    # `spectra bench tune --quick` on a new GPU: the candidates are the entries of the same format, shape, m bucket
+    # and dtype tuned on any GPU (portable and Gluon) plus the heuristic; other shapes, buckets, dtypes and
+    # formats are not candidates, and a shape no GPU tuned gets the full search (None).
+    a = configs.KernelConfig("gemv", 1, 16, 256, 2, 4, 1)
+    b = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3)
+    g = configs.KernelConfig("gluon", 8, 64, 128, 3)
+    other = configs.KernelConfig("tc", 16, 64, 32, 8, 4, 5)
+
+    def key(gpu, fmt="tq2", m=1, dtype=torch.float16):
+        return configs.config_key(fmt, 3072, 9216, m, dtype, 0, gpu)
+
+    table = {key("GPU A"): asdict(a), key("GPU B"): asdict(b), key("GPU B") + configs.GLUON_KEY_SUFFIX: asdict(g),
+             key("GPU C"): asdict(a), key("GPU A", fmt="tq1"): asdict(other), key("GPU A", m=16): asdict(other),
+             key("GPU A", dtype=torch.bfloat16): asdict(other),
+             configs.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU A"): asdict(other)}
+    monkeypatch.setattr(configs, "_table", table)
+    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
+    assert set(configs.table_configs("tq2", 3072, 9216, 1, torch.float16)) == {a, b, g}
+    heuristic = configs.heuristic_config(3072, 9216, 1, "tq2", 132)
+    cpu = torch.device("cpu")  # the Gluon kernel cannot run here: its entry is left out
+    assert set(tuning.quick_candidates("tq2", 3072, 9216, 1, torch.float16, cpu)) == {a, b, heuristic}
+    monkeypatch.setattr(tuning.gluon_launch, "usable", lambda device, m, dtype: True)
+    monkeypatch.setattr(tuning.gluon_launch, "tuning_enabled", lambda: True)
+    assert set(tuning.quick_candidates("tq2", 3072, 9216, 1, torch.float16, cpu)) == {a, b, g, heuristic}
+    assert tuning.quick_candidates("tq2", 5000, 9216, 1, torch.float16, cpu) is None
+    monkeypatch.setattr(configs, "_table", None)
+
+
+def test_tune_quick_flag_passes_the_quick_candidates_to_each_tuning(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+    picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
+    seen = []
+    monkeypatch.setattr(tuning, "quick_candidates", lambda fmt, n, k, m, dtype, device: [picked])
+
+    def fake_tune(fmt, n, k, m, dtype, device, candidates, save):
+        seen.append(candidates)
+        return picked, {picked: 1e-5}
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    tuning.tune_shapes([(200, 136)], ("tq2",), (1, 16), device="cpu", log=lambda msg: None, quick=True)
+    assert seen == [[picked], [picked]]
     monkeypatch.setattr(configs, "_table", None)
 
 

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"{','.join(PACKED_KINDS)} (default: the checkpoint's packed format, else all)")
     t.add_argument("--ms", default="1,2,4,8,16", help="batch sizes m to tune (each stands for its bucket)")
     t.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    t.add_argument("--quick", action="store_true",
+                   help="time only the configs tuned for the same shape on other GPUs (shipped table and user "
+                        "cache) and the heuristic: minutes instead of the full search; shapes no GPU has an "
+                        "entry for still get the full search")
     t.set_defaults(func=run_tune)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -129,7 +133,8 @@ def run_tune(args: argparse.Namespace) -> int:
     _need_cuda()
     shapes = model_linear_shapes(config)
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
-          f"batch sizes ({args.dtype})")
-    tuning.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16)
+          f"batch sizes ({args.dtype}{', quick' if args.quick else ''})")
+    tuning.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16,
+                       quick=args.quick)
     print(f"saved to {configs.user_cache_path()}")
     return 0

@@ -223,6 +223,17 @@ def gluon_candidates(m: int) -> list[KernelConfig]:
     return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
 
 
+def table_configs(fmt: str, n: int, k: int, m: int, dtype: torch.dtype) -> list[KernelConfig]:
+    """Every config the tables (shipped and user cache) hold for this format, shape, m bucket and dtype, tuned on
+    any GPU, Gluon entries included: the candidates of a quick tune on another GPU (``spectra bench tune
+    --quick``), which a config that won on one Hopper part usually is on its sibling."""
+    rest = config_key(fmt, n, k, m, dtype, 0, "")  # "|fmt|nxk|mB|dtype|s0", the key without its GPU
+    found = {KernelConfig.from_dict(entry) for key, entry in _load_table().items()
+             if key[key.index("|"):] in (rest, rest + GLUON_KEY_SUFFIX)}
+    return sorted(found, key=lambda c: (c.kind, c.block_m, c.block_n, c.block_j, c.split, c.num_warps,
+                                        c.num_stages, c.programs))
+
+
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
                   device: torch.device, gluon: bool = True) -> KernelConfig:
     """The config a launch uses: a tuned Gluon entry (if `gluon` and the kernel can run here), else the tuned

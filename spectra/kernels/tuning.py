@@ -18,16 +18,18 @@ from .timing import cold_copies, l2_size, random_packed, time_graph
 
 def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[int, ...],
                 dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
-                log: Callable[[str], None] = print) -> dict[str, KernelConfig]:
+                log: Callable[[str], None] = print, quick: bool = False) -> dict[str, KernelConfig]:
     """Tune every (format, shape, m bucket) on this GPU, each bucket once at its largest m, and merge the
     winners into the user cache, which :func:`~spectra.kernels.configs.lookup_config` prefers to the shipped
-    table; returns the entries written."""
+    table; returns the entries written. ``quick`` times only :func:`quick_candidates` (minutes instead of an
+    hour for a model's shapes)."""
     device = torch.device(device)
     buckets = dict.fromkeys(configs.m_bucket(m) for m in ms)  # m = 3 and 4 share one entry: tune it once
     jobs = [(fmt, n, k, m) for fmt in fmts for n, k in shapes for m in buckets]
     entries: dict[str, KernelConfig] = {}
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
-        best, times = tune(fmt, n, k, m, dtype, device, save=False)
+        candidates = quick_candidates(fmt, n, k, m, dtype, device) if quick else None
+        best, times = tune(fmt, n, k, m, dtype, device, candidates=candidates, save=False)
         entries.update(tuned_entries(fmt, n, k, m, dtype, configs.gpu_name(device), times))
         log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
@@ -35,6 +37,17 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
     clear_config_memo()
     return entries
 
+
+
+def quick_candidates(fmt: str, n: int, k: int, m: int, dtype: torch.dtype,
+                     device: torch.device) -> list[KernelConfig] | None:
+    """What a quick tune times: the configs tuned for this shape and bucket on any GPU (Gluon ones where the
+    Gluon kernel can run here) and the heuristic; None (the full search) where no GPU has an entry."""
+    found = [c for c in configs.table_configs(fmt, n, k, m, dtype)
+             if c.kind != "gluon" or (gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype))]
+    if not found:
+        return None
+    return list(dict.fromkeys([*found, configs.heuristic_config(n, k, m, fmt, configs.num_sms(device))]))
 
 
 def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
