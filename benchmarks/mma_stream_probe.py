@@ -1,6 +1,6 @@
 """Experiment: a decode-sized TQ2 product that streams weights like the GEMV and multiplies on mma.sync.
 
-    python3 benchmarks/mma_stream_probe.py --out OUT [--shapes 3.9b,70b] [--ms 1,8]
+    python3 benchmarks/mma_stream_probe.py --out OUT [--shapes 3.9b,70b] [--formats tq2,tq1] [--ms 1,8]
 
 Why (docs/performance.md, "H100, 2026-12-07 (fifth session)"): a bare read of the 70B gate/up weights in the
 GEMV's tiling takes 40.5 us on an H100, the best product 64.4 us. The CUDA-core GEMV spends 3.8 instructions
@@ -15,7 +15,8 @@ fragment, ``tq_gluon._byte_of_k``'s K permutation) and changes the rest:
 * four 64-byte steps per row in flight (registers), the first ones loaded before the PDL wait;
 * 4 or 8 warps of 16 weight rows each, split-k with per-split fp32 slots and an arrival counter.
 
-TQ2, fp16 or bf16 activations, m <= 8, one scale per matrix, rows a multiple of 64 bytes (every suite shape):
+TQ2 or TQ1 (G = 4 or 5 planes), fp16 or bf16 activations, m <= 8, one scale per matrix (2026-12-07, later: TQ1 and
+rows of any length added, masked by the split's end and by K):
 an experiment, not a dispatched kernel. Each variant is checked against the fp32 reference before it is timed
 (``timing.time_checked``), next to cuBLAS fp16 and the shipped portable path (``bench.portable_matmul``: the
 tuned GEMV / tensor-core kernels, without Gluon entries). Written 2026-12-07 and compiled for sm_90a
@@ -33,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from spectra import bench
-from spectra.kernels import launch_support, timing
+from spectra.formats import get_format
+from spectra.kernels import launch_support, ternary_matmul, timing
 from spectra.kernels.ptx import word_decode_asm
 from spectra.kernels.tq_gluon import _load_words
 
@@ -61,15 +63,24 @@ def _x_layout(W):
 
 
 @gluon.jit
-def _step(w, x_rows, xrow_ok, cols, j, Q, acc, ASM: gl.constexpr, W: gl.constexpr,
+def _step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr, ASM: gl.constexpr, W: gl.constexpr,
           A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr):
-    """The four planes of one 64-byte step: decode, B fragments from global memory, mma.sync."""
+    """The G planes of one 64-byte step: decode, B fragments from global memory, mma.sync."""
     ET = x_rows.dtype.element_ty
     wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([16 * W, 16, 4], 0, gl.int32, layout=_word_layout(W)))[0]
-    planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
-                                       is_pure=True, pack=4)
-    for i in gl.static_range(4):
-        xv = gl.load(x_rows + (i * Q + j + cols)[:, None], mask=xrow_ok[None, :], other=0.0)
+    if G == 4:
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
+                                           is_pure=True, pack=4)
+    else:
+        planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb],
+                                           dtype=(ET, ET, ET, ET, ET), is_pure=True, pack=4)
+    # Masks per thread's 16 columns (a 16-column group is all in or all out: Q, j and K are multiples of 16), so
+    # that the two 16-byte loads stay vector loads: columns past this split's bytes belong to the next plane,
+    # columns past K hold padding trits 0 whose activations must still not be read.
+    g16 = j + (cols // 16) * 16
+    for i in gl.static_range(G):
+        ok = (g16 < j_end) & (i * Q + g16 < K)
+        xv = gl.load(x_rows + (i * Q + j + cols)[:, None], mask=ok[:, None] & xrow_ok[None, :], other=0.0)
         # byte column 16t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0, on both operands (a renaming)
         b = gl.permute(gl.reshape(xv, [4, 4, 2, 2, 8]), (1, 2, 0, 3, 4))
         b = gl.convert_layout(gl.reshape(b, [64, 8]), B_LAYOUT, assert_trivial=True)
@@ -80,8 +91,9 @@ def _step(w, x_rows, xrow_ok, cols, j, Q, acc, ASM: gl.constexpr, W: gl.constexp
 
 
 @gluon.jit
-def tq2_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Q, stride_xm, stride_ym, J_PER_SPLIT,
-                          ASM: gl.constexpr, W: gl.constexpr, SPLIT_K: gl.constexpr, PDL: gl.constexpr):
+def tq_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, Q, stride_xm, stride_ym, J_PER_SPLIT,
+                         G: gl.constexpr, ASM: gl.constexpr, W: gl.constexpr, SPLIT_K: gl.constexpr,
+                         PDL: gl.constexpr):
     if PDL:
         gdc_launch_dependents()
     pid_n = gl.program_id(0)
@@ -117,7 +129,7 @@ def tq2_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Q, 
     acc = gl.zeros([BN, 8], gl.float32, layout=MMA)
     for s in range(n_steps):
         b4 = _load_words(wp, rows, words, row_ok, jw0 + (s + 4) * 16, jw_end, QW)
-        acc = _step(b0, x_rows, xrow_ok, cols, j_start + s * 64, Q, acc, ASM, W, A_LAYOUT, B_LAYOUT)
+        acc = _step(b0, x_rows, xrow_ok, cols, j_start + s * 64, j_end, Q, K, acc, G, ASM, W, A_LAYOUT, B_LAYOUT)
         b0 = b1
         b1 = b2
         b2 = b3
@@ -144,23 +156,25 @@ def tq2_mma_stream_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, Q, 
             gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
-def launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, warps: int, split: int,
+def launch(x: torch.Tensor, packed: torch.Tensor, fmt: str, scale: torch.Tensor, warps: int, split: int,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [m, n] = x [m, k] @ (trits * scale)^T for m <= 8 (TQ2, one scale, rows a multiple of 64 bytes)."""
-    m, _ = x.shape
+    """y [m, n] = x [m, k] @ (trits * scale)^T for m <= 8 (TQ2 or TQ1, one scale)."""
+    m, k = x.shape
     n, q = packed.shape
-    if m > 8 or q % BJ:
-        raise ValueError(f"the probe kernel takes m <= 8 and rows of a multiple of {BJ} bytes (m={m}, q={q})")
-    steps = -(-(q // BJ) // split)
-    split = -(-(q // BJ) // steps)
+    if m > 8 or k % 16:
+        raise ValueError(f"the probe kernel takes m <= 8 and k a multiple of 16, got m = {m}, k = {k}")
+    blocks = -(-q // BJ)
+    steps = -(-blocks // split)
+    split = -(-blocks // steps)
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (-(-n // (16 * warps)), split, 1)
     ws, cnt = launch_support.WORKSPACE.get(x.device, split * m * n if split > 1 else 1, grid[0])
     pdl = launch_support.pdl_enabled(x.device)
-    tq2_mma_stream_kernel[grid](x, packed, scale, y, ws, cnt, m, n, q, x.stride(0), y.stride(0), steps * BJ,
-                                ASM=word_decode_asm("tq2", "fp16" if x.dtype == torch.float16 else "bf16"),
-                                W=warps, SPLIT_K=split > 1, PDL=pdl, num_warps=warps,
-                                **(dict(launch_pdl=True) if pdl else {}))
+    tq_mma_stream_kernel[grid](x, packed, scale, y, ws, cnt, m, n, k, q, x.stride(0), y.stride(0), steps * BJ,
+                               G=get_format(fmt).trits_per_byte,
+                               ASM=word_decode_asm(fmt, "fp16" if x.dtype == torch.float16 else "bf16"),
+                               W=warps, SPLIT_K=split > 1, PDL=pdl, num_warps=warps,
+                               **(dict(launch_pdl=True) if pdl else {}))
     return y
 
 
@@ -168,6 +182,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="mma_stream_probe_out")
     p.add_argument("--shapes", default="3.9b,70b")
+    p.add_argument("--formats", default="tq2,tq1")
     p.add_argument("--ms", default="1,8")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--splits", default="1,2,4,8")
@@ -180,33 +195,34 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     l2 = timing.l2_size(dev)
     summary = []
-    for shape_set in args.shapes.split(","):
-        for m in (int(v) for v in args.ms.split(",")):
-            tot = [0.0, 0.0, 0.0]
-            for k, n in bench.layer_shapes(shape_set):
-                x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
-                t16 = timing.time_fp16_product(x, n, l2, gen, args.reps, args.trials)
-                packs = timing.cold_copies(timing.random_packed(n, k, "tq2", dev, gen), l2)
-                s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
-                t_tl = timing.time_graph(lambda i, x=x, p=packs, k=k, s=s: bench.portable_matmul(x, p[i], "tq2", k,
-                                                                                                   s, 0),
-                                           len(packs), args.reps, args.trials)
-                best = (float("inf"), None)
-                for w in (int(v) for v in args.warps.split(",")):
-                    for split in (int(v) for v in args.splits.split(",")):
-                        label = f"stream tq2 {n}x{k} m={m} W {w} split {split}"
-                        t = timing.time_checked(lambda xx, pk, out=None, s=s, w=w, sp=split:
-                                                launch(xx, pk, s, w, sp, out=out),
-                                                x, packs, "tq2", s, gen, log, label, args.reps, args.trials)
-                        if t is not None:
-                            log(f"  {label}: {t * 1e6:.1f} us")
-                            best = min(best, (t, (w, split)), key=lambda v: v[0])
-                log(f"{shape_set} tq2 {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | portable {t_tl * 1e6:.1f} | "
-                    f"stream {best[0] * 1e6:.1f} (W, split {best[1]})")
-                tot = [tot[0] + t16, tot[1] + t_tl, tot[2] + best[0]]
-            summary.append(timing.layer_table_row(shape_set, m, tot[0], tot[1:]))
-            log(summary[-1])
-    log("| shapes | m | fp16 us | portable us (x) | stream us (x) |")
+    for fmt in args.formats.split(","):
+        for shape_set in args.shapes.split(","):
+            for m in (int(v) for v in args.ms.split(",")):
+                tot = [0.0, 0.0, 0.0, 0.0]
+                for k, n in bench.layer_shapes(shape_set):
+                    x = torch.randn(m, k, dtype=torch.float16, device=dev, generator=gen)
+                    t16 = timing.time_fp16_product(x, n, l2, gen, args.reps, args.trials)
+                    packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
+                    s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
+                    t_tl, t_sh = (timing.time_graph(lambda i, f=f, x=x, p=packs, k=k, s=s: f(x, p[i], fmt, k, s, 0),
+                                                    len(packs), args.reps, args.trials)
+                                  for f in (bench.portable_matmul, ternary_matmul))
+                    best = (float("inf"), None)
+                    for w in (int(v) for v in args.warps.split(",")):
+                        for split in (int(v) for v in args.splits.split(",")):
+                            label = f"stream {fmt} {n}x{k} m={m} W {w} split {split}"
+                            t = timing.time_checked(lambda xx, pk, out=None, s=s, w=w, sp=split:
+                                                    launch(xx, pk, fmt, s, w, sp, out=out),
+                                                    x, packs, fmt, s, gen, log, label, args.reps, args.trials)
+                            if t is not None:
+                                log(f"  {label}: {t * 1e6:.1f} us")
+                                best = min(best, (t, (w, split)), key=lambda v: v[0])
+                    log(f"{shape_set} {fmt} {n}x{k} m={m}: fp16 {t16 * 1e6:.1f} | portable {t_tl * 1e6:.1f} | "
+                        f"shipped {t_sh * 1e6:.1f} | stream {best[0] * 1e6:.1f} (W, split {best[1]})")
+                    tot = [tot[0] + t16, tot[1] + t_tl, tot[2] + t_sh, tot[3] + best[0]]
+                summary.append(f"| {fmt} " + timing.layer_table_row(shape_set, m, tot[0], tot[1:]))
+                log(summary[-1])
+    log("| format | shapes | m | fp16 us | portable us (x) | shipped us (x) | stream us (x) |")
     log("\n".join(summary))
 
 
