@@ -204,15 +204,15 @@ def main() -> None:
                     t16 = timing.time_fp16_product(x, n, l2, gen, args.reps, args.trials)
                     packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
                     s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
-                    t_tl, t_sh = (timing.time_graph(lambda i, f=f, x=x, p=packs, k=k, s=s: f(x, p[i], fmt, k, s, 0),
+                    t_tl, t_sh = (timing.time_graph(lambda i, f=f, x=x, p=packs, k=k, s=s, fm=fmt: f(x, p[i], fm, k, s, 0),
                                                     len(packs), args.reps, args.trials)
                                   for f in (bench.portable_matmul, ternary_matmul))
                     best = (float("inf"), None)
                     for w in (int(v) for v in args.warps.split(",")):
                         for split in (int(v) for v in args.splits.split(",")):
                             label = f"stream {fmt} {n}x{k} m={m} W {w} split {split}"
-                            t = timing.time_checked(lambda xx, pk, out=None, s=s, w=w, sp=split:
-                                                    launch(xx, pk, fmt, s, w, sp, out=out),
+                            t = timing.time_checked(lambda xx, pk, out=None, s=s, w=w, sp=split, fm=fmt:
+                                                    launch(xx, pk, fm, s, w, sp, out=out),
                                                     x, packs, fmt, s, gen, log, label, args.reps, args.trials)
                             if t is not None:
                                 log(f"  {label}: {t * 1e6:.1f} us")
