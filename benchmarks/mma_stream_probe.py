@@ -204,8 +204,8 @@ def main() -> None:
                     t16 = timing.time_fp16_product(x, n, l2, gen, args.reps, args.trials)
                     packs = timing.cold_copies(timing.random_packed(n, k, fmt, dev, gen), l2)
                     s = torch.rand(1, device=dev, generator=gen) * 0.05 + 0.01
-                    t_tl, t_sh = (timing.time_graph(lambda i, f=f, x=x, p=packs, k=k, s=s, fm=fmt: f(x, p[i], fm, k, s, 0),
-                                                    len(packs), args.reps, args.trials)
+                    t_tl, t_sh = (timing.time_graph(lambda i, f=f, x=x, p=packs, k=k, s=s, fm=fmt:
+                                                    f(x, p[i], fm, k, s, 0), len(packs), args.reps, args.trials)
                                   for f in (bench.portable_matmul, ternary_matmul))
                     best = (float("inf"), None)
                     for w in (int(v) for v in args.warps.split(",")):
