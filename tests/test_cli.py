@@ -35,6 +35,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+def test_bench_tune_quick_parses_and_needs_cuda(capsys):
+    # --quick is a flag of `bench tune`; without a GPU the command stops with one line, exit 2 (via main, no
+    # subprocess: the error path is the CLI's own)
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU error")
+    assert main(["bench", "tune", "--size", "3.9B", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA GPU" in err and err.strip().count("\n") == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
