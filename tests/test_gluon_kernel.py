@@ -138,6 +138,97 @@ def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypat
     plans.clear_plans()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_stream_kernel_many_shapes_poisoned_outputs(fmt, dtype):
+    if not _hopper():
+        pytest.skip("the Gluon kernels need an sm_90 GPU and a Triton with Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    # k a multiple of 16 (the kernel's limit); TQ1 rows of 624 / 608 bytes end inside a 64-byte step
+    for n, k in ((1, 16), (37, 80), (130, 1008), (1000, 3008), (515, 8192), (3072, 3072), (200, 3040)):
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
+        for m in (1, 3, 8):
+            for p, axis in ((1, 0), (3, 0), (2, 1)):
+                if p > (n, k)[axis]:
+                    continue
+                scales = torch.rand(p, device="cuda", generator=gen) + 0.5
+                for warps, split in ((4, 1), (8, 3), (4, 8), (8, 16)):
+                    x = torch.randn(m, k, dtype=dtype, device="cuda", generator=gen)  # fresh every launch
+                    ref = fp32_reference(x, packed, fmt, k, scales, axis)
+                    y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                    gluon_launch.launch_stream(x, packed, fmt, k, scales, axis, warps, split, out=y)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    assert err < tol, (n, k, m, p, axis, warps, split, err)
+
+
+@pytest.mark.gpu
+def test_gpu_stream_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch):
+    if not _hopper():
+        pytest.skip("the Gluon kernels need an sm_90 GPU and a Triton with Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    n, k = 9216, 3072
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
+    scales = torch.rand(6, device="cuda", generator=gen) + 0.5
+    for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
+        x = torch.randn(8, k, dtype=torch.float16, device="cuda", generator=gen)
+        warps = 4 << (i % 2)
+        y = gluon_launch.launch_stream(x, packed, "tq2", k, scales, 0, warps, 12)
+        assert torch.equal(y, gluon_launch.launch_stream(x, packed, "tq2", k, scales, 0, warps, 12))
+        ref = fp32_reference(x, packed, "tq2", k, scales, 0)
+        assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+    # the public entry point with a stream config: cached plans (PDL launch options), 3-D, strided and
+    # column-scaled activations; m = 9 is past the kernel's 8 rows and runs the portable kernel
+    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: configs.KernelConfig("stream", 8, 64, 64, 4, 4)
+                        if gluon else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
+    plans.clear_plans()
+    for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4), ((9, k), 0, 1)):
+        s = torch.rand(p, device="cuda", generator=gen) + 0.5
+        for _ in range(2):
+            x = torch.randn(*shape, dtype=torch.float16, device="cuda", generator=gen)
+            if shape[-1] == 2 * k:
+                x = x[:, ::2]
+            y = ternary_matmul(x, packed, "tq2", k, s, axis)
+            ref = fp32_reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
+            assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+    kinds = {pl.m: pl.cfg.kind for pl in plans._plans.values()}
+    assert kinds[6] == kinds[5] == kinds[4] == "stream" and kinds[9] == "tc", kinds
+    plans.clear_plans()
+
+
+def test_stream_configs_only_where_the_streaming_kernel_takes_the_shape(monkeypatch):
+    # m <= 8 and k a multiple of 16: the tuner offers stream configs there only, and a plan or run_config given
+    # one outside those limits runs the portable kernel (here: no GPU, so the heuristic)
+    kinds = lambda m, k: {c.kind for c in configs.gluon_candidates(m, k)}  # noqa: E731
+    assert kinds(8, 3072) == {"gluon", "stream"}
+    assert kinds(9, 3072) == kinds(1, 3000) == {"gluon"}
+    assert gluon_launch.takes("stream", 8, 3072) and not gluon_launch.takes("stream", 8, 3000)
+    assert gluon_launch.takes("gluon", 16, 3000) and not gluon_launch.takes("gluon", 17, 3072)
+    stream = configs.KernelConfig("stream", 8, 128, 64, 4, 8)
+    assert dispatch.portable_config(stream, "tq2", 3072, 3072, 1, torch.device("cpu")).kind == "tc"
+    assert tuning.describe(stream) == "gluon stream warps 8 split 4"
+    # tuned entries: a stream config that wins is the Gluon entry (the portable entry stays)
+    tc = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3)
+    key = configs.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "GPU")
+    assert tuning.tuned_entries("tq2", 3072, 3072, 1, torch.float16, "GPU", {tc: 9e-6, stream: 7e-6}) == \
+        {key: tc, key + configs.GLUON_KEY_SUFFIX: stream}
+
+
+def test_lookup_skips_a_stream_entry_past_its_shape_limits(monkeypatch, tmp_path):
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: True)
+    tc, stream = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3), configs.KernelConfig("stream", 8, 64, 64, 2, 4)
+    cuda = torch.device("cuda", 0)  # only compared, never touched: usable() is patched
+    for k, want in ((3072, stream), (3000, tc)):
+        key = configs.config_key("tq2", 512, k, 8, torch.float16, 0, "Test GPU")
+        configs.save_configs({key: tc, key + configs.GLUON_KEY_SUFFIX: stream})
+        assert configs.lookup_config("tq2", 512, k, 8, torch.float16, 0, cuda) == want
+    monkeypatch.setattr(configs, "_table", None)
+
+
 def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wins():
     K = configs.KernelConfig
     tc, gl_fast, gl_slow = K("tc", 16, 64, 64, 4, 4, 3), K("gluon", 8, 64, 128, 4), K("gluon", 8, 64, 64, 1)

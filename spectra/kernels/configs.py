@@ -3,11 +3,12 @@
 A config (:class:`KernelConfig`) is a tensor-core launch of ``tq_matmul_kernel`` (tile sizes, split-k, warps,
 stages), the same kernel body as a persistent stream-K launch (``sk``, ``tq_matmul_sk_kernel``), ``dequant``
 (decode the whole weight to a dense matrix with ``tq_dequant_kernel`` on every call, then cuBLAS; nothing is
-cached), ``gluon`` (the Hopper Gluon kernel, m <= 16), or ``gemv`` (``tq_gemv_kernel`` on the CUDA cores,
-m <= 2). Configs are keyed by (GPU name, format, n x k, m bucket, activation dtype, scale mode)
-(:func:`config_key`; a Gluon entry adds :data:`GLUON_KEY_SUFFIX`) and come from, in order: the user cache
-(``$SPECTRA_CACHE`` or ``~/.cache/spectra/kernel_configs.json``, written by :mod:`spectra.kernels.tuning`), the
-tuned table shipped beside this file (``tuned_configs.json``), else a heuristic (:func:`heuristic_config`).
+cached), ``gluon`` / ``stream`` (the Hopper Gluon kernels: wgmma, m <= 16; mma.sync streaming, m <= 8), or
+``gemv`` (``tq_gemv_kernel`` on the CUDA cores, m <= 2). Configs are keyed by (GPU name, format, n x k, m bucket,
+activation dtype, scale mode) (:func:`config_key`; a Gluon entry adds :data:`GLUON_KEY_SUFFIX`) and come from, in
+order: the user cache (``$SPECTRA_CACHE`` or ``~/.cache/spectra/kernel_configs.json``, written by
+:mod:`spectra.kernels.tuning`), the tuned table shipped beside this file (``tuned_configs.json``), else a
+heuristic (:func:`heuristic_config`).
 :func:`lookup_config` is that choice; :mod:`spectra.kernels.dispatch` launches what it returns.
 """
 
@@ -34,8 +35,9 @@ _lock = threading.Lock()
 class KernelConfig:
     # "tc": tensor-core kernel on packed weights, one program per output tile (times split-k);
     # "sk": the same product as a persistent stream-K launch (the GEMM regime, large m);
-    # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon kernel (m <= 16; block_m and
-    # split only, see gluon_launch); "gemv": the CUDA-core GEMV kernel (small m; block_n rows per program,
+    # "dequant": decode the whole weight, then cuBLAS; "gluon": the Hopper Gluon wgmma kernel (m <= 16; block_m,
+    # block_j and split only), "stream": the Gluon streaming kernel (m <= 8; num_warps and split; see
+    # gluon_launch); "gemv": the CUDA-core GEMV kernel (small m; block_n rows per program,
     # block_j packed bytes per row and step, block_m unused).
     kind: str = "tc"
     block_m: int = 16
@@ -217,10 +219,15 @@ DEQUANT_ABOVE_M = {"tq2": 1024, "tq1": 512}
 GLUON_KEY_SUFFIX = "|gluon"
 
 
-def gluon_candidates(m: int) -> list[KernelConfig]:
-    """Gluon kernel configs the tuner tries (m <= 16): the MMA width covering m, split-k factors."""
+def gluon_candidates(m: int, k: int) -> list[KernelConfig]:
+    """Gluon kernel configs the tuner tries (m <= 16): the wgmma kernel at the MMA width covering m, and (where
+    it takes the shape) the streaming kernel at 4 or 8 warps, each with split-k factors."""
     bm = 8 if m <= 8 else 16
-    return [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in (1, 2, 3, 4, 6, 8, 12, 16)]
+    splits = (1, 2, 3, 4, 6, 8, 12, 16)
+    out = [KernelConfig("gluon", bm, 64, bj, split) for bj in (64, 128) for split in splits]
+    if gluon_launch.takes("stream", m, k):
+        out += [KernelConfig("stream", 8, 16 * w, gluon_launch.STREAM_BJ, split, w) for w in (4, 8) for split in splits]
+    return out
 
 
 def table_configs(fmt: str, n: int, k: int, m: int, dtype: torch.dtype) -> list[KernelConfig]:
@@ -242,7 +249,7 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
     if gluon and m <= 16 and device.type == "cuda":
         entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
                  or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
-        if entry is not None:
+        if entry is not None and gluon_launch.takes(entry.get("kind", "gluon"), m, k):
             if gluon_launch.usable(device, m, dtype):
                 return KernelConfig.from_dict(entry)
     entry = _load_table().get(key)

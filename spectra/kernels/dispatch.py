@@ -229,18 +229,21 @@ def dequantize(packed: torch.Tensor, fmt: str, in_features: int, scales: torch.T
 
 
 def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device: torch.device) -> KernelConfig:
-    """`cfg`, or where it names the Gluon kernel and that cannot run here, the portable kernel's heuristic."""
-    if cfg.kind != "gluon":
+    """`cfg`, or where it names a Gluon kernel and that cannot run here, the portable kernel's heuristic."""
+    if cfg.kind not in gluon_launch.KINDS:
         return cfg
-    if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16):
+    if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16) and gluon_launch.takes(cfg.kind, m, k):
         return cfg
     return heuristic_config(n, k, m, fmt, num_sms(device) if device.type == "cuda" else 4)
 
 
 def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
-    if cfg.kind == "gluon":
-        if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype):
+    if cfg.kind in gluon_launch.KINDS:
+        if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype) and gluon_launch.takes(cfg.kind, *x2.shape):
+            if cfg.kind == "stream":
+                return gluon_launch.launch_stream(x2, packed, fmt, in_features, scales, shard_axis, cfg.num_warps,
+                                                  cfg.split)
             return gluon_launch.launch(x2, packed, fmt, in_features, scales, shard_axis, cfg.block_m, cfg.split,
                                        block_j=cfg.block_j)
         cfg = portable_config(cfg, fmt, packed.shape[0], in_features, x2.shape[0], x2.device)

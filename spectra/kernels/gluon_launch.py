@@ -1,12 +1,14 @@
-"""Host side of the Hopper Gluon kernel (``tq_gluon``): when it may run, its launch arguments, and the
-fallback to the portable ``triton.language`` kernel where it cannot compile.
+"""Host side of the Hopper Gluon kernels (``tq_gluon``): when they may run, their launch arguments, and the
+fallback to the portable ``triton.language`` kernel where they cannot compile.
 
 A config of kind ``"gluon"`` runs ``tq_gluon.tq_gemv_gluon_kernel``: ``block_m`` is the MMA width (8 or 16,
 covering m), ``block_j`` the packed bytes per row and K step (64 or 128: 16 or 32 bytes per thread and row),
 ``split`` the split-k factor, clamped so that a program's activations fit
-:data:`SMEM_BUDGET` bytes of shared memory. The kernel needs an sm_90 GPU and a Triton with Gluon; where
-either is missing, or the kernel fails to compile once, :func:`usable` says no, one warning line says why,
-and the dispatcher runs the portable kernel instead.
+:data:`SMEM_BUDGET` bytes of shared memory. A config of kind ``"stream"`` runs
+``tq_gluon.tq_stream_gluon_kernel`` (m <= 8, K a multiple of 16): ``num_warps`` warps of 16 weight rows each
+(``block_n`` = 16 x warps), ``split`` the split-k factor. The kernels need an sm_90 GPU and a Triton with
+Gluon; where either is missing, or a kernel fails to compile once, :func:`usable` says no, one warning line says
+why, and the dispatcher runs the portable kernel instead.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import os
 import torch
 
 from ..formats import get_format
-from .launch_support import WORKSPACE, FastPathSwitch, scale_columns, scale_mode
+from .launch_support import WORKSPACE, FastPathSwitch, pdl_enabled, scale_columns, scale_mode
 from .ptx import word_decode_asm
 
 BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
 MAX_M = 16
+KINDS = ("gluon", "stream")  # config kinds that run a Gluon kernel
+STREAM_MAX_M = 8          # the streaming kernel's mma.sync tile has 8 activation rows
+STREAM_BJ = 64            # its packed bytes per row and K step
 FALLBACK = FastPathSwitch("the Hopper Gluon kernel", "the portable Triton kernel")
 # tests/test_gluon_kernel.py passed on an H100 (2026-12-07, after the late-wait loop was removed), so the tuner
 # offers Gluon configs; not yet run on an H200. Dispatch uses the kernel only through tuned entries (H100: the
@@ -107,4 +112,51 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
     grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j)
     tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
+    return y
+
+
+def takes(kind: str, m: int, k: int) -> bool:
+    """Whether a Gluon kernel of this config kind computes a product of m rows and k input features (its shape
+    limits; :func:`usable` says whether it can run on the device at all)."""
+    if kind == "stream":
+        return m <= STREAM_MAX_M and k % 16 == 0
+    return m <= MAX_M
+
+
+def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
+                       warps: int, split: int, y: torch.Tensor, ws: torch.Tensor | None = None,
+                       cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
+    """(grid, named arguments, launch options) of one streaming-kernel launch on x2 [m, k] (column-shard scales
+    already applied); `split` is rounded so that every split has whole 64-byte steps and none is empty."""
+    m, k = x2.shape
+    n, q = packed.shape
+    blocks = -(-q // STREAM_BJ)
+    steps = -(-blocks // max(1, min(split, blocks)))
+    split = -(-blocks // steps)
+    grid = (-(-n // (16 * warps)), split, 1)
+    if ws is None:
+        ws, cnt = WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
+    pdl = pdl_enabled(x2.device)
+    named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
+                 stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * STREAM_BJ,
+                 G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode, SPLIT_K=split > 1,
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), W=warps, PDL=pdl)
+    return grid, named, dict(num_warps=warps, **(dict(launch_pdl=True) if pdl else {}))
+
+
+def launch_stream(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                  shard_axis: int, warps: int, split: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The streaming Gluon kernel on a 2-D, row-contiguous x2 [m, k] (m <= 8, k a multiple of 16); returns
+    y [m, n] (tests, benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
+    from .tq_gluon import tq_stream_gluon_kernel  # needs triton's Gluon, which may be missing
+
+    if not takes("stream", x2.shape[0], in_features):
+        raise ValueError(f"the streaming Gluon kernel takes m <= {STREAM_MAX_M} and in_features a multiple of 16, "
+                         f"got m = {x2.shape[0]}, in_features = {in_features}")
+    mode = scale_mode(scales, shard_axis)
+    if mode == 2:
+        x2 = scale_columns(x2, scales, in_features)
+    y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
+    grid, named, options = stream_launch_args(x2, packed, fmt, scales, mode, warps, split, y)
+    tq_stream_gluon_kernel[grid](*[named[a] for a in tq_stream_gluon_kernel.arg_names], **options)
     return y

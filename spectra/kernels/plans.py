@@ -192,12 +192,13 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
 
 
 def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
-    """The Gluon kernel's launch, compiled now; None (after gluon_launch's one warning) where it cannot run."""
-    if not gluon_launch.usable(x.device, plan.m, x.dtype):
+    """The Gluon kernel's launch (`cfg.kind` "gluon" or "stream"), compiled now; None where it cannot run (after
+    gluon_launch's one warning if it failed to compile)."""
+    if not (gluon_launch.usable(x.device, plan.m, x.dtype) and gluon_launch.takes(cfg.kind, plan.m, plan.k)):
         return None
     if (x.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15:
         return None  # compiled for 16-byte aligned pointers; rare: this signature runs the portable kernel
-    from .tq_gluon import tq_gemv_gluon_kernel  # optional: triton's Gluon
+    from .tq_gluon import tq_gemv_gluon_kernel, tq_stream_gluon_kernel  # optional: triton's Gluon
 
     stride_xm = plan.stride_xm
     if mode == 2:
@@ -213,10 +214,16 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
     # stand-ins with the shapes and alignment of the real tensors; the plan keeps no reference to the weights
     x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
     y = torch.empty((plan.m, plan.n), dtype=x.dtype, device=x.device)
-    grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y,
-                                                    cfg.block_j)
+    if cfg.kind == "stream":
+        kernel = tq_stream_gluon_kernel
+        grid, named, options = gluon_launch.stream_launch_args(x2, packed, fmt, scales, mode, cfg.num_warps,
+                                                               cfg.split, y)
+    else:
+        kernel = tq_gemv_gluon_kernel
+        grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y,
+                                                        cfg.block_j)
     named.update(stride_xm=stride_xm, x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
-    launch = Launch(tq_gemv_gluon_kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
+    launch = Launch(kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
     try:
         launch.compile(x2, packed, scales, y)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: the portable kernel runs instead
@@ -257,7 +264,7 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         cfg = configs.KernelConfig("dequant")
     else:
         cfg = configs.lookup_config(fmt, n, k, m, x.dtype, mode, x.device)
-    if cfg.kind == "gluon":
+    if cfg.kind in gluon_launch.KINDS:
         plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan)
         if plan.main is not None:
             plan.cfg = cfg

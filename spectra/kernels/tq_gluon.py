@@ -31,13 +31,16 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BN = gl.constexpr(64)   # weight rows per program: one warpgroup's wgmma M
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after Triton 3.6
 
 
 @gluon.constexpr_function
@@ -84,8 +87,14 @@ def _plane_mma(p, xs, acc, A_LAYOUT: gl.constexpr, BJ: gl.constexpr):
 @gluon.jit
 def _decode(w, x_ptr, G: gl.constexpr, ASM: gl.constexpr, BJ: gl.constexpr):
     """One [BN, BJ / 4 words] tile -> G planes of [BN, BJ / 4, 4] values (-1/0/+1, x's dtype), word layout."""
-    ET = x_ptr.dtype.element_ty
     wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([BN, BJ // 4, 4], 0, gl.int32, layout=_word_layout(BJ)))[0]
+    return _decode_planes(wb, x_ptr, G, ASM)
+
+
+@gluon.jit
+def _decode_planes(wb, x_ptr, G: gl.constexpr, ASM: gl.constexpr):
+    """Words broadcast 4 times along their last axis -> G planes of -1/0/+1 in x's dtype, same layout."""
+    ET = x_ptr.dtype.element_ty
     if G == 4:
         planes = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wb], dtype=(ET, ET, ET, ET),
                                            is_pure=True, pack=4)
@@ -114,6 +123,35 @@ def _shard_of(idx, size, P):
     big = base + 1
     head = extra * big
     return gl.where(idx < head, idx // big, extra + (idx - head) // gl.maximum(base, 1))
+
+
+@gluon.jit
+def _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k,
+            SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr):
+    """Scale the [rows, m] fp32 tile `acc` (rows rn, activation rows rm, in acc's layout) and store it: directly,
+    or as tq_triton does for split-k: each split stores its partial tile in its own fp32 slot; the last to arrive
+    (counter) sums the slots in split order (bitwise reproducible), writes y and re-zeroes the counter.
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch)."""
+    if SCALE_MODE == 0:
+        acc = acc * gl.load(s_ptr).to(gl.float32)
+    elif SCALE_MODE == 1:
+        s_row = gl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(gl.float32)
+        acc = acc * s_row[:, None]
+    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
+    y_ptrs = y_ptr + rm[None, :].to(gl.int64) * stride_ym + rn[:, None]
+    if not SPLIT_K:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        S = gl.num_programs(1)
+        gl.store(ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * N + rn[:, None], acc, mask=out_mask)
+        _cta_barrier()
+        if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
+            total = gl.zeros_like(acc)
+            for sk in range(0, S):
+                total += gl.load(ws_ptr + (sk * M + rm[None, :]).to(gl.int64) * N + rn[:, None], mask=out_mask,
+                                 other=0.0, cache_modifier=".cg")
+            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @gluon.jit
@@ -153,7 +191,7 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
             v = gl.load(x_rows + col[None, :], mask=xrow_ok[:, None] & (j_ok & (col < K))[None, :], other=0.0)
             x_smem.index(s * G + i).store(v)
     fence_async_shared()
-    gl.thread_barrier()
+    _cta_barrier()
 
     # Weights: global -> registers as 32-bit words, two K steps ahead of the tensor cores.
     wp = w_ptr.to(gl.pointer_type(gl.int32))  # rows are 16-byte aligned (formats.ROW_ALIGN_BYTES)
@@ -176,26 +214,109 @@ def tq_gemv_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
-    if SCALE_MODE == 0:
-        acc = acc * gl.load(s_ptr).to(gl.float32)
-    elif SCALE_MODE == 1:
-        s_row = gl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(gl.float32)
-        acc = acc * s_row[:, None]
-    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
-    y_ptrs = y_ptr + rm[None, :].to(gl.int64) * stride_ym + rn[:, None]
-    if not SPLIT_K:
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # as tq_triton: each split stores its partial tile in its own fp32 slot; the last to arrive (counter)
-        # sums the slots in split order (bitwise reproducible), writes y and re-zeroes the counter
-        S = gl.num_programs(1)
-        slot_ptrs = ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * N + rn[:, None]
-        gl.store(slot_ptrs, acc, mask=out_mask)
-        gl.thread_barrier()
-        if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
-            total = gl.zeros([BN, BM], gl.float32, layout=MMA)
-            for sk in range(0, S):
-                total += gl.load(ws_ptr + (sk * M + rm[None, :]).to(gl.int64) * N + rn[:, None], mask=out_mask,
-                                 other=0.0, cache_modifier=".cg")
-            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            gl.atomic_xchg(cnt_ptr + pid_n, 0)
+    _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k, SCALE_MODE, SPLIT_K)
+
+
+# --- the streaming kernel (mma.sync, no shared memory) ------------------------------------------------------
+
+STREAM_BJ = gl.constexpr(64)  # packed bytes per row and K step (16 per thread and row); four steps in flight
+
+
+@gluon.constexpr_function
+def _stream_word_layout(W):
+    # [16 W rows, 16 words, 4 copies]: the word layout above at BJ = 64 with W warps of 16 rows each (the rows of
+    # an mma.sync A fragment: lane g = lane / 4 holds rows g and g + 8 of its warp's 16)
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [8, 0, 0]],
+        lane_bases=[[0, 4, 0], [0, 8, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16 << i, 0, 0] for i in range(W.bit_length() - 1)], block_bases=[], shape=[16 * W, 16, 4])
+
+
+@gluon.constexpr_function
+def _stream_x_layout(W):
+    # [64 byte columns, 8 rows of x]: lane (g, t) holds the 16 contiguous columns 16t.. of x row g, the K positions
+    # its B fragment takes after _stream_step's renaming; every warp holds the same tile
+    return gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0]],
+        lane_bases=[[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0] for _ in range(W.bit_length() - 1)], block_bases=[], shape=[64, 8])
+
+
+@gluon.jit
+def _stream_step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr, ASM: gl.constexpr,
+                 W: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr):
+    """The G planes of one 64-byte step: decode into A fragments, B fragments from global memory, mma.sync."""
+    wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([16 * W, 16, 4], 0, gl.int32, layout=_stream_word_layout(W)))[0]
+    planes = _decode_planes(wb, x_rows, G, ASM)
+    # Masks per thread's 16 columns (a 16-column group is all in or all out: Q, j and K are multiples of 16), so
+    # the two 16-byte loads stay vector loads: columns past this split's bytes belong to the next plane, columns
+    # past K hold padding trits (0) whose activations must still not be read.
+    g16 = j + (cols // 16) * 16
+    for i in gl.static_range(G):
+        ok = (g16 < j_end) & (i * Q + g16 < K)
+        xv = gl.load(x_rows + (i * Q + j + cols)[:, None], mask=ok[:, None] & xrow_ok[None, :], other=0.0)
+        # byte column 16t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0, on both operands (a renaming)
+        b = gl.permute(gl.reshape(xv, [4, 4, 2, 2, 8]), (1, 2, 0, 3, 4))
+        b = gl.convert_layout(gl.reshape(b, [64, 8]), B_LAYOUT, assert_trivial=True)
+        a = gl.permute(gl.reshape(planes[i], [16 * W, 4, 4, 2, 2]), (0, 2, 3, 1, 4))
+        a = gl.convert_layout(gl.reshape(a, [16 * W, 64]), A_LAYOUT, assert_trivial=True)
+        acc = mma_v2(a, b, acc)
+    return acc
+
+
+@gluon.jit
+def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+                           M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
+                           G: gl.constexpr, SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr, ASM: gl.constexpr,
+                           W: gl.constexpr, PDL: gl.constexpr):
+    """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= 8 and K a multiple of 16; program (pid_n, pid_k) does
+    weight rows pid_n * 16 W.. over the byte columns pid_k * J_PER_SPLIT.. (a multiple of 64 bytes).
+
+    Streams like the CUDA-core GEMV (each warp 16 rows, four 64-byte steps per row in flight in registers, no
+    shared memory, the first steps loaded before the PDL wait) and multiplies like the kernel above (weights
+    decoded straight into A fragments, ``_byte_of_k``'s K order), on mma.sync m16n8k16; each thread loads its
+    B fragment (16 contiguous activations per plane: two 16-byte loads, L1/L2 hits after the first program)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    WL: gl.constexpr = gl.SliceLayout(2, _stream_word_layout(W))
+    XL: gl.constexpr = _stream_x_layout(W)
+
+    j_start = pid_k * J_PER_SPLIT
+    j_end = gl.minimum(j_start + J_PER_SPLIT, Q)
+    n_steps = gl.cdiv(j_end - j_start, STREAM_BJ)
+    wp = w_ptr.to(gl.pointer_type(gl.int32))  # rows are 16-byte aligned (formats.ROW_ALIGN_BYTES)
+    QW = Q // 4
+    jw0 = j_start // 4
+    jw_end = j_end // 4
+    rows = pid_n * (16 * W) + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, WL))
+    words = gl.arange(0, 16, layout=gl.SliceLayout(0, WL))
+    row_ok = rows < N
+    b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
+    b1 = _load_words(wp, rows, words, row_ok, jw0 + 16, jw_end, QW)
+    b2 = _load_words(wp, rows, words, row_ok, jw0 + 32, jw_end, QW)
+    b3 = _load_words(wp, rows, words, row_ok, jw0 + 48, jw_end, QW)
+    if PDL:
+        gdc_wait()  # the activations (and y, ws) belong to the kernels before this one
+
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(1, XL))
+    xrow = gl.arange(0, 8, layout=gl.SliceLayout(0, XL))
+    xrow_ok = xrow < M
+    x_rows = x_ptr + xrow[None, :].to(gl.int64) * stride_xm
+    acc = gl.zeros([16 * W, 8], gl.float32, layout=MMA)
+    for s in range(n_steps):
+        b4 = _load_words(wp, rows, words, row_ok, jw0 + (s + 4) * 16, jw_end, QW)
+        acc = _stream_step(b0, x_rows, xrow_ok, cols, j_start + s * STREAM_BJ, j_end, Q, K, acc, G, ASM, W,
+                           A_LAYOUT, B_LAYOUT)
+        b0 = b1
+        b1 = b2
+        b2 = b3
+        b3 = b4
+
+    rn = pid_n * (16 * W) + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, MMA))
+    rm = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+    _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k, SCALE_MODE, SPLIT_K)

@@ -44,7 +44,8 @@ def quick_candidates(fmt: str, n: int, k: int, m: int, dtype: torch.dtype,
     """What a quick tune times: the configs tuned for this shape and bucket on any GPU (Gluon ones where the
     Gluon kernel can run here) and the heuristic; None (the full search) where no GPU has an entry."""
     found = [c for c in configs.table_configs(fmt, n, k, m, dtype)
-             if c.kind != "gluon" or (gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype))]
+             if c.kind not in gluon_launch.KINDS
+             or (gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype))]
     if not found:
         return None
     return list(dict.fromkeys([*found, configs.heuristic_config(n, k, m, fmt, configs.num_sms(device))]))
@@ -66,7 +67,7 @@ def tune(fmt: str, n: int, k: int, m: int, dtype: torch.dtype = torch.float16, d
     if candidates is None:
         candidates = configs.candidate_configs(n, k, m, fmt, configs.num_sms(device))
         if gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype):
-            candidates += configs.gluon_candidates(m)
+            candidates += configs.gluon_candidates(m, k)
     x = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
     packs = cold_copies(random_packed(n, k, fmt, device, gen), l2_size(device))
     base, copies = packs[0], len(packs)
@@ -98,8 +99,8 @@ def tuned_entries(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, gpu: str
     """The table entries of one tuning: the fastest portable config under the shape's key and, where the
     Gluon kernel beat it, the fastest Gluon config under the key + GLUON_KEY_SUFFIX."""
     key = configs.config_key(fmt, n, k, m, dtype, 0, gpu)
-    portable = {c: t for c, t in times.items() if c.kind != "gluon"}
-    gluon = {c: t for c, t in times.items() if c.kind == "gluon"}
+    portable = {c: t for c, t in times.items() if c.kind not in gluon_launch.KINDS}
+    gluon = {c: t for c, t in times.items() if c.kind in gluon_launch.KINDS}
     out = {}
     if portable:
         out[key] = min(portable, key=portable.get)
@@ -114,6 +115,8 @@ def describe(cfg: KernelConfig) -> str:
         return "dequantize + cuBLAS"
     if cfg.kind == "gluon":
         return f"gluon BM {cfg.block_m} BJ {cfg.block_j} split {cfg.split}"
+    if cfg.kind == "stream":
+        return f"gluon stream warps {cfg.num_warps} split {cfg.split}"
     if cfg.kind == "gemv":
         return (f"gemv BN {cfg.block_n} BJ {cfg.block_j} split {cfg.split} warps {cfg.num_warps} "
                 f"stages {cfg.num_stages}")
