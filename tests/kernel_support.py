@@ -43,3 +43,25 @@ def fp32_reference(x, packed, fmt, k, scales, axis):
     trits = get_format(fmt).unpack(packed.cpu(), k).float()
     w = trits * expand_scales(scales.float().cpu(), tuple(trits.shape), axis)
     return (x.float().cpu() @ w.t()).to(x.device)
+
+
+def tolerance(dtype) -> float:
+    """Relative error a kernel's fp32-accumulated result may show in this activation dtype (its rounding)."""
+    import torch
+
+    return 2e-3 if dtype == torch.float16 else 1.6e-2
+
+
+def relative_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| in fp32; NaN (fails every `<` check) where y holds a NaN."""
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def poisoned_launch_error(launch, x, packed, fmt, k, scales, axis) -> float:
+    """Relative error of launch(out=y) into a NaN-filled y [m, n] against fp32_reference: an output the kernel
+    never writes stays NaN and fails the check."""
+    import torch
+
+    y = torch.full((x.shape[0], packed.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    launch(out=y)
+    return relative_error(y, fp32_reference(x, packed, fmt, k, scales, axis))
