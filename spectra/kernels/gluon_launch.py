@@ -28,9 +28,10 @@ KINDS = ("gluon", "stream")  # config kinds that run a Gluon kernel
 STREAM_MAX_M = 8          # the streaming kernel's mma.sync tile has 8 activation rows
 STREAM_BJ = 64            # its packed bytes per row and K step
 FALLBACK = FastPathSwitch("the Hopper Gluon kernel", "the portable Triton kernel")
-# tests/test_gluon_kernel.py passed on an H100 (2026-12-07, after the late-wait loop was removed), so the tuner
-# offers Gluon configs; not yet run on an H200. Dispatch uses the kernel only through tuned entries (H100: the
-# 3.9B q/k/v and o shapes at m <= 8, where it beat the portable kernel).
+# tests/test_gluon_kernel.py passed on an H100 (2026-12-07: the wgmma kernel after its late-wait loop was removed;
+# the streaming kernel, and the wgmma kernel again with the shared epilogue, in a later session), so the tuner
+# offers Gluon configs; not yet run on an H200. Dispatch uses the kernels only through tuned entries (H100: see
+# docs/performance.md, "H100, 2026-12-07 (sixth session)").
 VERIFIED_ON_GPU = True
 
 
