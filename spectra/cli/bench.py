@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--size", help="a model size preset, e.g. 1.5B or 3.9B")
     src.add_argument("--checkpoint", help="a checkpoint directory (only its config.json is read)")
+    src.add_argument("--shapes", help="a shape set of `bench gemm` (70b, 3.9b): one layer's fused decode shapes")
     t.add_argument("--formats", default=None,
                    help=f"{','.join(PACKED_KINDS)} (default: the checkpoint's packed format, else all)")
     t.add_argument("--ms", default="1,2,4,8,16", help="batch sizes m to tune (each stands for its bucket)")
@@ -115,14 +116,15 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    if args.checkpoint:
-
-        config = read_config(args.checkpoint)
+    if args.shapes:
+        config = None
+        shapes = [(n, k) for k, n in bench.layer_shapes(args.shapes)]
     else:
-        config = get_config(args.size)
+        config = read_config(args.checkpoint) if args.checkpoint else get_config(args.size)
+        shapes = model_linear_shapes(config)
     if args.formats:
         fmts = tuple(f.strip().lower() for f in args.formats.split(","))
-    elif config.weight_kind in FORMATS:
+    elif config is not None and config.weight_kind in FORMATS:
         fmts = (config.weight_kind,)
     else:
         fmts = PACKED_KINDS
@@ -131,7 +133,6 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown format {', '.join(unknown)}; use {' and/or '.join(PACKED_KINDS)}")
     ms = parse_int_list(args.ms, "--ms", "batch sizes", minimum=1)
     _need_cuda()
-    shapes = model_linear_shapes(config)
     print(f"{torch.cuda.get_device_name(0)}: tuning {len(shapes)} shapes x {len(fmts)} formats x {len(ms)} "
           f"batch sizes ({args.dtype}{', quick' if args.quick else ''})")
     tuning.tune_shapes(shapes, fmts, ms, torch.float16 if args.dtype == "float16" else torch.bfloat16,
