@@ -1,9 +1,10 @@
-"""Registers, spills and shared memory of a tensor-core kernel config, compiled for sm_90a without a GPU.
+"""Registers, spills and shared memory of a kernel config, compiled for sm_90a without a GPU.
 
     python benchmarks/kernel_resources.py --format tq2 --block-n 128 --warps 8 --stages 6
     python benchmarks/kernel_resources.py --sass        # + SASS instruction counts of the K loop
     python benchmarks/kernel_resources.py --format tq1 --in-features 8192 --sass   # the masks k = 8192 needs
     python benchmarks/kernel_resources.py --kernel gemv --block-n 16 --block-j 256 --stages 1 --sass
+    python benchmarks/kernel_resources.py --kernel stream --warps 4 --split 2 --sass   # the streaming Gluon kernel
 
 Compiles ``tq_matmul_kernel`` ahead of time with the installed Triton (its bundled ptxas and nvdisasm) for
 the sizes a real launch specialises on (16-byte aligned rows; the column masks of --in-features, none by
@@ -42,7 +43,16 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
     (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
     spec = get_format(fmt)
-    if cfg.kind == "gemv":
+    if cfg.kind == "stream":
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from spectra.kernels.ptx import word_decode_asm
+        from spectra.kernels.tq_gluon import tq_stream_gluon_kernel as fn
+
+        constexprs = dict(G=spec.trits_per_byte, SCALE_MODE=0, SPLIT_K=cfg.split > 1, ASM=word_decode_asm(fmt, dtype),
+                          W=cfg.num_warps, PDL=True)
+        source = GluonASTSource
+    elif cfg.kind == "gemv":
         fn = tq_triton.tq_gemv_kernel
         k = in_features or 8192
         args = gemv_args(fmt, cfg, 1, 4096, k, spec.row_bytes(k), 0, FENCE_MODE)
@@ -54,7 +64,9 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
             masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
         constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
                                        use_asm=True, fence=FENCE_MODE)
-    constexprs["SPLIT_K"] = cfg.split > 1
+    if cfg.kind != "stream":
+        source = ASTSource
+        constexprs["SPLIT_K"] = cfg.split > 1
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -66,7 +78,7 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
             signature[name] = "i32"
             if name in _ALIGNED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(source(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
@@ -111,8 +123,9 @@ def loop_op_counts(cubin: bytes) -> collections.Counter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", default="tc", choices=["tc", "gemv"],
-                   help="tc: the tensor-core kernel; gemv: the CUDA-core GEMV kernel (block-m is ignored)")
+    p.add_argument("--kernel", default="tc", choices=["tc", "gemv", "stream"],
+                   help="tc: the tensor-core kernel; gemv: the CUDA-core GEMV kernel (block-m is ignored); stream: "
+                        "the streaming Gluon kernel (warps and split only)")
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--block-m", type=int, default=16)
@@ -140,7 +153,11 @@ def main() -> None:
           f"CTAs per SM: {by_regs} by registers, {by_smem} by shared memory")
     if args.sass:
         ops = loop_op_counts(kernel.asm["cubin"])
-        print(f"K loop: {sum(ops.values())} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+        per_weight = ""
+        if args.kernel == "stream":  # one loop step: 64 bytes of 16 rows per warp, 32 G weights per thread
+            per_weight = f" ({sum(ops.values()) / (32 * get_format(args.format).trits_per_byte):.2f} per weight)"
+        print(f"K loop: {sum(ops.values())} instructions{per_weight}: "
+              + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
 
 
 if __name__ == "__main__":

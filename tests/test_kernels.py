@@ -590,10 +590,9 @@ def test_gpu_tune_shapes_fills_the_user_cache_that_lookup_reads(monkeypatch, tmp
     assert configs.lookup_config("tq2", *shape, 3, torch.float16, 0, dev) == cfg
 
 
-def test_shared_memory_plan_bounds_what_triton_allocates():
-    # candidate_configs drops configs whose planned shared memory (smem_bytes) exceeds SMEM_LIMIT; the plan must
-    # not be below what the compiler really allocates, or a kept candidate could fail to launch on the GPU.
-    # Ahead-of-time compile for sm_90a with the installed Triton (no GPU needed).
+def _kernel_resources():
+    """benchmarks/kernel_resources.py, which compiles kernels ahead of time for sm_90a with the installed Triton
+    (no GPU needed); skips where this Triton has no NVIDIA backend."""
     import importlib.util
     from pathlib import Path
 
@@ -604,8 +603,32 @@ def test_shared_memory_plan_bounds_what_triton_allocates():
         spec.loader.exec_module(kernel_resources)
     except ImportError as err:  # a Triton without the NVIDIA backend
         pytest.skip(f"cannot compile for sm_90a here: {err}")
+    return kernel_resources
+
+
+def test_shared_memory_plan_bounds_what_triton_allocates():
+    # candidate_configs drops configs whose planned shared memory (smem_bytes) exceeds SMEM_LIMIT; the plan must
+    # not be below what the compiler really allocates, or a kept candidate could fail to launch on the GPU.
+    kernel_resources = _kernel_resources()
     for fmt, cfg in (("tq2", configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3)),
                      ("tq2", configs.KernelConfig("tc", 16, 128, 64, 2, 8, 6)),
                      ("tq1", configs.KernelConfig("tc", 64, 64, 64, 1, 4, 3))):
         kernel = kernel_resources.compile_config(fmt, cfg)
         assert 0 < kernel.metadata.shared <= configs.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)
+
+
+def test_streaming_gluon_kernel_compiles_for_sm90_without_shared_memory_or_spills():
+    # The Gluon kernels cannot run here, but they compile: a Gluon API change in a new Triton shows up in CI
+    # (the dispatcher would fall back to the portable kernel on a GPU, with one warning). The streaming kernel's
+    # design is registers only: no shared-memory staging (the split-k epilogue's few bytes aside), no spills, and
+    # mma.sync (HMMA) in its K loop.
+    kernel_resources = _kernel_resources()
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no Gluon")
+    for fmt, dtype in (("tq2", "fp16"), ("tq1", "bf16")):
+        kernel = kernel_resources.compile_config(fmt, configs.KernelConfig("stream", 8, 64, 64, 2, 4), dtype)
+        usage = kernel_resources.resource_usage(kernel.asm["cubin"])
+        assert kernel.metadata.shared <= 64 and usage.get("LOCAL", 0) == 0, (fmt, usage, kernel.metadata.shared)
+        assert kernel_resources.loop_op_counts(kernel.asm["cubin"])["HMMA"] > 0
