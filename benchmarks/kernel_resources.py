@@ -43,14 +43,22 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
     (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
     spec = get_format(fmt)
-    if cfg.kind == "stream":
+    if cfg.kind in ("stream", "gluon"):
         from triton.experimental.gluon._runtime import GluonASTSource
 
+        from spectra.kernels import tq_gluon
+        from spectra.kernels.gluon_launch import steps_and_split
         from spectra.kernels.ptx import word_decode_asm
-        from spectra.kernels.tq_gluon import tq_stream_gluon_kernel as fn
 
-        constexprs = dict(G=spec.trits_per_byte, SCALE_MODE=0, SPLIT_K=cfg.split > 1, ASM=word_decode_asm(fmt, dtype),
-                          W=cfg.num_warps, PDL=True)
+        g = spec.trits_per_byte
+        constexprs = dict(G=g, SCALE_MODE=0, SPLIT_K=cfg.split > 1, ASM=word_decode_asm(fmt, dtype))
+        if cfg.kind == "stream":
+            fn = tq_gluon.tq_stream_gluon_kernel
+            constexprs.update(W=cfg.num_warps, PDL=True)
+        else:
+            fn = tq_gluon.tq_gemv_gluon_kernel
+            steps, _ = steps_and_split(spec.row_bytes(in_features or 8192), cfg.split, cfg.block_m, g, cfg.block_j)
+            constexprs.update(BM=cfg.block_m, SLOTS=steps * g, BJ=cfg.block_j)
         source = GluonASTSource
     elif cfg.kind == "gemv":
         fn = tq_triton.tq_gemv_kernel
@@ -64,7 +72,7 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
             masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
         constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
                                        use_asm=True, fence=FENCE_MODE)
-    if cfg.kind != "stream":
+    if cfg.kind not in ("stream", "gluon"):
         source = ASTSource
         constexprs["SPLIT_K"] = cfg.split > 1
     signature, attrs = {}, {}
@@ -123,9 +131,10 @@ def loop_op_counts(cubin: bytes) -> collections.Counter:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", default="tc", choices=["tc", "gemv", "stream"],
+    p.add_argument("--kernel", default="tc", choices=["tc", "gemv", "stream", "gluon"],
                    help="tc: the tensor-core kernel; gemv: the CUDA-core GEMV kernel (block-m is ignored); stream: "
-                        "the streaming Gluon kernel (warps and split only)")
+                        "the streaming Gluon kernel (warps and split only); gluon: the wgmma Gluon kernel (block-m 8 "
+                        "or 16, block-j 64 or 128, split)")
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--block-m", type=int, default=16)

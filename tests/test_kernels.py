@@ -617,11 +617,11 @@ def test_shared_memory_plan_bounds_what_triton_allocates():
         assert 0 < kernel.metadata.shared <= configs.smem_bytes(cfg, fmt), (fmt, cfg, kernel.metadata.shared)
 
 
-def test_streaming_gluon_kernel_compiles_for_sm90_without_shared_memory_or_spills():
+def test_gluon_kernels_compile_for_sm90_as_designed():
     # The Gluon kernels cannot run here, but they compile: a Gluon API change in a new Triton shows up in CI
     # (the dispatcher would fall back to the portable kernel on a GPU, with one warning). The streaming kernel's
     # design is registers only: no shared-memory staging (the split-k epilogue's few bytes aside), no spills, and
-    # mma.sync (HMMA) in its K loop.
+    # mma.sync (HMMA) in its K loop; the wgmma kernel stages its activations in shared memory and runs HGMMA.
     kernel_resources = _kernel_resources()
     try:
         import triton.experimental.gluon  # noqa: F401
@@ -632,3 +632,7 @@ def test_streaming_gluon_kernel_compiles_for_sm90_without_shared_memory_or_spill
         usage = kernel_resources.resource_usage(kernel.asm["cubin"])
         assert kernel.metadata.shared <= 64 and usage.get("LOCAL", 0) == 0, (fmt, usage, kernel.metadata.shared)
         assert kernel_resources.loop_op_counts(kernel.asm["cubin"])["HMMA"] > 0
+    kernel = kernel_resources.compile_config("tq2", configs.KernelConfig("gluon", 8, 64, 64, 4), "fp16", 3072)
+    usage = kernel_resources.resource_usage(kernel.asm["cubin"])
+    assert kernel.metadata.shared > 0 and usage.get("LOCAL", 0) == 0, (usage, kernel.metadata.shared)
+    assert kernel_resources.loop_op_counts(kernel.asm["cubin"])["HGMMA"] > 0
