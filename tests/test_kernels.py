@@ -627,6 +627,10 @@ def test_gluon_kernels_compile_for_sm90_as_designed():
         import triton.experimental.gluon  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no Gluon")
+    from spectra.kernels import gluon_launch, tq_gluon
+
+    # the host side repeats the kernels' tile constants (it must import without Gluon): they must agree
+    assert (gluon_launch.BN, gluon_launch.STREAM_BJ) == (tq_gluon.BN.value, tq_gluon.STREAM_BJ.value)
     for fmt, dtype in (("tq2", "fp16"), ("tq1", "bf16")):
         kernel = kernel_resources.compile_config(fmt, configs.KernelConfig("stream", 8, 64, 64, 2, 4), dtype)
         usage = kernel_resources.resource_usage(kernel.asm["cubin"])

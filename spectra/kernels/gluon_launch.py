@@ -26,7 +26,8 @@ SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 program
 MAX_M = 16
 KINDS = ("gluon", "stream")  # config kinds that run a Gluon kernel
 STREAM_MAX_M = 8          # the streaming kernel's mma.sync tile has 8 activation rows
-STREAM_BJ = 64            # its packed bytes per row and K step
+STREAM_BJ = 64            # its packed bytes per row and K step (tq_gluon.STREAM_BJ; this module must import without
+                          # Gluon, so the value is repeated here and a test checks that the two agree)
 FALLBACK = FastPathSwitch("the Hopper Gluon kernel", "the portable Triton kernel")
 # tests/test_gluon_kernel.py passed on an H100 (2026-12-07: the wgmma kernel after its late-wait loop was removed;
 # the streaming kernel, and the wgmma kernel again with the shared epilogue, in a later session), so the tuner
