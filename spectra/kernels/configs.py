@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -237,8 +237,7 @@ def table_configs(fmt: str, n: int, k: int, m: int, dtype: torch.dtype) -> list[
     rest = config_key(fmt, n, k, m, dtype, 0, "")  # "|fmt|nxk|mB|dtype|s0", the key without its GPU
     found = {KernelConfig.from_dict(entry) for key, entry in _load_table().items()
              if key[key.index("|"):] in (rest, rest + GLUON_KEY_SUFFIX)}
-    return sorted(found, key=lambda c: (c.kind, c.block_m, c.block_n, c.block_j, c.split, c.num_warps,
-                                        c.num_stages, c.programs))
+    return sorted(found, key=astuple)
 
 
 def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
@@ -249,9 +248,9 @@ def lookup_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mo
     if gluon and m <= 16 and device.type == "cuda":
         entry = (_load_table().get(key + GLUON_KEY_SUFFIX)
                  or _load_table().get(config_key(fmt, n, k, m, dtype, 0, gpu_name(device)) + GLUON_KEY_SUFFIX))
-        if entry is not None and gluon_launch.takes(entry.get("kind", "gluon"), m, k):
-            if gluon_launch.usable(device, m, dtype):
-                return KernelConfig.from_dict(entry)
+        cfg = KernelConfig.from_dict(entry) if entry is not None else None
+        if cfg is not None and gluon_launch.runs(cfg.kind, device, m, k, dtype):
+            return cfg
     entry = _load_table().get(key)
     if entry is None and scale_mode:
         # Tuned tables hold the single-scale entry; per-shard scales cost the same bandwidth.

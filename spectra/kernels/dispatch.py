@@ -232,7 +232,7 @@ def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device:
     """`cfg`, or where it names a Gluon kernel and that cannot run here, the portable kernel's heuristic."""
     if cfg.kind not in gluon_launch.KINDS:
         return cfg
-    if device.type == "cuda" and gluon_launch.usable(device, m, torch.float16) and gluon_launch.takes(cfg.kind, m, k):
+    if device.type == "cuda" and gluon_launch.runs(cfg.kind, device, m, k, torch.float16):
         return cfg
     return heuristic_config(n, k, m, fmt, num_sms(device) if device.type == "cuda" else 4)
 
@@ -240,7 +240,7 @@ def portable_config(cfg: KernelConfig, fmt: str, n: int, k: int, m: int, device:
 def run_config(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                shard_axis: int, cfg: KernelConfig, use_asm: bool = True) -> torch.Tensor:
     if cfg.kind in gluon_launch.KINDS:
-        if gluon_launch.usable(x2.device, x2.shape[0], x2.dtype) and gluon_launch.takes(cfg.kind, *x2.shape):
+        if gluon_launch.runs(cfg.kind, x2.device, *x2.shape, x2.dtype):
             if cfg.kind == "stream":
                 return gluon_launch.launch_stream(x2, packed, fmt, in_features, scales, shard_axis, cfg.num_warps,
                                                   cfg.split)

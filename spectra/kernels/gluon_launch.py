@@ -106,14 +106,22 @@ def launch(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, s
     benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
     from .tq_gluon import tq_gemv_gluon_kernel  # needs triton's Gluon, which may be missing
 
+    if x2.shape[0] > block_m:
+        raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
+    return _run(tq_gemv_gluon_kernel, x2, packed, in_features, scales, shard_axis, out,
+                lambda x, mode, y: launch_args(x, packed, fmt, scales, mode, block_m, split, y, block_j))
+
+
+def _run(kernel, x2: torch.Tensor, packed: torch.Tensor, in_features: int, scales: torch.Tensor, shard_axis: int,
+         out: torch.Tensor | None, args) -> torch.Tensor:
+    """One direct launch of a Gluon kernel: column-shard scales applied to x2 first, y allocated unless given,
+    grid and arguments from args(x2, scale mode, y)."""
     mode = scale_mode(scales, shard_axis)
     if mode == 2:
         x2 = scale_columns(x2, scales, in_features)
-    if x2.shape[0] > block_m:
-        raise ValueError(f"the Gluon kernel takes m <= block_m = {block_m}, got m = {x2.shape[0]}")
     y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
-    grid, named, options = launch_args(x2, packed, fmt, scales, mode, block_m, split, y, block_j)
-    tq_gemv_gluon_kernel[grid](*[named[a] for a in tq_gemv_gluon_kernel.arg_names], **options)
+    grid, named, options = args(x2, mode, y)
+    kernel[grid](*[named[a] for a in kernel.arg_names], **options)
     return y
 
 
@@ -123,6 +131,12 @@ def takes(kind: str, m: int, k: int) -> bool:
     if kind == "stream":
         return m <= STREAM_MAX_M and k % 16 == 0
     return m <= MAX_M
+
+
+def runs(kind: str, device: torch.device, m: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether a config of this Gluon kind runs a product of m rows and k input features on `device`: the
+    kernel takes the shape (:func:`takes`) and can run here (:func:`usable`)."""
+    return takes(kind, m, k) and usable(device, m, dtype)
 
 
 def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
@@ -155,10 +169,5 @@ def launch_stream(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
     if not takes("stream", x2.shape[0], in_features):
         raise ValueError(f"the streaming Gluon kernel takes m <= {STREAM_MAX_M} and in_features a multiple of 16, "
                          f"got m = {x2.shape[0]}, in_features = {in_features}")
-    mode = scale_mode(scales, shard_axis)
-    if mode == 2:
-        x2 = scale_columns(x2, scales, in_features)
-    y = out if out is not None else torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
-    grid, named, options = stream_launch_args(x2, packed, fmt, scales, mode, warps, split, y)
-    tq_stream_gluon_kernel[grid](*[named[a] for a in tq_stream_gluon_kernel.arg_names], **options)
-    return y
+    return _run(tq_stream_gluon_kernel, x2, packed, in_features, scales, shard_axis, out,
+                lambda x, mode, y: stream_launch_args(x, packed, fmt, scales, mode, warps, split, y))

@@ -194,7 +194,7 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
 def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
     """The Gluon kernel's launch (`cfg.kind` "gluon" or "stream"), compiled now; None where it cannot run (after
     gluon_launch's one warning if it failed to compile)."""
-    if not (gluon_launch.usable(x.device, plan.m, x.dtype) and gluon_launch.takes(cfg.kind, plan.m, plan.k)):
+    if not gluon_launch.runs(cfg.kind, x.device, plan.m, plan.k, x.dtype):
         return None
     if (x.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15:
         return None  # compiled for 16-byte aligned pointers; rare: this signature runs the portable kernel

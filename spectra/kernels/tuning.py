@@ -45,7 +45,7 @@ def quick_candidates(fmt: str, n: int, k: int, m: int, dtype: torch.dtype,
     Gluon kernel can run here) and the heuristic; None (the full search) where no GPU has an entry."""
     found = [c for c in configs.table_configs(fmt, n, k, m, dtype)
              if c.kind not in gluon_launch.KINDS
-             or (gluon_launch.tuning_enabled() and gluon_launch.usable(device, m, dtype))]
+             or (gluon_launch.tuning_enabled() and gluon_launch.runs(c.kind, device, m, k, dtype))]
     if not found:
         return None
     return list(dict.fromkeys([*found, configs.heuristic_config(n, k, m, fmt, configs.num_sms(device))]))
