@@ -14,6 +14,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SPECTRA_CPU_GEMV", "0")
 
 
+@pytest.fixture
+def scratch_kernel_table(monkeypatch, tmp_path):
+    """The kernel-config tables re-read with an empty user cache in tmp_path, on a GPU named "Test GPU"."""
+    from spectra.kernels import configs
+
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+    return tmp_path
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -35,20 +35,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_bench_tune_quick_and_shapes_parse_and_need_cuda(capsys):
-    # --quick is a flag of `bench tune`; without a GPU the command stops with one line, exit 2 (via main, no
-    # subprocess: the error path is the CLI's own)
-    if torch.cuda.is_available():
-        pytest.skip("checks the no-GPU error")
-    for source in (["--size", "3.9B"], ["--shapes", "70b"]):
-        assert main(["bench", "tune", *source, "--quick"]) == 2
-        err = capsys.readouterr().err
-        assert "CUDA GPU" in err and err.strip().count("\n") == 0
-    # an unknown shape set fails on its name, before any GPU check
-    assert main(["bench", "tune", "--shapes", "7b"]) == 2
-    assert "unknown shape set '7b'" in capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"

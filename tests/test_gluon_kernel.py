@@ -210,10 +210,7 @@ def test_stream_configs_only_where_the_streaming_kernel_takes_the_shape(monkeypa
         {key: tc, key + configs.GLUON_KEY_SUFFIX: stream}
 
 
-def test_lookup_skips_a_stream_entry_past_its_shape_limits(monkeypatch, tmp_path):
-    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
-    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(configs, "_table", None)
+def test_lookup_skips_a_stream_entry_past_its_shape_limits(monkeypatch, scratch_kernel_table):
     monkeypatch.setattr(gluon_launch, "usable", lambda device, m, dtype: True)
     tc, stream = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3), configs.KernelConfig("stream", 8, 64, 64, 2, 4)
     cuda = torch.device("cuda", 0)  # only compared, never touched: usable() is patched
@@ -234,10 +231,7 @@ def test_tuning_keeps_the_portable_entry_and_adds_a_gluon_entry_only_where_it_wi
     assert loses == {key: tc}
 
 
-def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkeypatch, tmp_path):
-    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
-    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(configs, "_table", None)
+def test_lookup_takes_the_gluon_entry_only_where_the_gluon_kernel_can_run(monkeypatch, scratch_kernel_table):
     tc, gl = configs.KernelConfig("tc", 16, 64, 64, 4, 4, 3), configs.KernelConfig("gluon", 8, 64, 64, 4)
     key = configs.config_key("tq2", 3072, 3072, 1, torch.float16, 0, "Test GPU")
     configs.save_configs({key: tc, key + configs.GLUON_KEY_SUFFIX: gl})

@@ -141,12 +141,9 @@ def test_large_m_candidates_include_stream_k_and_old_tables_load():
     assert configs.KernelConfig.from_dict(old) == configs.KernelConfig("tc", 64, 64, 64, 1, 4, 3, 0)
 
 
-def test_prefill_sized_m_dispatches_to_dequantize_then_cublas(monkeypatch, tmp_path):
+def test_prefill_sized_m_dispatches_to_dequantize_then_cublas(monkeypatch, scratch_kernel_table):
     # past the tuned buckets, from the measured crossover on, unless a tuned entry for that bucket exists
-    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
     monkeypatch.setattr(configs, "num_sms", lambda device: 132)
-    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(configs, "_table", None)
     dev = torch.device("cpu")
 
     def kind(fmt: str, m: int) -> str:
@@ -287,19 +284,20 @@ def test_bench_tune_cli_checks_its_arguments_then_needs_cuda(capsys, tmp_path):
                           (["--size", "99M", "--ms", "1,x"], "--ms takes comma-separated batch sizes"),
                           (["--size", "99M", "--ms", "0"], "batch sizes >= 1"),
                           (["--checkpoint", str(tmp_path)], "has no config.json"),
-                          (["--size", "99M"], "needs a CUDA GPU")):
+                          (["--shapes", "7b"], "unknown shape set '7b'"),  # before any GPU check
+                          (["--size", "99M"], "needs a CUDA GPU"),
+                          (["--size", "3.9B", "--quick"], "needs a CUDA GPU"),
+                          (["--shapes", "70b", "--quick"], "needs a CUDA GPU")):
         assert main(["bench", "tune", *argv]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
     assert main(["bench", "gemm", "--shapes", "3.9b,9B"]) == 2
     assert "unknown shape set '9B'" in capsys.readouterr().err
 
 
-def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, tmp_path):
+def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, scratch_kernel_table):
     # The timing itself needs a GPU (test_gpu_tune_shapes_...); here tune() is replaced by a stand-in that
     # picks a distinctive config, to check the keys, the cache file and the read-back on any machine.
-    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(configs, "_table", None)
-    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
     picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
     calls = []
 
@@ -350,10 +348,7 @@ def test_quick_tune_times_the_configs_other_gpus_chose_for_the_shape(monkeypatch
     monkeypatch.setattr(configs, "_table", None)
 
 
-def test_tune_quick_flag_passes_the_quick_candidates_to_each_tuning(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path))
-    monkeypatch.setattr(configs, "_table", None)
-    monkeypatch.setattr(configs, "gpu_name", lambda device: "Test GPU")
+def test_tune_quick_flag_passes_the_quick_candidates_to_each_tuning(monkeypatch, scratch_kernel_table):
     picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
     seen = []
     monkeypatch.setattr(tuning, "quick_candidates", lambda fmt, n, k, m, dtype, device: [picked])
