@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ..ternary import apply_rope
-from .launch_support import WORKSPACE, pdl_enabled
+from .launch_support import WORKSPACE, pdl_options
 
 try:
     import triton
     import triton.language as tl
 
-    from .tq_triton import gdc_launch_dependents
+    from .tq_triton import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - CPU-only installs use the reference
     triton = None
 
@@ -80,9 +80,10 @@ if triton is not None:
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
                              D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, BS: tl.constexpr,
-                             ROPE: tl.constexpr, WRITE: tl.constexpr, TRIGGER: tl.constexpr):
-        if TRIGGER:  # the next launch (the o projection's GEMV, launched with PDL) may start and prefetch weights
-            gdc_launch_dependents()
+                             ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights, and
+            gdc_launch_dependents()  # this one waits for q, k, v (and pos) from the kernels before it
+            gdc_wait()
         bh = tl.program_id(0)  # sequence * heads + head
         c = tl.program_id(1)   # chunk of cache positions
         b = bh // H
@@ -190,7 +191,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
         D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, BS=min(32, triton.next_power_of_2(splits)),
-        ROPE=rope, WRITE=write, TRIGGER=pdl_enabled(q.device), num_warps=4)
+        ROPE=rope, WRITE=write, num_warps=4, **pdl_options(q.device))
     return out
 
 

@@ -63,10 +63,16 @@ WORKSPACE = _Workspace()
 
 def pdl_enabled(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with the griddepcontrol intrinsics;
-    SPECTRA_PDL=0 turns it off (to compare). The GEMV kernel is launched with it and prefetches its weights
-    before waiting; the kernels that run before it in a decode step (norms, SwiGLU, decode attention) signal
-    at their start that it may launch."""
+    SPECTRA_PDL=0 turns it off (to compare). Every kernel of a decode step is launched with it: it signals at
+    its start that the next launch may begin, and waits for the kernels before it only where it first reads
+    their output (the products load their first weights before that wait)."""
     return device.type == "cuda" and _pdl_supported(device.index, os.environ.get("SPECTRA_PDL"))
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch keywords of a kernel with a ``PDL`` constexpr that signals and waits at its start (the pointwise
+    and attention kernels): launched with PDL where :func:`pdl_enabled`."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(PDL=False)
 
 
 @functools.cache  # pointwise launches ask on every call

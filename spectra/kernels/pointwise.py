@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .launch_support import pdl_enabled
+from .launch_support import pdl_options
 
 try:
     import triton
     import triton.language as tl
 
-    from .tq_triton import gdc_launch_dependents
+    from .tq_triton import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - CPU-only installs use the references
     triton = None
 
@@ -50,9 +50,10 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, N, stride_x, stride_r, eps,
-                         BLOCK: tl.constexpr, ADD: tl.constexpr, TRIGGER: tl.constexpr):
-        if TRIGGER:  # the next launch (a GEMV, launched with PDL) may start and prefetch its weights
-            gdc_launch_dependents()
+                         BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched with PDL: the next launch (a product) may start and prefetch its weights; this
+            gdc_launch_dependents()  # one's own launch overlapped the kernel before it, whose output it waits for
+            gdc_wait()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -68,9 +69,10 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
-        if TRIGGER:  # as in _rms_norm_kernel
+    def _swiglu_kernel(g_ptr, u_ptr, out_ptr, H, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # as in _rms_norm_kernel
             gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < H
@@ -108,7 +110,7 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight.contiguous(), out, total, n, x2.stride(0), r2.stride(0), eps,
                                          BLOCK=triton.next_power_of_2(n), ADD=residual is not None,
-                                         TRIGGER=pdl_enabled(x.device), num_warps=4 if n <= 2048 else 8)
+                                         num_warps=4 if n <= 2048 else 8, **pdl_options(x.device))
     return total, out
 
 
@@ -134,5 +136,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(h))
     if g2.shape[0]:
         _swiglu_kernel[(g2.shape[0], triton.cdiv(h, block))](g2, u2, out, h, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                             TRIGGER=pdl_enabled(gate.device), num_warps=4)
+                                                             num_warps=4, **pdl_options(gate.device))
     return out
