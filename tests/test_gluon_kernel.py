@@ -104,39 +104,6 @@ def test_gpu_gluon_kernel_many_shapes_poisoned_outputs(fmt, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch):
-    if not _hopper():
-        pytest.skip("the Gluon kernel needs an sm_90 GPU and a Triton with Gluon")
-    gen = torch.Generator(device="cuda").manual_seed(23)
-    n, k = 9216, 3072
-    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
-    scales = torch.rand(6, device="cuda", generator=gen) + 0.5
-    for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
-        x = torch.randn(16, k, dtype=torch.float16, device="cuda", generator=gen)
-        variant = dict(block_j=64 << (i % 2))  # both step widths
-        y = gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant)
-        assert torch.equal(y, gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, **variant))
-        ref = fp32_reference(x, packed, "tq2", k, scales, 0)
-        assert relative_error(y, ref) < tolerance(torch.float16)
-    # the public entry point with a Gluon config: cached plans, compiled-kernel launches, 3-D, strided and
-    # column-scaled activations
-    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: configs.KernelConfig("gluon", 16, 64, 64, 4)
-                        if gluon else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
-    plans.clear_plans()
-    for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4)):
-        s = torch.rand(p, device="cuda", generator=gen) + 0.5
-        for _ in range(2):
-            x = torch.randn(*shape, dtype=torch.float16, device="cuda", generator=gen)
-            if shape[-1] == 2 * k:
-                x = x[:, ::2]
-            y = ternary_matmul(x, packed, "tq2", k, s, axis)
-            ref = fp32_reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
-            assert relative_error(y, ref) < tolerance(torch.float16)
-    assert any(pl.cfg.kind == "gluon" for pl in plans._plans.values())
-    plans.clear_plans()
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_stream_kernel_many_shapes_poisoned_outputs(fmt, dtype):
@@ -159,26 +126,31 @@ def test_gpu_stream_kernel_many_shapes_poisoned_outputs(fmt, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_stream_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch):
+@pytest.mark.parametrize("kind", ["gluon", "stream"])
+def test_gpu_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch, kind):
     if not _hopper():
         pytest.skip("the Gluon kernels need an sm_90 GPU and a Triton with Gluon")
     gen = torch.Generator(device="cuda").manual_seed(31)
     n, k = 9216, 3072
     packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
     scales = torch.rand(6, device="cuda", generator=gen) + 0.5
+    if kind == "gluon":  # both step widths; 16 activation rows
+        rows, cfg = 16, configs.KernelConfig("gluon", 16, 64, 64, 4)
+        launch = lambda x, i: gluon_launch.launch(x, packed, "tq2", k, scales, 0, 16, 8, block_j=64 << (i % 2))  # noqa: E731
+    else:  # 4 and 8 warps; 8 activation rows
+        rows, cfg = 8, configs.KernelConfig("stream", 8, 64, 64, 4, 4)
+        launch = lambda x, i: gluon_launch.launch_stream(x, packed, "tq2", k, scales, 0, 4 << (i % 2), 12)  # noqa: E731
     for i in range(20):  # many launches on fresh inputs: a race in the split-k fix-up shows as a changing result
-        x = torch.randn(8, k, dtype=torch.float16, device="cuda", generator=gen)
-        warps = 4 << (i % 2)
-        y = gluon_launch.launch_stream(x, packed, "tq2", k, scales, 0, warps, 12)
-        assert torch.equal(y, gluon_launch.launch_stream(x, packed, "tq2", k, scales, 0, warps, 12))
-        ref = fp32_reference(x, packed, "tq2", k, scales, 0)
-        assert relative_error(y, ref) < tolerance(torch.float16)
-    # the public entry point with a stream config: cached plans (PDL launch options), 3-D, strided and
-    # column-scaled activations; m = 9 is past the kernel's 8 rows and runs the portable kernel
-    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: configs.KernelConfig("stream", 8, 64, 64, 4, 4)
-                        if gluon else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
+        x = torch.randn(rows, k, dtype=torch.float16, device="cuda", generator=gen)
+        y = launch(x, i)
+        assert torch.equal(y, launch(x, i))
+        assert relative_error(y, fp32_reference(x, packed, "tq2", k, scales, 0)) < tolerance(torch.float16)
+    # the public entry point with a Gluon config: cached plans (compiled-kernel launches with their launch
+    # options), 3-D, strided and column-scaled activations; m past the kernel's rows runs the portable kernel
+    monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True: cfg if gluon
+                        else configs.KernelConfig("tc", 16, 64, 64, 1, 4, 3))
     plans.clear_plans()
-    for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4), ((9, k), 0, 1)):
+    for shape, axis, p in (((2, 3, k), 0, 1), ((5, 2 * k), 0, 3), ((4, k), 1, 4), ((rows + 1, k), 0, 1)):
         s = torch.rand(p, device="cuda", generator=gen) + 0.5
         for _ in range(2):
             x = torch.randn(*shape, dtype=torch.float16, device="cuda", generator=gen)
@@ -187,8 +159,8 @@ def test_gpu_stream_split_k_repeatable_and_plans_through_ternary_matmul(monkeypa
             y = ternary_matmul(x, packed, "tq2", k, s, axis)
             ref = fp32_reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
             assert relative_error(y, ref) < tolerance(torch.float16)
-    kinds = {pl.m: pl.cfg.kind for pl in plans._plans.values()}
-    assert kinds[6] == kinds[5] == kinds[4] == "stream" and kinds[9] == "tc", kinds
+    kinds = {pl.m: pl.cfg.kind for key, pl in plans._plans.items() if key[0] != "gated"}
+    assert kinds[6] == kinds[5] == kinds[4] == kind and kinds[rows + 1] == "tc", kinds
     plans.clear_plans()
 
 
