@@ -39,24 +39,22 @@ _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}
 _ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT", "C_PER_SPLIT")
 
 
-def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None,
-                   gated: bool = False):
+def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None):
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
-    (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations);
-    gated: the streaming kernel with the SwiGLU fused into its activation load."""
+    (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
     spec = get_format(fmt)
     if cfg.kind in ("stream", "gluon"):
         from triton.experimental.gluon._runtime import GluonASTSource
 
         from spectra.kernels import tq_gluon
         from spectra.kernels.gluon_launch import steps_and_split
-        from spectra.kernels.ptx import swiglu_x2_asm, word_decode_asm
+        from spectra.kernels.ptx import word_decode_asm
 
         g = spec.trits_per_byte
         constexprs = dict(G=g, SCALE_MODE=0, SPLIT_K=cfg.split > 1, ASM=word_decode_asm(fmt, dtype))
         if cfg.kind == "stream":
             fn = tq_gluon.tq_stream_gluon_kernel
-            constexprs.update(W=cfg.num_warps, PDL=True, GATE_ASM=swiglu_x2_asm(dtype) if gated else "")
+            constexprs.update(W=cfg.num_warps, PDL=True)
         else:
             fn = tq_gluon.tq_gemv_gluon_kernel
             steps, _ = steps_and_split(spec.row_bytes(in_features or 8192), cfg.split, cfg.block_m, g, cfg.block_j)
@@ -147,12 +145,10 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--in-features", type=int, default=None,
                    help="compile with the column masks this k needs (default: none, as for 70B TQ2 shapes)")
-    p.add_argument("--gated", action="store_true",
-                   help="stream only: the SwiGLU of [gate | up] activations fused into the activation load")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
     args = p.parse_args()
     cfg = KernelConfig(args.kernel, args.block_m, args.block_n, args.block_j, args.split, args.warps, args.stages)
-    kernel = compile_config(args.format, cfg, args.dtype, args.in_features, args.gated)
+    kernel = compile_config(args.format, cfg, args.dtype, args.in_features)
     usage = resource_usage(kernel.asm["cubin"])
     regs, shared = usage["REG"], kernel.metadata.shared
     threads = 32 * args.warps

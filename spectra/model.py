@@ -131,10 +131,6 @@ class MLP(nn.Module):
         add_block_linears(self, "mlp", cfg)  # gate, up, down (spectra.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, GATE_UP) and hasattr(self.down_proj, "gated_forward") and fused_pointwise_applies(x):
-            # GPU inference with packed layers: the down projection takes [gate | up] and applies the SwiGLU
-            # itself (fused into its activation load where its kernel can)
-            return self.down_proj.gated_forward(getattr(self, GATE_UP)(x))
         gate, up = group_outputs(self, GATE_UP, x)
         if fused_pointwise_applies(gate):
             return self.down_proj(swiglu(gate, up))

@@ -26,13 +26,7 @@ from .formats import (
     get_format,
     to_storage,
 )
-from .kernels import (
-    KERNEL_DTYPES,
-    gated_ternary_matmul,
-    scale_columns_reference,
-    ternary_matmul,
-    ternary_matmul_op,
-)
+from .kernels import KERNEL_DTYPES, scale_columns_reference, ternary_matmul, ternary_matmul_op
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear, joined_scales
 from .progress import progress_bar
 from .ternary import ShardAxis, detect_ternary, expand_scales, shard_bounds, ternary_dense_weight
@@ -97,12 +91,6 @@ class PackedTernaryLinear(nn.Module):
                 return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.unit_scale, 0)
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, scales, axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, scales, axis)
-
-    def gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """forward(silu(gate) * up) for gate_up = [gate | up] along the last axis (an MLP's fused gate/up output),
-        in one launch where the kernel can fuse the SwiGLU (:func:`spectra.kernels.gated_ternary_matmul`)."""
-        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
-        return gated_ternary_matmul(gate_up, self.qweight, self.format, self.in_features, scales, axis)
 
     @torch.no_grad()
     def fold_column_scales(self, producer: nn.Module, first_row: int) -> bool:

@@ -12,7 +12,7 @@ import torch
 from kernel_support import fp32_reference, poisoned_launch_error, relative_error, tolerance
 
 from spectra.formats import get_format
-from spectra.kernels import configs, dispatch, gated_ternary_matmul, gluon_launch, plans, ternary_matmul, tuning
+from spectra.kernels import configs, dispatch, gluon_launch, plans, ternary_matmul, tuning
 
 
 @pytest.fixture
@@ -159,48 +159,8 @@ def test_gpu_split_k_repeatable_and_plans_through_ternary_matmul(monkeypatch, ki
             y = ternary_matmul(x, packed, "tq2", k, s, axis)
             ref = fp32_reference(x.reshape(-1, k), packed, "tq2", k, s, axis).reshape(*x.shape[:-1], n)
             assert relative_error(y, ref) < tolerance(torch.float16)
-    kinds = {pl.m: pl.cfg.kind for key, pl in plans._plans.items() if key[0] != "gated"}
+    kinds = {pl.m: pl.cfg.kind for pl in plans._plans.values()}
     assert kinds[6] == kinds[5] == kinds[4] == kind and kinds[rows + 1] == "tc", kinds
-    plans.clear_plans()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_stream_kernel_gated_equals_swiglu_then_product(monkeypatch, dtype):
-    """The SwiGLU fused into the streaming kernel's activation load (gated launches, and gated_ternary_matmul's
-    plans: fused where the config is a stream one, SwiGLU kernel + product elsewhere) against the fp32 product
-    of silu(gate) * up rounded as the model rounds it."""
-    if not _hopper():
-        pytest.skip("the Gluon kernels need an sm_90 GPU and a Triton with Gluon")
-    gen = torch.Generator(device="cuda").manual_seed(37)
-    for fmt, n, k in (("tq2", 37, 80), ("tq1", 130, 1008), ("tq2", 3072, 9216), ("tq1", 515, 3040)):
-        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
-        for m in (1, 5, 8):
-            for p in (1, 3):
-                scales = torch.rand(p, device="cuda", generator=gen) + 0.5
-                for warps, split in ((4, 1), (8, 12)):
-                    gate_up = 3 * torch.randn(m, 2 * k, dtype=dtype, device="cuda", generator=gen)
-                    gate, up = gate_up.chunk(2, dim=-1)
-                    ref = fp32_reference(torch.nn.functional.silu(gate) * up, packed, fmt, k, scales, 0)
-                    y = gluon_launch.launch_stream(gate_up, packed, fmt, k, scales, 0, warps, split, gated=True)
-                    assert relative_error(y, ref) < tolerance(dtype), (fmt, n, k, m, p, warps, split)
-    # the public entry point: a stream config fuses (one plan with a launch), another config does not
-    n, k = 3072, 9216
-    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=gen))
-    scales = torch.rand(6, device="cuda", generator=gen) + 0.5
-    for cfg, fused in ((configs.KernelConfig("stream", 8, 64, 64, 12, 4), True),
-                       (configs.KernelConfig("gemv", 1, 16, 256, 4, 4, 1), False)):
-        monkeypatch.setattr(configs, "lookup_config", lambda *a, gluon=True, cfg=cfg: cfg)
-        plans.clear_plans()
-        for shape in ((1, 1, 2 * k), (3, 2 * k)):
-            gate_up = 3 * torch.randn(*shape, dtype=dtype, device="cuda", generator=gen)
-            y = gated_ternary_matmul(gate_up, packed, "tq2", k, scales, 0)
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = (torch.nn.functional.silu(gate) * up).reshape(-1, k)
-            ref = fp32_reference(h, packed, "tq2", k, scales, 0).reshape(*shape[:-1], n)
-            assert y.shape == ref.shape and relative_error(y, ref) < tolerance(dtype), (cfg.kind, shape)
-        gated = [pl for key, pl in plans._plans.items() if key[0] == "gated"]
-        assert len(gated) == 2 and all((pl.main is not None) == fused for pl in gated), cfg.kind
     plans.clear_plans()
 
 

@@ -623,12 +623,10 @@ def test_gluon_kernels_compile_for_sm90_as_designed():
 
     # the host side repeats the kernels' tile constants (it must import without Gluon): they must agree
     assert (gluon_launch.BN, gluon_launch.STREAM_BJ) == (tq_gluon.BN.value, tq_gluon.STREAM_BJ.value)
-    for fmt, dtype, gated in (("tq2", "fp16", False), ("tq1", "bf16", False), ("tq2", "bf16", True)):
-        kernel = kernel_resources.compile_config(fmt, configs.KernelConfig("stream", 8, 64, 64, 2, 4), dtype,
-                                                 gated=gated)
+    for fmt, dtype in (("tq2", "fp16"), ("tq1", "bf16")):
+        kernel = kernel_resources.compile_config(fmt, configs.KernelConfig("stream", 8, 64, 64, 2, 4), dtype)
         usage = kernel_resources.resource_usage(kernel.asm["cubin"])
-        assert kernel.metadata.shared <= 64 and usage.get("LOCAL", 0) == 0, (fmt, gated, usage,
-                                                                             kernel.metadata.shared)
+        assert kernel.metadata.shared <= 64 and usage.get("LOCAL", 0) == 0, (fmt, usage, kernel.metadata.shared)
         assert kernel_resources.loop_op_counts(kernel.asm["cubin"])["HMMA"] > 0
     kernel = kernel_resources.compile_config("tq2", configs.KernelConfig("gluon", 8, 64, 64, 4), "fp16", 3072)
     usage = kernel_resources.resource_usage(kernel.asm["cubin"])

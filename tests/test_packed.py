@@ -390,18 +390,3 @@ def test_projections_with_mismatched_shards_stay_separate():
     joined = concat_output_rows([c, c])
     x = torch.randn(3, 8)
     torch.testing.assert_close(joined(x), torch.cat([c(x), c(x)], -1))
-
-
-@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
-def test_gated_forward_is_forward_of_swiglu(fmt):
-    """gated_forward([gate | up]) is forward(silu(gate) * up) (on the CPU: the SwiGLU, then the product), and a
-    gate_up of the wrong width is refused with the widths."""
-    torch.manual_seed(5)
-    trits = torch.randint(-1, 2, (23, 48), dtype=torch.int8)
-    layer = PackedTernaryLinear.from_trits(trits, torch.rand(3) + 0.5, 1, fmt)
-    gate_up = 2 * torch.randn(2, 3, 96, dtype=torch.bfloat16)
-    gate, up = gate_up.chunk(2, dim=-1)
-    with torch.no_grad():
-        assert torch.equal(layer.gated_forward(gate_up), layer(torch.nn.functional.silu(gate) * up))
-        with pytest.raises(ValueError, match="2 x 48 features, got 95"):
-            layer.gated_forward(gate_up[..., :95])

@@ -12,14 +12,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu_gemv, dispatch
-from .plans import clear_plans, get_gated_plan, get_plan
+from .plans import clear_plans, get_plan
 from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
 
-__all__ = ["KERNEL_DTYPES", "ternary_matmul", "gated_ternary_matmul", "ternary_matmul_op",
-           "ternary_matmul_reference", "ternary_dense_weight", "scale_columns_reference", "triton_available"]
+__all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
+           "scale_columns_reference", "triton_available"]
 
 # activation dtypes the packed Triton kernels take directly (fp32 decodes the weight, then a cuBLAS product)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -53,23 +52,6 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features:
         dispatch.check_inputs(x, packed, fmt, in_features, scales, shard_axis)
         return x.new_empty(*x.shape[:-1], packed.shape[0])
     return get_plan(x, packed, fmt, in_features, scales, shard_axis)(x, packed, scales)
-
-
-def gated_ternary_matmul(gate_up: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
-                         scales: torch.Tensor, shard_axis: int) -> torch.Tensor:
-    """:func:`ternary_matmul` of silu(gate) * up, for gate_up = [gate | up] [..., 2 * in_features] (an MLP's
-    down projection on its fused gate/up output). Where the product's kernel is the streaming Gluon kernel it
-    computes the SwiGLU as it loads the activations (one launch instead of two); elsewhere it is the SwiGLU
-    (rounded to gate_up's dtype after silu and after the product, as ``F.silu(gate) * up``), then the product."""
-    if gate_up.is_cuda and triton_available() and gate_up.numel() and not torch.is_grad_enabled():
-        if not scales.is_contiguous():
-            scales = scales.contiguous()
-        return get_gated_plan(gate_up, packed, fmt, in_features, scales, shard_axis)(gate_up, packed, scales)
-    if gate_up.shape[-1] != 2 * in_features:
-        raise ValueError(f"a gated product takes [gate | up] of 2 x {in_features} features, got "
-                         f"{gate_up.shape[-1]}")
-    gate, up = gate_up.chunk(2, dim=-1)
-    return ternary_matmul(F.silu(gate) * up, packed, fmt, in_features, scales, shard_axis)
 
 
 @torch.library.custom_op("spectra::ternary_matmul", mutates_args=())

@@ -19,7 +19,7 @@ import torch
 
 from ..formats import get_format
 from .launch_support import WORKSPACE, FastPathSwitch, pdl_enabled, scale_columns, scale_mode
-from .ptx import swiglu_x2_asm, word_decode_asm
+from .ptx import word_decode_asm
 
 BN = 64                   # weight rows per program (one warpgroup)
 SMEM_BUDGET = 64 * 1024   # bytes of activations one program may hold (3 programs per SM at the largest)
@@ -141,13 +141,10 @@ def runs(kind: str, device: torch.device, m: int, k: int, dtype: torch.dtype) ->
 
 def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
                        warps: int, split: int, y: torch.Tensor, ws: torch.Tensor | None = None,
-                       cnt: torch.Tensor | None = None,
-                       gated: bool = False) -> tuple[tuple[int, int, int], dict, dict]:
+                       cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one streaming-kernel launch on x2 [m, k] (column-shard scales
-    already applied), or with `gated` on x2 = [gate | up] of [m, 2k] (the product takes silu(gate) * up);
-    `split` is rounded so that every split has whole 64-byte steps and none is empty."""
-    m, k = x2.shape[0], x2.shape[1] // 2 if gated else x2.shape[1]
-    dt = "fp16" if x2.dtype == torch.float16 else "bf16"
+    already applied); `split` is rounded so that every split has whole 64-byte steps and none is empty."""
+    m, k = x2.shape
     n, q = packed.shape
     blocks = -(-q // STREAM_BJ)
     steps = -(-blocks // max(1, min(split, blocks)))
@@ -159,23 +156,18 @@ def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales:
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * STREAM_BJ,
                  G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, dt), W=warps, PDL=pdl, GATE_ASM=swiglu_x2_asm(dt) if gated else "")
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), W=warps, PDL=pdl)
     return grid, named, dict(num_warps=warps, **(dict(launch_pdl=True) if pdl else {}))
 
 
 def launch_stream(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-                  shard_axis: int, warps: int, split: int, out: torch.Tensor | None = None,
-                  gated: bool = False) -> torch.Tensor:
-    """The streaming Gluon kernel on a 2-D x2 [m, k] with unit column stride (m <= 8, k a multiple of 16), or
-    with `gated` on x2 = [gate | up] [m, 2k] (the product takes silu(gate) * up; not with column-shard scales);
-    returns y [m, n] (tests, benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
+                  shard_axis: int, warps: int, split: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The streaming Gluon kernel on a 2-D, row-contiguous x2 [m, k] (m <= 8, k a multiple of 16); returns
+    y [m, n] (tests, benchmarks and the tuner; ternary_matmul goes through a cached plan)."""
     from .tq_gluon import tq_stream_gluon_kernel  # needs triton's Gluon, which may be missing
 
     if not takes("stream", x2.shape[0], in_features):
         raise ValueError(f"the streaming Gluon kernel takes m <= {STREAM_MAX_M} and in_features a multiple of 16, "
                          f"got m = {x2.shape[0]}, in_features = {in_features}")
-    if gated and (x2.shape[1] != 2 * in_features or scale_mode(scales, shard_axis) == 2):
-        raise ValueError(f"a gated launch takes [gate | up] rows of 2 x {in_features} values and no column-shard "
-                         f"scales, got {x2.shape[1]} values and scale mode {scale_mode(scales, shard_axis)}")
     return _run(tq_stream_gluon_kernel, x2, packed, in_features, scales, shard_axis, out,
-                lambda x, mode, y: stream_launch_args(x, packed, fmt, scales, mode, warps, split, y, gated=gated))
+                lambda x, mode, y: stream_launch_args(x, packed, fmt, scales, mode, warps, split, y))

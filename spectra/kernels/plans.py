@@ -62,21 +62,6 @@ def get_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, 
     return plan
 
 
-def get_gated_plan(gate_up: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-                   shard_axis: int) -> GatedPlan:
-    """The cached plan of a gated call (silu(gate) * up times the weights, gate_up = [gate | up]) of this
-    signature, built on first use."""
-    key = ("gated", *plan_key(gate_up, packed, fmt, in_features, scales, shard_axis))
-    plan = _plans.get(key)
-    if plan is None:
-        plan = build_gated_plan(gate_up, packed, fmt, in_features, scales, shard_axis)
-        with _lock:
-            if len(_plans) >= MAX_PLANS:
-                _plans.clear()
-            _plans[key] = plan
-    return plan
-
-
 def clear_plans() -> None:
     """Forget every plan (after tuning changed the configs, or a test changed the dispatch)."""
     with _lock:
@@ -161,62 +146,6 @@ class Plan:
         y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         self.main(x2, packed, scales, y)
         return y
-
-
-class GatedPlan:
-    """A callable ``plan(gate_up, packed, scales) -> y`` that multiplies silu(gate) * up (gate_up = [gate | up]
-    along its last axis) by the packed weights: one launch of the streaming kernel, which computes the SwiGLU
-    as it loads the activations, where the product's config is that kernel's; else the SwiGLU kernel and then
-    the product's own plan (two launches, as an unfused MLP)."""
-
-    __slots__ = ("main", "out_shape", "m", "k", "fmt", "shard_axis")
-
-    def __call__(self, gate_up: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        if self.main is None:
-            from .pointwise import swiglu
-
-            h = swiglu(*gate_up.chunk(2, dim=-1))
-            return get_plan(h, packed, self.fmt, self.k, scales, self.shard_axis)(h, packed, scales)
-        y = torch.empty(self.out_shape, dtype=gate_up.dtype, device=gate_up.device)
-        self.main(gate_up, packed, scales, y)
-        return y
-
-
-def build_gated_plan(gate_up: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-                     shard_axis: int) -> GatedPlan:
-    """Validate a gated call and decide whether it is one fused launch (see :class:`GatedPlan`)."""
-    from . import KERNEL_DTYPES  # the package __init__ defines it after importing this module
-
-    k = in_features
-    if gate_up.shape[-1] != 2 * k:
-        raise ValueError(f"a gated product takes [gate | up] of 2 x {k} features, got {gate_up.shape[-1]}")
-    dispatch.check_inputs(gate_up[..., :k], packed, fmt, k, scales, shard_axis)
-    plan = GatedPlan()
-    n = packed.shape[0]
-    plan.m, plan.k, plan.fmt, plan.shard_axis = gate_up.numel() // (2 * k), k, fmt, shard_axis
-    plan.out_shape, plan.main = (*gate_up.shape[:-1], n), None
-    mode = launch_support.scale_mode(scales, shard_axis)
-    if (gate_up.dtype not in KERNEL_DTYPES or not gate_up.is_contiguous() or mode == 2
-            or (gate_up.data_ptr() | packed.data_ptr() | scales.data_ptr()) & 15):
-        return plan
-    cfg = configs.lookup_config(fmt, n, k, plan.m, gate_up.dtype, mode, gate_up.device)
-    if cfg.kind != "stream" or not gluon_launch.runs(cfg.kind, gate_up.device, plan.m, k, gate_up.dtype):
-        return plan
-    from .tq_gluon import tq_stream_gluon_kernel  # optional: triton's Gluon
-
-    x2 = torch.empty((plan.m, 2 * k), dtype=gate_up.dtype, device=gate_up.device)
-    y = torch.empty((plan.m, n), dtype=gate_up.dtype, device=gate_up.device)
-    grid, named, options = gluon_launch.stream_launch_args(x2, packed, fmt, scales, mode, cfg.num_warps, cfg.split,
-                                                           y, gated=True)
-    named.update(x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
-    launch = Launch(tq_stream_gluon_kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
-    try:
-        launch.compile(x2, packed, scales, y)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: the unfused path instead
-        gluon_launch.disable(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        return plan
-    plan.main = launch
-    return plan
 
 
 class _Scratch:

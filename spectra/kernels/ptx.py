@@ -142,16 +142,3 @@ def decode_asm(fmt: str, dtype: str) -> str:
 
 def decode_constraints(planes: int) -> str:
     return ",".join(["=r"] * planes + ["r"])
-
-
-def swiglu_x2_asm(dtype: str) -> str:
-    """PTX: $1 = two gate values, $2 = the two up values -> $0 = silu(gate) * up for both (16-bit pairs).
-
-    silu(g) = g * sigmoid(g) = h + h * tanh(h) with h = g / 2: one multiply, one ``tanh.approx`` and one fma
-    per pair, then the product with up: two instructions per value where the fp32 formula (exp, reciprocal,
-    range checks, conversions) took 17. The approximate tanh (relative error 2^-11) and the 16-bit fma move
-    a value by about one unit in its last place against ``F.silu(gate) * up``."""
-    kind = {"fp16": "f16x2", "bf16": "bf16x2"}[dtype]
-    half = {"fp16": 0x3800, "bf16": 0x3F00}[dtype]
-    return (f"{{ .reg .b32 c, h, t; mov.b32 c, {_pair(half)}; mul.rn.{kind} h, $1, c; tanh.approx.{kind} t, h; "
-            f"fma.rn.{kind} h, h, t, h; mul.rn.{kind} $0, h, $2; }}")

@@ -243,20 +243,9 @@ def _stream_x_layout(W):
 
 
 @gluon.jit
-def _gated(x_rows, offs, mask, K, GATE_ASM: gl.constexpr):
-    """silu(gate) * up at columns `offs` of [gate | up] rows (up starts K columns after gate), two values per
-    instruction in x's dtype (``ptx.swiglu_x2_asm``); masked columns give silu(0) * 0 = 0."""
-    g = gl.load(x_rows + offs, mask=mask, other=0.0)
-    u = gl.load(x_rows + K + offs, mask=mask, other=0.0)
-    return gl.inline_asm_elementwise(GATE_ASM, "=r,r,r", [g, u], dtype=x_rows.dtype.element_ty, is_pure=True,
-                                     pack=2)
-
-
-@gluon.jit
 def _stream_step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr, ASM: gl.constexpr,
-                 W: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, GATE_ASM: gl.constexpr):
-    """The G planes of one 64-byte step: decode into A fragments, B fragments from global memory, mma.sync.
-    GATE_ASM (not ""): x's rows are [gate | up] (2K columns) and the activations silu(gate) * up (:func:`_gated`)."""
+                 W: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr):
+    """The G planes of one 64-byte step: decode into A fragments, B fragments from global memory, mma.sync."""
     wb = gl.broadcast(gl.expand_dims(w, 2), gl.full([16 * W, 16, 4], 0, gl.int32, layout=_stream_word_layout(W)))[0]
     planes = _decode_planes(wb, x_rows, G, ASM)
     # Masks per thread's 16 columns (a 16-column group is all in or all out: Q, j and K are multiples of 16), so
@@ -265,12 +254,7 @@ def _stream_step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr,
     g16 = j + (cols // 16) * 16
     for i in gl.static_range(G):
         ok = (g16 < j_end) & (i * Q + g16 < K)
-        offs = (i * Q + j + cols)[:, None]
-        mask = ok[:, None] & xrow_ok[None, :]
-        if GATE_ASM != "":
-            xv = _gated(x_rows, offs, mask, K, GATE_ASM)
-        else:
-            xv = gl.load(x_rows + offs, mask=mask, other=0.0)
+        xv = gl.load(x_rows + (i * Q + j + cols)[:, None], mask=ok[:, None] & xrow_ok[None, :], other=0.0)
         # byte column 16t + 4c + 2e1 + e0 -> K position 16c + 8e1 + 2t + e0, on both operands (a renaming)
         b = gl.permute(gl.reshape(xv, [4, 4, 2, 2, 8]), (1, 2, 0, 3, 4))
         b = gl.convert_layout(gl.reshape(b, [64, 8]), B_LAYOUT, assert_trivial=True)
@@ -284,12 +268,9 @@ def _stream_step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr,
 def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                            M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                            G: gl.constexpr, SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr, ASM: gl.constexpr,
-                           W: gl.constexpr, PDL: gl.constexpr, GATE_ASM: gl.constexpr):
+                           W: gl.constexpr, PDL: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= 8 and K a multiple of 16; program (pid_n, pid_k) does
     weight rows pid_n * 16 W.. over the byte columns pid_k * J_PER_SPLIT.. (a multiple of 64 bytes).
-    GATE_ASM (``ptx.swiglu_x2_asm``, or "" for none): x holds [gate | up] rows (2K columns at stride_xm) and the
-    product takes silu(gate) * up, computed as the activations load (an MLP's SwiGLU fused into its down
-    projection: one launch fewer).
 
     Streams like the CUDA-core GEMV (each warp 16 rows, four 64-byte steps per row in flight in registers, no
     shared memory, the first steps loaded before the PDL wait) and multiplies like the kernel above (weights
@@ -330,7 +311,7 @@ def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     for s in range(n_steps):
         b4 = _load_words(wp, rows, words, row_ok, jw0 + (s + 4) * 16, jw_end, QW)
         acc = _stream_step(b0, x_rows, xrow_ok, cols, j_start + s * STREAM_BJ, j_end, Q, K, acc, G, ASM, W,
-                           A_LAYOUT, B_LAYOUT, GATE_ASM)
+                           A_LAYOUT, B_LAYOUT)
         b0 = b1
         b1 = b2
         b2 = b3
