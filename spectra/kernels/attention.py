@@ -81,9 +81,8 @@ if triton is not None:
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
                              D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, BS: tl.constexpr,
                              ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights, and
-            gdc_launch_dependents()  # this one waits for q, k, v (and pos) from the kernels before it
-            gdc_wait()
+        if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights
+            gdc_launch_dependents()
         bh = tl.program_id(0)  # sequence * heads + head
         c = tl.program_id(1)   # chunk of cache positions
         b = bh // H
@@ -103,6 +102,14 @@ if triton is not None:
             # of short launches: each dependent round trip to memory costs about a microsecond).
             k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            if PDL:
+                # Under PDL the cache rows and pos above are read before waiting for the kernels before this one
+                # (the q/k/v product): no kernel of a step writes them before this one (pos and the rows before
+                # it were written by earlier steps, or the prefill, which a step's first, non-PDL kernel waits
+                # for; row pos, which this kernel writes, replaces what was loaded for it). What that product
+                # wrote is read only after the wait. Programs past pos exit without waiting; chunk 0's waits,
+                # so the grid still ends after its predecessor.
+                gdc_wait()
             q = _rope_row(q_ptr + b * sq_b + h * sq_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the rotated query is rounded like the reference's
             if WRITE:
