@@ -8,7 +8,9 @@ Variants: eager-old (RMSNorm, residual adds and SwiGLU as PyTorch ops), eager-ne
 kernels of kernels/pointwise.py), compiled (torch.compile; inductor fuses the pointwise ops itself).
 The per-kernel table is kernel time without a CUDA graph; the step time is a CUDA-graph replay of the same
 step at the same position (launch gaps included), and "non-matmul" is that step time minus the packed-matmul and cuBLAS
-(fp16 layers, lm head) kernel time: what the decode issue's 150 us target counts.
+(fp16 layers, lm head) kernel time: what the decode issue's 150 us target counts. Under PDL a kernel's profiled
+duration includes its wait for the kernel before it, which makes that difference too small; the step's products
+are therefore also timed alone, in one graph in the step's order, and the step minus that is printed too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,44 @@ from spectra.bench import build_random_model
 from spectra.kernels import pointwise
 
 MATMUL = re.compile(r"tq_matmul|tq_dequant|gemm|gemv|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
+
+
+def _graph_us(fn, reps: int = 50) -> float:
+    """Mean us per replay of `fn` captured in a CUDA graph (after one warm replay)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) * 1e3 / reps
+
+
+def products_us(model, batch: int) -> float:
+    """us per CUDA-graph replay of a step's matrix products alone, in the step's order (each block's q/k/v,
+    o, gate/up and down, then the lm head) on fixed random activations: what the step would cost if everything
+    between its products were free. Unlike summed kernel durations it is right under PDL, where a kernel's
+    profiled duration includes its wait for the kernel before it."""
+    dev = torch.device("cuda")
+    calls = []
+    for layer in model.model.layers:
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            calls.append((module, torch.randn(batch, 1, module.in_features, dtype=torch.float16, device=dev)))
+    head = model.lm_head
+    calls.append((head, torch.randn(batch, 1, head.in_features, dtype=torch.float16, device=dev)))
+
+    def run() -> None:
+        for module, x in calls:
+            module(x)
+
+    with torch.no_grad():
+        run()  # compile and plan outside the capture
+        torch.cuda.synchronize()
+        return _graph_us(run)
 
 
 def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch: int = 1) -> None:
@@ -43,19 +83,9 @@ def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch
                 step(tok, input_pos=at)
             torch.cuda.synchronize()
         # the same step (same compiled code and cache) captured in a CUDA graph: its time includes the gaps
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(tok, input_pos=at)
-        graph.replay()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        step_us = begin.elapsed_time(end) * 1e3 / 50
-    del graph
+        step_us = _graph_us(lambda: step(tok, input_pos=at))
     model.clear_cache()
+    only_products = products_us(model, batch)
     rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     kernel_us = sum(r[1] for r in rows)
@@ -63,6 +93,8 @@ def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch
     print(f"## {variant}: graph step {step_us:.0f} us; kernel time {kernel_us:.0f} us in "
           f"{sum(r[2] for r in rows):.0f} kernels; matmul kernels {matmul_us:.0f} us; "
           f"non-matmul kernels {kernel_us - matmul_us:.0f} us; non-matmul step time {step_us - matmul_us:.0f} us")
+    print(f"   the step's products alone, one graph: {only_products:.0f} us; step minus that: "
+          f"{step_us - only_products:.0f} us (the non-matmul share, right under PDL)")
     for key, us, count in rows[:top]:
         print(f"  {us:8.1f} us  {100 * us / kernel_us:5.1f}%  {count:5.0f}x  {key[:100]}")
 
