@@ -8,7 +8,9 @@ the start-up tokens left out) against `time_decode` of a `GraphDecodeStep`, the 
 `spectra bench decode`, over the same positions. The 1.1B shape keeps a step GPU-bound (roughly 0.5-2 ms on
 an H100), so what `generate` does beyond the benchmark's step (the greedy choice inside the graph, one 8-byte
 copy to the host a token, the host loop running STREAM_LAG steps behind) is far inside the 5% allowed, while
-missing the fast path (the plain loop launches every kernel from Python) is not.
+missing the fast path (the plain loop launches every kernel from Python) is not. The check is one-sided:
+`generate` may be faster than the benchmark's step (it is, by about 6% at batch 1, since the step's kernels
+are launched with PDL).
 """
 
 from __future__ import annotations
@@ -85,5 +87,9 @@ def test_gpu_generate_takes_the_graph_path_at_the_benchmark_rate(kind, batch, mo
         bench.append(_bench_step_seconds(model, batch))
         fast.append(_generate_step_seconds(model, prompt))
     bench_rate, generate_rate = 1 / statistics.median(bench), 1 / statistics.median(fast)
-    assert generate_rate == pytest.approx(bench_rate, rel=RATE_TOLERANCE), (
+    # One-sided: generate may outrun the benchmark's step. Since every kernel of the step is launched with PDL,
+    # it does at batch 1 (H100, 2026-12-07: 1021 vs 963 steps/s for TQ2, 797 vs 747 for fp16): the benchmark's
+    # GraphDecodeStep, which has the token and position copied in before each replay, gained less from PDL than
+    # generate's self-feeding graph (not profiled yet).
+    assert generate_rate >= bench_rate * (1 - RATE_TOLERANCE), (
         f"{kind} batch {batch}: generate {generate_rate:.0f} steps/s, bench decode's step {bench_rate:.0f} steps/s")
