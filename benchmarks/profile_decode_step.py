@@ -23,23 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from spectra.bench import build_random_model
 from spectra.kernels import pointwise
+from spectra.kernels.timing import time_graph
 
 MATMUL = re.compile(r"tq_matmul|tq_dequant|gemm|gemv|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
-
-
-def _graph_us(fn, reps: int = 50) -> float:
-    """Mean us per replay of `fn` captured in a CUDA graph (after one warm replay)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) * 1e3 / reps
 
 
 def products_us(model, batch: int) -> float:
@@ -60,9 +46,7 @@ def products_us(model, batch: int) -> float:
             module(x)
 
     with torch.no_grad():
-        run()  # compile and plan outside the capture
-        torch.cuda.synchronize()
-        return _graph_us(run)
+        return time_graph(lambda _: run(), 1, reps=1, trials=20) * 1e6
 
 
 def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch: int = 1) -> None:
@@ -83,7 +67,7 @@ def profile_variant(model, variant: str, max_len: int, pos: int, top: int, batch
                 step(tok, input_pos=at)
             torch.cuda.synchronize()
         # the same step (same compiled code and cache) captured in a CUDA graph: its time includes the gaps
-        step_us = _graph_us(lambda: step(tok, input_pos=at))
+        step_us = time_graph(lambda _: step(tok, input_pos=at), 1, reps=1, trials=20) * 1e6
     model.clear_cache()
     only_products = products_us(model, batch)
     rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages() if e.device_time_total > 0]
