@@ -70,8 +70,8 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def pdl_options(device: torch.device) -> dict:
-    """Launch keywords of a kernel with a ``PDL`` constexpr that signals and waits at its start (the pointwise
-    and attention kernels): launched with PDL where :func:`pdl_enabled`."""
+    """Launch keywords of a kernel whose ``PDL`` constexpr makes it signal at its start and wait before it reads
+    its predecessor's output (the pointwise and attention kernels): launched with PDL where :func:`pdl_enabled`."""
     return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(PDL=False)
 
 
