@@ -22,27 +22,8 @@ import time
 import torch
 
 from spectra.bench import build_random_model
-from spectra.decode_graph import GraphDecodeStep, GraphSamplingStep, time_decode
+from spectra.decode_graph import GraphDecodeStep, GraphSamplingStep, greedy, time_decode, time_replays
 from spectra.kernels import pointwise
-from spectra.sampling import sample_keyed
-
-
-def time_sampling(step: GraphSamplingStep, batch: int, steps: int, start: int) -> float:
-    """Mean seconds per replay of a sampling step over `steps` replays from position `start`."""
-    dev = step.tokens.device
-    step.start(torch.zeros(batch, dtype=torch.long, device=dev), start)
-    step.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        step.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / steps
-
-
-def greedy(logits: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    return sample_keyed(logits, position, temperature=0)
 
 
 def main() -> None:
@@ -79,10 +60,10 @@ def main() -> None:
                     old = time_decode(step, batch, dev, args.steps, start=args.context)
                 pointwise.ENABLED = True
                 step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
-                new = time_sampling(step, batch, args.steps, args.context)
+                new = time_replays(step, args.steps, args.context)
                 extra = []
                 if batch == 1:
-                    extra = [(c, time_sampling(step, 1, args.steps, c)) for c in longs]
+                    extra = [(c, time_replays(step, args.steps, c)) for c in longs]
                 step.close()
                 unmoved = ""
                 if args.fold_ab:
@@ -90,7 +71,7 @@ def main() -> None:
                         if hasattr(module, "unfold_scales"):
                             module.unfold_scales()
                     step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
-                    t = time_sampling(step, batch, args.steps, args.context)
+                    t = time_replays(step, args.steps, args.context)
                     step.close()
                     model.fuse_projections()  # moves the scales again
                     unmoved = f" {1 / t:.0f} ({t / new:.3f}x) |"

@@ -17,7 +17,7 @@ import torch
 
 from .block import fused_shapes
 from .config import get_config
-from .decode_graph import GraphDecodeStep, time_decode
+from .decode_graph import GraphSamplingStep, greedy, time_replays
 from .errors import ConfigError
 from .formats import get_format
 from .kernels import configs, dispatch, launch_support, ternary_matmul
@@ -196,10 +196,13 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
                  log: Callable[[str], None] | None = None, compile: bool = False,
                  fuse: bool = True, context: int = 8) -> list[DecodeRow]:
-    """Seconds per CUDA-graph decode step for each model shape, batch and weight kind (every kind's step
-    compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up fused into one product
-    each, for every kind, unless `fuse` is False). The timed steps attend to `context` cached positions and
-    more (attention reads only the filled part of the cache)."""
+    """Seconds per CUDA-graph decode step for each model shape, batch and weight kind.
+
+    What is timed is the step :func:`spectra.generate.generate` replays: a greedy choice on the GPU, the token
+    fed back inside the graph, no host work between replays (so the figure is the rate a user gets). Every
+    kind's step is compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up are fused
+    into one product each, for every kind, unless `fuse` is False. The timed steps attend to `context` cached
+    positions and more (attention reads only the filled part of the cache)."""
 
     device = torch.device(device)
     if context < 0:
@@ -214,8 +217,11 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
                 if fuse:
                     model.fuse_projections()
                 for batch in batches:
-                    with GraphDecodeStep(model, batch, max_len, compile=compile) as step:
-                        by_batch[batch].step_s[kind] = time_decode(step, batch, device, steps, start=context)
+                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
+                    try:
+                        by_batch[batch].step_s[kind] = time_replays(step, steps, start=context)
+                    finally:
+                        step.close()
                 del model
                 torch._dynamo.reset()  # drop compiled code that holds the model
                 torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ import torch
 
 from .errors import DeviceError
 from .model import SpectraLM
+from .sampling import sample_keyed
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, V], position [1]) -> ids [B]
 
@@ -135,9 +136,32 @@ class GraphSamplingStep:
         self.model.clear_cache()
 
 
+def greedy(logits: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The sampler of a greedy generation (``temperature=0``): the arg max, as :func:`spectra.generate.generate`
+    chooses it inside its graph."""
+    return sample_keyed(logits, position, temperature=0)
+
+
+def time_replays(step: GraphSamplingStep, steps: int = 50, start: int = 8) -> float:
+    """Mean seconds per replay of a sampling step over `steps` replays from position `start` (CUDA events,
+    after one warm replay): the rate :func:`spectra.generate.generate` decodes at, with no host work between
+    replays."""
+    batch = step.tokens.shape[0]
+    step.start(torch.zeros(batch, dtype=torch.long, device=step.tokens.device), start)
+    step.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        step.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / steps
+
+
 def time_decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device: torch.device,
                 steps: int = 50, start: int = 8) -> float:
-    """Median-free mean seconds per decode step over `steps` steps (CUDA events, after one warm step)."""
+    """Mean seconds per call of a logits-returning step (a :class:`GraphDecodeStep`) over `steps` calls (CUDA
+    events, after one warm call); the token and position are copied in before each replay."""
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     step(tok, torch.tensor([start], device=device))
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

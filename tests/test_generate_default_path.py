@@ -4,13 +4,12 @@ the captured CUDA-graph step, its greedy tokens equal the plain loop's (`fast=Fa
 
 The rate check compares two measurements taken in this process on one model, interleaved and each the median
 of five, never a fixed figure: the steady cadence of the tokens `generate` hands out (`on_token` timestamps,
-the start-up tokens left out) against `time_decode` of a `GraphDecodeStep`, the routine behind
+the start-up tokens left out) against `time_replays` of a greedy `GraphSamplingStep`, the routine behind
 `spectra bench decode`, over the same positions. The 1.1B shape keeps a step GPU-bound (roughly 0.5-2 ms on
-an H100), so what `generate` does beyond the benchmark's step (the greedy choice inside the graph, one 8-byte
-copy to the host a token, the host loop running STREAM_LAG steps behind) is far inside the 5% allowed, while
-missing the fast path (the plain loop launches every kernel from Python) is not. The check is one-sided:
-`generate` may be faster than the benchmark's step (it is, by about 6% at batch 1, since the step's kernels
-are launched with PDL).
+an H100), so what `generate` does beyond the benchmark's replays (one 8-byte copy to the host a token, the
+host loop running STREAM_LAG steps behind) is far inside the 5% allowed, while missing the fast path (the
+plain loop launches every kernel from Python) is not. The check is two-sided: the benchmark must not report
+a rate users do not get either.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 from spectra import pack_model
 from spectra.config import get_config
-from spectra.decode_graph import GraphDecodeStep, GraphSamplingStep, time_decode
+from spectra.decode_graph import GraphSamplingStep, greedy, time_replays
 from spectra.generate import STREAM_LAG, generate
 from spectra.model import SpectraLM
 
@@ -54,9 +53,11 @@ def _generate_step_seconds(model: SpectraLM, prompt: torch.Tensor) -> float:
 
 def _bench_step_seconds(model: SpectraLM, batch: int) -> float:
     """`spectra bench decode`'s measurement (spectra.bench.bench_decode) over the same positions."""
-    with GraphDecodeStep(model, batch, PROMPT + NEW_TOKENS) as step:
-        return time_decode(step, batch, torch.device("cuda"), steps=NEW_TOKENS - 1 - FIRST,
-                           start=PROMPT + FIRST - 1)
+    step = GraphSamplingStep(model, batch, PROMPT + NEW_TOKENS, greedy)
+    try:
+        return time_replays(step, steps=NEW_TOKENS - 1 - FIRST, start=PROMPT + FIRST - 1)
+    finally:
+        step.close()
 
 
 @pytest.mark.gpu
@@ -87,9 +88,7 @@ def test_gpu_generate_takes_the_graph_path_at_the_benchmark_rate(kind, batch, mo
         bench.append(_bench_step_seconds(model, batch))
         fast.append(_generate_step_seconds(model, prompt))
     bench_rate, generate_rate = 1 / statistics.median(bench), 1 / statistics.median(fast)
-    # One-sided: generate may outrun the benchmark's step. Since every kernel of the step is launched with PDL,
-    # it does at batch 1 (H100, 2026-12-07: 1021 vs 963 steps/s for TQ2, 797 vs 747 for fp16): the benchmark's
-    # GraphDecodeStep, which has the token and position copied in before each replay, gained less from PDL than
-    # generate's self-feeding graph (not profiled yet).
-    assert generate_rate >= bench_rate * (1 - RATE_TOLERANCE), (
+    # (Until the eighth session the benchmark timed a GraphDecodeStep, which has the token and position copied
+    # in before each replay; under PDL that read about 6% under generate at batch 1.)
+    assert abs(generate_rate / bench_rate - 1) <= RATE_TOLERANCE, (
         f"{kind} batch {batch}: generate {generate_rate:.0f} steps/s, bench decode's step {bench_rate:.0f} steps/s")
