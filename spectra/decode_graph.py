@@ -11,8 +11,8 @@ sample_keyed`), feeds it back as the next input and advances the position, so a 
 replays with no host work between them (:func:`spectra.generate.generate` streams its tokens with a lag).
 
 With ``compile=True`` the captured forward is the model compiled by ``torch.compile`` (inductor): the packed
-matmul stays our kernel (an opaque op, ``spectra::ternary_matmul``) and the small kernels around it
-(RMSNorm, SwiGLU, residual adds, the column scales) are fused.
+matmul, the decode attention, RMSNorm (with the residual add) and SwiGLU stay our kernels (opaque ops, launched
+with PDL), and inductor fuses the rest (the embedding, the rotary rows, the column scales, the sampling).
 """
 
 from __future__ import annotations

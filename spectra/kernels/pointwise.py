@@ -3,11 +3,14 @@ SwiGLU, each one launch.
 
 Written with PyTorch ops, an eager step launches about seven kernels per RMSNorm (fp32 cast, square, mean,
 rsqrt, products, casts), one per residual add and three per SwiGLU: about 17 of a block's 28 launches in a
-CUDA-graph decode step, where each costs 1-3 us whatever its size. ``torch.compile`` fuses the same ops
-itself, so these kernels serve the eager (graph-captured) step; a compiling caller keeps the PyTorch ops
-(:func:`fused_pointwise_applies`). Every kernel rounds where the PyTorch ops round (the residual sum and the
-normalised row to the activation dtype before the gain; silu(gate) before the product), so results differ
-from the references only by the order of the fp32 sum of squares.
+CUDA-graph decode step, where each costs 1-3 us whatever its size. Every kernel rounds where the PyTorch ops
+round (the residual sum and the normalised row to the activation dtype before the gain; silu(gate) before the
+product), so results differ from the references only by the order of the fp32 sum of squares.
+
+Under ``torch.compile`` the same kernels run as opaque ops (``spectra::rms_norm``, ``spectra::add_rms_norm``,
+``spectra::swiglu``) rather than leaving the ops to inductor: inductor would fuse them into as many kernels,
+but its kernels are not launched with PDL, so the packed product after each would wait for it to finish
+before starting (a compiled 3.9B step ran 581 steps/s against 660 for the eager graph on an H100).
 """
 
 from __future__ import annotations
@@ -83,11 +86,10 @@ if triton is not None:
 
 
 def fused_pointwise_applies(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    """Whether the fused kernels take this call: inference (no autograd) on a CUDA tensor, not under
-    torch.compile (inductor fuses the PyTorch ops itself), the gain in the activation dtype."""
-    # is_compiling first: under torch.compile the answer is then a constant, with no guard on ENABLED
-    return (not torch.compiler.is_compiling() and ENABLED and triton is not None and x.is_cuda
-            and not torch.is_grad_enabled() and (weight is None or weight.dtype == x.dtype))
+    """Whether the fused kernels take this call: inference (no autograd) on a CUDA tensor, the gain in the
+    activation dtype (eager, or as opaque ops under torch.compile)."""
+    return (ENABLED and triton is not None and x.is_cuda and not torch.is_grad_enabled()
+            and (weight is None or weight.dtype == x.dtype))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -116,17 +118,27 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`rms_norm_reference` in one kernel (x [..., N] on a GPU, weight [N] of x's dtype)."""
+    if torch.compiler.is_compiling():
+        return rms_norm_op(x, weight, eps)
     return _norm(x, None, weight, eps)[1]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`add_rms_norm_reference` in one kernel: (x + residual, RMSNorm of the sum)."""
+    if torch.compiler.is_compiling():
+        return add_rms_norm_op(x, residual, weight, eps)
     return _norm(x, residual, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in one kernel (gate, up [..., H] of one dtype; e.g. the two halves of a fused gate/up)."""
+    if torch.compiler.is_compiling():
+        return swiglu_op(gate, up)
+    return _swiglu(gate, up)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu needs gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")
@@ -138,3 +150,35 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         _swiglu_kernel[(g2.shape[0], triton.cdiv(h, block))](g2, u2, out, h, g2.stride(0), u2.stride(0), BLOCK=block,
                                                              num_warps=4, **pdl_options(gate.device))
     return out
+
+
+# The kernels as opaque ops for torch.compile (see the module docstring); the fakes give inductor the shapes.
+@torch.library.custom_op("spectra::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm(x, None, weight, eps)[1]
+
+
+@rms_norm_op.register_fake
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("spectra::add_rms_norm", mutates_args=())
+def add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm(x, residual, weight, eps)
+
+
+@add_rms_norm_op.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("spectra::swiglu", mutates_args=())
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _swiglu(gate, up)
+
+
+@swiglu_op.register_fake
+def _swiglu_fake(gate, up):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
