@@ -8,7 +8,8 @@ plus 16 positions, batch 1 unless --batches says more. One trial = the prompt's 
 before `generate` asked for the last only) and the greedy first token, timed with CUDA events around the
 whole call (host work included, as a user waits for it); the median of --trials after two warm-up calls.
 Packed layers at prefill-sized m take the dispatcher's large-m path (dequantize into cached fp16 scratch, then
-cuBLAS), so the ratio to fp16 is the cost of that path.
+cuBLAS), so the ratio to fp16 is the cost of that path. With --generate, each line also gives the wall-clock
+time to the first token of ``spectra.generate_stream`` (its default path, all host work included).
 """
 
 from __future__ import annotations
@@ -42,6 +43,30 @@ def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = 
     return statistics.median(times)
 
 
+def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> float:
+    """Wall-clock seconds from calling ``generate_stream`` (default path: fused projections, graph-captured
+    step) to holding its first token on the host: what a user of `spectra.generate` waits for, everything the
+    library does before that token included. Median of `trials` after two warm-up calls."""
+    import time
+
+    from spectra.generate import generate_stream
+
+    dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(2)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
+    times = []
+    for trial in range(trials + 2):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        stream = generate_stream(model, tokens, 16, temperature=0)
+        next(stream)
+        elapsed = time.perf_counter() - begin
+        stream.close()
+        if trial >= 2:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="3.9b")
@@ -50,6 +75,8 @@ def main() -> None:
     p.add_argument("--batches", default="1")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--all-logits", action="store_true", help="compute every position's logits (the old prefill)")
+    p.add_argument("--generate", action="store_true",
+                   help="also time the first token of spectra.generate_stream (wall clock, all its host work)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill needs a CUDA GPU")
@@ -66,6 +93,10 @@ def main() -> None:
         for batch in batches:
             for prompt in prompts:
                 results[kind, batch, prompt] = time_prefill(model, batch, prompt, args.trials, not args.all_logits)
+                if args.generate:
+                    first = time_generate_first_token(model, batch, prompt, args.trials)
+                    print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} "
+                          f"ms; generate_stream's first token {first * 1e3:.2f} ms", flush=True)
         del model
         torch.cuda.empty_cache()
     print("| batch | prompt | " + " | ".join(f"{k} ms" for k in kinds) + " | "

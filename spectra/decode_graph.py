@@ -95,20 +95,28 @@ class GraphSamplingStep:
 
     `sample(logits [B, V], position [1]) -> ids [B]` is called with the position of the token it chooses.
     With `eos_id`, a sequence that produced it keeps producing it (as the plain loop does). Allocates the
-    KV cache (``batch`` x ``max_len``); :meth:`close` frees it.
+    KV cache (``batch`` x ``max_len``), or with `keep_cache` takes the one the model holds (already filled by a
+    prompt's forward: the warm-up steps write only its last row, which a generation writes before it reads);
+    :meth:`close` frees it.
     """
 
     def __init__(self, model: SpectraLM, batch: int, max_len: int, sample: Sampler, eos_id: int | None = None,
-                 compile: bool = False, warmup: int = 2) -> None:
+                 compile: bool = False, warmup: int = 2, keep_cache: bool = False) -> None:
         device = _model_device(model)
         self.model, self.sample, self.eos_id = model, sample, eos_id
-        model.setup_cache(batch, max_len)
+        if not keep_cache:
+            model.setup_cache(batch, max_len)
+        elif model.cache_shape() != (batch, max_len):
+            raise ValueError(f"keep_cache needs the model's KV cache for {batch} sequences of {max_len} positions, "
+                             f"it holds {model.cache_shape()}")
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        # the warm-up steps write cache rows 0..warmup-1 and move pos: start() resets what a generation reads
-        self.graph, _ = _capture(self._step, device, max(warmup, 3 if compile else 1), self.pos.zero_)
+        # the warm-up steps run at the last position (they write its cache row and move pos; a generation writes
+        # that row before it reads it, and start() resets the rest): a prompt already in the cache stays intact
+        self.graph, _ = _capture(self._step, device, max(warmup, 3 if compile else 1),
+                                 lambda: self.pos.fill_(max_len - 1))
 
     def _step(self) -> None:
         logits = self.forward(self.tokens, input_pos=self.pos)

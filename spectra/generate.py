@@ -141,26 +141,32 @@ def _plain_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
 def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperature: float, top_k: int | None,
                   top_p: float | None, seed: int | None, eos_id: int | None,
                   compile: bool) -> Iterator[torch.Tensor]:
-    """The fast loop: replays of a :class:`~spectra.decode_graph.GraphSamplingStep`; each new token is copied
-    to pinned host memory and handed out once the GPU is STREAM_LAG steps further."""
+    """The fast loop. The prompt's forward fills the KV cache and its token is handed out at once; only then is
+    the one-token step captured (a :class:`~spectra.decode_graph.GraphSamplingStep` on that cache), so the
+    capture (and with `compile`, the compilation) delays the second token, not the first. Each later token is
+    copied to pinned host memory and handed out once the GPU is STREAM_LAG steps further."""
     device = tokens.device
     batch, prompt_len = tokens.shape
     if seed is None:  # drawn from torch's global generator, so torch.manual_seed makes runs repeatable
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
     sample = partial(sample_keyed, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
     n_new = total - prompt_len
-    step = GraphSamplingStep(model, batch, decode_cache_length(total, model.config.max_seq_len, compile), sample,
-                             eos_id, compile=compile)
-    host = torch.empty(n_new, batch, dtype=torch.long, pin_memory=True)
-    ready = [torch.cuda.Event() for _ in range(n_new)]
-    finished = torch.zeros(batch, dtype=torch.bool)
+    cache_len = decode_cache_length(total, model.config.max_seq_len, compile)
+    model.setup_cache(batch, cache_len)
+    step = None
     try:
         logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), last_only=True)
         first = sample(logits[:, -1], torch.tensor([prompt_len], device=device))
+        token = first.cpu()
+        yield token
+        finished = token == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool)
+        if n_new == 1 or bool(finished.all()):
+            return
+        step = GraphSamplingStep(model, batch, cache_len, sample, eos_id, compile=compile, keep_cache=True)
         step.start(first, prompt_len)
-        host[0].copy_(first, non_blocking=True)
-        ready[0].record()
-        handed = 0
+        host = torch.empty(n_new, batch, dtype=torch.long, pin_memory=True)
+        ready = [torch.cuda.Event() for _ in range(n_new)]
+        handed = 1
         for i in range(1, n_new + STREAM_LAG):
             if i < n_new:
                 step.replay()
@@ -176,7 +182,10 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
                     if bool(finished.all()):
                         return
     finally:
-        step.close()
+        if step is not None:
+            step.close()  # frees the cache too
+        else:
+            model.clear_cache()
 
 
 @torch.no_grad()

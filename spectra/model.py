@@ -234,6 +234,11 @@ class SpectraLM(nn.Module):
             layer.self_attn.cache = KVCache(batch, self.config.num_heads, max_len, self.config.head_dim,
                                             dtype or param.dtype, param.device)
 
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(sequences, positions) of the KV cache that :meth:`setup_cache` allocated, or None."""
+        cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.cache = None

@@ -180,6 +180,37 @@ def test_gpu_fast_path_greedy_tokens_equal_the_plain_loop(kind, batch):
 
 
 @pytest.mark.gpu
+def test_gpu_first_token_comes_out_before_the_step_is_captured(monkeypatch):
+    """generate_stream hands out the prompt's token before it captures the decode step (the capture delays the
+    second token, not the first); the step then decodes from the prefilled cache (the warm-up steps leave it
+    intact: the prompt crosses a 64-position chunk), its tokens equal the plain loop's, and the cache is freed."""
+    import copy
+
+    from spectra import decode_graph
+
+    model = _random_model("tq2", seed=11)
+    reference = copy.deepcopy(model)
+    reference.fuse_projections()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 70), device="cuda")
+    captures = []
+    init = decode_graph.GraphSamplingStep.__init__
+
+    def recording_init(self, *args, **kwargs):
+        captures.append(kwargs.get("keep_cache"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode_graph.GraphSamplingStep, "__init__", recording_init)
+    stream = generate_stream(model, prompt, 40, temperature=0)
+    first = next(stream)
+    assert captures == []
+    rest = list(stream)
+    assert captures == [True]
+    want = generate(reference, prompt, 40, temperature=0, fast=False)[:, 70:]
+    assert torch.equal(torch.stack([first, *rest], 1).cuda(), want)
+    assert model.cache_shape() is None
+
+
+@pytest.mark.gpu
 def test_gpu_fast_path_sampling_with_a_seed_repeats():
     model = _random_model("tq2", seed=4)
     prompt = torch.randint(0, model.config.vocab_size, (4, 9), device="cuda")

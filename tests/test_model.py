@@ -108,3 +108,12 @@ def test_last_only_gives_the_last_position_of_the_full_logits():
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="last_only"):
         model(tokens, targets=tokens, last_only=True)
+
+
+def test_cache_shape_reports_the_allocated_cache():
+    model = SpectraLM(get_config("tiny")).eval()
+    assert model.cache_shape() is None
+    model.setup_cache(3, 17)
+    assert model.cache_shape() == (3, 17)
+    model.clear_cache()
+    assert model.cache_shape() is None
