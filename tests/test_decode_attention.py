@@ -15,22 +15,26 @@ pytest.importorskip("triton")
 
 # Odd head size (40 -> a masked 64-wide tile), a cache length that is not a multiple of the chunk, positions
 # at chunk edges, and a long cache whose chunks exceed one combine block (2200 / 64 = 35 > 32). The cache
-# past pos holds large garbage: it must not leak into the result.
+# past pos holds large garbage: it must not leak into the result. Each case runs with one block per span
+# (every block a partial result), a few blocks per span, and the whole cache in one span (no merge): the
+# interpreter counts one SM, so SPANS_PER_SM sets the spans.
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from spectra.kernels import attention
     from spectra.kernels.attention import decode_attention, decode_attention_reference
     torch.manual_seed(0)
     failures, cases = [], 0
     # pos past the cache (a caller's bug) reads no memory past it: all L positions, as the reference's mask says
-    for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 100, 149, 170)),
-                                              (1, 2, 2200, 16, torch.float32, (2150,)),
-                                              (1, 2, 97, 32, torch.float16, (5, 96))):
+    for b, h, length, d, dtype, positions, spans in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 100, 149, 170), 12),
+                                                     (1, 2, 2200, 16, torch.float32, (2150,), 20),
+                                                     (1, 2, 97, 32, torch.float16, (5, 96), 4)):
         q = torch.randn(b, h, 1, d).to(dtype)
         k = torch.randn(b, h, length, d).to(dtype)
         v = torch.randn(b, h, length, d).to(dtype)
-        for p in positions:
+        for p, spans_per_sm in ((p, s) for p in positions for s in (10**6, spans, 1)):
+            attention.SPANS_PER_SM = spans_per_sm
             kk, vv = k.clone(), v.clone()
             kk[:, :, p + 1:] = 1e4
             vv[:, :, p + 1:] = -1e4
@@ -40,7 +44,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             err = float((got.float() - want).abs().max())
             cases += 1
             if not err < (1e-5 if dtype == torch.float32 else 2e-3):
-                failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p}: max err {err:.3e}")
+                failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p} spans/SM={spans_per_sm}: "
+                                f"max err {err:.3e}")
 """)
 
 
@@ -51,7 +56,7 @@ def _run_cases(script: str, cases: int) -> None:
 
 
 def test_decode_attention_kernels_in_interpreter_match_sdpa():
-    _run_cases(_INTERPRETER_SCRIPT, 9)
+    _run_cases(_INTERPRETER_SCRIPT, 27)
 
 
 def test_decode_attention_rejects_bad_shapes():
@@ -83,6 +88,7 @@ _FUSED_SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from spectra.kernels import attention
     from spectra.kernels.attention import decode_step_attention, decode_step_attention_reference
     from spectra.model import rope_tables
     torch.manual_seed(3)
@@ -90,7 +96,8 @@ _FUSED_SCRIPT = textwrap.dedent("""
     for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 149, 155)),
                                               (1, 2, 97, 32, torch.float16, (5, 96))):
         cos_t, sin_t = rope_tables(d, length + 16, 10000.0)
-        for p in positions:
+        for p, spans_per_sm in ((p, s) for p in positions for s in (10**6, 1)):
+            attention.SPANS_PER_SM = spans_per_sm  # one block per span, or the whole cache in one span
             qkv = torch.randn(b, 1, 3, h, d).to(dtype)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
             kc = torch.randn(b, h, length, d).to(dtype)
@@ -112,12 +119,13 @@ _FUSED_SCRIPT = textwrap.dedent("""
             err = float((got.float() - want.float()).abs().max())
             kerr = float((k_got.float() - k_want.float()).abs().max())
             if not (err < tol and kerr <= (1e-6 if dtype == torch.float32 else 1e-3) and torch.equal(v_got, v_want)):
-                failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p}: out err {err:.3e}, k err {kerr:.3e}")
+                failures.append(f"b={b} h={h} L={length} d={d} {dtype} pos={p} spans/SM={spans_per_sm}: "
+                                f"out err {err:.3e}, k err {kerr:.3e}")
 """)
 
 
 def test_fused_decode_step_in_interpreter_matches_reference():
-    _run_cases(_FUSED_SCRIPT, 7)
+    _run_cases(_FUSED_SCRIPT, 14)
 
 
 def test_fused_decode_step_rejects_bad_inputs():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ternary import apply_rope
+from .configs import num_sms
 from .launch_support import WORKSPACE, pdl_options
 
 try:
@@ -34,7 +35,18 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs use the reference
     triton = None
 
-CHUNK = 64  # cache positions per partial program
+CHUNK = 64  # cache positions per block (one [CHUNK, D] tile of K and of V in registers)
+SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
+
+
+def blocks_per_span(length: int, rows: int, sms: int) -> int:
+    """Blocks of CHUNK positions one program reads (its span) for a cache of `length` positions and `rows` =
+    sequences x heads: enough spans to give every SM SPANS_PER_SM programs when the cache is full, no more
+    (each span adds a partial result to merge). Fixed per cache length, so a captured graph keeps it; a short
+    context is read by the first span alone, whatever its size."""
+    chunks = -(-length // CHUNK)
+    spans = max(1, -(-SPANS_PER_SM * sms // rows))
+    return max(1, -(-chunks // spans))
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -77,70 +89,92 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _load_rows(k_ptr, v_ptr, base, rn, n_ok, rd, d_ok, D: tl.constexpr):
+        """Cache rows rn of K and V (in the cache's dtype; rows not n_ok read as 0)."""
+        offs = base + rn[:, None].to(tl.int64) * D + rd[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        return tl.load(k_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+
+    @triton.jit
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
-                             D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, BS: tl.constexpr,
-                             ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
+                             D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, SUB: tl.constexpr,
+                             BS: tl.constexpr, ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights
             gdc_launch_dependents()
         bh = tl.program_id(0)  # sequence * heads + head
-        c = tl.program_id(1)   # chunk of cache positions
+        c = tl.program_id(1)   # span of SUB blocks of CHUNK_N cache positions
         b = bh // H
         h = bh - b * H
         p = tl.load(pos_ptr).to(tl.int32)
         n = tl.minimum(p + 1, L)  # positions 0..pos are filled (never past L)
-        start = c * CHUNK_N
+        SPAN: tl.constexpr = CHUNK_N * SUB
+        start = c * SPAN
         if start < n:
+            end = tl.minimum(start + SPAN, n)
             rd = tl.arange(0, BD)
             d_ok = rd < D
             base = bh.to(tl.int64) * L * D
-            rn = start + tl.arange(0, CHUNK_N)
-            n_ok = rn < n
-            offs = base + rn[:, None].to(tl.int64) * D + rd[None, :]
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            # Every load below depends only on pos, so they are all in flight at once (a decode step is a chain
-            # of short launches: each dependent round trip to memory costs about a microsecond).
-            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            rc = tl.arange(0, CHUNK_N)
+            # The span's first block is loaded before anything else: it depends only on pos, so its loads are in
+            # flight at once (a decode step is a chain of short launches: each dependent round trip to memory
+            # costs about a microsecond).
+            k, v = _load_rows(k_ptr, v_ptr, base, start + rc, start + rc < end, rd, d_ok, D)
             if PDL:
                 # Under PDL the cache rows and pos above are read before waiting for the kernels before this one
                 # (the q/k/v product): no kernel of a step writes them before this one (pos and the rows before
                 # it were written by earlier steps, or the prefill, which a step's first, non-PDL kernel waits
                 # for; row pos, which this kernel writes, replaces what was loaded for it). What that product
-                # wrote is read only after the wait. Programs past pos exit without waiting; chunk 0's waits,
+                # wrote is read only after the wait. Programs past pos exit without waiting; span 0's waits,
                 # so the grid still ends after its predecessor.
                 gdc_wait()
             q = _rope_row(q_ptr + b * sq_b + h * sq_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the rotated query is rounded like the reference's
-            if WRITE:
-                # The program whose chunk holds pos stores the step's key (rotated) and value, and uses them in
-                # place of the row it loaded; programs of earlier chunks never read pos.
-                if (p < start + CHUNK_N) & (p < L):
-                    k_new = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
-                    k_new = k_new.to(k_ptr.dtype.element_ty)
-                    v_new = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
-                    row = base + p.to(tl.int64) * D + rd
-                    tl.store(k_ptr + row, k_new, mask=d_ok)
-                    tl.store(v_ptr + row, v_new, mask=d_ok)
-                    at_p = (rn == p)[:, None]
-                    k = tl.where(at_p, k_new.to(tl.float32)[None, :], k)
-                    v = tl.where(at_p, v_new.to(tl.float32)[None, :], v)
-            scores = tl.sum(k * q[None, :], axis=1) * sm_scale
-            scores = tl.where(n_ok, scores, float("-inf"))
-            m = tl.max(scores, axis=0)
-            e = tl.exp(scores - m)
-            acc = tl.sum(e[:, None] * v, axis=0)
-            used = (n + CHUNK_N - 1) // CHUNK_N
+            m = tl.max(tl.full((CHUNK_N,), float("-inf"), tl.float32), axis=0)
+            l_sum = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
+            acc = tl.zeros((BD,), tl.float32)
+            for s0 in range(start, end, CHUNK_N):
+                rn = s0 + rc
+                n_ok = rn < end
+                # the next block's loads go out before this block's arithmetic (two blocks in flight)
+                k_next, v_next = _load_rows(k_ptr, v_ptr, base, rn + CHUNK_N, rn + CHUNK_N < end, rd, d_ok, D)
+                kf = k.to(tl.float32)
+                vf = v.to(tl.float32)
+                if WRITE:
+                    # The program whose block holds pos stores the step's key (rotated) and value, and uses them in
+                    # place of the row it loaded; blocks before it never read pos.
+                    if (p < s0 + CHUNK_N) & (p < L):
+                        k_new = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
+                        k_new = k_new.to(k_ptr.dtype.element_ty)
+                        v_new = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0)
+                        v_new = v_new.to(v_ptr.dtype.element_ty)
+                        row = base + p.to(tl.int64) * D + rd
+                        tl.store(k_ptr + row, k_new, mask=d_ok)
+                        tl.store(v_ptr + row, v_new, mask=d_ok)
+                        at_p = (rn == p)[:, None]
+                        kf = tl.where(at_p, k_new.to(tl.float32)[None, :], kf)
+                        vf = tl.where(at_p, v_new.to(tl.float32)[None, :], vf)
+                scores = tl.sum(kf * q[None, :], axis=1) * sm_scale
+                scores = tl.where(n_ok, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: every block holds a filled position
+                alpha = tl.exp(m - m_new)
+                e = tl.exp(scores - m_new)
+                l_sum = l_sum * alpha + tl.sum(e, axis=0)
+                acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
+                m = m_new
+                k = k_next
+                v = v_next
+            used = (n + SPAN - 1) // SPAN
             if used == 1:
-                # One chunk holds every filled position: the result directly, without the partial slots,
+                # One span holds every filled position: the result directly, without the partial slots,
                 # the arrival counter and the merge (three dependent round trips to memory fewer).
-                tl.store(out_ptr + bh * D + rd, (acc / tl.sum(e, axis=0)).to(out_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(out_ptr + bh * D + rd, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
             else:
                 slot = bh * S + c
                 tl.store(m_ptr + slot, m)
-                tl.store(l_ptr + slot, tl.sum(e, axis=0))
+                tl.store(l_ptr + slot, l_sum)
                 tl.store(acc_ptr + slot.to(tl.int64) * D + rd, acc, mask=d_ok)
-                # The last of the (sequence, head)'s chunks to finish merges them (an arrival counter, as the
+                # The last of the (sequence, head)'s spans to finish merges them (an arrival counter, as the
                 # split-k matmul does): no second launch. The CTA barrier before the acq_rel atomic orders every
                 # thread's stores (release is cumulative); the merging program reads the slots from L2.
                 tl.debug_barrier()
@@ -180,10 +214,12 @@ def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"decode_attention takes one position shared by the batch, got {pos.numel()}")
 
 
-def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
+def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = None) -> torch.Tensor:
     b, h, _, d = q.shape
     length = k_cache.shape[2]
-    splits = triton.cdiv(length, CHUNK)
+    if sub is None:
+        sub = blocks_per_span(length, b * h, num_sms(q.device) if q.is_cuda else 1)  # CPU: the interpreter
+    splits = triton.cdiv(length, CHUNK * sub)
     m = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b * h * splits, d, dtype=torch.float32, device=q.device)
@@ -197,7 +233,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin) -> torch.Tensor:
     _decode_attn_partial[(b * h, splits)](
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
-        D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, BS=min(32, triton.next_power_of_2(splits)),
+        D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
         ROPE=rope, WRITE=write, num_warps=4, **pdl_options(q.device))
     return out
 
