@@ -214,7 +214,8 @@ def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"decode_attention takes one position shared by the batch, got {pos.numel()}")
 
 
-def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = None) -> torch.Tensor:
+def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = None,
+            warps: int = 4) -> torch.Tensor:
     b, h, _, d = q.shape
     length = k_cache.shape[2]
     if sub is None:
@@ -234,7 +235,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = 
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
         D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
-        ROPE=rope, WRITE=write, num_warps=4, **pdl_options(q.device))
+        ROPE=rope, WRITE=write, num_warps=warps, **pdl_options(q.device))
     return out
 
 
