@@ -130,6 +130,21 @@ if triton is not None:
                 gdc_wait()
             q = _rope_row(q_ptr + b * sq_b + h * sq_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the rotated query is rounded like the reference's
+            holds_p = (p < start + SPAN) & (p < L)  # its last block holds pos (spans before it never read it)
+            k_new = tl.zeros((BD,), tl.float32)
+            v_new = tl.zeros((BD,), tl.float32)
+            if WRITE:
+                # The program whose span holds pos stores the step's key (rotated) and value, and uses them in
+                # place of the row it loaded.
+                if holds_p:
+                    k_row = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
+                    k_row = k_row.to(k_ptr.dtype.element_ty)
+                    v_row = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+                    row = base + p.to(tl.int64) * D + rd
+                    tl.store(k_ptr + row, k_row, mask=d_ok)
+                    tl.store(v_ptr + row, v_row, mask=d_ok)
+                    k_new = k_row.to(tl.float32)
+                    v_new = v_row.to(tl.float32)
             m = tl.max(tl.full((CHUNK_N,), float("-inf"), tl.float32), axis=0)
             l_sum = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
             acc = tl.zeros((BD,), tl.float32)
@@ -141,19 +156,9 @@ if triton is not None:
                 kf = k.to(tl.float32)
                 vf = v.to(tl.float32)
                 if WRITE:
-                    # The program whose block holds pos stores the step's key (rotated) and value, and uses them in
-                    # place of the row it loaded; blocks before it never read pos.
-                    if (p < s0 + CHUNK_N) & (p < L):
-                        k_new = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
-                        k_new = k_new.to(k_ptr.dtype.element_ty)
-                        v_new = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0)
-                        v_new = v_new.to(v_ptr.dtype.element_ty)
-                        row = base + p.to(tl.int64) * D + rd
-                        tl.store(k_ptr + row, k_new, mask=d_ok)
-                        tl.store(v_ptr + row, v_new, mask=d_ok)
-                        at_p = (rn == p)[:, None]
-                        kf = tl.where(at_p, k_new.to(tl.float32)[None, :], kf)
-                        vf = tl.where(at_p, v_new.to(tl.float32)[None, :], vf)
+                    at_p = ((rn == p) & holds_p)[:, None]
+                    kf = tl.where(at_p, k_new[None, :], kf)
+                    vf = tl.where(at_p, v_new[None, :], vf)
                 scores = tl.sum(kf * q[None, :], axis=1) * sm_scale
                 scores = tl.where(n_ok, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: every block holds a filled position
