@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
     add_threads_option(p)
     p.add_argument("--compile", action="store_true",
-                   help="CUDA: compile the decode step with torch.compile before capturing it (slower start, "
-                        "faster tokens; worth it for long generations)")
+                   help="CUDA: compile the decode step with torch.compile before capturing it (slower start; on "
+                        "an H100 no faster than the default step, whose kernels are already fused)")
     p.add_argument("--no-fast", action="store_true",
                    help="CUDA: decode with the plain step-by-step loop instead of the fused, graph-captured step")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (spectra finetune --method lora) to "

@@ -10,7 +10,7 @@ product), so results differ from the references only by the order of the fp32 su
 Under ``torch.compile`` the same kernels run as opaque ops (``spectra::rms_norm``, ``spectra::add_rms_norm``,
 ``spectra::swiglu``) rather than leaving the ops to inductor: inductor would fuse them into as many kernels,
 but its kernels are not launched with PDL, so the packed product after each would wait for it to finish
-before starting (a compiled 3.9B step ran 581 steps/s against 660 for the eager graph on an H100).
+before starting (compiled 3.9B TQ2 step on an H100: 628 steps/s with inductor's fusion, 684 with these ops).
 """
 
 from __future__ import annotations
