@@ -101,7 +101,8 @@ def run_decode(args: argparse.Namespace) -> int:
     slice_layers = parse_int_list(args.slice_layers, "--slice-layers", "layer counts", minimum=1)
     _need_cuda()
     kinds = tuple(args.kinds.split(","))
-    print(f"{torch.cuda.get_device_name(0)}; fp16 activations, CUDA-graph decode steps"
+    print(f"{torch.cuda.get_device_name(0)}; fp16 activations, CUDA-graph decode steps as generate replays them "
+          f"(greedy choice on the GPU)"
           f"{' of the torch.compile-d step' if args.compile else ''}, "
           f"{'separate' if args.no_fuse else 'fused'} q/k/v and gate/up, random weights, "
           f"steps from position {args.context}")
