@@ -6,7 +6,9 @@ Random weights (the named shape, fused q/k/v and gate/up as `generate` fuses the
 plus 16 positions, batch 1 unless --batches says more. One trial = the prompt's forward with the cache
 (``model(tokens, input_pos=arange(prompt), last_only=True)``; with --all-logits every position's logits, as
 before `generate` asked for the last only) and the greedy first token, timed with CUDA events around the
-whole call (host work included, as a user waits for it); the median of --trials after two warm-up calls.
+whole call (host work included, as a user waits for it); the median of --trials after two warm-up calls. Each
+line also gives how long the host took to issue the call: when that is close to the whole, the prefill is
+bound by host work (Python, launches), not by the GPU.
 Packed layers at prefill-sized m take the dispatcher's large-m path (dequantize into cached fp16 scratch, then
 cuBLAS), so the ratio to fp16 is the cost of that path. With --generate, each line also gives the wall-clock
 time to the first token of ``spectra.generate_stream`` (its default path, all host work included).
@@ -22,25 +24,33 @@ import torch
 from spectra.bench import build_random_model
 
 
-def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = True) -> float:
+def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = True) -> tuple[float, float]:
+    """(seconds from the call to the first token on the GPU, seconds the host took to issue the call): medians.
+    When the two are close, the prefill is bound by host work, not by the GPU."""
+    import time
+
     dev = model.lm_head.weight.device
     gen = torch.Generator(device=dev).manual_seed(1)
     tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
     positions = torch.arange(prompt, device=dev)
     model.setup_cache(batch, prompt + 16)
-    times = []
+    times, issue = [], []
     with torch.inference_mode():
         for trial in range(trials + 2):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             begin.record()
+            start = time.perf_counter()
             first = model(tokens, input_pos=positions, last_only=last_only)[:, -1].argmax(-1)
+            issued = time.perf_counter() - start
             end.record()
             end.synchronize()
             if trial >= 2:
                 times.append(begin.elapsed_time(end) / 1e3)
+                issue.append(issued)
     assert first.shape == (batch,)
     model.clear_cache()
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(issue)
 
 
 def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> float:
@@ -86,13 +96,16 @@ def main() -> None:
     batches = [int(v) for v in args.batches.split(",")]
     print(f"# {torch.cuda.get_device_name(dev)}; {args.model}; fp16 activations; median of {args.trials}; "
           f"{'all positions' if args.all_logits else 'last position'}'s logits")
-    results = {}
+    results, host = {}, {}
     for kind in kinds:
         model = build_random_model(args.model, kind, torch.float16, dev, max_seq_len=max(prompts) + 16)
         model.fuse_projections()
         for batch in batches:
             for prompt in prompts:
-                results[kind, batch, prompt] = time_prefill(model, batch, prompt, args.trials, not args.all_logits)
+                results[kind, batch, prompt], host[kind, batch, prompt] = time_prefill(
+                    model, batch, prompt, args.trials, not args.all_logits)
+                print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} ms, "
+                      f"of which the host took {host[kind, batch, prompt] * 1e3:.2f} ms to issue", flush=True)
                 if args.generate:
                     first = time_generate_first_token(model, batch, prompt, args.trials)
                     print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} "
