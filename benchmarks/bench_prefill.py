@@ -77,6 +77,24 @@ def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> fl
     return statistics.median(times)
 
 
+def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
+    """torch.profiler table of one prefill (after a warm-up one): the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = model.lm_head.weight.device
+    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
+    positions = torch.arange(prompt, device=dev)
+    model.setup_cache(batch, prompt + 16)
+    with torch.inference_mode():
+        model(tokens, input_pos=positions, last_only=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(tokens, input_pos=positions, last_only=True)
+            torch.cuda.synchronize()
+    model.clear_cache()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="3.9b")
@@ -85,6 +103,9 @@ def main() -> None:
     p.add_argument("--batches", default="1")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--all-logits", action="store_true", help="compute every position's logits (the old prefill)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the host-side profile of one prefill per kind (torch.profiler, top ops by self "
+                        "CPU time): where a host-bound prefill spends its time")
     p.add_argument("--generate", action="store_true",
                    help="also time the first token of spectra.generate_stream (wall clock, all its host work)")
     args = p.parse_args()
@@ -106,6 +127,8 @@ def main() -> None:
                     model, batch, prompt, args.trials, not args.all_logits)
                 print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} ms, "
                       f"of which the host took {host[kind, batch, prompt] * 1e3:.2f} ms to issue", flush=True)
+                if args.profile:
+                    print(profile_prefill(model, batch, prompt), flush=True)
                 if args.generate:
                     first = time_generate_first_token(model, batch, prompt, args.trials)
                     print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} "
