@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
 from spectra.bench import build_random_model
 
 
+def random_prompt(model, batch: int, prompt: int, seed: int) -> torch.Tensor:
+    """[batch, prompt] random token ids on the model's device."""
+    dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
+
+
 def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = True) -> tuple[float, float]:
     """(seconds from the call to the first token on the GPU, seconds the host took to issue the call): medians.
     When the two are close, the prefill is bound by host work, not by the GPU."""
-    import time
-
-    dev = model.lm_head.weight.device
-    gen = torch.Generator(device=dev).manual_seed(1)
-    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
-    positions = torch.arange(prompt, device=dev)
+    tokens = random_prompt(model, batch, prompt, 1)
+    positions = torch.arange(prompt, device=tokens.device)
     model.setup_cache(batch, prompt + 16)
     times, issue = [], []
     with torch.inference_mode():
@@ -57,13 +61,9 @@ def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> fl
     """Wall-clock seconds from calling ``generate_stream`` (default path: fused projections, graph-captured
     step) to holding its first token on the host: what a user of `spectra.generate` waits for, everything the
     library does before that token included. Median of `trials` after two warm-up calls."""
-    import time
-
     from spectra.generate import generate_stream
 
-    dev = model.lm_head.weight.device
-    gen = torch.Generator(device=dev).manual_seed(2)
-    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev, generator=gen)
+    tokens = random_prompt(model, batch, prompt, 2)
     times = []
     for trial in range(trials + 2):
         torch.cuda.synchronize()
@@ -81,9 +81,8 @@ def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
     """torch.profiler table of one prefill (after a warm-up one): the ops with the most self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    dev = model.lm_head.weight.device
-    tokens = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
-    positions = torch.arange(prompt, device=dev)
+    tokens = random_prompt(model, batch, prompt, 3)
+    positions = torch.arange(prompt, device=tokens.device)
     model.setup_cache(batch, prompt + 16)
     with torch.inference_mode():
         model(tokens, input_pos=positions, last_only=True)
@@ -131,8 +130,8 @@ def main() -> None:
                     print(profile_prefill(model, batch, prompt), flush=True)
                 if args.generate:
                     first = time_generate_first_token(model, batch, prompt, args.trials)
-                    print(f"{kind} batch {batch} prompt {prompt}: the forward {results[kind, batch, prompt] * 1e3:.2f} "
-                          f"ms; generate_stream's first token {first * 1e3:.2f} ms", flush=True)
+                    print(f"{kind} batch {batch} prompt {prompt}: generate_stream's first token {first * 1e3:.2f} ms",
+                          flush=True)
         del model
         torch.cuda.empty_cache()
     print("| batch | prompt | " + " | ".join(f"{k} ms" for k in kinds) + " | "

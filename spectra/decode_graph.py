@@ -150,6 +150,17 @@ def greedy(logits: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return sample_keyed(logits, position, temperature=0)
 
 
+def _mean_seconds(call: Callable[[int], object], calls: int) -> float:
+    """Mean seconds per call of call(0), ..., call(calls - 1), between two CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for i in range(calls):
+        call(i)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / calls
+
+
 def time_replays(step: GraphSamplingStep, steps: int = 50, start: int = 8) -> float:
     """Mean seconds per replay of a sampling step over `steps` replays from position `start` (CUDA events,
     after one warm replay): the rate :func:`spectra.generate.generate` decodes at, with no host work between
@@ -157,13 +168,7 @@ def time_replays(step: GraphSamplingStep, steps: int = 50, start: int = 8) -> fl
     batch = step.tokens.shape[0]
     step.start(torch.zeros(batch, dtype=torch.long, device=step.tokens.device), start)
     step.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        step.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / steps
+    return _mean_seconds(lambda _: step.replay(), steps)
 
 
 def time_decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, device: torch.device,
@@ -172,11 +177,5 @@ def time_decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batc
     events, after one warm call); the token and position are copied in before each replay."""
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     step(tok, torch.tensor([start], device=device))
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     positions = [torch.tensor([start + 1 + i], device=device) for i in range(steps)]
-    begin.record()
-    for p in positions:
-        step(tok, p)
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / steps
+    return _mean_seconds(lambda i: step(tok, positions[i]), steps)
