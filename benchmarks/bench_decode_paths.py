@@ -11,7 +11,9 @@ Both use this tree's packed matmuls and decode-attention kernel. Random weights 
 scales per matrix), fp16 activations, fused q/k/v and gate/up, steps from --context. With --long-contexts,
 batch 1 of the new path is also timed from those positions (attention reads only the filled cache). With
 --fold-ab, the new path is also timed with the column-shard scales of o_proj/down_proj left where they are
-(not moved onto v_proj/up_proj by fuse_projections): the last column, and the gain of moving them.
+(not moved onto v_proj/up_proj by fuse_projections): the last column, and the gain of moving them. With
+--int8-cache, the new path is also timed with an 8-bit KV cache (``cache_dtype=torch.int8``), at --context and
+the long contexts.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=8)
     p.add_argument("--long-contexts", default="", help="e.g. 2048,8192: batch-1 new-path steps from there")
     p.add_argument("--fold-ab", action="store_true", help="also time the new path with the scales not moved")
+    p.add_argument("--int8-cache", action="store_true", help="also time the new path with an 8-bit KV cache")
     args = p.parse_args()
     dev = torch.device("cuda")
     kinds, modes = args.kinds.split(","), args.modes.split(",")
@@ -83,6 +86,13 @@ def main() -> None:
                 for c, t in extra:
                     print(f"|   context {c} | {kind} | 1 | - | {1 / t:.0f} | {1 / t:.0f} | "
                           f"{new / t:.2f}x of context {args.context} | - |", flush=True)
+                if args.int8_cache:
+                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile, cache_dtype=torch.int8)
+                    contexts = [args.context] + (longs if batch == 1 else [])
+                    for c, t in [(c, time_replays(step, args.steps, c)) for c in contexts]:
+                        print(f"|   int8 cache, context {c} | {kind} | {batch} | - | {1 / t:.0f} | {batch / t:.0f} | "
+                              f"{new / t:.2f}x of the fp16 cache at context {args.context} | - |", flush=True)
+                    step.close()
             del model
             torch._dynamo.reset()
             torch.cuda.empty_cache()

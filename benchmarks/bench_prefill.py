@@ -78,7 +78,8 @@ def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> fl
 
 
 def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
-    """torch.profiler table of one prefill (after a warm-up one): the ops with the most self CPU time."""
+    """torch.profiler tables of one prefill (after a warm-up one): the ops with the most self CPU time, then
+    the GPU kernels with the most device time."""
     from torch.profiler import ProfilerActivity, profile
 
     tokens = random_prompt(model, batch, prompt, 3)
@@ -91,7 +92,9 @@ def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
             model(tokens, input_pos=positions, last_only=True)
             torch.cuda.synchronize()
     model.clear_cache()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    averages = prof.key_averages()
+    return (averages.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n"
+            + averages.table(sort_by="self_device_time_total", row_limit=rows))
 
 
 def main() -> None:

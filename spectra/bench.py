@@ -195,14 +195,15 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
                  kinds: tuple[str, ...] = ("float", *PACKED_KINDS), slice_layers: tuple[int, ...] = (2, 4),
                  dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", steps: int = 50,
                  log: Callable[[str], None] | None = None, compile: bool = False,
-                 fuse: bool = True, context: int = 8) -> list[DecodeRow]:
+                 fuse: bool = True, context: int = 8, cache_dtype: torch.dtype | None = None) -> list[DecodeRow]:
     """Seconds per CUDA-graph decode step for each model shape, batch and weight kind.
 
     What is timed is the step :func:`spectra.generate.generate` replays: a greedy choice on the GPU, the token
     fed back inside the graph, no host work between replays (so the figure is the rate a user gets). Every
     kind's step is compiled with ``torch.compile`` first when `compile` is set; q/k/v and gate/up are fused
     into one product each, for every kind, unless `fuse` is False. The timed steps attend to `context` cached
-    positions and more (attention reads only the filled part of the cache)."""
+    positions and more (attention reads only the filled part of the cache), in a KV cache of `cache_dtype`
+    (default: the model's; torch.int8: 8-bit rows)."""
 
     device = torch.device(device)
     if context < 0:
@@ -217,7 +218,7 @@ def bench_decode(models: tuple[str, ...] = ("3.9b", "70b-slice"), batches: tuple
                 if fuse:
                     model.fuse_projections()
                 for batch in batches:
-                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile)
+                    step = GraphSamplingStep(model, batch, max_len, greedy, compile=compile, cache_dtype=cache_dtype)
                     try:
                         by_batch[batch].step_s[kind] = time_replays(step, steps, start=context)
                     finally:

@@ -56,15 +56,17 @@ def _capture(step: Callable[[], torch.Tensor | None], device: torch.device, warm
 class GraphDecodeStep:
     """``step(tokens [B, 1], pos [1]) -> logits [B, 1, V]`` replaying a captured CUDA graph.
 
-    Allocates the model's KV cache for `batch` sequences of `max_len` tokens. The returned logits are a
+    Allocates the model's KV cache for `batch` sequences of `max_len` tokens (in `cache_dtype`, see
+    :meth:`~spectra.model.SpectraLM.setup_cache`). The returned logits are a
     static buffer overwritten by the next call (clone it to keep it). Call :meth:`close` (or use the
     object as a context manager) to free the cache and the graph.
     """
 
-    def __init__(self, model: SpectraLM, batch: int, max_len: int, warmup: int = 2, compile: bool = False) -> None:
+    def __init__(self, model: SpectraLM, batch: int, max_len: int, warmup: int = 2, compile: bool = False,
+                 cache_dtype: torch.dtype | None = None) -> None:
         device = _model_device(model)
         self.model = model
-        model.setup_cache(batch, max_len)
+        model.setup_cache(batch, max_len, cache_dtype)
         # dynamic=False: one step shape ([batch, 1] tokens, fixed cache) is all the graph ever replays
         forward = torch.compile(model, dynamic=False) if compile else model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -95,17 +97,19 @@ class GraphSamplingStep:
 
     `sample(logits [B, V], position [1]) -> ids [B]` is called with the position of the token it chooses.
     With `eos_id`, a sequence that produced it keeps producing it (as the plain loop does). Allocates the
-    KV cache (``batch`` x ``max_len``), or with `keep_cache` takes the one the model holds (already filled by a
-    prompt's forward: the warm-up steps write only its last row, which a generation writes before it reads);
+    KV cache (``batch`` x ``max_len``, in `cache_dtype`), or with `keep_cache` takes the one the model holds
+    (already filled by a prompt's forward: the warm-up steps write only its last row, which a generation writes
+    before it reads);
     :meth:`close` frees it.
     """
 
     def __init__(self, model: SpectraLM, batch: int, max_len: int, sample: Sampler, eos_id: int | None = None,
-                 compile: bool = False, warmup: int = 2, keep_cache: bool = False) -> None:
+                 compile: bool = False, warmup: int = 2, keep_cache: bool = False,
+                 cache_dtype: torch.dtype | None = None) -> None:
         device = _model_device(model)
         self.model, self.sample, self.eos_id = model, sample, eos_id
         if not keep_cache:
-            model.setup_cache(batch, max_len)
+            model.setup_cache(batch, max_len, cache_dtype)
         elif model.cache_shape() != (batch, max_len):
             raise ValueError(f"keep_cache needs the model's KV cache for {batch} sequences of {max_len} positions, "
                              f"it holds {model.cache_shape()}")

@@ -128,6 +128,88 @@ def test_fused_decode_step_in_interpreter_matches_reference():
     _run_cases(_FUSED_SCRIPT, 14)
 
 
+# The int8 cache: rows of int8 values with an fp32 scale each. The plain kernel reads quantized caches (with
+# garbage past pos, in values and scales); the fused step quantizes the new key and value as the reference does
+# (the same int8 values and scales, exactly: correctly rounded division, round half to even) and attends to
+# them. Rows with exact .5 quotients (a row [127, 63.5, ...]) and a row of zeros are among the new rows.
+_INT8_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from spectra.kernels import attention
+    from spectra.kernels.attention import (decode_attention, decode_attention_reference, decode_step_attention,
+                                           decode_step_attention_reference, quantize_cache_rows)
+    from spectra.model import rope_tables
+    torch.manual_seed(5)
+    failures, cases = [], 0
+    for b, h, length, d, dtype, positions in ((2, 3, 150, 40, torch.float32, (0, 63, 64, 149)),
+                                              (1, 2, 97, 32, torch.float16, (5, 96))):
+        kc, ks = quantize_cache_rows(torch.randn(b, h, length, d) * 3)
+        vc, vs = quantize_cache_rows(torch.randn(b, h, length, d))
+        cos_t, sin_t = rope_tables(d, length, 10000.0)
+        for p, spans_per_sm in ((p, s) for p in positions for s in (10**6, 1)):
+            attention.SPANS_PER_SM = spans_per_sm
+            kg, vg, ksg, vsg = kc.clone(), vc.clone(), ks.clone(), vs.clone()
+            kg[:, :, p + 1:], vg[:, :, p + 1:] = 100, -100
+            ksg[:, :, p + 1:], vsg[:, :, p + 1:] = 50, 50  # garbage, finite in fp16 once dequantized
+            q = torch.randn(b, h, 1, d).to(dtype)
+            pos = torch.tensor([p])
+            got = decode_attention(q, kg, vg, pos, ksg, vsg)
+            want = decode_attention_reference(q.float(), kc, vc, pos, ks, vs)
+            err = float((got.float() - want).abs().max())
+            cases += 1
+            if not err < (1e-5 if dtype == torch.float32 else 2e-3):
+                failures.append(f"read b={b} h={h} L={length} d={d} {dtype} pos={p}: max err {err:.3e}")
+            # the fused step: new rows from a [B, 1, 3, H, D] projection, with a .5 tie row and a zero row
+            qkv = torch.randn(b, 1, 3, h, d).to(dtype)
+            qkv[0, 0, 2, 0] = torch.cat([torch.tensor([127.0, 63.5, -0.5, 1.5]), torch.zeros(d - 4)]).to(dtype)
+            if h > 1:
+                qkv[0, 0, 2, 1] = 0
+            qq, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            cos, sin = cos_t[p].to(dtype), sin_t[p].to(dtype)
+            stores = [t.clone() for t in (kg, vg, ksg, vsg)]
+            got = decode_step_attention(qq, k, v, cos, sin, *stores[:2], pos, *stores[2:])
+            wants = [t.clone() for t in (kg, vg, ksg, vsg)]
+            want = decode_step_attention_reference(qq, k, v, cos, sin, *wants[:2], pos, *wants[2:])
+            err = float((got.float() - want.float()).abs().max())
+            cases += 1
+            same = all(torch.equal(a, b_) for a, b_ in zip(stores, wants))
+            if not (err < (1e-5 if dtype == torch.float32 else 2e-3) and same):
+                diff = [float((a.float() - b_.float()).abs().max()) for a, b_ in zip(stores, wants)]
+                failures.append(f"step b={b} h={h} L={length} d={d} {dtype} pos={p}: out err {err:.3e}, "
+                                f"cache diffs (k, v, k scale, v scale) {diff}")
+""")
+
+
+def test_int8_cache_decode_kernels_in_interpreter_match_reference():
+    _run_cases(_INT8_SCRIPT, 24)
+
+
+def test_int8_cache_rows_round_trip():
+    from spectra.kernels.attention import dequantize_cache_rows, quantize_cache_rows
+
+    x = torch.randn(3, 2, 5, 40) * torch.rand(3, 2, 5, 1) * 10
+    x[0, 0, 0] = 0
+    values, scales = quantize_cache_rows(x)
+    assert values.dtype == torch.int8 and scales.shape == x.shape[:3]
+    assert int(values.abs().amax(-1).min()) == 0 and int(values.abs().amax(-1)[0, 0, 1]) == 127
+    back = dequantize_cache_rows(values, scales, torch.float32)
+    assert float(back[0, 0, 0].abs().max()) == 0.0
+    # each value within half a step of its row's scale
+    assert bool(((back - x).abs() <= scales[..., None] / 2 + 1e-6).all())
+
+
+def test_decode_attention_refuses_int8_cache_without_scales():
+    from spectra.kernels.attention import decode_attention
+
+    q = torch.randn(1, 2, 1, 8)
+    cache = torch.zeros(1, 2, 10, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="row scales"):
+        decode_attention(q, cache, cache, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"fp32 \[B, H, L\]"):
+        decode_attention(q, cache, cache, torch.tensor([2]), torch.zeros(1, 2, 9), torch.zeros(1, 2, 9))
+
+
 def test_fused_decode_step_rejects_bad_inputs():
     from spectra.kernels.attention import decode_step_attention
 
@@ -196,3 +278,37 @@ def test_gpu_fused_decode_step_matches_reference_and_replays_in_a_graph(dtype):
             assert float((out.float() - want.float()).abs().max()) <= tol * max(1.0, float(want.abs().max())), (b, h, p)
             assert float((kc[:, :, p].float() - k_want[:, :, p].float()).abs().max()) <= tol, (b, h, p)
             assert torch.equal(vc[:, :, p], v_want[:, :, p]), (b, h, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_int8_cache_decode_step_matches_reference_and_replays_in_a_graph(dtype):
+    from spectra.kernels.attention import decode_step_attention, decode_step_attention_reference, quantize_cache_rows
+    from spectra.model import rope_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for b, h, length, d in ((1, 24, 8260, 128), (16, 24, 300, 128), (3, 5, 999, 72)):
+        cos_t, sin_t = (t.to("cuda", dtype) for t in rope_tables(d, length, 10000.0))
+        qkv = torch.randn(b, 1, 3, h, d, device="cuda", dtype=dtype, generator=gen)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        kc, ks = quantize_cache_rows(torch.randn(b, h, length, d, device="cuda", generator=gen) * 2)
+        vc, vs = quantize_cache_rows(torch.randn(b, h, length, d, device="cuda", generator=gen))
+        pos = torch.tensor([0], device="cuda")
+        cos, sin = cos_t[0].clone(), sin_t[0].clone()
+        out = decode_step_attention(q, k, v, cos, sin, kc, vc, pos, ks, vs)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_step_attention(q, k, v, cos, sin, kc, vc, pos, ks, vs)
+        for p in sorted({0, 1, 63, 64, length // 2, length - 1}):
+            pos.fill_(p)
+            cos.copy_(cos_t[p])
+            sin.copy_(sin_t[p])
+            wants = [t.clone() for t in (kc, vc, ks, vs)]
+            want = decode_step_attention_reference(q, k, v, cos, sin, wants[0], wants[1], pos, wants[2], wants[3])
+            graph.replay()
+            tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+            assert float((out.float() - want.float()).abs().max()) <= tol * max(1.0, float(want.abs().max())), (b, h, p)
+            # the new rows are quantized as the reference quantizes them (one step of rounding apart at most)
+            assert int((kc[:, :, p].int() - wants[0][:, :, p].int()).abs().max()) <= 1, (b, h, p)
+            assert torch.equal(vc[:, :, p], wants[1][:, :, p]), (b, h, p)
+            assert torch.allclose(ks[:, :, p], wants[2][:, :, p]) and torch.equal(vs[:, :, p], wants[3][:, :, p])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectra.config import get_config
-from spectra.errors import DeviceError
+from spectra.errors import ConfigError, DeviceError
 from spectra.generate import COMPILED_CACHE_MIN, decode_cache_length, decode_plan, generate, generate_stream
 from spectra.model import SpectraLM
 from spectra.sampling import keyed_uniform, sample_keyed, sample_next
@@ -82,6 +82,29 @@ def test_cpu_generation_is_the_plain_loop_and_leaves_the_model_as_it_was():
     assert torch.equal(got, want)
     assert not model.projections_fused
     assert all(layer.self_attn.cache is None for layer in model.model.layers)
+
+
+def test_int8_cache_generation_on_cpu_keeps_8_bit_rows_close_to_the_model():
+    torch.manual_seed(8)
+    model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
+    prompt = torch.randint(0, 1024, (2, 12))
+    positions = torch.arange(12)
+    with torch.no_grad():
+        model.setup_cache(2, 20)
+        exact = model(prompt, input_pos=positions, last_only=True)
+        model.setup_cache(2, 20, torch.int8)
+        assert model.cache_dtype() == torch.int8
+        approx = model(prompt, input_pos=positions, last_only=True)
+        cache = model.model.layers[0].self_attn.cache
+        assert bool((cache.k_scale[:, :, :12] > 0).all()) and not bool(cache.k_scale[:, :, 12:].any())
+        assert int(cache.v.abs().amax(-1)[:, :, :12].min()) == 127  # every filled row uses the full range
+        model.clear_cache()
+    err = float((approx - exact).abs().max())
+    assert 0 < err < 0.02 * float(exact.abs().max())  # quantized, and close
+    tokens = generate(model, prompt, 6, temperature=0, cache_dtype=torch.int8)
+    assert tokens.shape == (2, 18) and model.model.layers[0].self_attn.cache is None
+    with pytest.raises(ConfigError, match="floating-point dtype or torch.int8"):
+        model.setup_cache(1, 8, torch.int32)
 
 
 def test_generate_stream_yields_generate_tokens_and_frees_the_cache_when_closed():
@@ -176,6 +199,20 @@ def test_gpu_fast_path_greedy_tokens_equal_the_plain_loop(kind, batch):
     want = generate(reference, prompt, 150, temperature=0, fast=False)
     got = generate(model, prompt, 150, temperature=0)
     assert model.projections_fused  # the library chose the fast path itself
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_int8_cache_fast_path_greedy_tokens_equal_the_plain_loop(batch):
+    import copy
+
+    model = _random_model("tq2", seed=20 + batch)
+    reference = copy.deepcopy(model)
+    reference.fuse_projections()
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 60), device="cuda")
+    want = generate(reference, prompt, 150, temperature=0, fast=False, cache_dtype=torch.int8)
+    got = generate(model, prompt, 150, temperature=0, cache_dtype=torch.int8)
     assert torch.equal(got, want)
 
 

@@ -15,7 +15,7 @@ from ..formats import FORMATS
 from ..kernels import configs, tuning
 from ..kernels.timing import copy_bandwidth
 from ..kinds import PACKED_KINDS
-from .common import parse_int_list
+from .common import add_kv_cache_option, kv_cache_dtype, parse_int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="compile each model's decode step with torch.compile before capturing it (all kinds)")
     d.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate products (default: fused, for every kind)")
+    add_kv_cache_option(d)
     d.set_defaults(func=run_decode)
     t = sub.add_parser("tune", help="tune the kernels for a model's layer shapes on this GPU (user cache)",
                        description="Time every kernel configuration for each ternary layer shape of a model and "
@@ -108,7 +109,8 @@ def run_decode(args: argparse.Namespace) -> int:
           f"steps from position {args.context}")
     print(bench.format_decode_header(kinds))
     rows = bench.bench_decode(tuple(args.models.split(",")), batches, kinds, slice_layers, steps=args.steps, log=print,
-                              compile=args.compile, fuse=not args.no_fuse, context=args.context)
+                              compile=args.compile, fuse=not args.no_fuse, context=args.context,
+                              cache_dtype=kv_cache_dtype(args))
     for kind in kinds:
         if kind != "float":
             for (model, batch), ratio in bench.per_layer_speedup(rows, kind).items():

@@ -12,7 +12,16 @@ from ..errors import DataError
 from ..generate import check_sampling, decode_plan, generate
 from ..lora import load_adapter
 from ..tokenizer import eos_id, load_tokenizer
-from .common import add_allow_nonfinite, add_threads_option, apply_threads, default_device, parse_dtype, seed_int
+from .common import (
+    add_allow_nonfinite,
+    add_kv_cache_option,
+    add_threads_option,
+    apply_threads,
+    default_device,
+    kv_cache_dtype,
+    parse_dtype,
+    seed_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on CPU)")
     add_threads_option(p)
+    add_kv_cache_option(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the decode step with torch.compile before capturing it (slower start; on "
                         "an H100 no faster than the default step, whose kernels are already fused)")
@@ -80,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
     generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, eos_id=eos_id(tokenizer), on_token=stream, fast=plan.graph,
-             compile=plan.compile)
+             compile=plan.compile, cache_dtype=kv_cache_dtype(args))
     sys.stdout.write(tokenizer.decode(generated)[len(printed):] + "\n")
     return 0

@@ -53,9 +53,31 @@ def blocks_per_span(length: int, rows: int, sms: int) -> int:
     return max(1, -(-chunks // spans))
 
 
+QUANT_LEVELS = 127  # an int8 cache row holds round(x / scale) in -127..127, scale = max |x| / 127
+
+
+def quantize_cache_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values [..., D], fp32 scales [...]) of rows x [..., D] for an int8 KV cache: one scale per row
+    (sequence, head, position), max |x| / 127, and each value rounded (half to even) to a multiple of it. A row
+    of zeros keeps scale 0."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / QUANT_LEVELS
+    values = torch.round(xf / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-QUANT_LEVELS, QUANT_LEVELS)
+    return values.to(torch.int8), scale
+
+
+def dequantize_cache_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of an int8 KV cache ([..., D] values, [...] scales) in `dtype`."""
+    return (values.float() * scales[..., None]).to(dtype)
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               pos: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over cache positions 0..pos for q [B, H, 1, D], caches [B, H, L, D]."""
+                               pos: torch.Tensor, k_scale: torch.Tensor | None = None,
+                               v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over cache positions 0..pos for q [B, H, 1, D], caches [B, H, L, D] (int8 ones
+    with their [B, H, L] row scales)."""
+    if k_scale is not None:
+        k_cache, v_cache = (dequantize_cache_rows(c, s, q.dtype) for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
     mask = pos.reshape(-1)[:1, None] >= torch.arange(k_cache.shape[2], device=q.device)[None, :]
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
 
@@ -69,11 +91,20 @@ def rope_rows_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 def decode_step_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                    pos: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch :func:`decode_step_attention`: rotary q and k, write k and v at pos, attend (q [B, H, 1, D])."""
-    k_cache.index_copy_(2, pos.reshape(1), rope_rows_reference(k, cos, sin))
-    v_cache.index_copy_(2, pos.reshape(1), v)
-    return decode_attention_reference(rope_rows_reference(q, cos, sin), k_cache, v_cache, pos)
+                                    pos: torch.Tensor, k_scale: torch.Tensor | None = None,
+                                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch :func:`decode_step_attention`: rotary q and k, write k and v at pos (quantized, for an int8
+    cache with its row scales), attend (q [B, H, 1, D])."""
+    at = pos.reshape(1)
+    rows = ((k_cache, k_scale, rope_rows_reference(k, cos, sin)), (v_cache, v_scale, v))
+    for cache, scale, row in rows:
+        if scale is None:
+            cache.index_copy_(2, at, row.to(cache.dtype))
+        else:
+            values, scales = quantize_cache_rows(row)
+            cache.index_copy_(2, at, values)
+            scale.index_copy_(2, at, scales)
+    return decode_attention_reference(rope_rows_reference(q, cos, sin), k_cache, v_cache, pos, k_scale, v_scale)
 
 
 if triton is not None:
@@ -100,10 +131,29 @@ if triton is not None:
         return tl.load(k_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
 
     @triton.jit
+    def _load_scales(ks_ptr, vs_ptr, sbase, rn, n_ok, QUANT: tl.constexpr):
+        """Row scales of an int8 cache for rows rn (0 where not n_ok); without QUANT, none (ones)."""
+        if QUANT:
+            return (tl.load(ks_ptr + sbase + rn, mask=n_ok, other=0.0),
+                    tl.load(vs_ptr + sbase + rn, mask=n_ok, other=0.0))
+        return tl.full(rn.shape, 1.0, tl.float32), tl.full(rn.shape, 1.0, tl.float32)
+
+    @triton.jit
+    def _quantize_row(x, ok):
+        """(round(x / scale) as fp32 in -127..127, scale = max |x| / 127) for a row x (quantize_cache_rows)."""
+        scale = tl.math.div_rn(tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0), 127.0)
+        y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0))  # correctly rounded, as torch divides
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        # round half to even (as torch.round): adding and taking away 1.5 * 2**23 leaves fp32 no fraction bits
+        return (y + 12582912.0) - 12582912.0, scale
+
+    @triton.jit
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
+                             ks_ptr, vs_ptr,
                              D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, SUB: tl.constexpr,
-                             BS: tl.constexpr, ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
+                             BS: tl.constexpr, ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
+                             QUANT: tl.constexpr):
         if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights
             gdc_launch_dependents()
         bh = tl.program_id(0)  # sequence * heads + head
@@ -119,11 +169,13 @@ if triton is not None:
             rd = tl.arange(0, BD)
             d_ok = rd < D
             base = bh.to(tl.int64) * L * D
+            sbase = bh.to(tl.int64) * L  # row scales of an int8 cache (QUANT): [B, H, L]
             rc = tl.arange(0, CHUNK_N)
             # The span's first block is loaded before anything else: it depends only on pos, so its loads are in
             # flight at once (a decode step is a chain of short launches: each dependent round trip to memory
             # costs about a microsecond).
             k, v = _load_rows(k_ptr, v_ptr, base, start + rc, start + rc < end, rd, d_ok, D)
+            ks, vs = _load_scales(ks_ptr, vs_ptr, sbase, start + rc, start + rc < end, QUANT)
             if PDL:
                 # Under PDL the cache rows and pos above are read before waiting for the kernels before this one
                 # (the q/k/v product): no kernel of a step writes them before this one (pos and the rows before
@@ -137,18 +189,30 @@ if triton is not None:
             holds_p = (p < start + SPAN) & (p < L)  # its last block holds pos (spans before it never read it)
             k_new = tl.zeros((BD,), tl.float32)
             v_new = tl.zeros((BD,), tl.float32)
+            ks_new = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
+            vs_new = ks_new
             if WRITE:
                 # The program whose span holds pos stores the step's key (rotated) and value, and uses them in
                 # place of the row it loaded.
                 if holds_p:
                     k_row = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
-                    k_row = k_row.to(k_ptr.dtype.element_ty)
-                    v_row = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+                    v_row = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0)
                     row = base + p.to(tl.int64) * D + rd
-                    tl.store(k_ptr + row, k_row, mask=d_ok)
-                    tl.store(v_ptr + row, v_row, mask=d_ok)
-                    k_new = k_row.to(tl.float32)
-                    v_new = v_row.to(tl.float32)
+                    if QUANT:
+                        # the rotated key rounded to the activation dtype first, as the reference's is
+                        k_new, ks_new = _quantize_row(k_row.to(kn_ptr.dtype.element_ty).to(tl.float32), d_ok)
+                        v_new, vs_new = _quantize_row(v_row.to(tl.float32), d_ok)
+                        tl.store(k_ptr + row, k_new.to(tl.int8), mask=d_ok)
+                        tl.store(v_ptr + row, v_new.to(tl.int8), mask=d_ok)
+                        tl.store(ks_ptr + sbase + p, ks_new)
+                        tl.store(vs_ptr + sbase + p, vs_new)
+                    else:
+                        k_row = k_row.to(k_ptr.dtype.element_ty)
+                        v_row = v_row.to(v_ptr.dtype.element_ty)
+                        tl.store(k_ptr + row, k_row, mask=d_ok)
+                        tl.store(v_ptr + row, v_row, mask=d_ok)
+                        k_new = k_row.to(tl.float32)
+                        v_new = v_row.to(tl.float32)
             m = tl.max(tl.full((CHUNK_N,), float("-inf"), tl.float32), axis=0)
             l_sum = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
             acc = tl.zeros((BD,), tl.float32)
@@ -157,22 +221,34 @@ if triton is not None:
                 n_ok = rn < end
                 # the next block's loads go out before this block's arithmetic (two blocks in flight)
                 k_next, v_next = _load_rows(k_ptr, v_ptr, base, rn + CHUNK_N, rn + CHUNK_N < end, rd, d_ok, D)
+                ks_next, vs_next = _load_scales(ks_ptr, vs_ptr, sbase, rn + CHUNK_N, rn + CHUNK_N < end, QUANT)
                 kf = k.to(tl.float32)
                 vf = v.to(tl.float32)
                 if WRITE:
-                    at_p = ((rn == p) & holds_p)[:, None]
-                    kf = tl.where(at_p, k_new[None, :], kf)
-                    vf = tl.where(at_p, v_new[None, :], vf)
-                scores = tl.sum(kf * q[None, :], axis=1) * sm_scale
+                    at_p = (rn == p) & holds_p
+                    kf = tl.where(at_p[:, None], k_new[None, :], kf)
+                    vf = tl.where(at_p[:, None], v_new[None, :], vf)
+                    if QUANT:
+                        ks = tl.where(at_p, ks_new, ks)
+                        vs = tl.where(at_p, vs_new, vs)
+                if QUANT:  # an int8 row times its scale: the scales multiply the row's score and weight
+                    scores = tl.sum(kf * q[None, :], axis=1) * (ks * sm_scale)
+                else:
+                    scores = tl.sum(kf * q[None, :], axis=1) * sm_scale
                 scores = tl.where(n_ok, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: every block holds a filled position
                 alpha = tl.exp(m - m_new)
                 e = tl.exp(scores - m_new)
                 l_sum = l_sum * alpha + tl.sum(e, axis=0)
-                acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
+                if QUANT:
+                    acc = acc * alpha + tl.sum((e * vs)[:, None] * vf, axis=0)
+                else:
+                    acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
                 m = m_new
                 k = k_next
                 v = v_next
+                ks = ks_next
+                vs = vs_next
             used = (n + SPAN - 1) // SPAN
             if used == 1:
                 # One span holds every filled position: the result directly, without the partial slots,
@@ -214,16 +290,26 @@ if triton is not None:
         tl.store(out_ptr + bh * D + rd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> None:
+def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     b, h, t, d = q.shape
     if t != 1 or k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:
         raise ValueError(f"decode_attention needs q [B, H, 1, D] and caches [B, H, L, D], got q {tuple(q.shape)}, "
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     if pos.numel() != 1:
         raise ValueError(f"decode_attention takes one position shared by the batch, got {pos.numel()}")
+    int8 = k_cache.dtype == torch.int8
+    if int8 != (v_cache.dtype == torch.int8) or int8 != (k_scale is not None) or int8 != (v_scale is not None):
+        raise ValueError("an int8 KV cache (both caches int8) comes with its row scales, k_scale and v_scale; a "
+                         "floating-point one without")
+    if int8:
+        for scale in (k_scale, v_scale):
+            if scale.shape != k_cache.shape[:3] or scale.dtype != torch.float32 or not scale.is_contiguous():
+                raise ValueError(f"an int8 cache's row scales are contiguous fp32 [B, H, L] = "
+                                 f"{tuple(k_cache.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
 
 
-def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = None,
+def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_scale=None, sub: int | None = None,
             warps: int = 4) -> torch.Tensor:
     b, h, _, d = q.shape
     length = k_cache.shape[2]
@@ -240,33 +326,39 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, sub: int | None = 
     rope = cos is not None
     kn, vn = (new_k, new_v) if write else (q, q)  # unused pointers when not writing
     cs, sn = (cos, sin) if rope else (q, q)
+    quant = k_scale is not None
+    ks, vs = (k_scale, v_scale) if quant else (m, m)  # unused pointers for a floating-point cache
     _decode_attn_partial[(b * h, splits)](
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
-        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters,
+        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters, ks, vs,
         D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
-        ROPE=rope, WRITE=write, num_warps=warps, **pdl_options(q.device))
+        ROPE=rope, WRITE=write, QUANT=quant, num_warps=warps, **pdl_options(q.device))
     return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per sequence, q [B, H, 1, D], to cache positions 0..pos of k/v [B, H, L, D].
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per sequence, q [B, H, 1, D], to cache positions 0..pos of k/v [B, H, L, D]
+    (an int8 cache with its fp32 row scales [B, H, L], see :func:`quantize_cache_rows`).
 
     ``pos`` is a 1-element integer tensor on the caches' device (the position just written); only chunks
     up to it are read. Same result as :func:`decode_attention_reference` up to fp32 rounding.
     """
-    _check_decode_shapes(q, k_cache, v_cache, pos)
+    _check_decode_shapes(q, k_cache, v_cache, pos, k_scale, v_scale)
     q = q.contiguous()
-    return _launch(q, k_cache.contiguous(), v_cache.contiguous(), pos, None, None, None, None)
+    return _launch(q, k_cache.contiguous(), v_cache.contiguous(), pos, None, None, None, None, k_scale, v_scale)
 
 
 def decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention from the raw projections, in one launch: rotary embedding of q and k
     (cos/sin: the [D] rows at pos), k and v written into the caches at ``pos``, then attention of q to
     positions 0..pos. q, k, v are [B, H, 1, D] (any strides, unit stride along D); the caches [B, H, L, D]
-    are updated in place. Same result as :func:`decode_step_attention_reference` up to fp32 rounding."""
-    _check_decode_shapes(q, k_cache, v_cache, pos)
+    are updated in place (an int8 cache and its row scales [B, H, L]: the new rows quantized, as
+    :func:`quantize_cache_rows` does). Same result as :func:`decode_step_attention_reference` up to fp32
+    rounding."""
+    _check_decode_shapes(q, k_cache, v_cache, pos, k_scale, v_scale)
     d = q.shape[-1]
     if k.shape != q.shape or v.shape != q.shape or d % 2:
         raise ValueError(f"decode_step_attention needs q, k, v of one shape [B, H, 1, D] with D even, got "
@@ -277,19 +369,21 @@ def decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("decode_step_attention writes the caches in place: they must be contiguous")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _launch(q, k_cache, v_cache, pos, k, v, cos.reshape(d).contiguous(), sin.reshape(d).contiguous())
+    return _launch(q, k_cache, v_cache, pos, k, v, cos.reshape(d).contiguous(), sin.reshape(d).contiguous(),
+                   k_scale, v_scale)
 
 
-@torch.library.custom_op("spectra::decode_step_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("spectra::decode_step_attention", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def decode_step_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             pos: torch.Tensor) -> torch.Tensor:
+                             pos: torch.Tensor, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`decode_step_attention` as an opaque op for ``torch.compile`` (it updates the caches in place)."""
-    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
+    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
 
 
 @decode_step_attention_op.register_fake
-def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos):
+def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale=None, v_scale=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -300,9 +394,10 @@ def uses_decode_kernel(t: int, device: torch.device, pos: torch.Tensor | None) -
 
 
 def cached_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A GPU decode step (see :func:`uses_decode_kernel`) from raw q, k, v [B, H, 1, D]: rotary embedding,
     cache update and attention in one kernel."""
     if torch.compiler.is_compiling():
-        return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos)
-    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
+        return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
+    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
