@@ -41,14 +41,16 @@ except ImportError:  # pragma: no cover - CPU-only installs use the reference
 
 CHUNK = 64  # cache positions per block (one [CHUNK, D] tile of K and of V in registers)
 SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
+# An int8 cache's block and warps (its tiles converted to fp32 need more registers than fp16 ones)
+INT8_CHUNK, INT8_WARPS = 64, 4
 
 
-def blocks_per_span(length: int, rows: int, sms: int) -> int:
+def blocks_per_span(length: int, rows: int, sms: int, chunk: int = CHUNK) -> int:
     """Blocks of CHUNK positions one program reads (its span) for a cache of `length` positions and `rows` =
     sequences x heads: enough spans to give every SM SPANS_PER_SM programs when the cache is full, no more
     (each span adds a partial result to merge). Fixed per cache length, so a captured graph keeps it; a short
     context is read by the first span alone, whatever its size."""
-    chunks = -(-length // CHUNK)
+    chunks = -(-length // chunk)
     spans = max(1, -(-SPANS_PER_SM * sms // rows))
     return max(1, -(-chunks // spans))
 
@@ -213,6 +215,7 @@ if triton is not None:
                         tl.store(v_ptr + row, v_row, mask=d_ok)
                         k_new = k_row.to(tl.float32)
                         v_new = v_row.to(tl.float32)
+            score_new = tl.sum(k_new * q, axis=0) * ks_new  # the new row's score (QUANT; before sm_scale)
             m = tl.max(tl.full((CHUNK_N,), float("-inf"), tl.float32), axis=0)
             l_sum = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
             acc = tl.zeros((BD,), tl.float32)
@@ -222,26 +225,35 @@ if triton is not None:
                 # the next block's loads go out before this block's arithmetic (two blocks in flight)
                 k_next, v_next = _load_rows(k_ptr, v_ptr, base, rn + CHUNK_N, rn + CHUNK_N < end, rd, d_ok, D)
                 ks_next, vs_next = _load_scales(ks_ptr, vs_ptr, sbase, rn + CHUNK_N, rn + CHUNK_N < end, QUANT)
-                kf = k.to(tl.float32)
-                vf = v.to(tl.float32)
-                if WRITE:
-                    at_p = (rn == p) & holds_p
-                    kf = tl.where(at_p[:, None], k_new[None, :], kf)
-                    vf = tl.where(at_p[:, None], v_new[None, :], vf)
-                    if QUANT:
-                        ks = tl.where(at_p, ks_new, ks)
-                        vs = tl.where(at_p, vs_new, vs)
-                if QUANT:  # an int8 row times its scale: the scales multiply the row's score and weight
-                    scores = tl.sum(kf * q[None, :], axis=1) * (ks * sm_scale)
+                if QUANT:
+                    # int8 rows times their scales. The row at pos enters through its score and weight alone
+                    # (its loaded values are finite integers, weighted by 0): no tile-wide select, which would
+                    # keep a converted copy of both tiles in registers.
+                    scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * ks
+                    if WRITE:
+                        at_p = (rn == p) & holds_p
+                        scores = tl.where(at_p, score_new, scores)
+                    scores = tl.where(n_ok, scores * sm_scale, float("-inf"))
                 else:
-                    scores = tl.sum(kf * q[None, :], axis=1) * sm_scale
-                scores = tl.where(n_ok, scores, float("-inf"))
+                    kf = k.to(tl.float32)
+                    vf = v.to(tl.float32)
+                    if WRITE:
+                        at_p = (rn == p) & holds_p
+                        kf = tl.where(at_p[:, None], k_new[None, :], kf)
+                        vf = tl.where(at_p[:, None], v_new[None, :], vf)
+                    scores = tl.where(n_ok, tl.sum(kf * q[None, :], axis=1) * sm_scale, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: every block holds a filled position
                 alpha = tl.exp(m - m_new)
                 e = tl.exp(scores - m_new)
                 l_sum = l_sum * alpha + tl.sum(e, axis=0)
                 if QUANT:
-                    acc = acc * alpha + tl.sum((e * vs)[:, None] * vf, axis=0)
+                    weights = e * vs
+                    if WRITE:
+                        e_p = tl.sum(tl.where(at_p, e, 0.0), axis=0)
+                        weights = tl.where(at_p, 0.0, weights)
+                        acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0) + (e_p * vs_new) * v_new
+                    else:
+                        acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
                 else:
                     acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
                 m = m_new
@@ -310,12 +322,15 @@ def _check_decode_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_scale=None, sub: int | None = None,
-            warps: int = 4) -> torch.Tensor:
+            warps: int | None = None, chunk: int | None = None) -> torch.Tensor:
     b, h, _, d = q.shape
     length = k_cache.shape[2]
+    quant = k_scale is not None
+    chunk = chunk or (INT8_CHUNK if quant else CHUNK)
+    warps = warps or (INT8_WARPS if quant else 4)
     if sub is None:
-        sub = blocks_per_span(length, b * h, num_sms(q.device) if q.is_cuda else 1)  # CPU: the interpreter
-    splits = triton.cdiv(length, CHUNK * sub)
+        sub = blocks_per_span(length, b * h, num_sms(q.device) if q.is_cuda else 1, chunk)  # CPU: the interpreter
+    splits = triton.cdiv(length, chunk * sub)
     m = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b * h * splits, d, dtype=torch.float32, device=q.device)
@@ -326,12 +341,11 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_sc
     rope = cos is not None
     kn, vn = (new_k, new_v) if write else (q, q)  # unused pointers when not writing
     cs, sn = (cos, sin) if rope else (q, q)
-    quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (m, m)  # unused pointers for a floating-point cache
     _decode_attn_partial[(b * h, splits)](
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters, ks, vs,
-        D=d, BD=triton.next_power_of_2(d), CHUNK_N=CHUNK, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
+        D=d, BD=triton.next_power_of_2(d), CHUNK_N=chunk, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
         ROPE=rope, WRITE=write, QUANT=quant, num_warps=warps, **pdl_options(q.device))
     return out
 
