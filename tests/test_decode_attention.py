@@ -282,9 +282,14 @@ def test_gpu_fused_decode_step_matches_reference_and_replays_in_a_graph(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_int8_cache_decode_step_matches_reference_and_replays_in_a_graph(dtype):
+@pytest.mark.parametrize("chunk, warps", [(64, 4), (32, 4), (64, 8), (32, 8)])  # the int8 block and warps to pick from
+def test_gpu_int8_cache_decode_step_matches_reference_and_replays_in_a_graph(dtype, chunk, warps, monkeypatch):
+    from spectra.kernels import attention
     from spectra.kernels.attention import decode_step_attention, decode_step_attention_reference, quantize_cache_rows
     from spectra.model import rope_tables
+
+    monkeypatch.setattr(attention, "INT8_CHUNK", chunk)
+    monkeypatch.setattr(attention, "INT8_WARPS", warps)
 
     gen = torch.Generator(device="cuda").manual_seed(6)
     for b, h, length, d in ((1, 24, 8260, 128), (16, 24, 300, 128), (3, 5, 999, 72)):
