@@ -236,6 +236,9 @@ class SpectraLM(nn.Module):
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
+        if mask is not None and document_ids is None:
+            # SDPA turns a boolean mask into an additive one on every call: once per forward here, not per layer
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         pending = None
         for layer in self.model.layers:
             x, pending = layer(x, cos, sin, input_pos, mask, pending)
