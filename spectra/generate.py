@@ -237,12 +237,13 @@ def generate(model: SpectraLM, prompt: torch.Tensor | list[int], max_new_tokens:
 
     `fast` (default: on for a model on a CUDA device) fuses the model's q/k/v and gate/up projections in
     place (the same weights; saving it writes the unfused layers) and decodes with a captured CUDA-graph step that
-    samples on the GPU; `compile` compiles that step with torch.compile first (slower start, faster tokens).
-    A `seed` makes either path repeatable; the two paths draw different random numbers, so sampled (not
-    greedy) tokens differ between them. `decode_step(tokens [B,1], pos [1]) -> logits` replaces the plain
-    loop's one-token forward (e.g. a :class:`~spectra.decode_graph.GraphDecodeStep`). `cache_dtype` (default:
-    the model's dtype) is the KV cache's: ``torch.int8`` stores keys and values in 8 bits with a scale per row,
-    half the memory and, at long context, faster steps, at a small cost in accuracy.
+    samples on the GPU; `compile` compiles that step with torch.compile first (slower start; on an H100 no
+    faster than the default step). A `seed` makes either path repeatable; the two paths draw different random
+    numbers, so sampled (not greedy) tokens differ between them. `decode_step(tokens [B,1], pos [1]) -> logits`
+    replaces the plain loop's one-token forward (e.g. a :class:`~spectra.decode_graph.GraphDecodeStep`).
+    `cache_dtype` (default: the model's dtype) is the KV cache's: ``torch.int8`` stores keys and values in 8 bits
+    with a scale per row, half the memory and half the cache bytes a long-context step reads, at a small cost in
+    accuracy.
     """
     tokens = _prompt_tensor(model, prompt)
     new: list[torch.Tensor] = []
