@@ -28,7 +28,7 @@ from .kernels.pointwise import add_rms_norm, fused_pointwise_applies, rms_norm, 
 from .kinds import make_linear
 from .linear import concat_output_rows, replace_layers
 from .size import count_parameters
-from .ternary import apply_rope
+from .ternary import apply_rope_signed, signed_sines
 
 
 class RMSNorm(nn.Module):
@@ -130,15 +130,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """`cos`, `sin`: the rotary rows of the positions; `sin` as :func:`~spectra.ternary.signed_sines` gives
+        it, except in a GPU decode step (``uses_decode_kernel``), whose kernel takes the plain sines."""
         b, t, _ = x.shape
-        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for y in group_outputs(self, QKV, x))
+        heads, d = self.num_heads, self.head_dim
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
             # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
+            q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
             cache = self.cache
             y = cached_step_attention(q, k, v, cos, sin, cache.k, cache.v, pos, cache.k_scale, cache.v_scale)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(self, QKV):  # fused: q and k are adjacent heads of one output, rotated together
+            qkv = getattr(self, QKV)(x)
+            qk = apply_rope_signed(qkv[..., :2 * heads * d].view(b, t, 2 * heads, d).transpose(1, 2), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[..., 2 * heads * d:].view(b, t, heads, d).transpose(1, 2)
+        else:
+            q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
+            q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
         if self.cache is not None and pos is not None:
             k, v = self.cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -236,6 +245,8 @@ class SpectraLM(nn.Module):
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
+        if input_pos is None or not uses_decode_kernel(t, tokens.device, input_pos):
+            sin = signed_sines(sin)  # what Attention's apply_rope_signed takes (the decode kernel takes them plain)
         if mask is not None and document_ids is None:
             # SDPA turns a boolean mask into an additive one on every call: once per forward here, not per layer
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

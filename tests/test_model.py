@@ -117,3 +117,31 @@ def test_cache_shape_reports_the_allocated_cache():
     assert model.cache_shape() == (3, 17)
     model.clear_cache()
     assert model.cache_shape() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_with_signed_sines_is_apply_rope_bit_for_bit(dtype):
+    from spectra.model import rope_tables
+    from spectra.ternary import apply_rope, apply_rope_signed, signed_sines
+
+    x = (torch.randn(2, 5, 33, 40) * 4).to(dtype)
+    cos, sin = (t[7:40].to(dtype) for t in rope_tables(40, 64, 10000.0))
+    assert torch.equal(apply_rope_signed(x, cos, signed_sines(sin)), apply_rope(x, cos, sin))
+    assert torch.equal(apply_rope_signed(x.transpose(1, 2), cos[:, None], signed_sines(sin)[:, None]),
+                       apply_rope(x.transpose(1, 2), cos[:, None], sin[:, None]))
+
+
+def test_fused_prefill_rotates_q_and_k_together_as_the_separate_layers_do():
+    torch.manual_seed(12)
+    model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
+    prompt = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        model.setup_cache(2, 16)
+        want = model(prompt, input_pos=torch.arange(9))
+        k_want = model.model.layers[1].self_attn.cache.k.clone()
+        model.fuse_projections()
+        model.setup_cache(2, 16)
+        got = model(prompt, input_pos=torch.arange(9))
+        k_got = model.model.layers[1].self_attn.cache.k
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_got, k_want, rtol=1e-5, atol=1e-5)
