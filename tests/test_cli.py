@@ -52,6 +52,17 @@ def test_generate_streams_text(tiny_checkpoint, capsys):
     assert out.startswith("To be") and len(out) > len("To be\n")
 
 
+def test_generate_with_an_int8_kv_cache(tiny_checkpoint, capsys, monkeypatch):
+    dtypes = []
+    real = SpectraLM.setup_cache
+    monkeypatch.setattr(SpectraLM, "setup_cache",
+                        lambda self, batch, n, dtype=None: dtypes.append(dtype) or real(self, batch, n, dtype))
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0",
+                 "--device", "cpu", "--kv-cache", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("To be") and dtypes == [torch.int8]
+    assert run_cli("generate", str(tiny_checkpoint), "--kv-cache", "int4").returncode == 2
+
+
 def test_generate_past_the_model_length_says_it_stopped_short(tiny_checkpoint, capsys):
     # The tiny model holds 256 positions; the generation used to end there without a word.
     assert main(["generate", str(tiny_checkpoint), "--prompt", "To be " * 40, "--max-new-tokens", "500",
