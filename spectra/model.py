@@ -107,18 +107,20 @@ class KVCache(nn.Module):
             scale = torch.zeros(shape[:3], dtype=torch.float32, device=device) if quantized else None
             self.register_buffer(name, scale, persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows `pos` of k and v ([B, H, T, D]); return the whole caches in k's dtype."""
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write rows `pos` of k and v ([B, H, T, D]); return the caches' first `length` positions (default: all)
+        in k's dtype."""
         if self.k_scale is None:
             self.k.index_copy_(2, pos, k)
             self.v.index_copy_(2, pos, v)
-            return self.k, self.v
+            return self.k[:, :, :length], self.v[:, :, :length]
         for values, scales, rows in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             row_values, row_scales = quantize_cache_rows(rows)
             values.index_copy_(2, pos, row_values)
             scales.index_copy_(2, pos, row_scales)
-        return (dequantize_cache_rows(self.k, self.k_scale, k.dtype),
-                dequantize_cache_rows(self.v, self.v_scale, v.dtype))
+        return (dequantize_cache_rows(self.k[:, :, :length], self.k_scale[:, :, :length], k.dtype),
+                dequantize_cache_rows(self.v[:, :, :length], self.v_scale[:, :, :length], v.dtype))
 
 
 class Attention(nn.Module):
@@ -149,7 +151,8 @@ class Attention(nn.Module):
             q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
             q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
         if self.cache is not None and pos is not None:
-            k, v = self.cache.update(pos, k, v)
+            # the mask's width is the cache positions to read (on a CPU only the filled ones, see SpectraLM.forward)
+            k, v = self.cache.update(pos, k, v, mask.shape[-1])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # `mask`, when given, keeps packed documents apart (SpectraLM.forward's document_ids)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
@@ -242,6 +245,9 @@ class SpectraLM(nn.Module):
             mask = None
             if not uses_decode_kernel(t, tokens.device, input_pos):  # the decode kernels need no mask
                 cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
+                if tokens.device.type == "cpu":
+                    # read only the filled positions (the GPU's prefill keeps one shape and asks for no sync)
+                    cache_len = min(cache_len, int(input_pos.max()) + 1)
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
