@@ -48,6 +48,15 @@ KIND_BITS: dict[str, float] = {"float16": 16.0, "ternary": LOG2_3,
                                 **{name: 8 / fmt.trits_per_byte for name, fmt in FORMATS.items()}}
 
 
+def kv_cache_bytes(config: ModelConfig, positions: int, dtype: torch.dtype = torch.float16, batch: int = 1) -> int:
+    """Bytes of the KV cache that ``SpectraLM.setup_cache(batch, positions, dtype)`` allocates: a key row and a
+    value row per layer, head and position, and for an int8 cache one fp32 scale per row."""
+    rows = 2 * config.num_layers * batch * config.num_heads * positions
+    if dtype == torch.int8:
+        return rows * (config.head_dim + 4)
+    return rows * config.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
 def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

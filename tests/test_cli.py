@@ -22,6 +22,8 @@ def test_info_reports_suite_sizes(capsys):
     assert main(["info", "3.9B"]) == 0
     out = capsys.readouterr().out
     assert "3.990B parameters" in out and "tq1" in out
+    # 2 (k, v) x 30 layers x 24 heads x 128 x 2048 positions: 2 bytes each in fp16, 1 + 4/128 as int8
+    assert "KV cache per sequence of 2048 tokens: 754.97 MB in fp16, 389.28 MB as int8" in out
     assert main(["info", "99M"]) == 0
     assert "99.76M" in capsys.readouterr().out
 

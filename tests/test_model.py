@@ -145,3 +145,14 @@ def test_fused_prefill_rotates_q_and_k_together_as_the_separate_layers_do():
         k_got = model.model.layers[1].self_attn.cache.k
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_got, k_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
+def test_kv_cache_bytes_is_what_setup_cache_allocates(dtype):
+    from spectra.size import kv_cache_bytes
+
+    model = SpectraLM(get_config("tiny", weight_kind="float"))
+    model.setup_cache(3, 40, dtype)
+    caches = [layer.self_attn.cache for layer in model.model.layers]
+    allocated = sum(buf.numel() * buf.element_size() for cache in caches for buf in cache.buffers())
+    assert allocated == kv_cache_bytes(model.config, 40, dtype, batch=3)

@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from ..block import is_block_linear_tensor
 from ..checkpoint import checked_config, stored_tensor_bytes
 from ..config import ModelConfig, get_config
-from ..size import KIND_BITS, count_parameters, size_in_bits
+from ..size import KIND_BITS, count_parameters, kv_cache_bytes, size_in_bits
 from .common import human_bytes
 
 
@@ -48,7 +50,9 @@ def info(source: str) -> dict:
     report = {"source": source, "config": config.to_dict(),
               "parameters": {"total": counts.total, "linear": counts.linear, "embedding": counts.embedding,
                              "lm_head": counts.lm_head, "norms": counts.norms},
-              "kinds": kinds}
+              "kinds": kinds,
+              "kv_cache_bytes_per_token": {name: kv_cache_bytes(config, 1, dtype)
+                                           for name, dtype in (("float16", torch.float16), ("int8", torch.int8))}}
     if stored is not None:
         report["stored"] = stored
     return report
@@ -70,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     for kind, row in report["kinds"].items():
         print(f"  {kind:<10}{row['bits_per_linear_weight']:>12.3f}{row['size_bits'] / 1e9:>14.3f}"
               f"{human_bytes(row['size_bytes']):>12}")
+    kv = report["kv_cache_bytes_per_token"]
+    print(f"  KV cache per sequence of {c['max_seq_len']} tokens: {human_bytes(kv['float16'] * c['max_seq_len'])} in "
+          f"fp16, {human_bytes(kv['int8'] * c['max_seq_len'])} as int8 (--kv-cache int8)")
     if "stored" in report:
         s = report["stored"]
         print(f"  stored on disk: {human_bytes(s['total_bytes'])} "
