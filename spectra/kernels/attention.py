@@ -20,6 +20,10 @@ value: the kernel applies the rotary embedding to the query (and the new key), a
 holds ``pos`` writes the new key and value into the caches and uses them in place of the row it loaded. That
 replaces three pointwise launches per layer (rotary q, rotary k + cache write, v cache write): on an H100 they
 took about 117 us of a 1.9 ms 3.9B decode step (30 layers x 3 launches).
+
+An int8 cache (``QUANT``) holds int8 rows with an fp32 scale each (:func:`quantize_cache_rows`, the one
+definition): the kernel quantizes the step's new rows as that function does and multiplies each row's score and
+softmax weight by its scale, so the tiles are never dequantized.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ except ImportError:  # pragma: no cover - CPU-only installs use the reference
 
 CHUNK = 64  # cache positions per block (one [CHUNK, D] tile of K and of V in registers)
 SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
-# An int8 cache's block and warps (its tiles converted to fp32 need more registers than fp16 ones)
+# An int8 cache's block height and warps, set apart from the fp16 cache's: its rows are half the bytes, so the
+# best tile may differ (not yet timed on a GPU; the GPU tests cover 32 and 64 at 4 and 8 warps)
 INT8_CHUNK, INT8_WARPS = 64, 4
 
 
