@@ -126,7 +126,7 @@ def _plain_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
         decode_step = lambda tok, pos: model(tok, input_pos=pos)  # noqa: E731
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     try:
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), last_only=True)
+        logits = model.prefill(tokens)
         for pos in range(prompt_len, total):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_id is not None:
@@ -158,7 +158,7 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
     model.setup_cache(batch, cache_len, cache_dtype)
     step = None
     try:
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), last_only=True)
+        logits = model.prefill(tokens)
         first = sample(logits[:, -1], torch.tensor([prompt_len], device=device))
         token = first.cpu()
         yield token

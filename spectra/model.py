@@ -107,18 +107,23 @@ class KVCache(nn.Module):
             scale = torch.zeros(shape[:3], dtype=torch.float32, device=device) if quantized else None
             self.register_buffer(name, scale, persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows `pos` of k and v ([B, H, T, D]); return the caches' first `length` positions (default: all)
-        in k's dtype."""
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write rows `pos` of k and v ([B, H, T, D]) (quantized, in an int8 cache)."""
         if self.k_scale is None:
             self.k.index_copy_(2, pos, k)
             self.v.index_copy_(2, pos, v)
-            return self.k[:, :, :length], self.v[:, :, :length]
+            return
         for values, scales, rows in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             row_values, row_scales = quantize_cache_rows(rows)
             values.index_copy_(2, pos, row_values)
             scales.index_copy_(2, pos, row_scales)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`write`, then the caches' first `length` positions (default: all) in k's dtype."""
+        self.write(pos, k, v)
+        if self.k_scale is None:
+            return self.k[:, :, :length], self.v[:, :, :length]
         return (dequantize_cache_rows(self.k[:, :, :length], self.k_scale[:, :, :length], k.dtype),
                 dequantize_cache_rows(self.v[:, :, :length], self.v_scale[:, :, :length], v.dtype))
 
@@ -151,11 +156,16 @@ class Attention(nn.Module):
             q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
             q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
         if self.cache is not None and pos is not None:
-            # the mask's width is the cache positions to read (on a CPU only the filled ones, see SpectraLM.forward)
-            k, v = self.cache.update(pos, k, v, mask.shape[-1])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # `mask`, when given, keeps packed documents apart (SpectraLM.forward's document_ids)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+            if mask is None:
+                # a prompt into a fresh cache (SpectraLM.prefill): it attends to itself, causally, as in training
+                # (a flash kernel on a GPU, where a mask over the whole cache takes a slower one)
+                self.cache.write(pos, k, v)
+            else:
+                # the mask's width is the cache positions to read (on a CPU only the filled ones, see
+                # SpectraLM.forward)
+                k, v = self.cache.update(pos, k, v, mask.shape[-1])
+        # without a cache, `mask` (when given) keeps packed documents apart (SpectraLM.forward's document_ids)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -224,11 +234,12 @@ class SpectraLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                last_only: bool = False, fresh_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`document_ids` ([b, t], training only): tokens attend within their own document and positions
         restart per document, so packed examples see exactly what they would see alone. `last_only`: the
         logits of the last position only ([b, 1, vocab]; a prompt before sampling needs no more, and a long
-        prompt's full logits can outweigh the model)."""
+        prompt's full logits can outweigh the model). `fresh_cache`: `input_pos` is 0..t-1 and the KV cache
+        holds nothing the tokens should see (:meth:`prefill`)."""
         if last_only and targets is not None:
             raise ValueError("last_only gives one position's logits; a loss needs all of them")
         t = tokens.shape[1]
@@ -243,7 +254,8 @@ class SpectraLM(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = None
-            if not uses_decode_kernel(t, tokens.device, input_pos):  # the decode kernels need no mask
+            # the decode kernels need no mask, nor does a prompt into a fresh cache (it attends to itself)
+            if not fresh_cache and not uses_decode_kernel(t, tokens.device, input_pos):
                 cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
                 if tokens.device.type == "cpu":
                     # read only the filled positions (the GPU's prefill keeps one shape and asks for no sync)
@@ -289,6 +301,14 @@ class SpectraLM(nn.Module):
         """The dtype of the KV cache that :meth:`setup_cache` allocated (torch.int8: 8-bit rows), or None."""
         cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
         return None if cache is None else cache.k.dtype
+
+    def prefill(self, tokens: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Logits of a prompt [b, t] (the last position's, unless `last_only` is False) whose keys and values go
+        into the KV cache at positions 0..t-1, which :meth:`setup_cache` just allocated. The prompt attends to
+        itself as in training (causal, no mask: a flash kernel on a GPU) instead of to the whole cache through a
+        mask."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self(tokens, input_pos=positions, last_only=last_only, fresh_cache=True)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:

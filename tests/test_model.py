@@ -156,3 +156,24 @@ def test_kv_cache_bytes_is_what_setup_cache_allocates(dtype):
     caches = [layer.self_attn.cache for layer in model.model.layers]
     allocated = sum(buf.numel() * buf.element_size() for cache in caches for buf in cache.buffers())
     assert allocated == kv_cache_bytes(model.config, 40, dtype, batch=3)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.int8])
+def test_prefill_is_the_uncached_forward_and_fills_the_cache_as_the_masked_step_does(dtype):
+    torch.manual_seed(13)
+    model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
+    prompt = torch.randint(0, 1024, (2, 11))
+    with torch.no_grad():
+        whole = model(prompt)
+        model.setup_cache(2, 24, dtype)
+        masked = model(prompt, input_pos=torch.arange(11))
+        filled = [t.clone() for t in model.model.layers[0].self_attn.cache.buffers()]
+        model.setup_cache(2, 24, dtype)
+        got = model.prefill(prompt, last_only=False)
+        cache = list(model.model.layers[0].self_attn.cache.buffers())
+        last = model.prefill(prompt)
+    assert torch.equal(got, whole)  # the prompt attends to itself: the training forward's attention
+    if dtype is None:  # the masked step reads the cache back (8-bit rows in an int8 one): the same up to rounding
+        torch.testing.assert_close(masked, whole, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(cache, filled))  # the first layer's rows, written alike
+    torch.testing.assert_close(last, whole[:, -1:], rtol=1e-5, atol=1e-5)

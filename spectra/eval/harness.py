@@ -169,8 +169,7 @@ class SpectraEvalLM(TemplateLM):
         self.model.setup_cache(1, total)
         try:
             tokens = torch.tensor([prompt], device=self._device)
-            logits = self.model(tokens, input_pos=torch.arange(len(prompt), device=self._device),
-                                    last_only=True)
+            logits = self.model.prefill(tokens)
             for pos in range(len(prompt), total):
                 nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
                 token = int(nxt[0])
