@@ -21,8 +21,8 @@ from .errors import ConfigError
 from .kernels.attention import (
     cached_step_attention,
     dequantize_cache_rows,
-    quantize_cache_rows,
     uses_decode_kernel,
+    write_cache_rows,
 )
 from .kernels.pointwise import add_rms_norm, fused_pointwise_applies, rms_norm, swiglu
 from .kinds import make_linear
@@ -109,14 +109,8 @@ class KVCache(nn.Module):
 
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write rows `pos` of k and v ([B, H, T, D]) (quantized, in an int8 cache)."""
-        if self.k_scale is None:
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
-            return
-        for values, scales, rows in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            row_values, row_scales = quantize_cache_rows(rows)
-            values.index_copy_(2, pos, row_values)
-            scales.index_copy_(2, pos, row_scales)
+        write_cache_rows(self.k, self.k_scale, pos, k)
+        write_cache_rows(self.v, self.v_scale, pos, v)
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +237,7 @@ class SpectraLM(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only gives one position's logits; a loss needs all of them")
         t = tokens.shape[1]
+        decode_kernel = input_pos is not None and uses_decode_kernel(t, tokens.device, input_pos)
         if document_ids is not None:
             mask, positions = document_mask_and_positions(document_ids)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
@@ -255,7 +250,7 @@ class SpectraLM(nn.Module):
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = None
             # the decode kernels need no mask, nor does a prompt into a fresh cache (it attends to itself)
-            if not fresh_cache and not uses_decode_kernel(t, tokens.device, input_pos):
+            if not fresh_cache and not decode_kernel:
                 cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
                 if tokens.device.type == "cpu":
                     # read only the filled positions (the GPU's prefill keeps one shape and asks for no sync)
@@ -263,7 +258,7 @@ class SpectraLM(nn.Module):
                 mask = input_pos[:, None] >= torch.arange(cache_len, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per step, not once per layer
-        if input_pos is None or not uses_decode_kernel(t, tokens.device, input_pos):
+        if not decode_kernel:
             sin = signed_sines(sin)  # what Attention's apply_rope_signed takes (the decode kernel takes them plain)
         if mask is not None and document_ids is None:
             # SDPA turns a boolean mask into an additive one on every call: once per forward here, not per layer

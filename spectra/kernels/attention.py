@@ -73,6 +73,17 @@ def quantize_cache_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.to(torch.int8), scale
 
 
+def write_cache_rows(cache: torch.Tensor, scales: torch.Tensor | None, pos: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write `rows` [B, H, T, D] at positions `pos` of `cache` [B, H, L, D]: as they are, or for an int8 cache
+    (with its [B, H, L] `scales`) quantized by :func:`quantize_cache_rows`."""
+    if scales is None:
+        cache.index_copy_(2, pos, rows.to(cache.dtype))
+        return
+    values, row_scales = quantize_cache_rows(rows)
+    cache.index_copy_(2, pos, values)
+    scales.index_copy_(2, pos, row_scales)
+
+
 def dequantize_cache_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows of an int8 KV cache ([..., D] values, [...] scales) in `dtype`."""
     return (values.float() * scales[..., None]).to(dtype)
@@ -102,15 +113,8 @@ def decode_step_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch :func:`decode_step_attention`: rotary q and k, write k and v at pos (quantized, for an int8
     cache with its row scales), attend (q [B, H, 1, D])."""
-    at = pos.reshape(1)
-    rows = ((k_cache, k_scale, rope_rows_reference(k, cos, sin)), (v_cache, v_scale, v))
-    for cache, scale, row in rows:
-        if scale is None:
-            cache.index_copy_(2, at, row.to(cache.dtype))
-        else:
-            values, scales = quantize_cache_rows(row)
-            cache.index_copy_(2, at, values)
-            scale.index_copy_(2, at, scales)
+    write_cache_rows(k_cache, k_scale, pos.reshape(1), rope_rows_reference(k, cos, sin))
+    write_cache_rows(v_cache, v_scale, pos.reshape(1), v)
     return decode_attention_reference(rope_rows_reference(q, cos, sin), k_cache, v_cache, pos, k_scale, v_scale)
 
 
