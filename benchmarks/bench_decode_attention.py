@@ -71,8 +71,10 @@ def time_context(int8: bool, batch: int, ctx: int, h: int, d: int, variants: lis
         rows = torch.randn(batch, h, length, d, device=dev, dtype=torch.float16, generator=gen)
         return attention.quantize_cache_rows(rows) if int8 else (rows,)
 
-    caches = [(*cache(), *cache()) for _ in range(copies)]  # (k, v) or (k, k scale, v, v scale)
-    caches = [(c[0], c[2], c[1], c[3]) if int8 else c for c in caches]  # (k, v[, k scale, v scale])
+    caches = []  # per copy: (k, v[, k scale, v scale]), as _launch takes them
+    for _ in range(copies):
+        k_parts, v_parts = cache(), cache()
+        caches.append((k_parts[0], v_parts[0], *k_parts[1:], *v_parts[1:]))
     qkv = torch.randn(batch, 1, 3, h, d, device=dev, dtype=torch.float16, generator=gen)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     cos_t, sin_t = (t.to(dev, torch.float16) for t in rope_tables(d, length, 10000.0))

@@ -135,19 +135,23 @@ class Attention(nn.Module):
         it, except in a GPU decode step (``uses_decode_kernel``), whose kernel takes the plain sines."""
         b, t, _ = x.shape
         heads, d = self.num_heads, self.head_dim
+
+        def split_heads(y: torch.Tensor, n: int = heads) -> torch.Tensor:  # [b, t, n * d] -> [b, n, t, d]
+            return y.view(b, t, n, d).transpose(1, 2)
+
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
             # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
-            q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
+            q, k, v = (split_heads(y) for y in group_outputs(self, QKV, x))
             cache = self.cache
             y = cached_step_attention(q, k, v, cos, sin, cache.k, cache.v, pos, cache.k_scale, cache.v_scale)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         if hasattr(self, QKV):  # fused: q and k are adjacent heads of one output, rotated together
             qkv = getattr(self, QKV)(x)
-            qk = apply_rope_signed(qkv[..., :2 * heads * d].view(b, t, 2 * heads, d).transpose(1, 2), cos, sin)
+            qk = apply_rope_signed(split_heads(qkv[..., :2 * heads * d], 2 * heads), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[..., 2 * heads * d:].view(b, t, heads, d).transpose(1, 2)
+            v = split_heads(qkv[..., 2 * heads * d:])
         else:
-            q, k, v = (y.view(b, t, heads, d).transpose(1, 2) for y in group_outputs(self, QKV, x))
+            q, k, v = (split_heads(y) for y in group_outputs(self, QKV, x))
             q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
         if self.cache is not None and pos is not None:
             if mask is None:
@@ -287,14 +291,17 @@ class SpectraLM(nn.Module):
             layer.self_attn.cache = KVCache(batch, self.config.num_heads, max_len, self.config.head_dim,
                                             dtype or param.dtype, param.device)
 
+    def _first_cache(self) -> KVCache | None:
+        return self.model.layers[0].self_attn.cache if len(self.model.layers) else None
+
     def cache_shape(self) -> tuple[int, int] | None:
         """(sequences, positions) of the KV cache that :meth:`setup_cache` allocated, or None."""
-        cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
+        cache = self._first_cache()
         return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     def cache_dtype(self) -> torch.dtype | None:
         """The dtype of the KV cache that :meth:`setup_cache` allocated (torch.int8: 8-bit rows), or None."""
-        cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
+        cache = self._first_cache()
         return None if cache is None else cache.k.dtype
 
     def prefill(self, tokens: torch.Tensor, last_only: bool = True) -> torch.Tensor:
