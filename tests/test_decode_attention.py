@@ -179,11 +179,13 @@ _INT8_SCRIPT = textwrap.dedent("""
                 failures.append(f"step b={b} h={h} L={length} d={d} {dtype} pos={p}: out err {err:.3e}, "
                                 f"cache diffs (k, v, k scale, v scale) {diff}")
 
-    # Under torch.compile the step is the opaque op spectra::decode_step_attention: its schema declares the
-    # mutated int8 caches and scales, and a compiled call (AOT autograd's functionalization) updates them as
-    # the eager kernel does.
+    # Under torch.compile the step is an opaque op, spectra::decode_step_attention (a floating-point cache) or
+    # spectra::decode_step_attention_int8: their schemas declare the mutated caches (and scales), and a compiled
+    # step (AOT autograd's functionalization) updates them as the eager kernel does. No optional mutated
+    # arguments: PyTorch 2.11 cannot trace a None one.
     from torch.library import opcheck
-    from spectra.kernels.attention import decode_step_attention_op
+    from spectra.kernels.attention import (cached_step_attention, decode_step_attention_int8_op,
+                                           decode_step_attention_op)
     b, h, length, d, p = 1, 2, 97, 32, 40
     qkv = torch.randn(b, 1, 3, h, d).half()
     qq, k, v = (qkv[:, :, i].transpose(1, 2).contiguous() for i in range(3))
@@ -191,25 +193,28 @@ _INT8_SCRIPT = textwrap.dedent("""
     kc, ks = quantize_cache_rows(torch.randn(b, h, length, d))
     vc, vs = quantize_cache_rows(torch.randn(b, h, length, d))
     pos = torch.tensor([p])
-    for scales in ((ks, vs), (None, None)):
-        caches = (kc, vc) if scales[0] is not None else (torch.randn(b, h, length, d).half(),) * 2
-        args = (qq, k, v, cos, sin, caches[0].clone(), caches[1].clone(), pos,
-                *(None if t is None else t.clone() for t in scales))
-        opcheck(decode_step_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    int8_state = (kc, vc, ks, vs)
+    half_state = (torch.randn(b, h, length, d).half(), torch.randn(b, h, length, d).half())
+    for op, state in ((decode_step_attention_int8_op, int8_state), (decode_step_attention_op, half_state)):
+        opcheck(op, (qq, k, v, cos, sin, *(t.clone() for t in state[:2]), pos, *(t.clone() for t in state[2:])),
+                test_utils=("test_schema", "test_faketensor"))
         cases += 1
-    eager = [t.clone() for t in (kc, vc, ks, vs)]
-    want = decode_step_attention_op(qq, k, v, cos, sin, eager[0], eager[1], pos, eager[2], eager[3])
-    compiled = [t.clone() for t in (kc, vc, ks, vs)]
-    step = torch.compile(lambda *a: decode_step_attention_op(*a), backend="aot_eager", fullgraph=True)
-    got = step(qq, k, v, cos, sin, compiled[0], compiled[1], pos, compiled[2], compiled[3])
-    cases += 1
-    if not (torch.equal(got, want) and all(torch.equal(a, b_) for a, b_ in zip(compiled, eager))):
-        failures.append("the compiled int8 step differs from the eager one")
+    step = torch.compile(lambda q_, k_, v_, c_, s_, p_, *st: cached_step_attention(q_, k_, v_, c_, s_, st[0], st[1],
+                                                                                  p_, *st[2:]),
+                         backend="aot_eager", fullgraph=True)
+    for state in (int8_state, half_state):
+        eager = [t.clone() for t in state]
+        want = decode_step_attention(qq, k, v, cos, sin, eager[0], eager[1], pos, *eager[2:])
+        compiled = [t.clone() for t in state]
+        got = step(qq, k, v, cos, sin, pos, *compiled)
+        cases += 1
+        if not (torch.equal(got, want) and all(torch.equal(a, b_) for a, b_ in zip(compiled, eager))):
+            failures.append(f"the compiled step differs from the eager one ({state[0].dtype} cache)")
 """)
 
 
 def test_int8_cache_decode_kernels_in_interpreter_match_reference():
-    _run_cases(_INT8_SCRIPT, 27)
+    _run_cases(_INT8_SCRIPT, 28)
 
 
 def test_int8_cache_rows_round_trip():

@@ -60,15 +60,17 @@ def blocks_per_span(length: int, rows: int, sms: int, chunk: int = CHUNK) -> int
     return max(1, -(-chunks // spans))
 
 
-QUANT_LEVELS = 127  # an int8 cache row holds round(x / scale) in -127..127, scale = max |x| / 127
+QUANT_LEVELS = 127  # an int8 cache row holds round(x / scale) in -127..127, scale = max |x| * (1 / 127)
 
 
 def quantize_cache_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values [..., D], fp32 scales [...]) of rows x [..., D] for an int8 KV cache: one scale per row
-    (sequence, head, position), max |x| / 127, and each value rounded (half to even) to a multiple of it. A row
-    of zeros keeps scale 0."""
+    (sequence, head, position), max |x| times the fp32 reciprocal of 127, and each value rounded (half to even) to
+    a multiple of it. A row of zeros keeps scale 0."""
     xf = x.float()
-    scale = xf.abs().amax(-1) / QUANT_LEVELS
+    # times the reciprocal, not divided by 127: PyTorch's CUDA division by a scalar multiplies by its reciprocal
+    # and its CPU one divides, so only this form gives one scale on every device (and in the decode kernel)
+    scale = xf.abs().amax(-1) * (1.0 / QUANT_LEVELS)
     values = torch.round(xf / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-QUANT_LEVELS, QUANT_LEVELS)
     return values.to(torch.int8), scale
 
@@ -142,6 +144,12 @@ if triton is not None:
         return tl.load(k_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
 
     @triton.jit
+    def _int8_to_f32(x):
+        """int8 values as fp32 exactly, without the int-to-float conversion instruction (a quarter-rate one): x
+        added to the bits of 1.5 * 2**23 lands in the low mantissa bits, and the float minus 1.5 * 2**23 is x."""
+        return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+    @triton.jit
     def _load_scales(ks_ptr, vs_ptr, sbase, rn, n_ok, QUANT: tl.constexpr):
         """Row scales of an int8 cache for rows rn (0 where not n_ok); without QUANT, none (ones)."""
         if QUANT:
@@ -151,8 +159,8 @@ if triton is not None:
 
     @triton.jit
     def _quantize_row(x, ok):
-        """(round(x / scale) as fp32 in -127..127, scale = max |x| / 127) for a row x (quantize_cache_rows)."""
-        scale = tl.math.div_rn(tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0), 127.0)
+        """(round(x / scale) as fp32 in -127..127, scale = max |x| * (1 / 127)) for a row x (quantize_cache_rows)."""
+        scale = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0) * (1.0 / 127.0)
         y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0))  # correctly rounded, as torch divides
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
         # round half to even (as torch.round): adding and taking away 1.5 * 2**23 leaves fp32 no fraction bits
@@ -238,7 +246,7 @@ if triton is not None:
                     # int8 rows times their scales. The row at pos enters through its score and weight alone
                     # (its loaded values are finite integers, weighted by 0): no tile-wide select, which would
                     # keep a converted copy of both tiles in registers.
-                    scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * ks
+                    scores = tl.sum(_int8_to_f32(k) * q[None, :], axis=1) * ks
                     if WRITE:
                         at_p = (rn == p) & holds_p
                         scores = tl.where(at_p, score_new, scores)
@@ -260,9 +268,9 @@ if triton is not None:
                     if WRITE:
                         e_p = tl.sum(tl.where(at_p, e, 0.0), axis=0)
                         weights = tl.where(at_p, 0.0, weights)
-                        acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0) + (e_p * vs_new) * v_new
+                        acc = acc * alpha + tl.sum(weights[:, None] * _int8_to_f32(v), axis=0) + (e_p * vs_new) * v_new
                     else:
-                        acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+                        acc = acc * alpha + tl.sum(weights[:, None] * _int8_to_f32(v), axis=0)
                 else:
                     acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
                 m = m_new
@@ -396,17 +404,32 @@ def decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
                    k_scale, v_scale)
 
 
-@torch.library.custom_op("spectra::decode_step_attention", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+# Two ops, not one with optional scales: some PyTorch releases (2.11) cannot trace an op whose mutated
+# arguments are None (its fake-tensor call fails inside torch.compile).
+@torch.library.custom_op("spectra::decode_step_attention", mutates_args=("k_cache", "v_cache"))
 def decode_step_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             pos: torch.Tensor, k_scale: torch.Tensor | None = None,
-                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                             pos: torch.Tensor) -> torch.Tensor:
     """:func:`decode_step_attention` as an opaque op for ``torch.compile`` (it updates the caches in place)."""
+    return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
+
+
+@torch.library.custom_op("spectra::decode_step_attention_int8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def decode_step_attention_int8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  pos: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_step_attention` on an int8 cache and its row scales, as an opaque op for ``torch.compile``."""
     return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
 
 
 @decode_step_attention_op.register_fake
-def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale=None, v_scale=None):
+def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@decode_step_attention_int8_op.register_fake
+def _decode_step_attention_int8_fake(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -422,5 +445,7 @@ def cached_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     """A GPU decode step (see :func:`uses_decode_kernel`) from raw q, k, v [B, H, 1, D]: rotary embedding,
     cache update and attention in one kernel."""
     if torch.compiler.is_compiling():
-        return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
+        if k_scale is None:
+            return decode_step_attention_op(q, k, v, cos, sin, k_cache, v_cache, pos)
+        return decode_step_attention_int8_op(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
     return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
