@@ -45,6 +45,19 @@ def _cache_f32(x, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _load_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, sbase, rn, end, rd, D: tl.constexpr, QUANT: tl.constexpr):
+    """K and V tiles [W, R, D] of cache rows rn [W, R] (rows from `end` on read as 0) and their int8 scales (1
+    for an fp16 cache)."""
+    ok = rn < end
+    offs = base + rn[:, :, None].to(tl.int64) * D + rd[None, None, :]
+    k = tl.load(k_ptr + offs, mask=ok[:, :, None], other=0)
+    v = tl.load(v_ptr + offs, mask=ok[:, :, None], other=0)
+    ks = tl.load(ks_ptr + sbase + rn, mask=ok & QUANT, other=1.0)
+    vs = tl.load(vs_ptr + sbase + rn, mask=ok & QUANT, other=1.0)
+    return k, v, ks, vs
+
+
+@triton.jit
 def _rows_attention_partial(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                             D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, SUB: tl.constexpr,
                             QUANT: tl.constexpr):
@@ -71,23 +84,12 @@ def _rows_attention_partial(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, m_ptr,
     m = tl.full((W, R), float("-inf"), tl.float32)
     l_rows = tl.zeros((W, R), tl.float32)
     acc = tl.zeros((W, R, D), tl.float32)
-    rn = start + rr
-    ok = rn < end
-    offs = base + rn[:, :, None].to(tl.int64) * D + rd[None, None, :]
-    k = tl.load(k_ptr + offs, mask=ok[:, :, None], other=0)
-    v = tl.load(v_ptr + offs, mask=ok[:, :, None], other=0)
-    ks = tl.load(ks_ptr + sbase + rn, mask=ok & QUANT, other=1.0)
-    vs = tl.load(vs_ptr + sbase + rn, mask=ok & QUANT, other=1.0)
+    k, v, ks, vs = _load_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, sbase, start + rr, end, rd, D, QUANT)
     for s0 in range(start, end, ROWS):
         rn = s0 + rr
         ok = rn < end
-        nxt = rn + ROWS  # the next block's loads go out before this block's arithmetic
-        ok_n = nxt < end
-        offs_n = base + nxt[:, :, None].to(tl.int64) * D + rd[None, None, :]
-        k_n = tl.load(k_ptr + offs_n, mask=ok_n[:, :, None], other=0)
-        v_n = tl.load(v_ptr + offs_n, mask=ok_n[:, :, None], other=0)
-        ks_n = tl.load(ks_ptr + sbase + nxt, mask=ok_n & QUANT, other=1.0)
-        vs_n = tl.load(vs_ptr + sbase + nxt, mask=ok_n & QUANT, other=1.0)
+        # the next block's loads go out before this block's arithmetic
+        k_n, v_n, ks_n, vs_n = _load_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, sbase, rn + ROWS, end, rd, D, QUANT)
         scores = tl.where(ok, tl.sum(_cache_f32(k, QUANT) * q, axis=2) * ks * sm_scale, float("-inf"))
         m_new = tl.maximum(m, scores)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has read nothing stays empty
