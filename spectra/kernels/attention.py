@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - CPU-only installs use the reference
 CHUNK = 64  # cache positions per block (one [CHUNK, D] tile of K and of V in registers)
 SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
 # An int8 cache's block height and warps, set apart from the fp16 cache's: its rows are half the bytes, so the
-# best tile may differ (not yet timed on a GPU; the GPU tests cover 32 and 64 at 4 and 8 warps)
+# best tile may differ. Of 32/64 rows at 4/8 warps, 64 at 4 was fastest on an H100 at contexts 2048 and 8192
+# (docs/performance.md, tenth session); the GPU tests cover all four.
 INT8_CHUNK, INT8_WARPS = 64, 4
 
 
