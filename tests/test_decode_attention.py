@@ -351,23 +351,6 @@ def test_gpu_int8_cache_decode_step_matches_reference_and_replays_in_a_graph(dty
             assert torch.allclose(ks[:, :, p], wants[2][:, :, p]) and torch.equal(vs[:, :, p], wants[3][:, :, p])
 
 
-def test_rows_probe_kernel_matches_reference_in_interpreter():
-    # benchmarks/decode_attention_rows_probe.py holds a candidate decode-attention kernel (a softmax state per
-    # cache row); its timings only mean something if it computes the same attention, fp16 and int8 caches,
-    # contexts inside one block, across blocks and across spans.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    probe = Path(__file__).parents[1] / "benchmarks" / "decode_attention_rows_probe.py"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(probe), "--check", "--contexts", "5,70,300", "--warps", "4",
-                           "--reps-per-warp", "1,2"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "all variants match the reference" in proc.stdout
-
-
 def test_no_custom_op_mutates_an_optional_argument():
     # PyTorch 2.11 (what the GPU machines run) cannot trace an op whose mutated argument may be None: its
     # fake-tensor call fails inside torch.compile. PyTorch 2.13 (CI) can, so only the schema shows it here. The
