@@ -1,0 +1,26 @@
+#!/bin/bash
+# One device call (H100/H200, <= 10 minutes): the decode-attention GPU tests, then the probes beside the library.
+#   bash benchmarks/probes_device_run.sh OUT [BUDGET_SECONDS]
+# Each step writes OUT/<step>.txt and gets at most what is left of the budget (default 560 s).
+OUT=${1:?usage: probes_device_run.sh OUT [BUDGET_SECONDS]}
+BUDGET=${2:-560}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+START=$(date +%s)
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  (( limit > left )) && limit=$left
+  if (( limit < 20 )); then echo "== $name: skipped (budget)"; return; fi
+  echo "== $name (at most $limit s, at $(( $(date +%s) - START )) s)"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "exit $?" >> "$OUT/$name.txt"
+  tail -n "${TAIL:-25}" "$OUT/$name.txt"
+}
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+TAIL=8 step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_decode_attention.py tests/test_generate.py
+TAIL=30 step attention_rows 90 python3 benchmarks/decode_attention_rows_probe.py --trials 3
+TAIL=12 step fused_mlp 90 python3 benchmarks/fused_mlp_probe.py --trials 3
+TAIL=6 step sliced_dequant 90 python3 benchmarks/prefill_sliced_dequant_probe.py --trials 3
+TAIL=12 step decode_int8 150 python3 benchmarks/bench_decode_paths.py --kinds float,tq2 --batches 1 --modes eager \
+    --long-contexts 8192 --int8-cache
+echo "done in $(( $(date +%s) - START )) s"
