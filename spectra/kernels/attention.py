@@ -424,14 +424,12 @@ def decode_step_attention_int8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return decode_step_attention(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale)
 
 
-@decode_step_attention_op.register_fake
-def _decode_step_attention_fake(q, k, v, cos, sin, k_cache, v_cache, pos):
+def _decode_step_attention_fake(q, *rows_and_caches):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-@decode_step_attention_int8_op.register_fake
-def _decode_step_attention_int8_fake(q, k, v, cos, sin, k_cache, v_cache, pos, k_scale, v_scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+decode_step_attention_op.register_fake(_decode_step_attention_fake)
+decode_step_attention_int8_op.register_fake(_decode_step_attention_fake)
 
 
 def uses_decode_kernel(t: int, device: torch.device, pos: torch.Tensor | None) -> bool:
