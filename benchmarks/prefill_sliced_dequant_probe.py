@@ -46,10 +46,15 @@ def sliced_product(x: torch.Tensor, packed: torch.Tensor, fmt: str, k: int, scal
     slice's dequantize runs on the `side` stream while this slice's GEMM runs on the current one."""
     n = packed.shape[0]
     bounds = [(n0, min(n0 + slice_rows, n)) for n0 in range(0, n, slice_rows)]
-    if not overlap or not packed.is_cuda:
+    if not packed.is_cuda:  # the slicing alone, for --check
         for n0, n1 in bounds:
-            w = dequantize_rows(packed[n0:n1], fmt, k, scale, x.dtype)
-            torch.matmul(x, w.t(), out=out[:, n0:n1])
+            torch.matmul(x, dequantize_rows(packed[n0:n1], fmt, k, scale, x.dtype).t(), out=out[:, n0:n1])
+        return out
+    if not overlap:  # one slot, reused: the weights stay in the L2
+        for n0, n1 in bounds:
+            slot = slots[0][: (n1 - n0) * k].view(n1 - n0, k)
+            _dequantize_into(packed[n0:n1], fmt, k, scale, slot)
+            torch.matmul(x, slot.t(), out=out[:, n0:n1])
         return out
     main = torch.cuda.current_stream()
     ready = [torch.cuda.Event() for _ in bounds]   # slice i's weights are in its slot
