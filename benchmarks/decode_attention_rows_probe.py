@@ -246,5 +246,6 @@ def time_context(int8: bool, ctx: int, b: int, h: int, d: int, warps: list[int],
                         f"{t_lib / t:.2f}x |")
     return rows
 
+
 if __name__ == "__main__":
     main()
