@@ -33,14 +33,15 @@ import triton
 import triton.language as tl
 
 from spectra.kernels import attention
+from spectra.kernels.attention import _int8_to_f32
 from spectra.kernels.timing import l2_size, time_graph
 
 
 @triton.jit
 def _cache_f32(x, QUANT: tl.constexpr):
-    """Cache values as fp32 (int8 ones by the 1.5 * 2**23 bit trick, as the library kernel converts them)."""
+    """Cache values as fp32 (int8 ones as the library kernel converts them)."""
     if QUANT:
-        return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        return _int8_to_f32(x)
     return x.to(tl.float32)
 
 
