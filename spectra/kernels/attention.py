@@ -61,6 +61,14 @@ def blocks_per_span(length: int, rows: int, sms: int, chunk: int = CHUNK) -> int
     return max(1, -(-chunks // spans))
 
 
+def block_shape(chunk: int, bd: int, element_size: int, warps: int) -> tuple[int, int]:
+    """(W, R): a block of `chunk` cache rows as W x R, R the rows one warp's lanes cover when each lane loads 16
+    bytes of a row of `bd` values, so that the kernel's warps split W (see _decode_attn_partial)."""
+    lanes_per_row = max(1, min(32, bd * element_size // 16))
+    r = min(chunk, 32 // lanes_per_row)
+    return max(1, chunk // r), r
+
+
 QUANT_LEVELS = 127  # an int8 cache row holds round(x / scale) in -127..127, scale = max |x| * (1 / 127)
 
 
@@ -139,16 +147,19 @@ if triton is not None:
 
     @triton.jit
     def _load_rows(k_ptr, v_ptr, base, rn, n_ok, rd, d_ok, D: tl.constexpr):
-        """Cache rows rn of K and V (in the cache's dtype; rows not n_ok read as 0)."""
-        offs = base + rn[:, None].to(tl.int64) * D + rd[None, :]
-        kv_mask = n_ok[:, None] & d_ok[None, :]
+        """Cache rows rn [W, R] of K and V as [W, R, BD] tiles (in the cache's dtype; rows not n_ok read as 0)."""
+        offs = base + rn[:, :, None].to(tl.int64) * D + rd[None, None, :]
+        kv_mask = n_ok[:, :, None] & d_ok[None, None, :]
         return tl.load(k_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
 
     @triton.jit
-    def _int8_to_f32(x):
-        """int8 values as fp32 exactly, without the int-to-float conversion instruction (a quarter-rate one): x
-        added to the bits of 1.5 * 2**23 lands in the low mantissa bits, and the float minus 1.5 * 2**23 is x."""
-        return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    def _cache_f32(x, QUANT: tl.constexpr):
+        """Cache values as fp32. int8 ones (QUANT) without the int-to-float conversion instruction (a quarter-rate
+        one): x added to the bits of 1.5 * 2**23 lands in the low mantissa bits, and the float minus 1.5 * 2**23
+        is x, exactly."""
+        if QUANT:
+            return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        return x.to(tl.float32)
 
     @triton.jit
     def _load_scales(ks_ptr, vs_ptr, sbase, rn, n_ok, QUANT: tl.constexpr):
@@ -171,17 +182,18 @@ if triton is not None:
     def _decode_attn_partial(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, sm_scale,
                              kn_ptr, vn_ptr, cos_ptr, sin_ptr, H, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, out_ptr, cnt_ptr,
                              ks_ptr, vs_ptr,
-                             D: tl.constexpr, BD: tl.constexpr, CHUNK_N: tl.constexpr, SUB: tl.constexpr,
+                             D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, R: tl.constexpr, SUB: tl.constexpr,
                              BS: tl.constexpr, ROPE: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
                              QUANT: tl.constexpr):
         if PDL:  # launched with PDL: the next launch (the o projection) may start and prefetch its weights
             gdc_launch_dependents()
         bh = tl.program_id(0)  # sequence * heads + head
-        c = tl.program_id(1)   # span of SUB blocks of CHUNK_N cache positions
+        c = tl.program_id(1)   # span of SUB blocks of W x R cache positions
         b = bh // H
         h = bh - b * H
         p = tl.load(pos_ptr).to(tl.int32)
         n = tl.minimum(p + 1, L)  # positions 0..pos are filled (never past L)
+        CHUNK_N: tl.constexpr = W * R
         SPAN: tl.constexpr = CHUNK_N * SUB
         start = c * SPAN
         if start < n:
@@ -190,31 +202,66 @@ if triton is not None:
             d_ok = rd < D
             base = bh.to(tl.int64) * L * D
             sbase = bh.to(tl.int64) * L  # row scales of an int8 cache (QUANT): [B, H, L]
-            rc = tl.arange(0, CHUNK_N)
+            # A block is W x R rows: a warp's lanes hold R rows of it (W is a multiple of the warps), so that every
+            # row keeps its own running max, sum and weighted value sum and a block needs no reduction across warps
+            # (no shared memory, no barrier); the span's rows are merged once, after the loop.
+            rr = tl.arange(0, W)[:, None] * R + tl.arange(0, R)[None, :]
+            holds_p = (p < start + SPAN) & (p < L)  # the span holds pos (its last filled row)
+            # Rows read from the cache: start..stop. When writing, row pos comes from the step's new key and value
+            # instead, and enters the merge after the loop.
+            stop = end
+            if WRITE:
+                stop = tl.where(holds_p, p, end)
             # The span's first block is loaded before anything else: it depends only on pos, so its loads are in
             # flight at once (a decode step is a chain of short launches: each dependent round trip to memory
             # costs about a microsecond).
-            k, v = _load_rows(k_ptr, v_ptr, base, start + rc, start + rc < end, rd, d_ok, D)
-            ks, vs = _load_scales(ks_ptr, vs_ptr, sbase, start + rc, start + rc < end, QUANT)
+            k, v = _load_rows(k_ptr, v_ptr, base, start + rr, start + rr < stop, rd, d_ok, D)
+            ks, vs = _load_scales(ks_ptr, vs_ptr, sbase, start + rr, start + rr < stop, QUANT)
             if PDL:
                 # Under PDL the cache rows and pos above are read before waiting for the kernels before this one
                 # (the q/k/v product): no kernel of a step writes them before this one (pos and the rows before
                 # it were written by earlier steps, or the prefill, which a step's first, non-PDL kernel waits
-                # for; row pos, which this kernel writes, replaces what was loaded for it). What that product
-                # wrote is read only after the wait. Programs past pos exit without waiting; span 0's waits,
-                # so the grid still ends after its predecessor.
+                # for; row pos, which this kernel writes, is not among the rows loaded). What that product wrote
+                # is read only after the wait. Programs past pos exit without waiting; span 0's waits, so the
+                # grid still ends after its predecessor.
                 gdc_wait()
             q = _rope_row(q_ptr + b * sq_b + h * sq_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32)  # the rotated query is rounded like the reference's
-            holds_p = (p < start + SPAN) & (p < L)  # its last block holds pos (spans before it never read it)
+            q3 = q[None, None, :]
+            m = tl.full((W, R), float("-inf"), tl.float32)
+            l_rows = tl.zeros((W, R), tl.float32)
+            acc = tl.zeros((W, R, BD), tl.float32)
+            for s0 in range(start, stop, CHUNK_N):
+                rn = s0 + rr
+                n_ok = rn < stop
+                # the next block's loads go out before this block's arithmetic (two blocks in flight)
+                k_next, v_next = _load_rows(k_ptr, v_ptr, base, rn + CHUNK_N, rn + CHUNK_N < stop, rd, d_ok, D)
+                ks_next, vs_next = _load_scales(ks_ptr, vs_ptr, sbase, rn + CHUNK_N, rn + CHUNK_N < stop, QUANT)
+                # an int8 row's values times its scale: the score and the softmax weight take the scale, so the
+                # tiles are never dequantized
+                scores = tl.sum(_cache_f32(k, QUANT) * q3, axis=2) * ks * sm_scale
+                scores = tl.where(n_ok, scores, float("-inf"))
+                m_new = tl.maximum(m, scores)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing read yet stays empty
+                alpha = tl.exp(m - m_use)
+                e = tl.exp(scores - m_use)
+                l_rows = l_rows * alpha + e
+                acc = acc * alpha[:, :, None] + (e * vs)[:, :, None] * _cache_f32(v, QUANT)
+                m = m_new
+                k = k_next
+                v = v_next
+                ks = ks_next
+                vs = vs_next
+            # The span's rows merged (rows that read nothing have max -inf and weigh 0), with the new row.
+            m_span = tl.max(tl.max(m, axis=1), axis=0)
             k_new = tl.zeros((BD,), tl.float32)
             v_new = tl.zeros((BD,), tl.float32)
-            ks_new = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
+            ks_new = tl.max(tl.full((R,), 1.0, tl.float32), axis=0)  # a floating-point cache's rows: scale 1
             vs_new = ks_new
             if WRITE:
-                # The program whose span holds pos stores the step's key (rotated) and value, and uses them in
-                # place of the row it loaded.
                 if holds_p:
+                    # The program whose span holds pos stores the step's key (rotated) and value, and takes them
+                    # for row pos.
                     k_row = _rope_row(kn_ptr + b * sk_b + h * sk_h, cos_ptr, sin_ptr, rd, d_ok, D, ROPE)
                     v_row = tl.load(vn_ptr + b * sv_b + h * sv_h + rd, mask=d_ok, other=0.0)
                     row = base + p.to(tl.int64) * D + rd
@@ -233,52 +280,16 @@ if triton is not None:
                         tl.store(v_ptr + row, v_row, mask=d_ok)
                         k_new = k_row.to(tl.float32)
                         v_new = v_row.to(tl.float32)
-            score_new = tl.sum(k_new * q, axis=0) * ks_new  # the new row's score (QUANT; before sm_scale)
-            m = tl.max(tl.full((CHUNK_N,), float("-inf"), tl.float32), axis=0)
-            l_sum = tl.sum(tl.zeros((CHUNK_N,), tl.float32), axis=0)
-            acc = tl.zeros((BD,), tl.float32)
-            for s0 in range(start, end, CHUNK_N):
-                rn = s0 + rc
-                n_ok = rn < end
-                # the next block's loads go out before this block's arithmetic (two blocks in flight)
-                k_next, v_next = _load_rows(k_ptr, v_ptr, base, rn + CHUNK_N, rn + CHUNK_N < end, rd, d_ok, D)
-                ks_next, vs_next = _load_scales(ks_ptr, vs_ptr, sbase, rn + CHUNK_N, rn + CHUNK_N < end, QUANT)
-                if QUANT:
-                    # int8 rows times their scales. The row at pos enters through its score and weight alone
-                    # (its loaded values are finite integers, weighted by 0): no tile-wide select, which would
-                    # keep a converted copy of both tiles in registers.
-                    scores = tl.sum(_int8_to_f32(k) * q[None, :], axis=1) * ks
-                    if WRITE:
-                        at_p = (rn == p) & holds_p
-                        scores = tl.where(at_p, score_new, scores)
-                    scores = tl.where(n_ok, scores * sm_scale, float("-inf"))
-                else:
-                    kf = k.to(tl.float32)
-                    vf = v.to(tl.float32)
-                    if WRITE:
-                        at_p = (rn == p) & holds_p
-                        kf = tl.where(at_p[:, None], k_new[None, :], kf)
-                        vf = tl.where(at_p[:, None], v_new[None, :], vf)
-                    scores = tl.where(n_ok, tl.sum(kf * q[None, :], axis=1) * sm_scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: every block holds a filled position
-                alpha = tl.exp(m - m_new)
-                e = tl.exp(scores - m_new)
-                l_sum = l_sum * alpha + tl.sum(e, axis=0)
-                if QUANT:
-                    weights = e * vs
-                    if WRITE:
-                        e_p = tl.sum(tl.where(at_p, e, 0.0), axis=0)
-                        weights = tl.where(at_p, 0.0, weights)
-                        acc = acc * alpha + tl.sum(weights[:, None] * _int8_to_f32(v), axis=0) + (e_p * vs_new) * v_new
-                    else:
-                        acc = acc * alpha + tl.sum(weights[:, None] * _int8_to_f32(v), axis=0)
-                else:
-                    acc = acc * alpha + tl.sum(e[:, None] * vf, axis=0)
-                m = m_new
-                k = k_next
-                v = v_next
-                ks = ks_next
-                vs = vs_next
+            score_new = tl.sum(k_new * q, axis=0) * ks_new * sm_scale
+            has_new = holds_p & WRITE
+            m_all = tl.where(has_new, tl.maximum(m_span, score_new), m_span)  # finite: the span holds a filled row
+            f = tl.exp(m - m_all)
+            l_sum = tl.sum(tl.sum(l_rows * f, axis=1), axis=0)
+            acc = tl.sum(tl.sum(acc * f[:, :, None], axis=1), axis=0)
+            e_new = tl.where(has_new, tl.exp(score_new - m_all), 0.0)
+            l_sum = l_sum + e_new
+            acc = acc + (e_new * vs_new) * v_new
+            m = m_all
             used = (n + SPAN - 1) // SPAN
             if used == 1:
                 # One span holds every filled position: the result directly, without the partial slots,
@@ -346,6 +357,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_sc
     quant = k_scale is not None
     chunk = chunk or (INT8_CHUNK if quant else CHUNK)
     warps = warps or (INT8_WARPS if quant else 4)
+    w, r = block_shape(chunk, triton.next_power_of_2(d), k_cache.element_size(), warps)
     if sub is None:
         sub = blocks_per_span(length, b * h, num_sms(q.device) if q.is_cuda else 1, chunk)  # CPU: the interpreter
     splits = triton.cdiv(length, chunk * sub)
@@ -363,7 +375,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_sc
     _decode_attn_partial[(b * h, splits)](
         q, k_cache, v_cache, pos, m, l_sum, acc, length, splits, d ** -0.5, kn, vn, cs, sn, h,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out, counters, ks, vs,
-        D=d, BD=triton.next_power_of_2(d), CHUNK_N=chunk, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
+        D=d, BD=triton.next_power_of_2(d), W=w, R=r, SUB=sub, BS=min(32, triton.next_power_of_2(splits)),
         ROPE=rope, WRITE=write, QUANT=quant, num_warps=warps, **pdl_options(q.device))
     return out
 
