@@ -1,5 +1,5 @@
 """The decode-attention kernel alone: microseconds per launch and cache bytes read per second, by context,
-batch and span size (blocks of 64 cache positions per program).
+batch and span size (blocks of CHUNK cache positions per program).
 
     python3 benchmarks/bench_decode_attention.py [--contexts 128,2048,8192] [--batches 1,16] [--subs 1,2,4,8,auto]
         [--cache fp16,int8] [--chunks 32,64]

@@ -8,8 +8,12 @@ position reached (measured on an H100: 346 -> 288 steps/s for a 3.9B TQ2 model b
 Here the number of positions to read comes from the device (``pos``), so one captured graph serves every
 position. One kernel, ``_decode_attn_partial``: each (sequence, head, span) program reads a span of blocks of
 CHUNK positions (:func:`blocks_per_span`: one block for a short cache, more for a long one, so that a full cache
-gives a few programs per SM) and computes the running max, sum and weighted value sum over it, block by block
-(online softmax, the next block's loads in flight during this block's arithmetic); programs whose span starts
+gives a few programs per SM). Every cache row of a block keeps its own running max, sum and weighted value sum
+through the loop (online softmax per row, the next block's loads in flight during this block's arithmetic), and
+the span's rows are merged once after it: a block needs no reduction across warps. The earlier kernel reduced
+each block across its warps three times (max, sum, weighted values; each a shared-memory round trip and a
+barrier) and was bound by that chain, not by bytes: 46.7 -> 38.1 us at context 8192 with an fp16 cache, 36.4 ->
+29.9 us with an int8 one (H100, 24 heads x 128, batch 1). Programs whose span starts
 past pos exit at once, and the last span of a (sequence, head) to finish merges them (``_merge_chunks``; a
 second launch for the merge cost about 1.9 us per layer). Softmax and sums in fp32. With one block per program,
 a context of 8192 left 130 partials per head to merge; spans of 6 blocks made the kernel 12% faster there
@@ -17,7 +21,8 @@ a context of 8192 left 130 partials per head to merge; spans of 6 blocks made th
 
 The model's decode step (:func:`decode_step_attention`) also hands the kernel the step's raw query, key and
 value: the kernel applies the rotary embedding to the query (and the new key), and the program whose span
-holds ``pos`` writes the new key and value into the caches and uses them in place of the row it loaded. That
+holds ``pos`` writes the new key and value into the caches and takes them for row pos, which enters the merge
+after the loop (its cache row is never read). That
 replaces three pointwise launches per layer (rotary q, rotary k + cache write, v cache write): on an H100 they
 took about 117 us of a 1.9 ms 3.9B decode step (30 layers x 3 launches).
 
@@ -43,11 +48,11 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs use the reference
     triton = None
 
-CHUNK = 64  # cache positions per block (one [CHUNK, D] tile of K and of V in registers)
+# Cache positions per block: a block is W x R rows (block_shape), every row with its own online-softmax state.
+# Measured on an H100 with benchmarks/decode_attention_rows_probe.py (docs/performance.md, eleventh session): an
+# fp16 cache is fastest at 32 rows (16 x 2) and 4 warps, an int8 cache at 64 rows (16 x 4) and 4 warps.
+CHUNK = 32
 SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
-# An int8 cache's block height and warps, set apart from the fp16 cache's: its rows are half the bytes, so the
-# best tile may differ. Of 32/64 rows at 4/8 warps, 64 at 4 was fastest on an H100 at contexts 2048 and 8192
-# (docs/performance.md, tenth session); the GPU tests cover all four.
 INT8_CHUNK, INT8_WARPS = 64, 4
 
 
