@@ -4,8 +4,9 @@
 
 Random weights (the named shape, fused q/k/v and gate/up as `generate` fuses them), a KV cache of the prompt
 plus 16 positions, batch 1 unless --batches says more. One trial = the prompt's forward with the cache
-(``model(tokens, input_pos=arange(prompt), last_only=True)``; with --all-logits every position's logits, as
-before `generate` asked for the last only) and the greedy first token, timed with CUDA events around the
+(``model.prefill(tokens)``, the call `generate` makes: the prompt attends to itself causally and its keys and
+values go into the cache; with --all-logits every position's logits, as before `generate` asked for the last
+only) and the greedy first token, timed with CUDA events around the
 whole call (host work included, as a user waits for it); the median of --trials after two warm-up calls. Each
 line also gives how long the host took to issue the call: when that is close to the whole, the prefill is
 bound by host work (Python, launches), not by the GPU.
@@ -36,7 +37,6 @@ def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = 
     """(seconds from the call to the first token on the GPU, seconds the host took to issue the call): medians.
     When the two are close, the prefill is bound by host work, not by the GPU."""
     tokens = random_prompt(model, batch, prompt, 1)
-    positions = torch.arange(prompt, device=tokens.device)
     model.setup_cache(batch, prompt + 16)
     times, issue = [], []
     with torch.inference_mode():
@@ -45,7 +45,7 @@ def time_prefill(model, batch: int, prompt: int, trials: int, last_only: bool = 
             torch.cuda.synchronize()
             begin.record()
             start = time.perf_counter()
-            first = model(tokens, input_pos=positions, last_only=last_only)[:, -1].argmax(-1)
+            first = model.prefill(tokens, last_only=last_only)[:, -1].argmax(-1)
             issued = time.perf_counter() - start
             end.record()
             end.synchronize()
@@ -83,13 +83,12 @@ def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     tokens = random_prompt(model, batch, prompt, 3)
-    positions = torch.arange(prompt, device=tokens.device)
     model.setup_cache(batch, prompt + 16)
     with torch.inference_mode():
-        model(tokens, input_pos=positions, last_only=True)
+        model.prefill(tokens)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(tokens, input_pos=positions, last_only=True)
+            model.prefill(tokens)
             torch.cuda.synchronize()
     model.clear_cache()
     averages = prof.key_averages()
