@@ -33,16 +33,8 @@ import triton
 import triton.language as tl
 
 from spectra.kernels import attention
-from spectra.kernels.attention import _int8_to_f32
+from spectra.kernels.attention import _cache_f32  # int8 values as the library kernel converts them
 from spectra.kernels.timing import l2_size, time_graph
-
-
-@triton.jit
-def _cache_f32(x, QUANT: tl.constexpr):
-    """Cache values as fp32 (int8 ones as the library kernel converts them)."""
-    if QUANT:
-        return _int8_to_f32(x)
-    return x.to(tl.float32)
 
 
 @triton.jit

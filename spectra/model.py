@@ -3,7 +3,8 @@
 RMSNorm with a learned weight, SwiGLU MLP, rotary position embedding, multi-head attention through
 scaled_dot_product_attention, no biases, untied embedding and lm head. One-token decode steps on a GPU take
 spectra/kernels/attention.py instead: rotary embedding, cache write and a split-KV attention over the filled
-part of the KV cache, in one kernel. Linear layers come from :func:`spectra.kinds.make_linear`, so the
+part of the KV cache, in one kernel; a GPU prefill into a fresh cache applies the rotary embedding and writes
+the cache in one kernel too. Linear layers come from :func:`spectra.kinds.make_linear`, so the
 weight kind is a config field, not a code path; their names, sizes and axes come from the one table of
 :mod:`spectra.block`.
 Parameter names match transformers' LlamaForCausalLM so checkpoints move between the two unchanged.
@@ -21,6 +22,8 @@ from .errors import ConfigError
 from .kernels.attention import (
     cached_step_attention,
     dequantize_cache_rows,
+    prefill_kernel_applies,
+    prefill_rope_write,
     uses_decode_kernel,
     write_cache_rows,
 )
@@ -144,6 +147,16 @@ class Attention(nn.Module):
             q, k, v = (split_heads(y) for y in group_outputs(self, QKV, x))
             cache = self.cache
             y = cached_step_attention(q, k, v, cos, sin, cache.k, cache.v, pos, cache.k_scale, cache.v_scale)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        if (self.cache is not None and pos is not None and mask is None and cos.dim() == 2 and cos.is_contiguous()
+                and prefill_kernel_applies(x, self.cache.k, self.cache.k_scale)):
+            # a prompt into a fresh cache (positions 0..t-1, cos/sin [t, d]) on a GPU: the rotary embedding of q
+            # and k and the cache write of k and v in one kernel instead of six; the prompt attends to the rows
+            # just written
+            q, k, v = (y.view(b, t, heads, d) for y in group_outputs(self, QKV, x))
+            cache = self.cache
+            q = prefill_rope_write(q, k, v, cos, sin, cache.k, cache.v).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, cache.k[:, :, :t], cache.v[:, :, :t], is_causal=t > 1)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         if hasattr(self, QKV):  # fused: q and k are adjacent heads of one output, rotated together
             qkv = getattr(self, QKV)(x)
