@@ -18,8 +18,7 @@ step() {
   tail -n "${TAIL:-25}" "$OUT/$name.txt"
 }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=8 step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_decode_attention.py tests/test_generate.py
-TAIL=30 step attention_rows 90 python3 benchmarks/decode_attention_rows_probe.py --trials 3
+TAIL=8 step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_prefill_kernel.py tests/test_decode_attention.py tests/test_generate.py
 TAIL=12 step fused_mlp 100 python3 benchmarks/fused_mlp_probe.py --bj 8,16 --trials 3
 TAIL=6 step sliced_dequant 90 python3 benchmarks/prefill_sliced_dequant_probe.py --trials 3
 TAIL=12 step decode_int8 150 python3 benchmarks/bench_decode_paths.py --kinds float,tq2 --batches 1 --modes eager \

@@ -22,13 +22,6 @@ def _check(script: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_decode_attention_rows_probe_matches_the_reference():
-    # a softmax state per cache row: fp16 and int8 caches, contexts inside one block, across blocks and spans
-    pytest.importorskip("triton")
-    out = _check("decode_attention_rows_probe.py", "--contexts", "5,70,300", "--warps", "4", "--reps-per-warp", "1,2")
-    assert "all variants match the reference" in out
-
-
 def test_fused_mlp_probe_matches_the_reference():
     # gate/up, SwiGLU and down in one kernel: partial blocks of units, rows and columns everywhere
     pytest.importorskip("triton")
