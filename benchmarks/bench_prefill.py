@@ -79,7 +79,10 @@ def time_generate_first_token(model, batch: int, prompt: int, trials: int) -> fl
 
 def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
     """torch.profiler tables of one prefill (after a warm-up one): the ops with the most self CPU time, then
-    the GPU kernels with the most device time."""
+    the GPU kernels with the most device time; then the calls of one more prefill that made the host wait for
+    the GPU (PyTorch's sync debug mode): a host issue time as long as the forward's points at one."""
+    import warnings
+
     from torch.profiler import ProfilerActivity, profile
 
     tokens = random_prompt(model, batch, prompt, 3)
@@ -90,10 +93,21 @@ def profile_prefill(model, batch: int, prompt: int, rows: int = 15) -> str:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model.prefill(tokens)
             torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.prefill(tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
     model.clear_cache()
+    syncs = sorted({f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+                    if "synchroniz" in str(w.message)})
     averages = prof.key_averages()
     return (averages.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n"
-            + averages.table(sort_by="self_device_time_total", row_limit=rows))
+            + averages.table(sort_by="self_device_time_total", row_limit=rows) + "\n"
+            + f"host waits for the GPU in one prefill: {len(syncs) or 'none'}\n" + "\n".join(syncs))
 
 
 def main() -> None:
