@@ -13,7 +13,7 @@ through the loop (online softmax per row, the next block's loads in flight durin
 the span's rows are merged once after it: a block needs no reduction across warps. The earlier kernel reduced
 each block across its warps three times (max, sum, weighted values; each a shared-memory round trip and a
 barrier) and was bound by that chain, not by bytes: 46.7 -> 38.1 us at context 8192 with an fp16 cache, 36.4 ->
-29.9 us with an int8 one (H100, 24 heads x 128, batch 1). Programs whose span starts
+31.9 us with an int8 one (H100, 24 heads x 128, batch 1). Programs whose span starts
 past pos exit at once, and the last span of a (sequence, head) to finish merges them (``_merge_chunks``; a
 second launch for the merge cost about 1.9 us per layer). Softmax and sums in fp32. With one block per program,
 a context of 8192 left 130 partials per head to merge; spans of 6 blocks made the kernel 12% faster there
@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - CPU-only installs use the reference
     triton = None
 
 # Cache positions per block: a block is W x R rows (block_shape), every row with its own online-softmax state.
-# Measured on an H100 with benchmarks/decode_attention_rows_probe.py (docs/performance.md, eleventh session): an
+# Measured on an H100 (docs/performance.md, eleventh session; benchmarks/bench_decode_attention.py --chunks): an
 # fp16 cache is fastest at 32 rows (16 x 2) and 4 warps, an int8 cache at 64 rows (16 x 4) and 4 warps.
 CHUNK = 32
 SPANS_PER_SM = 4  # a long cache is cut into about this many spans per SM (over all sequences and heads)
@@ -74,7 +74,7 @@ def blocks_per_span(length: int, rows: int, sms: int, chunk: int = CHUNK) -> int
     return max(1, -(-chunks // spans))
 
 
-def block_shape(chunk: int, bd: int, element_size: int, warps: int) -> tuple[int, int]:
+def block_shape(chunk: int, bd: int, element_size: int) -> tuple[int, int]:
     """(W, R): a block of `chunk` cache rows as W x R, R the rows one warp's lanes cover when each lane loads 16
     bytes of a row of `bd` values, so that the kernel's warps split W (see _decode_attn_partial)."""
     lanes_per_row = max(1, min(32, bd * element_size // 16))
@@ -370,7 +370,7 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_sc
     quant = k_scale is not None
     chunk = chunk or (INT8_CHUNK if quant else CHUNK)
     warps = warps or (INT8_WARPS if quant else 4)
-    w, r = block_shape(chunk, triton.next_power_of_2(d), k_cache.element_size(), warps)
+    w, r = block_shape(chunk, triton.next_power_of_2(d), k_cache.element_size())
     if sub is None:
         sub = blocks_per_span(length, b * h, num_sms(q.device) if q.is_cuda else 1, chunk)  # CPU: the interpreter
     splits = triton.cdiv(length, chunk * sub)
