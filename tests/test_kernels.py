@@ -3,6 +3,7 @@ exhaustive checks of the inline-PTX decode constants, dispatcher checks, and GPU
 
 from __future__ import annotations
 
+import json
 import textwrap
 from dataclasses import asdict
 from functools import partial
@@ -317,6 +318,25 @@ def test_tune_shapes_writes_entries_that_lookup_then_returns(monkeypatch, scratc
     for fmt in ("tq2", "tq1"):
         for m in (1, 3, 4):  # 3 and 4 share a bucket
             assert configs.lookup_config(fmt, 136, 200, m, torch.float16, 0, torch.device("cpu")) == picked
+    monkeypatch.setattr(configs, "_table", None)
+
+
+def test_interrupted_tune_keeps_the_shapes_it_finished(monkeypatch, scratch_kernel_table):
+    # A long tune stopped part way (Ctrl-C, a time limit) must not lose the shapes already measured.
+    picked = configs.KernelConfig("tc", 16, 64, 32, 3, 4, 5)
+    done = []
+
+    def fake_tune(fmt, n, k, m, dtype, device, candidates, save):
+        if done:
+            raise KeyboardInterrupt
+        done.append((fmt, n, k, m))
+        return picked, {picked: 1e-5}
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune_shapes([(200, 136), (136, 200)], ("tq2",), (1,), device="cpu", log=lambda msg: None)
+    saved = json.loads((scratch_kernel_table / "kernel_configs.json").read_text())
+    assert list(saved) == [configs.config_key("tq2", 200, 136, 1, torch.float16, 0, "Test GPU")]
     monkeypatch.setattr(configs, "_table", None)
 
 

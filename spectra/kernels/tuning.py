@@ -30,10 +30,11 @@ def tune_shapes(shapes: list[tuple[int, int]], fmts: tuple[str, ...], ms: tuple[
     for fmt, n, k, m in progress_bar(jobs, desc="tuning", unit="shape"):
         candidates = quick_candidates(fmt, n, k, m, dtype, device) if quick else None
         best, times = tune(fmt, n, k, m, dtype, device, candidates=candidates, save=False)
-        entries.update(tuned_entries(fmt, n, k, m, dtype, configs.gpu_name(device), times))
+        found = tuned_entries(fmt, n, k, m, dtype, configs.gpu_name(device), times)
+        configs.save_configs(found)  # after every shape: an interrupted tune keeps what it measured
+        entries.update(found)
         log(f"{fmt} {n}x{k} m={m}: {describe(best)} {times[best] * 1e6:.1f} us "
             f"({len(times)} configs ran)")
-    configs.save_configs(entries)
     clear_config_memo()
     return entries
 
