@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 import torch
 from kernel_support import run_in_interpreter
 
 from spectra.formats import get_format
-from spectra.kernels import clear_config_memo, plans
+from spectra.kernels import clear_config_memo, launch_support, plans
 
 
 def _inputs(m=3, n=5, k=40, dtype=torch.float16, p=1):
@@ -156,14 +157,52 @@ def test_launch_goes_to_the_compiled_launcher_and_back_to_the_jit_if_its_argumen
     monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
-    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
+    monkeypatch.setattr(launch_support, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
     for accepts, want in ((True, ["jit", "fast", "fast"]), (False, ["jit", "jit", "jit"])):
         calls.clear()
-        launch = plans.Launch(Kernel(accepts), (2, 1, 1), dict(N=5, BLOCK=64), ("x_ptr", "y_ptr"), {})
+        launch = launch_support.Launch(Kernel(accepts), (2, 1, 1), dict(N=5, BLOCK=64), ("x_ptr", "y_ptr"), {})
         for i in range(3):
             launch(f"x{i}", f"y{i}")
         assert [c[0] for c in calls] == want
         assert all(c[1] == (f"x{i}", f"y{i}", 5, 64) for i, c in enumerate(calls))  # arguments in kernel order
+
+
+def test_launch_keeps_one_launcher_per_specialisation(monkeypatch):
+    # launch_support.launch (the pointwise and attention kernels' eager launches): a Launch is reused only where
+    # everything Triton specialises on is the same (grid, scalars, options, tensor dtypes and 16-byte alignment);
+    # tensors are passed in the kernel's argument order whatever order the call names them in.
+    made = []
+
+    class Kernel:
+        arg_names = ["x_ptr", "N", "y_ptr", "BLOCK"]
+        __name__ = "kernel"
+
+    class Recorder:
+        def __init__(self, fn, grid, named, slots, options):
+            made.append((grid, dict(named), slots, dict(options)))
+            self.calls = []
+
+        def __call__(self, *tensors):
+            self.calls.append(tensors)
+
+    monkeypatch.setattr(launch_support, "Launch", Recorder)
+    monkeypatch.setattr(launch_support, "_launches", {})
+    kernel = Kernel()
+    x, y = torch.randn(8), torch.randn(8)
+    for _ in range(3):
+        launch_support.launch(kernel, (2,), dict(y_ptr=y, x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))
+    assert made == [((2, 1, 1), dict(N=8, BLOCK=16), ("y_ptr", "x_ptr"), dict(num_warps=4))]
+    (run,) = launch_support._launches.values()
+    assert len(run.calls) == 3 and all(c[0] is y and c[1] is x for c in run.calls)
+    launch_support.launch(kernel, (2,), dict(y_ptr=y, x_ptr=x), dict(N=9, BLOCK=16), dict(num_warps=4))  # a scalar
+    launch_support.launch(kernel, (3,), dict(y_ptr=y, x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))  # the grid
+    launch_support.launch(kernel, (2,), dict(y_ptr=y, x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=8))  # options
+    launch_support.launch(kernel, (2,), dict(y_ptr=y[1:], x_ptr=x), dict(N=7, BLOCK=16), dict(num_warps=4))
+    launch_support.launch(kernel, (2,), dict(y_ptr=y[1:], x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))  # align
+    launch_support.launch(kernel, (2,), dict(y_ptr=y.half(), x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))
+    assert len(made) == 7 and len(launch_support._launches) == 7
+    with pytest.raises(ValueError, match="needs the arguments"):
+        launch_support.launch(kernel, (2,), dict(x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))
 
 
 def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypatch):
@@ -180,19 +219,19 @@ def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypat
                     calls.append("fast")
             return lambda *args, **opts: calls.append("jit") or Compiled()
 
-    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", False)
+    monkeypatch.setattr(launch_support, "DIRECT_LAUNCH_VERIFIED_ON_GPU", False)
     monkeypatch.delenv("SPECTRA_DIRECT_LAUNCH", raising=False)
-    launch = plans.Launch(Kernel(), (1, 1, 1), dict(N=3), ("x_ptr",), {})
+    launch = launch_support.Launch(Kernel(), (1, 1, 1), dict(N=3), ("x_ptr",), {})
     for i in range(3):
         launch(f"x{i}")
     assert calls == ["jit", "jit", "jit"]
     monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "1")
-    assert plans.direct_launch_enabled()
-    monkeypatch.setattr(plans, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
+    assert launch_support.direct_launch_enabled()
+    monkeypatch.setattr(launch_support, "DIRECT_LAUNCH_VERIFIED_ON_GPU", True)
     monkeypatch.setenv("SPECTRA_DIRECT_LAUNCH", "0")
-    assert not plans.direct_launch_enabled()
+    assert not launch_support.direct_launch_enabled()
     monkeypatch.delenv("SPECTRA_DIRECT_LAUNCH")
-    assert plans.direct_launch_enabled()
+    assert launch_support.direct_launch_enabled()
 
 
 def test_a_call_the_gluon_kernel_cannot_take_gets_the_portable_entry(monkeypatch):

@@ -69,10 +69,11 @@ def pdl_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _pdl_supported(device.index, os.environ.get("SPECTRA_PDL"))
 
 
-def pdl_options(device: torch.device) -> dict:
-    """Launch keywords of a kernel whose ``PDL`` constexpr makes it signal at its start and wait before it reads
-    its predecessor's output (the pointwise and attention kernels): launched with PDL where :func:`pdl_enabled`."""
-    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(PDL=False)
+def pdl_args(device: torch.device) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a kernel whose ``PDL`` constexpr makes it signal at its start and wait
+    before it reads its predecessor's output (the pointwise and attention kernels): launched with PDL where
+    :func:`pdl_enabled`."""
+    return (dict(PDL=True), dict(launch_pdl=True)) if pdl_enabled(device) else (dict(PDL=False), {})
 
 
 @functools.cache  # pointwise launches ask on every call
@@ -96,3 +97,98 @@ class FastPathSwitch:
             self.broken = reason
             warnings.warn(f"spectra: {self.name} is unavailable ({reason}); using {self.instead}", RuntimeWarning,
                           stacklevel=4)
+
+
+# Calling the compiled kernel's launcher directly skips Triton's per-call argument binding. The GPU tests of the
+# decode paths passed with it on an H100 (2026-12-07, Triton 3.6: generation, CUDA graphs, fused projections,
+# the GEMV kernel with PDL), and it cut the host time of an eager call from 20.2 to 6.0 us, so it is on;
+# SPECTRA_DIRECT_LAUNCH=0 sends every launch through Triton's JIT entry instead (=1 forces it where unverified).
+DIRECT_LAUNCH_VERIFIED_ON_GPU = True
+
+
+def direct_launch_enabled() -> bool:
+    return os.environ.get("SPECTRA_DIRECT_LAUNCH", "1" if DIRECT_LAUNCH_VERIFIED_ON_GPU else "0") == "1"
+
+
+class Launch:
+    """One launch of a Triton kernel with a fixed grid and fixed non-tensor arguments; the tensors named in
+    `slots` change per call. The first call goes through Triton's JIT (compiling if needed) and keeps the
+    compiled kernel; later calls go straight to its launcher. Under TRITON_INTERPRET there is no compiled
+    kernel and every call goes through the interpreter."""
+
+    __slots__ = ("fn", "grid", "args", "slots", "options", "run", "function", "metadata", "compiled")
+
+    def __init__(self, fn, grid: tuple[int, int, int], named: dict, slots: tuple[str, ...], options: dict):
+        self.fn, self.grid, self.options = fn, grid, options
+        self.args = [named.get(name) for name in fn.arg_names]
+        self.slots = tuple(fn.arg_names.index(name) for name in slots)
+        self.compiled = None
+        # the compiled kernel's launcher; False: Triton's JIT entry launches (launcher not verified, or not ours)
+        self.run = None if direct_launch_enabled() else False
+
+    def compile(self, *tensors: torch.Tensor) -> None:
+        """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        compiled = self.fn.warmup(*args, grid=self.grid, **self.options)
+        if self.run is not False:
+            self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+            self.compiled = compiled
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        if self.compiled is None:
+            compiled = self.fn[self.grid](*args, **self.options)
+            if compiled is not None and hasattr(compiled, "packed_metadata") and self.run is not False:
+                self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+                self.compiled = compiled
+            return
+        from triton import knobs
+
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        # the stream Triton's own launch path takes: the current one of the current device
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        if _hooked(enter) or _hooked(leave):  # a profiler's hooks want the metadata Triton's path builds
+            meta = self.compiled.launch_metadata(self.grid, stream, *args)
+        else:  # no hooks (Triton >= 3.4 holds empty hook chains): the launcher calls none
+            enter = leave = meta = None
+        g0, g1, g2 = self.grid
+        try:
+            self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
+        except TypeError:
+            # a Triton whose launcher takes other arguments (it checks them before launching): use its JIT
+            # path for this launch from now on
+            self.compiled, self.run = None, False
+            self.fn[self.grid](*args, **self.options)
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain``."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_launches: dict[tuple, Launch] = {}
+MAX_LAUNCHES = 4096  # prefill kernels see a grid per prompt length; a full memo is cleared, not grown
+
+
+def launch(fn, grid: tuple[int, ...], tensors: dict[str, torch.Tensor], scalars: dict, options: dict) -> None:
+    """Launch the Triton kernel `fn` on `grid` with these tensor and non-tensor arguments, through a
+    :class:`Launch` kept per (kernel, grid, non-tensor arguments, options, and each tensor's dtype and 16-byte
+    alignment): everything Triton specialises a compiled kernel on, so later calls skip Triton's per-call
+    argument binding (host time only; the small kernels between the products, in eager prefill and decoding)."""
+    values = tuple(tensors.values())
+    key = (fn, grid, tuple(scalars.items()), tuple(options.items()), values[0].device,
+           tuple((t.dtype, t.data_ptr() & 15) for t in values))
+    run = _launches.get(key)
+    if run is None:
+        if set(fn.arg_names) != set(tensors) | set(scalars):
+            raise ValueError(f"internal: launch of {getattr(fn, '__name__', fn)} needs the arguments "
+                             f"{fn.arg_names}, got {[*tensors, *scalars]}")
+        if len(_launches) >= MAX_LAUNCHES:
+            _launches.clear()
+        run = Launch(fn, (*grid, 1, 1)[:3], scalars, tuple(tensors), options)
+        _launches[key] = run
+    run(*values)

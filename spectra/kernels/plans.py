@@ -15,7 +15,6 @@ and the pointers' alignment is part of it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 
@@ -23,17 +22,7 @@ import torch
 
 from ..formats import get_format
 from . import configs, dispatch, gluon_launch, launch_support
-
-# Calling the compiled kernel's launcher directly skips Triton's per-call argument binding. The GPU tests of the
-# decode paths passed with it on an H100 (2026-12-07, Triton 3.6: generation, CUDA graphs, fused projections,
-# the GEMV kernel with PDL), and it cut the host time of an eager call from 20.2 to 6.0 us, so it is on;
-# SPECTRA_DIRECT_LAUNCH=0 sends every launch through Triton's JIT entry instead (=1 forces it where unverified).
-DIRECT_LAUNCH_VERIFIED_ON_GPU = True
-
-
-def direct_launch_enabled() -> bool:
-    return os.environ.get("SPECTRA_DIRECT_LAUNCH", "1" if DIRECT_LAUNCH_VERIFIED_ON_GPU else "0") == "1"
-
+from .launch_support import Launch
 
 MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
 _plans: dict[tuple, Plan] = {}
@@ -66,66 +55,6 @@ def clear_plans() -> None:
     """Forget every plan (after tuning changed the configs, or a test changed the dispatch)."""
     with _lock:
         _plans.clear()
-
-
-class Launch:
-    """One launch of a Triton kernel with a fixed grid and fixed non-tensor arguments; the tensors named in
-    `slots` change per call. The first call goes through Triton's JIT (compiling if needed) and keeps the
-    compiled kernel; later calls go straight to its launcher. Under TRITON_INTERPRET there is no compiled
-    kernel and every call goes through the interpreter."""
-
-    __slots__ = ("fn", "grid", "args", "slots", "options", "run", "function", "metadata", "compiled")
-
-    def __init__(self, fn, grid: tuple[int, int, int], named: dict, slots: tuple[str, ...], options: dict):
-        self.fn, self.grid, self.options = fn, grid, options
-        self.args = [named.get(name) for name in fn.arg_names]
-        self.slots = tuple(fn.arg_names.index(name) for name in slots)
-        self.compiled = None
-        # the compiled kernel's launcher; False: Triton's JIT entry launches (launcher not verified, or not ours)
-        self.run = None if direct_launch_enabled() else False
-
-    def compile(self, *tensors: torch.Tensor) -> None:
-        """Compile now for these slot tensors (raises what the compiler raises) instead of at the first call."""
-        args = list(self.args)
-        for i, t in zip(self.slots, tensors):
-            args[i] = t
-        compiled = self.fn.warmup(*args, grid=self.grid, **self.options)
-        if self.run is not False:
-            self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
-            self.compiled = compiled
-
-    def __call__(self, *tensors: torch.Tensor) -> None:
-        args = list(self.args)
-        for i, t in zip(self.slots, tensors):
-            args[i] = t
-        if self.compiled is None:
-            compiled = self.fn[self.grid](*args, **self.options)
-            if compiled is not None and hasattr(compiled, "packed_metadata") and self.run is not False:
-                self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
-                self.compiled = compiled
-            return
-        from triton import knobs
-
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        # the stream Triton's own launch path takes: the current one of the current device
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        if _hooked(enter) or _hooked(leave):  # a profiler's hooks want the metadata Triton's path builds
-            meta = self.compiled.launch_metadata(self.grid, stream, *args)
-        else:  # no hooks (Triton >= 3.4 holds empty hook chains): the launcher calls none
-            enter = leave = meta = None
-        g0, g1, g2 = self.grid
-        try:
-            self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
-        except TypeError:
-            # a Triton whose launcher takes other arguments (it checks them before launching): use its JIT
-            # path for this launch from now on
-            self.compiled, self.run = None, False
-            self.fn[self.grid](*args, **self.options)
-
-
-def _hooked(hook) -> bool:
-    """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain``."""
-    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 class Plan:

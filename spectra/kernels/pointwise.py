@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .launch_support import pdl_options
+from .launch_support import launch, pdl_args
 
 try:
     import triton
@@ -110,9 +110,12 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight.contiguous(), out, total, n, x2.stride(0), r2.stride(0), eps,
-                                         BLOCK=triton.next_power_of_2(n), ADD=residual is not None,
-                                         num_warps=4 if n <= 2048 else 8, **pdl_options(x.device))
+        pdl, pdl_launch = pdl_args(x.device)
+        launch(_rms_norm_kernel, (x2.shape[0],),
+               dict(x_ptr=x2, r_ptr=r2, w_ptr=weight.contiguous(), out_ptr=out, sum_ptr=total),
+               dict(N=n, stride_x=x2.stride(0), stride_r=r2.stride(0), eps=eps, BLOCK=triton.next_power_of_2(n),
+                    ADD=residual is not None, **pdl),
+               dict(num_warps=4 if n <= 2048 else 8, **pdl_launch))
     return total, out
 
 
@@ -147,8 +150,10 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = min(1024, triton.next_power_of_2(h))
     if g2.shape[0]:
-        _swiglu_kernel[(g2.shape[0], triton.cdiv(h, block))](g2, u2, out, h, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                             num_warps=4, **pdl_options(gate.device))
+        pdl, pdl_launch = pdl_args(gate.device)
+        launch(_swiglu_kernel, (g2.shape[0], triton.cdiv(h, block)), dict(g_ptr=g2, u_ptr=u2, out_ptr=out),
+               dict(H=h, stride_g=g2.stride(0), stride_u=u2.stride(0), BLOCK=block, **pdl),
+               dict(num_warps=4, **pdl_launch))
     return out
 
 
