@@ -17,6 +17,7 @@ with PDL), and inductor fuses the rest (the embedding, the rotary rows, the colu
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -107,23 +108,25 @@ class GraphSamplingStep:
                  compile: bool = False, warmup: int = 2, keep_cache: bool = False,
                  cache_dtype: torch.dtype | None = None) -> None:
         device = _model_device(model)
-        self.model, self.sample, self.eos_id = model, sample, eos_id
+        # only a weak reference to the model: spectra.generate keeps an idle step per model, which must not keep
+        # the model alive
+        self.model_ref, self.sample, self.eos_id, self.max_len = weakref.ref(model), sample, eos_id, max_len
         if not keep_cache:
             model.setup_cache(batch, max_len, cache_dtype)
         elif model.cache_shape() != (batch, max_len):
             raise ValueError(f"keep_cache needs the model's KV cache for {batch} sequences of {max_len} positions, "
                              f"it holds {model.cache_shape()}")
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        forward = torch.compile(model, dynamic=False) if compile else model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         # the warm-up steps run at the last position (they write its cache row and move pos; a generation writes
         # that row before it reads it, and start() resets the rest): a prompt already in the cache stays intact
-        self.graph, _ = _capture(self._step, device, max(warmup, 3 if compile else 1),
+        self.graph, _ = _capture(lambda: self._step(forward), device, max(warmup, 3 if compile else 1),
                                  lambda: self.pos.fill_(max_len - 1))
 
-    def _step(self) -> None:
-        logits = self.forward(self.tokens, input_pos=self.pos)
+    def _step(self, forward: Callable[..., torch.Tensor]) -> None:
+        logits = forward(self.tokens, input_pos=self.pos)
         nxt = self.sample(logits[:, -1], self.pos + 1)
         if self.eos_id is not None:
             nxt = torch.where(self.finished, self.eos_id, nxt)
@@ -141,11 +144,18 @@ class GraphSamplingStep:
     def replay(self) -> None:
         self.graph.replay()
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Drop the captured graph (after the replays in flight, which use the cache), leaving the cache."""
         if self.graph is not None:
-            torch.cuda.current_stream(self.tokens.device).synchronize()  # replays in flight use the cache
+            torch.cuda.current_stream(self.tokens.device).synchronize()
         self.graph = None
-        self.model.clear_cache()
+
+    def close(self) -> None:
+        """Drop the graph and free the model's KV cache."""
+        self.release()
+        model = self.model_ref()
+        if model is not None:
+            model.clear_cache()
 
 
 def greedy(logits: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

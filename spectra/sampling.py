@@ -49,9 +49,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def keyed_uniform(shape: tuple[int, int], seed: int, position: torch.Tensor) -> torch.Tensor:
+def keyed_uniform(shape: tuple[int, int], seed: int | torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """fp32 uniforms in (0, 1) of shape [B, V], a pure function of (seed, position, row, column).
-    `position` is a 1-element integer tensor (it may live on the GPU and change between graph replays)."""
+    `position` is a 1-element integer tensor (it may live on the GPU and change between graph replays); so may
+    `seed` (a 0-dim integer tensor: a captured graph reused with another seed), with the same results as the
+    int."""
     rows, cols = shape
     device = position.device
     key = _mix32((_mix32(position.reshape(1).long() & _MASK32) + (seed & _MASK32)) & _MASK32)
@@ -60,7 +62,7 @@ def keyed_uniform(shape: tuple[int, int], seed: int, position: torch.Tensor) -> 
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def sample_keyed(logits: torch.Tensor, position: torch.Tensor, seed: int = 0, temperature: float = 1.0,
+def sample_keyed(logits: torch.Tensor, position: torch.Tensor, seed: int | torch.Tensor = 0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Next-token ids [B] from logits [B, V] for the token at `position` (a 1-element device tensor), with
     randomness keyed by (seed, position): the same distribution as :func:`sample_next`, no generator state,

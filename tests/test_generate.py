@@ -5,12 +5,21 @@ The fast CUDA path's tokens against the plain loop's are checked by the GPU test
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 from spectra.config import get_config
 from spectra.errors import ConfigError, DeviceError
-from spectra.generate import COMPILED_CACHE_MIN, decode_cache_length, decode_plan, generate, generate_stream
+from spectra.generate import (
+    DECODE_CACHE_MIN,
+    decode_cache_length,
+    decode_plan,
+    generate,
+    generate_stream,
+    release_decode_step,
+)
 from spectra.model import SpectraLM
 from spectra.sampling import keyed_uniform, sample_keyed, sample_next
 
@@ -44,17 +53,16 @@ def _reference_loop(model: SpectraLM, prompt: torch.Tensor, n: int, seed: int, *
     return tokens
 
 
-def test_compiled_generations_share_a_few_cache_lengths():
-    """A compiled step is specialised to the cache length: every total up to max_seq_len maps to one of a few
-    lengths (powers of two from COMPILED_CACHE_MIN), never below the total; uncompiled, the total itself."""
+def test_captured_steps_share_a_few_cache_lengths():
+    """A captured step is bound to its cache length: every total up to max_seq_len maps to one of a few lengths
+    (powers of two from DECODE_CACHE_MIN), never below the total, so a later generation can replay it."""
     max_seq_len = 3000
-    lengths = {decode_cache_length(total, max_seq_len, compile=True) for total in range(1, max_seq_len + 1)}
+    lengths = {decode_cache_length(total, max_seq_len) for total in range(1, max_seq_len + 1)}
     assert lengths == {256, 512, 1024, 2048, 3000}
     for total in (1, 255, 256, 257, 1000, 2049, 2999, 3000):
-        got = decode_cache_length(total, max_seq_len, compile=True)
-        assert total <= got <= max(2 * total, COMPILED_CACHE_MIN) and got <= max_seq_len
-        assert decode_cache_length(total, max_seq_len, compile=False) == total
-    assert decode_cache_length(100, 128, compile=True) == 128  # a short model: its max_seq_len
+        got = decode_cache_length(total, max_seq_len)
+        assert total <= got <= max(2 * total, DECODE_CACHE_MIN) and got <= max_seq_len
+    assert decode_cache_length(100, 128) == 128  # a short model: its max_seq_len
 
 
 def test_bad_prompts_are_one_data_error_and_a_short_room_is_a_warning():
@@ -134,6 +142,50 @@ def test_keyed_uniforms_are_a_pure_function_of_seed_position_and_index():
     for other in (keyed_uniform((3, 1000), 8, torch.tensor([12])), keyed_uniform((3, 1000), 7, torch.tensor([13]))):
         assert float((a == other).float().mean()) < 0.01
         assert abs(float(torch.corrcoef(torch.stack([a.flatten(), other.flatten()]))[0, 1])) < 0.05
+
+
+def test_a_seed_tensor_draws_what_the_int_seed_draws():
+    # a kept decode graph reads its seed from a tensor, so that a later generation can set another one
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+    for seed in (0, 7, 2**31 - 2):
+        assert torch.equal(keyed_uniform((3, 500), torch.tensor(seed), torch.tensor([5])),
+                           keyed_uniform((3, 500), seed, torch.tensor([5])))
+        assert torch.equal(sample_keyed(logits, torch.tensor([5]), torch.tensor(seed), 0.8, 50, 0.9),
+                           sample_keyed(logits, torch.tensor([5]), seed, 0.8, 50, 0.9))
+
+
+def test_a_kept_decode_step_fits_only_the_settings_and_tensors_it_was_captured_with():
+    # What decides that a generation replays the step the previous one captured (CUDA-free: the step here is a
+    # stand-in with the captured cache length): same settings, a long enough cache, and the very tensors.
+    from types import SimpleNamespace
+
+    from spectra.generate import _IdleStep, _model_tensors
+
+    torch.manual_seed(3)
+    model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
+    model.setup_cache(2, 256)
+
+    def kept() -> _IdleStep:
+        refs = [weakref.ref(t) for t in _model_tensors(model)]
+        return _IdleStep(SimpleNamespace(max_len=256), key, torch.tensor(0), refs)
+
+    key = (2, torch.float32, False, None, 0.8, None, None)
+    idle = kept()
+    assert idle.fits(model, key, 256) and idle.fits(model, key, 40)
+    assert not idle.fits(model, key, 257)                                   # a longer generation
+    assert not idle.fits(model, (1, *key[1:]), 40)                           # another batch size
+    assert not idle.fits(model, (*key[:4], 0.9, None, None), 40)             # other sampling settings
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)                                         # weights changed in place: the
+    assert idle.fits(model, key, 40)                                         # graph reads the new values
+    model.setup_cache(2, 256)                                                # a new cache
+    assert not idle.fits(model, key, 40)
+    idle = kept()
+    assert model.fuse_projections() > 0                                     # other layers
+    assert not idle.fits(model, key, 40)
+    idle = kept()
+    model.clear_cache()                                                      # the cache freed
+    assert not idle.fits(model, key, 40)
 
 
 def _frequencies(draw, n: int, vocab: int) -> torch.Tensor:
@@ -220,7 +272,8 @@ def test_gpu_int8_cache_fast_path_greedy_tokens_equal_the_plain_loop(batch):
 def test_gpu_first_token_comes_out_before_the_step_is_captured(monkeypatch):
     """generate_stream hands out the prompt's token before it captures the decode step (the capture delays the
     second token, not the first); the step then decodes from the prefilled cache (the warm-up steps leave it
-    intact: the prompt crosses a 64-position chunk), its tokens equal the plain loop's, and the cache is freed."""
+    intact: the prompt crosses a 64-position chunk), its tokens equal the plain loop's, and the cache is kept for
+    the next generation until release_decode_step frees it."""
     import copy
 
     from spectra import decode_graph
@@ -244,6 +297,8 @@ def test_gpu_first_token_comes_out_before_the_step_is_captured(monkeypatch):
     assert captures == [True]
     want = generate(reference, prompt, 40, temperature=0, fast=False)[:, 70:]
     assert torch.equal(torch.stack([first, *rest], 1).cuda(), want)
+    assert model.cache_shape() == (2, 256)
+    release_decode_step(model)
     assert model.cache_shape() is None
 
 
@@ -284,3 +339,59 @@ def test_gpu_compiled_generations_of_other_lengths_reuse_the_compiled_step():
         assert got.shape == (1, prompt_len + new) and torch.equal(got[:, :prompt_len], prompt)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[0], graphs  # no recompilation after the first call
+
+
+@pytest.mark.gpu
+def test_gpu_later_generations_replay_the_kept_step(monkeypatch):
+    """generate keeps its captured step: later generations with the same batch size and settings (other prompts,
+    lengths and seeds) replay it without a capture and give the tokens the plain loop (greedy) or a fresh capture
+    (sampled) gives; other settings or a longer cache capture again; a generation started while another runs
+    gets its own step and cache, and both stay right."""
+    import copy
+
+    from spectra import decode_graph
+
+    model = _random_model("tq2", seed=5)
+    reference = copy.deepcopy(model)
+    reference.fuse_projections()
+    captures = []
+    init = decode_graph.GraphSamplingStep.__init__
+
+    def recording_init(self, *args, **kwargs):
+        captures.append(args[1:3])  # (batch, cache length)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode_graph.GraphSamplingStep, "__init__", recording_init)
+
+    def prompt(length: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        return torch.randint(0, model.config.vocab_size, (2, length), device="cuda", generator=gen)
+
+    for i, (length, new) in enumerate(((9, 20), (70, 40), (30, 7), (120, 100))):  # totals 29 .. 220: one cache
+        p = prompt(length, i)
+        assert torch.equal(generate(model, p, new, temperature=0), generate(reference, p, new, temperature=0,
+                                                                              fast=False))
+    assert captures == [(2, 256)]
+    sampling = dict(temperature=0.9, top_k=50, top_p=0.95)
+    generate(model, prompt(12, 7), 30, seed=1, **sampling)                  # other settings: a capture
+    replayed = generate(model, prompt(12, 8), 30, seed=2, **sampling)       # another seed: replayed
+    assert len(captures) == 2
+    fresh = generate(copy.deepcopy(reference), prompt(12, 8), 30, seed=2, **sampling)  # another model: captures
+    assert torch.equal(replayed, fresh) and len(captures) == 3
+    p = prompt(200, 9)
+    assert torch.equal(generate(model, p, 100, temperature=0),                 # 300 > 256: a new cache
+                       generate(reference, p, 100, temperature=0, fast=False))
+    assert captures[-1] == (2, 512) and len(captures) == 4
+    # interleaved: the first takes the kept step, the second captures its own on a new cache
+    p1, p2 = prompt(40, 10), prompt(50, 11)
+    first = generate_stream(model, p1, 60, temperature=0)
+    head = [next(first) for _ in range(12)]
+    second = torch.stack(list(generate_stream(model, p2, 60, temperature=0)), 1).cuda()
+    tail = list(first)
+    assert len(captures) == 5
+    assert torch.equal(second, generate(reference, p2, 60, temperature=0, fast=False)[:, 50:])
+    assert torch.equal(torch.stack(head + tail, 1).cuda(), generate(reference, p1, 60, temperature=0,
+                                                                     fast=False)[:, 40:])
+    release_decode_step(model)
+    assert model.cache_shape() is None
+
