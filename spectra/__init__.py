@@ -32,7 +32,7 @@ from .errors import (
 )
 from .eval import ScalingLaw, analyze_weights, fit_scaling_law, perplexity, plot_comparison
 from .formats import FORMATS, get_format, pack_tq1, pack_tq2, unpack_tq1, unpack_tq2
-from .generate import generate, generate_stream
+from .generate import generate, generate_stream, release_decode_step
 from .gguf_export import export_gguf, write_gguf
 from .kinds import make_linear, register_linear_kind
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear
@@ -56,7 +56,7 @@ __all__ = [
     "FloatLinear", "FrozenTernaryLinear", "TernaryLinear", "freeze_ternary", "make_linear",
     "register_linear_kind", "ternarize",
     "SpectraLM", "count_parameters", "size_in_bits",
-    "load_checkpoint", "load_model", "save_checkpoint", "generate", "generate_stream",
+    "load_checkpoint", "load_model", "save_checkpoint", "generate", "generate_stream", "release_decode_step",
     "load_tokenizer", "save_tokenizer", "train_tokenizer",
     "PackedTernaryLinear", "pack_checkpoint", "pack_model", "export_gguf", "write_gguf",
     "QuantConfig", "QuantLinear", "quantize_model",

@@ -186,6 +186,9 @@ def test_a_kept_decode_step_fits_only_the_settings_and_tensors_it_was_captured_w
     idle = kept()
     model.clear_cache()                                                      # the cache freed
     assert not idle.fits(model, key, 40)
+    model.setup_cache(2, 256)
+    release_decode_step(model)  # no kept step (a CPU model): it frees the cache all the same
+    assert model.cache_shape() is None
 
 
 def _frequencies(draw, n: int, vocab: int) -> torch.Tensor:
