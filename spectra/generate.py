@@ -148,7 +148,8 @@ class _IdleStep:
     step: GraphSamplingStep
     key: tuple  # (batch, cache dtype, compile, eos_id, temperature, top_k, top_p): what the graph baked in
     seed: torch.Tensor  # the sampler's seed, a device tensor the graph reads: set per generation
-    tensors: list[weakref.ref]  # the model's parameters and buffers (KV cache included) when it was captured
+    tensors: list[tuple[weakref.ref, int]]  # the model's parameters and buffers (KV cache included) and their
+    # addresses when it was captured: `model.half()` or `.to()` keeps a Parameter object but moves its data
 
     def fits(self, model: SpectraLM, key: tuple, total: int) -> bool:
         """Whether a generation of `total` positions with these settings can replay this step: same settings,
@@ -160,9 +161,15 @@ def _model_tensors(model: SpectraLM) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _same_tensors(model: SpectraLM, refs: list[weakref.ref]) -> bool:
+def tensor_refs(model: SpectraLM) -> list[tuple[weakref.ref, int]]:
+    """Weak references to the model's parameters and buffers, with their data addresses."""
+    return [(weakref.ref(t), t.data_ptr()) for t in _model_tensors(model)]
+
+
+def _same_tensors(model: SpectraLM, refs: list[tuple[weakref.ref, int]]) -> bool:
     current = _model_tensors(model)
-    return len(current) == len(refs) and all(ref() is t for ref, t in zip(refs, current))
+    return len(current) == len(refs) and all(ref() is t and t.data_ptr() == ptr
+                                             for (ref, ptr), t in zip(refs, current))
 
 
 # One idle captured step per model, for the next generation with the same batch size and sampling settings: a
@@ -251,7 +258,7 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
     finally:
         ours = all(layer.self_attn.cache is cache is not None for layer, cache in zip(model.model.layers, caches))
         if step is not None and not failed and ours and model not in _IDLE:
-            _IDLE[model] = _IdleStep(step, key, seed_tensor, [weakref.ref(t) for t in _model_tensors(model)])
+            _IDLE[model] = _IdleStep(step, key, seed_tensor, tensor_refs(model))
         else:
             if step is not None:
                 step.release()

@@ -5,8 +5,6 @@ The fast CUDA path's tokens against the plain loop's are checked by the GPU test
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 
@@ -159,15 +157,14 @@ def test_a_kept_decode_step_fits_only_the_settings_and_tensors_it_was_captured_w
     # stand-in with the captured cache length): same settings, a long enough cache, and the very tensors.
     from types import SimpleNamespace
 
-    from spectra.generate import _IdleStep, _model_tensors
+    from spectra.generate import _IdleStep, tensor_refs
 
     torch.manual_seed(3)
     model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
     model.setup_cache(2, 256)
 
     def kept() -> _IdleStep:
-        refs = [weakref.ref(t) for t in _model_tensors(model)]
-        return _IdleStep(SimpleNamespace(max_len=256), key, torch.tensor(0), refs)
+        return _IdleStep(SimpleNamespace(max_len=256), key, torch.tensor(0), tensor_refs(model))
 
     key = (2, torch.float32, False, None, 0.8, None, None)
     idle = kept()
@@ -182,6 +179,9 @@ def test_a_kept_decode_step_fits_only_the_settings_and_tensors_it_was_captured_w
     assert not idle.fits(model, key, 40)
     idle = kept()
     assert model.fuse_projections() > 0                                     # other layers
+    assert not idle.fits(model, key, 40)
+    idle = kept()
+    model.double()                                                           # the same Parameters, moved data
     assert not idle.fits(model, key, 40)
     idle = kept()
     model.clear_cache()                                                      # the cache freed
