@@ -203,6 +203,13 @@ def test_launch_keeps_one_launcher_per_specialisation(monkeypatch):
     assert len(made) == 7 and len(launch_support._launches) == 7
     with pytest.raises(ValueError, match="needs the arguments"):
         launch_support.launch(kernel, (2,), dict(x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4))
+    # pdl=True: the kernel's PDL constexpr, and the launch option where PDL is on for the tensors' device
+    kernel.arg_names = [*Kernel.arg_names, "PDL"]
+    for on in (False, True):
+        monkeypatch.setattr(launch_support, "pdl_enabled", lambda device, on=on: on)
+        launch_support.launch(kernel, (2,), dict(y_ptr=y, x_ptr=x), dict(N=8, BLOCK=16), dict(num_warps=4), pdl=True)
+        assert made[-1][1] == dict(N=8, BLOCK=16, PDL=on)
+        assert made[-1][3] == (dict(num_warps=4, launch_pdl=True) if on else dict(num_warps=4))
 
 
 def test_launch_stays_on_the_jit_until_the_direct_launcher_is_verified(monkeypatch):

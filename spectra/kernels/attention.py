@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..ternary import apply_rope, apply_rope_signed
 from .configs import num_sms
-from .launch_support import WORKSPACE, launch, pdl_args
+from .launch_support import WORKSPACE, launch
 from .pointwise import fused_pointwise_applies
 
 try:
@@ -385,15 +385,13 @@ def _launch(q, k_cache, v_cache, pos, new_k, new_v, cos, sin, k_scale=None, v_sc
     kn, vn = (new_k, new_v) if write else (q, q)  # unused pointers when not writing
     cs, sn = (cos, sin) if rope else (q, q)
     ks, vs = (k_scale, v_scale) if quant else (m, m)  # unused pointers for a floating-point cache
-    pdl, pdl_launch = pdl_args(q.device)
     launch(_decode_attn_partial, (b * h, splits),
            dict(q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, pos_ptr=pos, m_ptr=m, l_ptr=l_sum, acc_ptr=acc, kn_ptr=kn,
                 vn_ptr=vn, cos_ptr=cs, sin_ptr=sn, out_ptr=out, cnt_ptr=counters, ks_ptr=ks, vs_ptr=vs),
            dict(L=length, S=splits, sm_scale=d ** -0.5, H=h, sq_b=q.stride(0), sq_h=q.stride(1), sk_b=kn.stride(0),
                 sk_h=kn.stride(1), sv_b=vn.stride(0), sv_h=vn.stride(1), D=d, BD=triton.next_power_of_2(d), W=w,
-                R=r, SUB=sub, BS=min(32, triton.next_power_of_2(splits)), ROPE=rope, WRITE=write, QUANT=quant,
-                **pdl),
-           dict(num_warps=warps, **pdl_launch))
+                R=r, SUB=sub, BS=min(32, triton.next_power_of_2(splits)), ROPE=rope, WRITE=write, QUANT=quant),
+           dict(num_warps=warps), pdl=True)
     return out
 
 
@@ -591,16 +589,15 @@ def prefill_rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
         return out
     bd2 = triton.next_power_of_2(d // 2)
     bh = min(triton.next_power_of_2(h), max(1, PREFILL_TILE // (2 * bd2)))
-    pdl, pdl_launch = pdl_args(q.device)
     launch(_prefill_rope_write, (b * t, triton.cdiv(h, bh)),
            dict(q_ptr=q, k_ptr=k, v_ptr=v, cos_ptr=cos.contiguous(), sin_ptr=sin_signed.contiguous(), kc_ptr=k_cache,
                 vc_ptr=v_cache, out_ptr=out),
            dict(T=t, H=h, L=k_cache.shape[2], sq_b=q.stride(0), sq_t=q.stride(1), sq_h=q.stride(2), sk_b=k.stride(0),
                 sk_t=k.stride(1), sk_h=k.stride(2), sv_b=v.stride(0), sv_t=v.stride(1), sv_h=v.stride(2), D=d, BH=bh,
-                BD2=bd2, **pdl),
+                BD2=bd2),
            # no fused multiply-add: in fp32 the roundings to the dtype vanish, and x * cos + partner * sin must
            # still round twice, as the reference's separate products and sum do
-           dict(num_warps=4 if bh * bd2 <= 1024 else 8, enable_fp_fusion=False, **pdl_launch))
+           dict(num_warps=4 if bh * bd2 <= 1024 else 8, enable_fp_fusion=False), pdl=True)
     return out
 
 

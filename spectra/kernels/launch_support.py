@@ -69,13 +69,6 @@ def pdl_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _pdl_supported(device.index, os.environ.get("SPECTRA_PDL"))
 
 
-def pdl_args(device: torch.device) -> tuple[dict, dict]:
-    """(constexprs, launch options) of a kernel whose ``PDL`` constexpr makes it signal at its start and wait
-    before it reads its predecessor's output (the pointwise and attention kernels): launched with PDL where
-    :func:`pdl_enabled`."""
-    return (dict(PDL=True), dict(launch_pdl=True)) if pdl_enabled(device) else (dict(PDL=False), {})
-
-
 @functools.cache  # pointwise launches ask on every call
 def _pdl_supported(index: int | None, switch: str | None) -> bool:
     from . import tq_triton  # optional: triton
@@ -174,12 +167,22 @@ _launches: dict[tuple, Launch] = {}
 MAX_LAUNCHES = 4096  # prefill kernels see a grid per prompt length; a full memo is cleared, not grown
 
 
-def launch(fn, grid: tuple[int, ...], tensors: dict[str, torch.Tensor], scalars: dict, options: dict) -> None:
+def launch(fn, grid: tuple[int, ...], tensors: dict[str, torch.Tensor], scalars: dict, options: dict,
+           pdl: bool = False) -> None:
     """Launch the Triton kernel `fn` on `grid` with these tensor and non-tensor arguments, through a
     :class:`Launch` kept per (kernel, grid, non-tensor arguments, options, and each tensor's dtype and 16-byte
     alignment): everything Triton specialises a compiled kernel on, so later calls skip Triton's per-call
-    argument binding (host time only; the small kernels between the products, in eager prefill and decoding)."""
+    argument binding (host time only; the small kernels between the products, in eager prefill and decoding).
+
+    `pdl`: the kernel has a ``PDL`` constexpr that makes it signal at its start and wait before it reads its
+    predecessor's output (the pointwise and attention kernels); it is set, and the kernel launched with PDL,
+    where :func:`pdl_enabled` on the tensors' device."""
     values = tuple(tensors.values())
+    if pdl:
+        on = pdl_enabled(values[0].device)
+        scalars = {**scalars, "PDL": on}
+        if on:
+            options = {**options, "launch_pdl": True}
     key = (fn, grid, tuple(scalars.items()), tuple(options.items()), values[0].device,
            tuple((t.dtype, t.data_ptr() & 15) for t in values))
     run = _launches.get(key)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .launch_support import launch, pdl_args
+from .launch_support import launch
 
 try:
     import triton
@@ -110,12 +110,11 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     if x2.shape[0]:
-        pdl, pdl_launch = pdl_args(x.device)
         launch(_rms_norm_kernel, (x2.shape[0],),
                dict(x_ptr=x2, r_ptr=r2, w_ptr=weight.contiguous(), out_ptr=out, sum_ptr=total),
                dict(N=n, stride_x=x2.stride(0), stride_r=r2.stride(0), eps=eps, BLOCK=triton.next_power_of_2(n),
-                    ADD=residual is not None, **pdl),
-               dict(num_warps=4 if n <= 2048 else 8, **pdl_launch))
+                    ADD=residual is not None),
+               dict(num_warps=4 if n <= 2048 else 8), pdl=True)
     return total, out
 
 
@@ -150,10 +149,8 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = min(1024, triton.next_power_of_2(h))
     if g2.shape[0]:
-        pdl, pdl_launch = pdl_args(gate.device)
         launch(_swiglu_kernel, (g2.shape[0], triton.cdiv(h, block)), dict(g_ptr=g2, u_ptr=u2, out_ptr=out),
-               dict(H=h, stride_g=g2.stride(0), stride_u=u2.stride(0), BLOCK=block, **pdl),
-               dict(num_warps=4, **pdl_launch))
+               dict(H=h, stride_g=g2.stride(0), stride_u=u2.stride(0), BLOCK=block), dict(num_warps=4), pdl=True)
     return out
 
 
