@@ -148,8 +148,9 @@ class _IdleStep:
     step: GraphSamplingStep
     key: tuple  # (batch, cache dtype, compile, eos_id, temperature, top_k, top_p): what the graph baked in
     seed: torch.Tensor  # the sampler's seed, a device tensor the graph reads: set per generation
-    tensors: list[tuple[weakref.ref, int]]  # the model's parameters and buffers (KV cache included) and their
-    # addresses when it was captured: `model.half()` or `.to()` keeps a Parameter object but moves its data
+    # the model's parameters and buffers (KV cache included) and their data addresses when it was captured:
+    # `model.half()` or `.to()` keeps a Parameter object but moves its data
+    tensors: list[tuple[weakref.ref, int]]
 
     def fits(self, model: SpectraLM, key: tuple, total: int) -> bool:
         """Whether a generation of `total` positions with these settings can replay this step: same settings,
@@ -161,7 +162,7 @@ def _model_tensors(model: SpectraLM) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def tensor_refs(model: SpectraLM) -> list[tuple[weakref.ref, int]]:
+def _tensor_refs(model: SpectraLM) -> list[tuple[weakref.ref, int]]:
     """Weak references to the model's parameters and buffers, with their data addresses."""
     return [(weakref.ref(t), t.data_ptr()) for t in _model_tensors(model)]
 
@@ -258,7 +259,7 @@ def _graph_tokens(model: SpectraLM, tokens: torch.Tensor, total: int, temperatur
     finally:
         ours = all(layer.self_attn.cache is cache is not None for layer, cache in zip(model.model.layers, caches))
         if step is not None and not failed and ours and model not in _IDLE:
-            _IDLE[model] = _IdleStep(step, key, seed_tensor, tensor_refs(model))
+            _IDLE[model] = _IdleStep(step, key, seed_tensor, _tensor_refs(model))
         else:
             if step is not None:
                 step.release()

@@ -157,14 +157,14 @@ def test_a_kept_decode_step_fits_only_the_settings_and_tensors_it_was_captured_w
     # stand-in with the captured cache length): same settings, a long enough cache, and the very tensors.
     from types import SimpleNamespace
 
-    from spectra.generate import _IdleStep, tensor_refs
+    from spectra.generate import _IdleStep, _tensor_refs
 
     torch.manual_seed(3)
     model = SpectraLM(get_config("tiny", weight_kind="float")).eval()
     model.setup_cache(2, 256)
 
     def kept() -> _IdleStep:
-        return _IdleStep(SimpleNamespace(max_len=256), key, torch.tensor(0), tensor_refs(model))
+        return _IdleStep(SimpleNamespace(max_len=256), key, torch.tensor(0), _tensor_refs(model))
 
     key = (2, torch.float32, False, None, 0.8, None, None)
     idle = kept()
