@@ -143,11 +143,7 @@ class Attention(nn.Module):
             return y.view(b, t, n, d).transpose(1, 2)
 
         if self.cache is not None and uses_decode_kernel(t, x.device, pos):
-            # one token per sequence on a GPU: rotary embedding, cache write and attention in one kernel
-            q, k, v = (split_heads(y) for y in group_outputs(self, QKV, x))
-            cache = self.cache
-            y = cached_step_attention(q, k, v, cos, sin, cache.k, cache.v, pos, cache.k_scale, cache.v_scale)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+            return self.o_proj(self.step_attention(*group_outputs(self, QKV, x), cos, sin, pos))
         if (self.cache is not None and pos is not None and mask is None and cos.dim() == 2 and cos.is_contiguous()
                 and prefill_kernel_applies(x, self.cache.k, self.cache.k_scale)):
             # a prompt into a fresh cache (positions 0..t-1, cos/sin [t, d]) on a GPU: the rotary embedding of q
@@ -180,6 +176,17 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
+    def step_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A GPU decode step's attention ([b, 1, heads * d] each, before o_proj): rotary embedding, cache write
+        and attention over the filled cache in one kernel."""
+        b, t, _ = q.shape
+        q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+        cache = self.cache
+        y = cached_step_attention(q, k, v, cos, sin, cache.k, cache.v, pos, cache.k_scale, cache.v_scale)
+        return y.transpose(1, 2).reshape(b, t, -1)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -210,6 +217,30 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(h, cos, sin, pos, mask)
         x, h = self.post_attention_layernorm.add_forward(x, attn)
         return x, self.mlp(h)
+
+    def fused_step(self, x: torch.Tensor, xw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   next_gain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A GPU decode step through the block in five kernels (see :meth:`fuses_decode`): the norms, SwiGLU
+        and residual adds ride in the packed products. `x` is the residual stream and `xw` x times this block's
+        input norm gain; returns the stream after the block and it times `next_gain` (the next block's input
+        norm gain; None after the last block)."""
+        attn, mlp = self.self_attn, self.mlp
+        q, k, v = getattr(attn, QKV).fused_forward(xw, norm_of=x, eps=self.input_layernorm.eps).chunk(3, dim=-1)
+        y = attn.step_attention(q, k, v, cos, sin, pos)
+        x, xw = attn.o_proj.fused_forward(y, residual=x, gain=self.post_attention_layernorm.weight)
+        act = getattr(mlp, GATE_UP).fused_forward(xw, norm_of=x, eps=self.post_attention_layernorm.eps, swiglu=True)
+        if next_gain is None:
+            return mlp.down_proj.fused_forward(act, residual=x), None
+        return mlp.down_proj.fused_forward(act, residual=x, gain=next_gain)
+
+    def fuses_decode(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_step` takes a decode step on `x`: the four products of the block are packed
+        layers (q/k/v and gate/up fused) whose kernels take the norms, SwiGLU and residual adds, and the norm
+        gains are in x's dtype."""
+        products = (getattr(self.self_attn, QKV, None), self.self_attn.o_proj, getattr(self.mlp, GATE_UP, None),
+                    self.mlp.down_proj)
+        return (all(hasattr(p, "fuses") and p.fuses(x) for p in products)
+                and self.input_layernorm.weight.dtype == self.post_attention_layernorm.weight.dtype == x.dtype)
 
 
 class Backbone(nn.Module):
@@ -280,12 +311,22 @@ class SpectraLM(nn.Module):
         if mask is not None and document_ids is None:
             # SDPA turns a boolean mask into an additive one on every call: once per forward here, not per layer
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        pending = None
-        for layer in self.model.layers:
-            x, pending = layer(x, cos, sin, input_pos, mask, pending)
-        if last_only:
-            x, pending = x[:, -1:], pending[:, -1:]
-        logits = self.lm_head(self.model.norm.add_forward(x, pending)[1])  # the last block's MLP add, then the norm
+        layers = self.model.layers
+        if (decode_kernel and not torch.compiler.is_compiling() and layers
+                and all(layer.fuses_decode(x) for layer in layers)):
+            # a GPU decode step in five kernels per block (DecoderLayer.fused_step)
+            xw = x * layers[0].input_layernorm.weight
+            for i, layer in enumerate(layers):
+                x, xw = layer.fused_step(x, xw, cos, sin, input_pos,
+                                         layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None)
+            logits = self.lm_head(self.model.norm(x))
+        else:
+            pending = None
+            for layer in layers:
+                x, pending = layer(x, cos, sin, input_pos, mask, pending)
+            if last_only:
+                x, pending = x[:, -1:], pending[:, -1:]
+            logits = self.lm_head(self.model.norm.add_forward(x, pending)[1])  # the last block's MLP add, the norm
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

@@ -26,7 +26,14 @@ from .formats import (
     get_format,
     to_storage,
 )
-from .kernels import KERNEL_DTYPES, scale_columns_reference, ternary_matmul, ternary_matmul_op
+from .kernels import (
+    KERNEL_DTYPES,
+    fused_matmul_applies,
+    scale_columns_reference,
+    ternary_matmul,
+    ternary_matmul_fused,
+    ternary_matmul_op,
+)
 from .linear import FloatLinear, FrozenTernaryLinear, TernaryLinear, joined_scales
 from .progress import progress_bar
 from .ternary import ShardAxis, detect_ternary, expand_scales, shard_bounds, ternary_dense_weight
@@ -91,6 +98,19 @@ class PackedTernaryLinear(nn.Module):
                 return ternary_matmul_op(x, self.qweight, self.format, self.in_features, self.unit_scale, 0)
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, scales, axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, scales, axis)
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_forward` on `x` is one kernel (a decode-sized product on a GPU, in inference)."""
+        return not torch.is_grad_enabled() and fused_matmul_applies(x, self.qweight)
+
+    def fused_forward(self, x: torch.Tensor, *, norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                      swiglu: bool = False, residual: torch.Tensor | None = None,
+                      gain: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This layer's product with a decode step's norm, SwiGLU and residual add taken into it
+        (:func:`spectra.kernels.ternary_matmul_fused` explains the arguments)."""
+        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+        return ternary_matmul_fused(x, self.qweight, self.format, self.in_features, scales, axis, norm_of=norm_of,
+                                    eps=eps, swiglu=swiglu, residual=residual, gain=gain)
 
     @torch.no_grad()
     def fold_column_scales(self, producer: nn.Module, first_row: int) -> bool:

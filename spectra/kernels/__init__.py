@@ -10,18 +10,29 @@ plain PyTorch reference.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from . import cpu_gemv, dispatch
-from .plans import clear_plans, get_plan
-from .reference import scale_columns_reference, ternary_dense_weight, ternary_matmul_reference
+from .configs import GEMV_MAX_M
+from .plans import Fusion, clear_plans, get_plan
+from .reference import (
+    scale_columns_reference,
+    ternary_dense_weight,
+    ternary_matmul_fused_reference,
+    ternary_matmul_reference,
+)
 
 __all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matmul_reference", "ternary_dense_weight",
-           "scale_columns_reference", "triton_available"]
+           "scale_columns_reference", "triton_available", "ternary_matmul_fused", "ternary_matmul_fused_reference",
+           "fused_matmul_applies"]
 
 # activation dtypes the packed Triton kernels take directly (fp32 decodes the weight, then a cuBLAS product)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# decode products with the norm, SwiGLU and residual add in their kernel (ternary_matmul_fused);
+# SPECTRA_FUSED_DECODE=0 turns them off (benchmarks compare the two)
+FUSED_DECODE = os.environ.get("SPECTRA_FUSED_DECODE", "1") != "0"
 
 
 @functools.cache
@@ -70,3 +81,57 @@ def _ternary_matmul_fake(x, packed, fmt, in_features, scales, shard_axis):
 def clear_config_memo() -> None:
     """Forget the per-shape config choices and launch plans (after tuning)."""
     clear_plans()
+
+
+def fused_matmul_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether :func:`ternary_matmul_fused` runs one kernel for activations `x` and these packed weights: a
+    decode-sized product (at most GEMV_MAX_M rows) of 16-bit activations on a GPU, weights the GEMV kernel can
+    read. Elsewhere it computes the same result with separate operations."""
+    return (FUSED_DECODE and x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES
+            and 0 < x.numel() // x.shape[-1] <= GEMV_MAX_M and dispatch.gemv_usable(packed))
+
+
+def ternary_matmul_fused(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                         shard_axis: int, *, norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                         swiglu: bool = False, residual: torch.Tensor | None = None,
+                         gain: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ternary_matmul` with the small operations of a decode step around it taken into the product:
+
+    - `norm_of` (shaped like x): x is an RMSNorm's gain times these rows; the product is that of their
+      normalised rows (each output row times 1 / sqrt(mean(norm_of row^2) + eps));
+    - `swiglu`: the weight's rows are [gate; up] halves; the result is silu(gate) * up (half the columns);
+    - `residual`: the result plus `residual` (shaped like the result), and with `gain` also that sum times
+      `gain` (the next RMSNorm's): returns (sum, sum * gain).
+
+    One kernel where :func:`fused_matmul_applies`, else :func:`ternary_matmul_fused_reference` on
+    :func:`ternary_matmul` (same results up to rounding)."""
+    n_out = packed.shape[0] // 2 if swiglu else packed.shape[0]
+    _check_fused(x, packed, in_features, n_out, norm_of, swiglu, residual, gain)
+    if not fused_matmul_applies(x, packed):
+        return ternary_matmul_fused_reference(x, packed, fmt, in_features, scales, shard_axis, norm_of=norm_of,
+                                              eps=eps, swiglu=swiglu, residual=residual, gain=gain,
+                                              matmul=ternary_matmul)
+    if not scales.is_contiguous():
+        scales = scales.contiguous()
+    fusion = Fusion(norm_of is not None, swiglu, residual is not None, gain is not None,
+                    float(eps) if norm_of is not None else 0.0)
+    return get_plan(x, packed, fmt, in_features, scales, shard_axis, fusion=fusion).fused(
+        x, packed, scales, norm_of, residual, gain)
+
+
+def _check_fused(x: torch.Tensor, packed: torch.Tensor, in_features: int, n_out: int, norm_of: torch.Tensor | None,
+                 swiglu: bool, residual: torch.Tensor | None, gain: torch.Tensor | None) -> None:
+    if swiglu and packed.shape[0] % 2:
+        raise ValueError(f"swiglu needs [gate; up] weight rows (an even count), got {packed.shape[0]}")
+    if norm_of is not None and (norm_of.shape != x.shape or norm_of.dtype != x.dtype or not norm_of.is_contiguous()):
+        raise ValueError(f"norm_of must be a contiguous tensor shaped like x {tuple(x.shape)} ({x.dtype}), got "
+                         f"{tuple(norm_of.shape)} ({norm_of.dtype})")
+    out_shape = (*x.shape[:-1], n_out)
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {x.dtype} tensor of the result's shape {out_shape}, got "
+                         f"{tuple(residual.shape)} ({residual.dtype})")
+    if gain is not None and (residual is None or tuple(gain.shape) != (n_out,) or gain.dtype != x.dtype
+                             or not gain.is_contiguous()):
+        raise ValueError(f"gain must come with a residual and be a contiguous {x.dtype} vector of {n_out} values, "
+                         f"got {tuple(gain.shape)} ({gain.dtype})")

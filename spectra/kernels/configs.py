@@ -206,6 +206,20 @@ def gemv_candidates(n: int, k: int, m: int, fmt: str, sms: int,
     return out
 
 
+def fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
+                 device: torch.device) -> KernelConfig:
+    """The GEMV config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion): the tuned
+    portable entry where it is a GEMV, else 16 rows and 256 bytes per step, split so that the grid comes
+    nearest four programs per SM (the tuned 3.9B entries' shape; the tuner does not time fused launches)."""
+    cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=False)
+    if cfg.kind == "gemv":
+        return cfg
+    sms = num_sms(device) if device.type == "cuda" else 4
+    tile = ((16, 256, 1),) if get_format(fmt).row_bytes(k) >= 256 else ((16, 64, 1),)
+    options = gemv_candidates(n, k, 1, fmt, sms, tile)
+    return min(options, key=lambda c: abs(-(-n // c.block_n) * c.split - 4 * sms))
+
+
 # Prefill-sized m, past the tuned buckets: above this m, decoding the weight once per call and running cuBLAS
 # beats the packed kernel (H100, 2026-11-23, both layer-shape sets, benchmarks/results/
 # h100_prefill_dequant_crossover.txt: TQ2 70B m = 1024 3048 vs 3110 us (a tie), m = 2048 5533 vs 6230; TQ1 70B

@@ -107,30 +107,51 @@ def split_k_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, 
     return (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), _cdiv(q, j_per_split)), j_per_split
 
 
-def gemv_grid(m: int, n: int, q: int, cfg: KernelConfig) -> tuple[tuple[int, int, int], int]:
+def gemv_grid(m: int, n: int, q: int, cfg: KernelConfig, swiglu: bool = False) -> tuple[tuple[int, int, int], int]:
     """Grid of the CUDA-core GEMV launch (one activation row per program on axis 0) and the int32 words of a
-    row each split covers (a multiple of the words per step)."""
+    row each split covers (a multiple of the words per step). With `swiglu` the n rows are [gate; up] halves and
+    a program takes block_n / 2 rows of each."""
     words, step = q // 4, cfg.block_j // 4
     blocks = _cdiv(words, step)
     c_per_split = _cdiv(blocks, max(1, min(cfg.split, blocks))) * step
-    return (m, _cdiv(n, cfg.block_n), _cdiv(words, c_per_split)), c_per_split
+    programs = _cdiv(n // 2, cfg.block_n // 2) if swiglu else _cdiv(n, cfg.block_n)
+    return (m, programs, _cdiv(words, c_per_split)), c_per_split
+
+
+def gemv_workspace(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int:
+    """fp32 slots a GEMV launch's split-k needs: one per split, activation row and program row (1 unsplit)."""
+    return grid[2] * m * grid[1] * cfg.block_n if grid[2] > 1 else 1
+
+
+def fused_slots(fusion) -> tuple[str, ...]:
+    """tq_gemv_kernel's tensor arguments past (x, w, s, y) that a plans.Fusion uses, in call order."""
+    return (("xr_ptr",) * fusion.norm + ("res_ptr",) * fusion.residual + ("g_ptr", "y2_ptr") * fusion.gain)
 
 
 def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode: int, fence: int,
               x_vec: bool = True, dtype: torch.dtype | None = torch.float16, pdl: bool = False,
-              parts: int = 1) -> dict:
+              parts: int = 1, fusion=None) -> dict:
     """Non-tensor arguments of tq_gemv_kernel for a config (the grid comes from :func:`gemv_grid`). x_vec: the
     activations' rows start 8-byte aligned, so four of them load as one int64; dtype: the activations' dtype on
     a GPU (their inline-asm widening), None under the interpreter; pdl: launched with programmatic dependent
-    launch (the launch must then pass launch_pdl=True); parts: the number of scales."""
+    launch (the launch must then pass launch_pdl=True); parts: the number of scales; fusion: the fused epilogue
+    (a plans.Fusion; its row tensors are contiguous)."""
     planes = get_format(fmt).trits_per_byte
-    grid, c_per_split = gemv_grid(m, n, q, cfg)
+    swiglu = bool(fusion and fusion.swiglu)
+    grid, c_per_split = gemv_grid(m, n, q, cfg, swiglu)
+    n_out = n // 2 if swiglu else n
+    fused = dict(NORM=False, SWIGLU=False, RESIDUAL=False, GAIN=False, stride_xrm=k, stride_rm=n_out,
+                 stride_y2m=n_out, eps=0.0, BK=min(1024, 1 << (k - 1).bit_length()))
+    if fusion is not None:
+        fused.update(NORM=fusion.norm, SWIGLU=fusion.swiglu, RESIDUAL=fusion.residual, GAIN=fusion.gain,
+                     eps=fusion.eps)
     return dict(M=m, N=n, K=k, Q=q, P=parts, C_PER_SPLIT=c_per_split, SPLIT_K=grid[2] > 1, G=planes,
                 SCALE_MODE=mode, BN=cfg.block_n,
                 BC=cfg.block_j // 4, MASK_C=(q // 4) % (cfg.block_j // 4) != 0,
                 PLANE_MASK=_column_masks(q, k, planes, cfg.block_j)[2], FENCE=fence, NUM_STAGES=cfg.num_stages,
                 X_VEC=x_vec, USE_ASM=dtype is not None, PDL=pdl,
-                X_ASM=widen_x4_asm("fp16" if dtype == torch.float16 else "bf16") if dtype is not None else "")
+                X_ASM=widen_x4_asm("fp16" if dtype == torch.float16 else "bf16") if dtype is not None else "",
+                **fused)
 
 
 def gemv_usable(packed: torch.Tensor) -> bool:
@@ -159,7 +180,7 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
     n, q = packed.shape
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     grid, _ = gemv_grid(m, n, q, cfg)
-    ws, cnt = WORKSPACE.get(x2.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
+    ws, cnt = WORKSPACE.get(x2.device, gemv_workspace(grid, m, cfg), grid[0] * grid[1])
     pdl = launch_support.pdl_enabled(x2.device)
     named = gemv_args(fmt, cfg, m, n, k, q, mode, FENCE_MODE if x2.is_cuda else 0, x_vec_aligned(x2),
                       x2.dtype if x2.is_cuda else None, pdl, scales.numel())

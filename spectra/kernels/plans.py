@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,20 @@ from ..formats import get_format
 from . import configs, dispatch, gluon_launch, launch_support
 from .launch_support import Launch
 
+
+class Fusion(NamedTuple):
+    """What a decode product takes into its kernel (``tq_triton.tq_gemv_kernel``'s fused epilogue): the RMSNorm
+    factor of its input row (`norm`), SwiGLU over [gate; up] rows (`swiglu`), the residual add (`residual`) and
+    the next norm's gain on that sum (`gain`, with `residual`); `eps`: the norm's."""
+
+    norm: bool = False
+    swiglu: bool = False
+    residual: bool = False
+    gain: bool = False
+    eps: float = 0.0
+
+
+NO_FUSION = Fusion()
 MAX_PLANS = 4096  # prefill sees many distinct m; a full memo is cleared rather than grown without bound
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
@@ -38,12 +53,17 @@ def plan_key(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, 
 
 
 def get_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-             shard_axis: int, builder: Callable[..., Plan] | None = None) -> Plan:
+             shard_axis: int, builder: Callable[..., Plan] | None = None, fusion: Fusion = NO_FUSION) -> Plan:
     """The cached plan of this call signature, built (inputs validated, config chosen) on first use."""
     key = plan_key(x, packed, fmt, in_features, scales, shard_axis)
+    if fusion != NO_FUSION:
+        key = (*key, fusion)
     plan = _plans.get(key)
     if plan is None:
-        plan = (builder or build_plan)(x, packed, fmt, in_features, scales, shard_axis)
+        if fusion != NO_FUSION:
+            plan = build_plan(x, packed, fmt, in_features, scales, shard_axis, fusion)
+        else:
+            plan = (builder or build_plan)(x, packed, fmt, in_features, scales, shard_axis)
         with _lock:
             if len(_plans) >= MAX_PLANS:
                 _plans.clear()
@@ -61,7 +81,7 @@ class Plan:
     """A callable ``plan(x, packed, scales) -> y`` for one call signature (see :func:`get_plan`)."""
 
     __slots__ = ("cfg", "out_shape", "dtype", "device", "flat", "stride_xm", "m", "k", "n", "pre", "main",
-                 "dense")
+                 "dense", "fusion")
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
@@ -74,6 +94,29 @@ class Plan:
             x2 = xs
         y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         self.main(x2, packed, scales, y)
+        return y
+
+    def fused(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, norm_of: torch.Tensor | None,
+              residual: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """A plan built with a :class:`Fusion`: y, or (y, y times `gain`) where the fusion has a gain. The
+        row tensors are contiguous (``kernels.ternary_matmul_fused`` checks)."""
+        x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
+        if self.pre is not None:
+            xs = torch.empty((self.m, self.k), dtype=self.dtype, device=self.device)
+            self.pre(x2, scales, xs)
+            x2 = xs
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        tensors = [x2, packed, scales, y]
+        if self.fusion.norm:
+            tensors.append(norm_of)
+        if self.fusion.residual:
+            tensors.append(residual)
+        if self.fusion.gain:
+            y2 = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+            tensors += [gain, y2]
+            self.main(*tensors)
+            return y, y2
+        self.main(*tensors)
         return y
 
 
@@ -163,8 +206,9 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
 
 
 def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
-               shard_axis: int) -> Plan:
-    """Validate, choose the config, and precompute every launch argument of this call signature."""
+               shard_axis: int, fusion: Fusion = NO_FUSION) -> Plan:
+    """Validate, choose the config, and precompute every launch argument of this call signature (with a
+    `fusion`: the GEMV kernel's, which the caller made sure can take it: ``kernels.fused_matmul_applies``)."""
     import triton
 
     from . import KERNEL_DTYPES  # the package __init__ defines it after importing this module
@@ -182,13 +226,17 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     k = in_features
     m = x.numel() // k
     plan = Plan()
-    plan.out_shape, plan.dtype, plan.device, plan.m, plan.k, plan.n = (*x.shape[:-1], n), x.dtype, x.device, m, k, n
+    n_out = n // 2 if fusion.swiglu else n
+    plan.out_shape, plan.dtype, plan.device, plan.m, plan.k, plan.n = (*x.shape[:-1], n_out), x.dtype, x.device, m, k, n
+    plan.fusion = fusion
     # The kernels read rows of x at a fixed stride: a contiguous x of any rank, or a 2-D x with unit column stride.
     plan.flat = x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1)
     plan.stride_xm = x.stride(0) if plan.flat and x.dim() == 2 else k
     plan.pre = plan.main = plan.dense = None
     mode = launch_support.scale_mode(scales, shard_axis)
-    if x.dtype not in KERNEL_DTYPES:
+    if fusion != NO_FUSION:
+        cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device)
+    elif x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
         cfg = configs.KernelConfig("dequant")
     else:
@@ -216,17 +264,19 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         stride_xm = k
     slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "gemv":
-        grid, _ = dispatch.gemv_grid(m, n, q, cfg)
-        ws, cnt = launch_support.WORKSPACE.get(x.device, grid[2] * m * n if grid[2] > 1 else 1, grid[0] * grid[1])
+        grid, _ = dispatch.gemv_grid(m, n, q, cfg, fusion.swiglu)
+        ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.gemv_workspace(grid, m, cfg), grid[0] * grid[1])
         pdl = launch_support.pdl_enabled(x.device)
         # the kernel reads x itself, a contiguous copy (not flat) or the column-scaled copy (pre)
         x_vec = dispatch.x_vec_aligned(x, stride_xm, fresh=plan.pre is not None or not plan.flat)
         named = dispatch.gemv_args(fmt, cfg, m, n, k, q, mode, dispatch.FENCE_MODE if x.is_cuda else 0, x_vec,
-                                   x.dtype if x.is_cuda else None, pdl, scales.numel())
-        named.update(ws_ptr=ws, cnt_ptr=cnt, stride_xm=stride_xm, stride_ym=n)
+                                   x.dtype if x.is_cuda else None, pdl, scales.numel(), fusion)
+        named.update(ws_ptr=ws, cnt_ptr=cnt, stride_xm=stride_xm, stride_ym=n_out)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
-        plan.main = Launch(tq_gemv_kernel, grid, named, slots, options)
+        plan.main = Launch(tq_gemv_kernel, grid, named, slots + dispatch.fused_slots(fusion), options)
         return plan
+    if fusion != NO_FUSION:
+        raise ValueError(f"internal: a fused product needs the GEMV kernel, its config is {cfg}")
     masks = dispatch._column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     # the inline-PTX decode and the fences exist on the GPU only (not under TRITON_INTERPRET)
     named = dispatch.kernel_constexprs(fmt, cfg, x.dtype, mode, masks, x.is_cuda,

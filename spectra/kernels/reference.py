@@ -29,3 +29,28 @@ def scale_columns_reference(x: torch.Tensor, scales: torch.Tensor, in_features: 
         xs = x.float().unflatten(-1, (parts, in_features // parts)) * scales.float()[:, None]
         return xs.flatten(-2).to(x.dtype)
     return (x.float() * expand_scales(scales.float(), (1, in_features), 1)).to(x.dtype)
+
+
+def ternary_matmul_fused_reference(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int,
+                                   scales: torch.Tensor, shard_axis: int, *, norm_of: torch.Tensor | None = None,
+                                   eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
+                                   gain: torch.Tensor | None = None,
+                                   matmul=ternary_matmul_reference) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """What ``kernels.ternary_matmul_fused`` computes, as separate operations on the product `matmul` gives: the
+    RMSNorm factor of `norm_of`'s rows applied to the fp32 product, SwiGLU over [gate; up] halves, the residual
+    add and the gained sum, each rounded to x's dtype where the fused kernel rounds."""
+    if norm_of is None:
+        y = matmul(x, packed, fmt, in_features, scales, shard_axis)
+    else:
+        xf = norm_of.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (matmul(x.float(), packed, fmt, in_features, scales, shard_axis) * r).to(x.dtype)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = (F.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+    if residual is None:
+        return y
+    y = (y.float() + residual.float()).to(x.dtype)
+    if gain is None:
+        return y
+    return y, (y.float() * gain.float()).to(x.dtype)

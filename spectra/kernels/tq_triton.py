@@ -495,12 +495,59 @@ def _gemv_step(acc, wv, c, c_end, x_row, K, Q, G: tl.constexpr, MASK_C: tl.const
 
 
 @triton.jit
+def _row_rsqrt(xr_ptr, K, eps, BK: tl.constexpr):
+    """1 / sqrt(mean(row^2) + eps) of the K values at xr_ptr, summed in fp32 (as the RMSNorm kernel does)."""
+    ss = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        v = tl.load(xr_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        ss += v * v
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _silu_times(g, u, DT: tl.constexpr):
+    """silu(g) * u of two fp32 tensors holding DT values, rounded where pointwise._swiglu_kernel rounds."""
+    act = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+    return (act * u).to(DT)
+
+
+@triton.jit
+def _gemv_finish(out, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
+                 g_ptr, y2_ptr, stride_y2m, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GAIN: tl.constexpr,
+                 SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Store one program's BN scaled fp32 sums `out` (activation row pid_m) after the fused epilogue (see
+    tq_gemv_kernel): times the RMSNorm factor of row pid_m of xr (NORM); silu(gate) * up of the row pairs
+    (SWIGLU: BN / 2 outputs j_out); plus the residual (RESIDUAL), the sum also stored times the next norm's
+    gain (GAIN). Outputs j_out, where out_ok."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    if NORM:
+        out = out * _row_rsqrt(xr_ptr + pid_m.to(tl.int64) * stride_xrm, K, eps, BK)
+    if SWIGLU:
+        gate, up = tl.split(tl.reshape(out, (BN // 2, 2)))
+        y = _silu_times(gate.to(DT).to(tl.float32), up.to(DT).to(tl.float32), DT)
+    else:
+        y = out.to(DT)
+    if RESIDUAL:
+        res = tl.load(res_ptr + pid_m.to(tl.int64) * stride_rm + j_out, mask=out_ok, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(DT)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + j_out, y, mask=out_ok)
+    if GAIN:
+        gain = tl.load(g_ptr + j_out, mask=out_ok, other=0.0)
+        tl.store(y2_ptr + pid_m.to(tl.int64) * stride_y2m + j_out, (y.to(tl.float32) * gain.to(tl.float32)).to(DT),
+                 mask=out_ok)
+
+
+@triton.jit
 def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, Q, stride_xm, stride_ym, P, C_PER_SPLIT,
                    G: tl.constexpr, SCALE_MODE: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                    SPLIT_K: tl.constexpr, MASK_C: tl.constexpr, PLANE_MASK: tl.constexpr, FENCE: tl.constexpr,
                    NUM_STAGES: tl.constexpr, X_VEC: tl.constexpr, USE_ASM: tl.constexpr, X_ASM: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr,
+                   xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None, stride_xrm=0, stride_rm=0, stride_y2m=0,
+                   eps=0.0, NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+                   GAIN: tl.constexpr = False, SWIGLU: tl.constexpr = False, BK: tl.constexpr = 1024):
     """y[m, rows] for one activation row m (grid axis 0) and BN weight rows, on the CUDA cores.
 
     At m = 1 or 2 a decode step is a matrix-vector product, and the tensor-core kernel pads the activation side
@@ -517,7 +564,16 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     activations or writes memory comes after the wait.
 
     Split-k (grid axis 2) and the arrival counter work as in tq_matmul_kernel; SCALE_MODE as there (mode 2's
-    column scales were applied to x before the launch)."""
+    column scales were applied to x before the launch).
+
+    The fused epilogue (decode steps; ``kernels.Fusion``) takes the small kernels around the product into it:
+    - NORM: x holds a row already multiplied by an RMSNorm gain, and xr_ptr the row before it; the sums are
+      multiplied by 1 / sqrt(mean(xr^2) + eps), computed by each program (K values from the L2), so the
+      product is that of the normalised row;
+    - SWIGLU: the weight rows are [gate; up] halves (N = 2 I); program pid_n takes gate and up rows
+      pid_n * BN / 2 .. in pairs and stores silu(gate) * up, I outputs per activation row;
+    - RESIDUAL: stores the product plus res (rounded like the two separate ops); GAIN also stores that sum
+      times the gain g (the next RMSNorm's, the x of the next NORM product) in y2."""
     if PDL:
         gdc_launch_dependents()
     pid_m = tl.program_id(0)
@@ -526,8 +582,18 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     QW = Q // 4
     rn = pid_n * BN + tl.arange(0, BN)
     rc = tl.arange(0, BC)
+    if SWIGLU:  # local row 2i + h: output j = pid_n * BN / 2 + i of the gate (h = 0) or up (h = 1) half
+        half = N // 2
+        j_pair = pid_n * (BN // 2) + tl.arange(0, BN) // 2
+        row_of = (tl.arange(0, BN) % 2) * half + tl.minimum(j_pair, half - 1)
+        j_out = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        out_ok = j_out < half
+    else:
+        row_of = rn
+        j_out = rn
+        out_ok = rn < N
     # rows past N read row N - 1 (unmasked 16-byte loads); their sums are never stored
-    rows = tl.minimum(rn, N - 1)
+    rows = tl.minimum(row_of, N - 1)
     words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * QW
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     c_start = pid_k * C_PER_SPLIT
@@ -548,18 +614,21 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         out = out * tl.load(s_ptr).to(tl.float32)
     elif SCALE_MODE == 1:
         out = out * tl.load(s_ptr + _shard_of(rows, N, P)).to(tl.float32)
-    row_ok = rn < N
-    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + rn
     if not SPLIT_K:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        _gemv_finish(out, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
+                     g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
     else:
+        # partial sums in slots of the program's BN local rows (BN * programs per activation row: with SWIGLU
+        # that can pass N)
         S = tl.num_programs(2)
+        NS = tl.num_programs(1) * BN
         tile = pid_m * tl.num_programs(1) + pid_n
-        slot = ws_ptr + (pid_k * M + pid_m).to(tl.int64) * N + rn
-        if _publish_partial(slot, out, row_ok, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
+        slot = ws_ptr + (pid_k * M + pid_m).to(tl.int64) * NS + rn
+        if _publish_partial(slot, out, None, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
             _gpu_fence(pid_k, FENCE)
             total = tl.zeros((BN,), dtype=tl.float32)
             for s in range(0, S):
-                total += tl.load(ws_ptr + (s * M + pid_m).to(tl.int64) * N + rn, mask=row_ok, other=0.0,
-                                 cache_modifier=".cg")
-            _finish_tile(y_ptrs, total, row_ok, cnt_ptr, tile)
+                total += tl.load(ws_ptr + (s * M + pid_m).to(tl.int64) * NS + rn, cache_modifier=".cg")
+            _gemv_finish(total, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr,
+                         stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+            tl.atomic_xchg(cnt_ptr + tile, 0)

@@ -1,0 +1,251 @@
+"""Decode products with the norm, SwiGLU and residual add in their kernel (kernels.ternary_matmul_fused, the
+GEMV kernel's fused epilogue) and the model's decode step through them (DecoderLayer.fused_step): interpreter
+runs against the reference composition (CI), the model's five-kernel block against its usual path on the CPU,
+and GPU tests (marked `gpu`)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from kernel_support import run_in_interpreter, tolerance
+
+import spectra.kernels as kernels
+from spectra.formats import get_format
+from spectra.kernels import ternary_matmul_fused, ternary_matmul_fused_reference
+
+# Every fusion the model uses (norm; norm + SwiGLU; residual; residual + gain), with and without split-k (whose
+# last program runs the epilogue), odd row counts (a SwiGLU half of 23 rows: a program's pairs past it), TQ1
+# and TQ2, both scale modes on rows, column-shard scales (applied to x first), m = 1 and 2.
+_INTERPRETER_FUSED_SCRIPT = textwrap.dedent("""
+    import torch
+    from spectra.formats import get_format
+    from spectra.kernels import configs, launch_support, plans, ternary_matmul_fused_reference
+    torch.manual_seed(3)
+    K = configs.KernelConfig
+    F = plans.Fusion
+    cases = [
+        ("tq2", 46, 512, 1, (1, 0), K("gemv", 1, 16, 64, 1, 4, 1), F(norm=True, eps=1e-5)),
+        ("tq2", 46, 512, 2, (3, 0), K("gemv", 1, 16, 64, 2, 4, 1), F(norm=True, eps=1e-5)),
+        ("tq2", 46, 512, 1, (2, 0), K("gemv", 1, 16, 64, 1, 4, 1), F(norm=True, swiglu=True, eps=1e-6)),
+        ("tq1", 46, 640, 2, (1, 0), K("gemv", 1, 8, 64, 2, 4, 1), F(norm=True, swiglu=True, eps=1e-6)),
+        ("tq2", 37, 611, 1, (2, 1), K("gemv", 1, 16, 32, 2, 4, 1), F(residual=True)),
+        ("tq2", 37, 512, 2, (1, 0), K("gemv", 1, 16, 64, 3, 4, 1), F(residual=True, gain=True)),
+        ("tq1", 21, 713, 1, (3, 1), K("gemv", 1, 32, 16, 1, 4, 2), F(residual=True, gain=True)),
+    ]
+    failures = []
+    for fmt, n, k, m, (p, axis), cfg, fusion in cases:
+        configs.fused_config = lambda *a, cfg=cfg: cfg
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
+        rows = (torch.randn(m, k) * 3).half()
+        gain_in = (torch.rand(k) + 0.5).half()
+        x = (rows * gain_in) if fusion.norm else torch.randn(m, k).half()
+        scales = torch.rand(p) * 0.02 + 0.01
+        n_out = n // 2 if fusion.swiglu else n
+        residual = torch.randn(m, n_out).half() if fusion.residual else None
+        gain = (torch.rand(n_out) + 0.5).half() if fusion.gain else None
+        norm_of = rows if fusion.norm else None
+        plan = plans.build_plan(x, packed, fmt, k, scales, axis, fusion)
+        got = plan.fused(x, packed, scales, norm_of, residual, gain)
+        ref = ternary_matmul_fused_reference(x, packed, fmt, k, scales, axis, norm_of=norm_of, eps=fusion.eps,
+                                             swiglu=fusion.swiglu, residual=residual, gain=gain)
+        got = got if isinstance(got, tuple) else (got,)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        for g, r in zip(got, ref):
+            err = float((g.float() - r.float()).norm() / r.float().norm())
+            if g.shape != r.shape or not err < 2e-3:
+                failures.append(f"{fmt} {n}x{k} m={m} P={p} axis={axis} {cfg} {fusion}: {tuple(g.shape)} rel={err:.3e}")
+    ws, cnt = launch_support.WORKSPACE.buffers[torch.device("cpu")]
+    if int(cnt.abs().max()) != 0:
+        failures.append("split-k arrival counters not left zeroed")
+    cases = len(cases)
+""")
+
+
+def test_fused_gemv_epilogues_in_interpreter_match_reference():
+    pytest.importorskip("triton")
+    assert "cases=7" in run_in_interpreter(_INTERPRETER_FUSED_SCRIPT)
+
+
+def test_fused_reference_is_the_separate_operations():
+    """The reference composition equals the model's own ops (RMSNorm, silu * up, residual add) up to the one
+    rounding it skips: the normalised row's, before the product."""
+    from spectra.kernels.pointwise import add_rms_norm_reference, rms_norm_reference, swiglu_reference
+
+    torch.manual_seed(0)
+    k, inter = 64, 24
+    fmt = "tq2"
+    w_qkv = get_format(fmt).pack(torch.randint(-1, 2, (2 * inter, k), dtype=torch.int8))
+    scales = torch.tensor([0.03])
+    x = torch.randn(2, k) * 4
+    gain = torch.rand(k) + 0.5
+    fused = ternary_matmul_fused_reference(x * gain, w_qkv, fmt, k, scales, 0, norm_of=x, eps=1e-5, swiglu=True)
+    h = rms_norm_reference(x, gain, 1e-5)
+    gate, up = kernels.ternary_matmul_reference(h, w_qkv, fmt, k, scales, 0).chunk(2, dim=-1)
+    torch.testing.assert_close(fused, swiglu_reference(gate, up), rtol=1e-5, atol=1e-6)
+    res = torch.randn(2, 2 * inter)
+    total, total_gained = ternary_matmul_fused_reference(h, w_qkv, fmt, k, scales, 0, residual=res,
+                                                         gain=torch.full((2 * inter,), 2.0))
+    expected, _ = add_rms_norm_reference(kernels.ternary_matmul_reference(h, w_qkv, fmt, k, scales, 0), res,
+                                         torch.ones(2 * inter), 1e-5)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(total_gained, 2 * expected)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(norm_of=torch.zeros(1, 32)), "norm_of must be"),
+    (dict(residual=torch.zeros(1, 7)), "residual must be"),
+    (dict(residual=torch.zeros(1, 8), gain=torch.zeros(3)), "gain must"),
+    (dict(gain=torch.zeros(8)), "gain must come with a residual"),
+])
+def test_fused_matmul_refuses_mismatched_rows(bad, message):
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (8, 64), dtype=torch.int8))
+    with pytest.raises(ValueError, match=message):
+        ternary_matmul_fused(torch.randn(1, 64), packed, "tq2", 64, torch.ones(1), 0, **bad)
+    with pytest.raises(ValueError, match="even count"):
+        ternary_matmul_fused(torch.randn(1, 64), packed[:7], "tq2", 64, torch.ones(1), 0, swiglu=True)
+
+
+def _packed_model(fmt: str = "tq2", dtype=torch.float32, device="cpu", layers: int = 2):
+    from spectra.config import get_config
+    from spectra.convert import pack_model
+    from spectra.model import SpectraLM
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", weight_kind="ternary", num_layers=layers, model_parallel_size=2)
+    model = SpectraLM(cfg).eval()
+    with torch.no_grad():
+        for norm in [m for name, m in model.named_modules() if name.endswith("norm")]:
+            norm.weight.uniform_(0.5, 1.5)  # gains that are not all ones: each must reach its product
+    pack_model(model, fmt)
+    model.fuse_projections()
+    return model.to(device=device, dtype=dtype)
+
+
+def test_model_decode_step_through_fused_blocks_equals_usual_path(monkeypatch):
+    """On the CPU the fused step runs as the reference composition (the plumbing: which gain, norm and residual
+    reaches which product, the first block's gained input, the last block's final norm): its logits equal the
+    usual path's over a few steps, and it is the path taken."""
+    import spectra.model as model_module
+    from spectra.packed import PackedTernaryLinear
+
+    model = _packed_model()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+
+    def decode(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(PackedTernaryLinear, "fuses", lambda self, x: fused)
+        monkeypatch.setattr(model_module, "uses_decode_kernel", lambda t, device, pos: t == 1 and pos is not None)
+        monkeypatch.setattr(model_module.Attention, "step_attention", _cpu_step_attention)
+        model.setup_cache(2, 16)
+        with torch.no_grad():
+            model(prompt, input_pos=torch.arange(5))
+            out = [model(prompt[:, i:i + 1], input_pos=torch.tensor([5 + i])) for i in range(3)]
+        model.clear_cache()
+        return torch.cat(out, 1)
+
+    calls = []
+    real = model_module.DecoderLayer.fused_step
+    monkeypatch.setattr(model_module.DecoderLayer, "fused_step",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    usual = decode(False)
+    assert not calls
+    fused = decode(True)
+    assert len(calls) == 3 * len(model.model.layers)
+    torch.testing.assert_close(fused, usual, rtol=1e-4, atol=1e-4)
+
+
+def _cpu_step_attention(self, q, k, v, cos, sin, pos):
+    """The decode kernel's job in PyTorch ops, for the CPU (rotary as the model applies it, cache write, attention
+    over the filled positions)."""
+    from spectra.ternary import apply_rope_signed, signed_sines
+
+    b, t, _ = q.shape
+    q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+    sin = signed_sines(sin)
+    q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
+    length = int(pos.max()) + 1
+    keys, values = self.cache.update(pos, k, v, length)
+    y = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+    return y.transpose(1, 2).reshape(b, t, -1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_gpu_fused_products_match_reference(fmt, dtype):
+    """Odd shapes, every fusion, split-k or not (the config the dispatcher picks, and forced splits), poisoned
+    outputs, against the fp32 reference composition."""
+    from spectra.kernels import configs, plans
+
+    torch.manual_seed(1)
+    dev = torch.device("cuda")
+    fusions = [plans.Fusion(norm=True, eps=1e-5), plans.Fusion(norm=True, swiglu=True, eps=1e-6),
+               plans.Fusion(residual=True), plans.Fusion(residual=True, gain=True)]
+    for n, k in [(46, 512), (9216, 3072), (774, 1000), (3072, 9216)]:
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(dev)
+        for m in (1, 2):
+            for fusion in fusions:
+                for split in (None, 3):
+                    cfg = configs.fused_config(fmt, n, k, m, dtype, 0, dev)
+                    if split is not None:
+                        cfg = configs.KernelConfig("gemv", 1, cfg.block_n, cfg.block_j, split, 4, cfg.num_stages)
+                    for (p, axis) in ((1, 0), (3, 0), (2, 1)):
+                        _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis)
+
+
+def _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis):
+    from spectra.kernels import configs, plans
+
+    rows = (torch.randn(m, k, device=dev) * 3).to(dtype)
+    gain_in = (torch.rand(k, device=dev) + 0.5).to(dtype)
+    x = (rows * gain_in) if fusion.norm else torch.randn(m, k, device=dev).to(dtype)
+    scales = torch.rand(p, device=dev) * 0.02 + 0.01
+    n_out = n // 2 if fusion.swiglu else n
+    residual = torch.randn(m, n_out, device=dev).to(dtype) if fusion.residual else None
+    gain = (torch.rand(n_out, device=dev) + 0.5).to(dtype) if fusion.gain else None
+    norm_of = rows if fusion.norm else None
+    real = configs.fused_config
+    configs.fused_config = lambda *a: cfg
+    try:
+        plan = plans.build_plan(x, packed, fmt, k, scales, axis, fusion)
+    finally:
+        configs.fused_config = real
+    poison = torch.full((1 << 22,), float("nan"), dtype=dtype, device=dev)  # freed: the outputs reuse NaN memory
+    del poison
+    got = plan.fused(x, packed, scales, norm_of, residual, gain)
+    ref = ternary_matmul_fused_reference(x.float(), packed, fmt, k, scales, axis,
+                                         norm_of=None if norm_of is None else norm_of.float(), eps=fusion.eps,
+                                         swiglu=fusion.swiglu, residual=None if residual is None else residual.float(),
+                                         gain=None if gain is None else gain.float())
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for g, r in zip(got, ref, strict=True):
+        err = float((g.float() - r.float()).norm() / r.float().norm())
+        assert g.shape == r.shape and err < 2 * tolerance(dtype), (fmt, n, k, m, dtype, fusion, cfg, p, axis, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_gpu_fused_decode_greedy_tokens_equal_unfused_path(monkeypatch, fmt):
+    """A packed model's greedy tokens with the fused decode step (batch 1 and 2, in a CUDA graph under PDL) equal
+    those with SPECTRA_FUSED_DECODE's switch off, and the fused step is what ran."""
+    import spectra.model as model_module
+    from spectra.generate import generate, release_decode_step
+
+    model = _packed_model(fmt, torch.float16, "cuda", layers=3)
+    calls = []
+    real = model_module.DecoderLayer.fused_step
+    monkeypatch.setattr(model_module.DecoderLayer, "fused_step", lambda self, *a: calls.append(1) or real(self, *a))
+    for batch in (1, 2):
+        prompt = torch.randint(0, model.config.vocab_size, (batch, 7), device="cuda")
+        monkeypatch.setattr(kernels, "FUSED_DECODE", False)
+        plain = generate(model, prompt, max_new_tokens=24, temperature=0)
+        release_decode_step(model)
+        assert not calls
+        monkeypatch.setattr(kernels, "FUSED_DECODE", True)
+        fused = generate(model, prompt, max_new_tokens=24, temperature=0)
+        release_decode_step(model)
+        assert calls
+        calls.clear()
+        assert torch.equal(fused, plain)
