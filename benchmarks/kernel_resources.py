@@ -31,17 +31,21 @@ from spectra.formats import get_format
 from spectra.kernels import tq_triton
 from spectra.kernels.configs import KernelConfig
 from spectra.kernels.dispatch import FENCE_MODE, _column_masks, gemv_args, kernel_constexprs
+from spectra.kernels.plans import Fusion
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {"x_ptr": "*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*{dt}", "ws_ptr": "*fp32",
-             "cnt_ptr": "*i32"}
+             "cnt_ptr": "*i32", "xr_ptr": "*{dt}", "res_ptr": "*{dt}", "g_ptr": "*{dt}", "y2_ptr": "*{dt}",
+             "eps": "fp32"}
 # multiples of 16 in real layer shapes
 _ALIGNED = ("N", "K", "Q", "stride_xm", "stride_ym", "J_PER_SPLIT", "C_PER_SPLIT")
 
 
-def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None):
+def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features: int | None = None,
+                   fusion: Fusion | None = None):
     """The kernel a launch with this config compiles to; with in_features, the column masks that k needs
-    (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations)."""
+    (q % block_j != 0 masks the first step of a range, and planes that pass k mask their activations); with
+    a fusion, the GEMV kernel's fused epilogue."""
     spec = get_format(fmt)
     if cfg.kind in ("stream", "gluon"):
         from triton.experimental.gluon._runtime import GluonASTSource
@@ -54,7 +58,9 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
         constexprs = dict(G=g, SCALE_MODE=0, SPLIT_K=cfg.split > 1, ASM=word_decode_asm(fmt, dtype))
         if cfg.kind == "stream":
             fn = tq_gluon.tq_stream_gluon_kernel
-            constexprs.update(W=cfg.num_warps, PDL=True)
+            fused = fusion or Fusion()
+            constexprs.update(W=cfg.num_warps, PDL=True, NORM=fused.norm, RESIDUAL=fused.residual, GAIN=fused.gain,
+                              SWIGLU=fused.swiglu, BK=128 * cfg.num_warps)
         else:
             fn = tq_gluon.tq_gemv_gluon_kernel
             steps, _ = steps_and_split(spec.row_bytes(in_features or 8192), cfg.split, cfg.block_m, g, cfg.block_j)
@@ -63,7 +69,7 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
     elif cfg.kind == "gemv":
         fn = tq_triton.tq_gemv_kernel
         k = in_features or 8192
-        args = gemv_args(fmt, cfg, 1, 4096, k, spec.row_bytes(k), 0, FENCE_MODE)
+        args = gemv_args(fmt, cfg, 1, 4096, k, spec.row_bytes(k), 0, FENCE_MODE, fusion=fusion)
         constexprs = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name in args}
     else:
         fn = tq_triton.tq_matmul_kernel
@@ -81,7 +87,8 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
             signature[name] = "constexpr"
         elif name in _POINTERS:
             signature[name] = _POINTERS[name].format(dt=dtype)
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if name != "eps":
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
             if name in _ALIGNED:
@@ -146,9 +153,12 @@ def main() -> None:
     p.add_argument("--in-features", type=int, default=None,
                    help="compile with the column masks this k needs (default: none, as for 70B TQ2 shapes)")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions of the K loop")
+    p.add_argument("--fusion", default="", help="the GEMV kernel's fused epilogue, e.g. norm+swiglu or "
+                                                "residual+gain (plans.Fusion fields joined by +)")
     args = p.parse_args()
     cfg = KernelConfig(args.kernel, args.block_m, args.block_n, args.block_j, args.split, args.warps, args.stages)
-    kernel = compile_config(args.format, cfg, args.dtype, args.in_features)
+    fusion = Fusion(**{f: True for f in args.fusion.split("+")}) if args.fusion else None
+    kernel = compile_config(args.format, cfg, args.dtype, args.in_features, fusion)
     usage = resource_usage(kernel.asm["cubin"])
     regs, shared = usage["REG"], kernel.metadata.shared
     threads = 32 * args.warps

@@ -186,10 +186,11 @@ def test_gpu_fused_products_match_reference(fmt, dtype):
         packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(dev)
         for m in (1, 2):
             for fusion in fusions:
-                for split in (None, 3):
-                    cfg = configs.fused_config(fmt, n, k, m, dtype, 0, dev)
-                    if split is not None:
-                        cfg = configs.KernelConfig("gemv", 1, cfg.block_n, cfg.block_j, split, 4, cfg.num_stages)
+                gemv = configs.fused_config(fmt, n, k, m, dtype, 0, dev, gluon=False)
+                cfgs = [gemv, configs.KernelConfig("gemv", 1, gemv.block_n, gemv.block_j, 3, 4, gemv.num_stages)]
+                if k % 16 == 0:  # the streaming Gluon kernel's shapes
+                    cfgs += [configs.KernelConfig("stream", 8, 16 * w, 64, split, w) for w, split in ((4, 1), (8, 3))]
+                for cfg in cfgs:
                     for (p, axis) in ((1, 0), (3, 0), (2, 1)):
                         _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis)
 
@@ -211,6 +212,7 @@ def _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis):
         plan = plans.build_plan(x, packed, fmt, k, scales, axis, fusion)
     finally:
         configs.fused_config = real
+    assert plan.cfg == cfg  # the kernel asked for ran (a Gluon compile failure would fall back)
     poison = torch.full((1 << 22,), float("nan"), dtype=dtype, device=dev)  # freed: the outputs reuse NaN memory
     del poison
     got = plan.fused(x, packed, scales, norm_of, residual, gain)

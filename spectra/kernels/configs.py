@@ -207,12 +207,13 @@ def gemv_candidates(n: int, k: int, m: int, fmt: str, sms: int,
 
 
 def fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
-                 device: torch.device) -> KernelConfig:
-    """The GEMV config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion): the tuned
-    portable entry where it is a GEMV, else 16 rows and 256 bytes per step, split so that the grid comes
-    nearest four programs per SM (the tuned 3.9B entries' shape; the tuner does not time fused launches)."""
-    cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=False)
-    if cfg.kind == "gemv":
+                 device: torch.device, gluon: bool = True) -> KernelConfig:
+    """The config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion): the tuned entry
+    where it is a kernel with that epilogue (the streaming Gluon kernel if `gluon`, or the GEMV kernel), else
+    the GEMV kernel at 16 rows and 256 bytes per step, split so that the grid comes nearest four programs per
+    SM (the tuned 3.9B entries' shape; the tuner does not time fused launches)."""
+    cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=gluon)
+    if cfg.kind in ("gemv", "stream"):
         return cfg
     sms = num_sms(device) if device.type == "cuda" else 4
     tile = ((16, 256, 1),) if get_format(fmt).row_bytes(k) >= 256 else ((16, 64, 1),)

@@ -141,22 +141,31 @@ def runs(kind: str, device: torch.device, m: int, k: int, dtype: torch.dtype) ->
 
 def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, scale_mode: int,
                        warps: int, split: int, y: torch.Tensor, ws: torch.Tensor | None = None,
-                       cnt: torch.Tensor | None = None) -> tuple[tuple[int, int, int], dict, dict]:
+                       cnt: torch.Tensor | None = None, fusion=None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, named arguments, launch options) of one streaming-kernel launch on x2 [m, k] (column-shard scales
-    already applied); `split` is rounded so that every split has whole 64-byte steps and none is empty."""
+    already applied); `split` is rounded so that every split has whole 64-byte steps and none is empty.
+    `fusion`: the fused epilogue (a plans.Fusion; its row tensors are contiguous and passed by the caller)."""
     m, k = x2.shape
     n, q = packed.shape
     blocks = -(-q // STREAM_BJ)
     steps = -(-blocks // max(1, min(split, blocks)))
     split = -(-blocks // steps)
-    grid = (-(-n // (16 * warps)), split, 1)
+    rows = 16 * warps
+    swiglu = bool(fusion and fusion.swiglu)
+    grid = (-(-(n // 2) // (rows // 2)) if swiglu else -(-n // rows), split, 1)
     if ws is None:
-        ws, cnt = WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
+        ws, cnt = WORKSPACE.get(x2.device, split * m * grid[0] * rows if split > 1 else 1, grid[0])
     pdl = pdl_enabled(x2.device)
+    n_out = n // 2 if swiglu else n
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * STREAM_BJ,
                  G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode, SPLIT_K=split > 1,
-                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), W=warps, PDL=pdl)
+                 ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), W=warps, PDL=pdl,
+                 xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None, stride_xrm=k, stride_rm=n_out,
+                 stride_y2m=n_out, eps=0.0, NORM=False, RESIDUAL=False, GAIN=False, SWIGLU=False, BK=128 * warps)
+    if fusion is not None:
+        named.update(NORM=fusion.norm, RESIDUAL=fusion.residual, GAIN=fusion.gain, SWIGLU=fusion.swiglu,
+                     eps=fusion.eps)
     return grid, named, dict(num_warps=warps, **(dict(launch_pdl=True) if pdl else {}))
 
 

@@ -163,7 +163,8 @@ def _dense(packed_n: int, fmt: str, k: int, scales_n: int, shard_axis: int, dtyp
     return dense
 
 
-def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan):
+def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor, mode: int, cfg, plan: Plan,
+           fusion: Fusion = NO_FUSION):
     """The Gluon kernel's launch (`cfg.kind` "gluon" or "stream"), compiled now; None where it cannot run (after
     gluon_launch's one warning if it failed to compile)."""
     if not gluon_launch.runs(cfg.kind, x.device, plan.m, plan.k, x.dtype):
@@ -185,19 +186,24 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
         stride_xm = plan.k
     # stand-ins with the shapes and alignment of the real tensors; the plan keeps no reference to the weights
     x2 = torch.empty((plan.m, plan.k), dtype=x.dtype, device=x.device)
-    y = torch.empty((plan.m, plan.n), dtype=x.dtype, device=x.device)
+    n_out = plan.out_shape[-1]
+    y = torch.empty((plan.m, n_out), dtype=x.dtype, device=x.device)
+    fused = dict(xr_ptr=x2, res_ptr=y, g_ptr=y[0], y2_ptr=y)  # stand-ins of the fused epilogue's row tensors
+    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr") + dispatch.fused_slots(fusion)
     if cfg.kind == "stream":
         kernel = tq_stream_gluon_kernel
         grid, named, options = gluon_launch.stream_launch_args(x2, packed, fmt, scales, mode, cfg.num_warps,
-                                                               cfg.split, y)
+                                                               cfg.split, y, fusion=fusion)
+    elif fusion != NO_FUSION:
+        raise ValueError(f"internal: the Gluon kernel {cfg.kind!r} has no fused epilogue")
     else:
         kernel = tq_gemv_gluon_kernel
         grid, named, options = gluon_launch.launch_args(x2, packed, fmt, scales, mode, cfg.block_m, cfg.split, y,
                                                         cfg.block_j)
-    named.update(stride_xm=stride_xm, x_ptr=None, w_ptr=None, s_ptr=None, y_ptr=None)
-    launch = Launch(kernel, grid, named, ("x_ptr", "w_ptr", "s_ptr", "y_ptr"), options)
+    named.update({name: None for name in slots}, stride_xm=stride_xm)
+    launch = Launch(kernel, grid, named, slots, options)
     try:
-        launch.compile(x2, packed, scales, y)
+        launch.compile(x2, packed, scales, y, *[fused[name] for name in slots[4:]])
     except Exception as exc:  # noqa: BLE001 - any compiler failure: the portable kernel runs instead
         gluon_launch.disable(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         plan.pre = None
@@ -236,6 +242,12 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     mode = launch_support.scale_mode(scales, shard_axis)
     if fusion != NO_FUSION:
         cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device)
+        if cfg.kind == "stream":
+            plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan, fusion)
+            if plan.main is not None:
+                plan.cfg = cfg
+                return plan
+            cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device, gluon=False)
     elif x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
         cfg = configs.KernelConfig("dequant")

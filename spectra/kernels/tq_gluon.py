@@ -127,31 +127,100 @@ def _shard_of(idx, size, P):
 
 @gluon.jit
 def _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k,
-            SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr):
-    """Scale the [rows, m] fp32 tile `acc` (rows rn, activation rows rm, in acc's layout) and store it: directly,
-    or as tq_triton does for split-k: each split stores its partial tile in its own fp32 slot; the last to arrive
-    (counter) sums the slots in split order (bitwise reproducible), writes y and re-zeroes the counter.
-    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch)."""
+            SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr, rows=None, xr_ptr=None, stride_xrm=0, K=0, eps=0.0,
+            res_ptr=None, stride_rm=0, g_ptr=None, y2_ptr=None, stride_y2m=0, NORM: gl.constexpr = False,
+            SWIGLU: gl.constexpr = False, RESIDUAL: gl.constexpr = False, GAIN: gl.constexpr = False,
+            BK: gl.constexpr = 1024):
+    """Scale the [rows, m] fp32 tile `acc` (program rows rn, activation rows rm, in acc's layout) and store it:
+    directly, or as tq_triton does for split-k: each split stores its partial tile in its own fp32 slot; the last
+    to arrive (counter) sums the slots in split order (bitwise reproducible), writes y and re-zeroes the counter.
+    SCALE_MODE as in tq_triton (mode 2 was applied to x before the launch). The fused epilogue (NORM, SWIGLU,
+    RESIDUAL, GAIN) is tq_triton.tq_gemv_kernel's; `rows`: the weight row of each program row (SWIGLU pairs
+    them), rn where None."""
+    if rows is None:
+        rows = rn
     if SCALE_MODE == 0:
         acc = acc * gl.load(s_ptr).to(gl.float32)
     elif SCALE_MODE == 1:
-        s_row = gl.load(s_ptr + _shard_of(rn, N, P), mask=rn < N, other=0.0).to(gl.float32)
+        s_row = gl.load(s_ptr + _shard_of(rows, N, P), mask=rows < N, other=0.0).to(gl.float32)
         acc = acc * s_row[:, None]
-    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
-    y_ptrs = y_ptr + rm[None, :].to(gl.int64) * stride_ym + rn[:, None]
     if not SPLIT_K:
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(acc, rn, rm, M, N, y_ptr, stride_ym, pid_n, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
+                   g_ptr, y2_ptr, stride_y2m, NORM, SWIGLU, RESIDUAL, GAIN, BK)
     else:
+        # one slot per program row (with SWIGLU the program rows pass N)
         S = gl.num_programs(1)
-        gl.store(ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * N + rn[:, None], acc, mask=out_mask)
+        NS = gl.num_programs(0) * acc.shape[0]
+        slot_mask = rm[None, :] < M
+        gl.store(ws_ptr + (pid_k * M + rm[None, :]).to(gl.int64) * NS + rn[:, None], acc, mask=slot_mask)
         _cta_barrier()
         if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
             total = gl.zeros_like(acc)
             for sk in range(0, S):
-                total += gl.load(ws_ptr + (sk * M + rm[None, :]).to(gl.int64) * N + rn[:, None], mask=out_mask,
+                total += gl.load(ws_ptr + (sk * M + rm[None, :]).to(gl.int64) * NS + rn[:, None], mask=slot_mask,
                                  other=0.0, cache_modifier=".cg")
-            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            _store_out(total, rn, rm, M, N, y_ptr, stride_ym, pid_n, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
+                       g_ptr, y2_ptr, stride_y2m, NORM, SWIGLU, RESIDUAL, GAIN, BK)
             gl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@gluon.jit
+def _row_rsqrt(xr_ptr, stride_xrm, M, K, eps, BM: gl.constexpr, BK: gl.constexpr, OUT_LAYOUT: gl.constexpr):
+    """1 / sqrt(mean(xr[m]^2) + eps) of activation rows m < BM (0 past M), summed in fp32, in OUT_LAYOUT."""
+    # [BM, BK] per step, 4 values per thread and row (few registers: the epilogue must not lower occupancy)
+    RL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
+                                        warps_per_cta=[1, gl.num_warps()], order=[1, 0])
+    m = gl.arange(0, BM, layout=gl.SliceLayout(1, RL))
+    cols = gl.arange(0, BK, layout=gl.SliceLayout(0, RL))
+    ss = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, RL))
+    for k0 in range(0, K, BK):
+        v = gl.load(xr_ptr + m[:, None].to(gl.int64) * stride_xrm + (k0 + cols)[None, :],
+                    mask=(m[:, None] < M) & ((k0 + cols) < K)[None, :], other=0.0).to(gl.float32)
+        ss += gl.sum(v * v, axis=1)
+    r = 1.0 / gl.sqrt(ss / K + eps)
+    return gl.convert_layout(r, OUT_LAYOUT)
+
+
+@gluon.jit
+def _store_out(acc, rn, rm, M, N, y_ptr, stride_ym, pid_n, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm, g_ptr,
+               y2_ptr, stride_y2m, NORM: gl.constexpr, SWIGLU: gl.constexpr, RESIDUAL: gl.constexpr,
+               GAIN: gl.constexpr, BK: gl.constexpr):
+    """Store the scaled [rows, m] sums after the fused epilogue (tq_triton._gemv_finish's): the RMSNorm factor of
+    each activation row, silu(gate) * up of the program's two row halves (through shared memory), the residual
+    add, the gained sum."""
+    DT: gl.constexpr = y_ptr.dtype.element_ty
+    R: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    if NORM:
+        acc = acc * _row_rsqrt(xr_ptr, stride_xrm, M, K, eps, BM, BK, rm.type.layout)[None, :]
+    if SWIGLU:
+        # program rows [0, R / 2) are gate rows, [R / 2, R) the up rows of the same outputs
+        HL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // BM, BM],
+                                            warps_per_cta=[gl.num_warps(), 1], order=[1, 0])
+        smem = gl.allocate_shared_memory(gl.float32, [R, BM],
+                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+        smem.store(acc)
+        _cta_barrier()
+        gate = smem.slice(0, R // 2).load(HL).to(DT).to(gl.float32)
+        up = smem.slice(R // 2, R // 2).load(HL).to(DT).to(gl.float32)
+        y = ((gate / (1.0 + gl.exp(-gate))).to(DT).to(gl.float32) * up).to(DT)
+        jj = pid_n * (R // 2) + gl.arange(0, R // 2, layout=gl.SliceLayout(1, HL))
+        mm = gl.arange(0, BM, layout=gl.SliceLayout(0, HL))
+        n_out = N // 2
+    else:
+        y = acc.to(DT)
+        jj = rn
+        mm = rm
+        n_out = N
+    out_mask = (jj[:, None] < n_out) & (mm[None, :] < M)
+    if RESIDUAL:
+        res = gl.load(res_ptr + mm[None, :].to(gl.int64) * stride_rm + jj[:, None], mask=out_mask, other=0.0)
+        y = (y.to(gl.float32) + res.to(gl.float32)).to(DT)
+    gl.store(y_ptr + mm[None, :].to(gl.int64) * stride_ym + jj[:, None], y, mask=out_mask)
+    if GAIN:
+        gain = gl.load(g_ptr + jj, mask=jj < n_out, other=0.0).to(gl.float32)
+        gl.store(y2_ptr + mm[None, :].to(gl.int64) * stride_y2m + jj[:, None],
+                 (y.to(gl.float32) * gain[:, None]).to(DT), mask=out_mask)
 
 
 @gluon.jit
@@ -268,14 +337,20 @@ def _stream_step(w, x_rows, xrow_ok, cols, j, j_end, Q, K, acc, G: gl.constexpr,
 def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                            M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                            G: gl.constexpr, SCALE_MODE: gl.constexpr, SPLIT_K: gl.constexpr, ASM: gl.constexpr,
-                           W: gl.constexpr, PDL: gl.constexpr):
+                           W: gl.constexpr, PDL: gl.constexpr,
+                           xr_ptr, res_ptr, g_ptr, y2_ptr, stride_xrm, stride_rm, stride_y2m, eps,
+                           NORM: gl.constexpr, RESIDUAL: gl.constexpr, GAIN: gl.constexpr, SWIGLU: gl.constexpr,
+                           BK: gl.constexpr):
     """y[m, n] = sum_k x[m, k] * trit[n, k] * scale for m <= 8 and K a multiple of 16; program (pid_n, pid_k) does
     weight rows pid_n * 16 W.. over the byte columns pid_k * J_PER_SPLIT.. (a multiple of 64 bytes).
 
     Streams like the CUDA-core GEMV (each warp 16 rows, four 64-byte steps per row in flight in registers, no
     shared memory, the first steps loaded before the PDL wait) and multiplies like the kernel above (weights
     decoded straight into A fragments, ``_byte_of_k``'s K order), on mma.sync m16n8k16; each thread loads its
-    B fragment (16 contiguous activations per plane: two 16-byte loads, L1/L2 hits after the first program)."""
+    B fragment (16 contiguous activations per plane: two 16-byte loads, L1/L2 hits after the first program).
+
+    NORM, SWIGLU, RESIDUAL, GAIN: tq_triton.tq_gemv_kernel's fused epilogue (with SWIGLU program pid_n takes gate
+    rows pid_n * 8 W .. in its first 8 W rows and the up rows of the same outputs in the rest)."""
     if PDL:
         gdc_launch_dependents()
     pid_n = gl.program_id(0)
@@ -293,9 +368,8 @@ def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     QW = Q // 4
     jw0 = j_start // 4
     jw_end = j_end // 4
-    rows = pid_n * (16 * W) + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, WL))
+    rows, row_ok = _stream_rows(pid_n, N, W, SWIGLU, gl.SliceLayout(1, WL))
     words = gl.arange(0, 16, layout=gl.SliceLayout(0, WL))
-    row_ok = rows < N
     b0 = _load_words(wp, rows, words, row_ok, jw0, jw_end, QW)
     b1 = _load_words(wp, rows, words, row_ok, jw0 + 16, jw_end, QW)
     b2 = _load_words(wp, rows, words, row_ok, jw0 + 32, jw_end, QW)
@@ -319,4 +393,21 @@ def tq_stream_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
 
     rn = pid_n * (16 * W) + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, MMA))
     rm = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k, SCALE_MODE, SPLIT_K)
+    true_rows, _ = _stream_rows(pid_n, N, W, SWIGLU, gl.SliceLayout(1, MMA))
+    _finish(acc, rn, rm, s_ptr, P, M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k, SCALE_MODE, SPLIT_K,
+            true_rows, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, SWIGLU,
+            RESIDUAL, GAIN, BK)
+
+
+@gluon.jit
+def _stream_rows(pid_n, N, W: gl.constexpr, SWIGLU: gl.constexpr, LAYOUT: gl.constexpr):
+    """(weight row, whether it is a real output's) of each of a program's 16 W rows, in LAYOUT: rows
+    pid_n * 16 W + i, or with SWIGLU (rows [gate; up]) gate rows pid_n * 8 W + i then the up rows of those outputs
+    (past the last output: the last real row, never stored)."""
+    i = gl.arange(0, 16 * W, layout=LAYOUT)
+    if SWIGLU:
+        half = N // 2
+        j = pid_n * (8 * W) + i % (8 * W)
+        return (i // (8 * W)) * half + gl.minimum(j, half - 1), j < half
+    rows = pid_n * (16 * W) + i
+    return rows, rows < N
