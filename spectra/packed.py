@@ -101,7 +101,9 @@ class PackedTernaryLinear(nn.Module):
 
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` on `x` is one kernel (a decode-sized product on a GPU, in inference)."""
-        return not torch.is_grad_enabled() and fused_matmul_applies(x, self.qweight)
+        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+        return not torch.is_grad_enabled() and fused_matmul_applies(x, self.qweight, self.format, self.in_features,
+                                                                    scales, axis)
 
     def fused_forward(self, x: torch.Tensor, *, norm_of: torch.Tensor | None = None, eps: float = 0.0,
                       swiglu: bool = False, residual: torch.Tensor | None = None,

@@ -107,6 +107,60 @@ def test_fused_matmul_refuses_mismatched_rows(bad, message):
         ternary_matmul_fused(torch.randn(1, 64), packed[:7], "tq2", 64, torch.ones(1), 0, swiglu=True)
 
 
+def test_fused_config_takes_a_kernel_with_the_epilogue_or_none(monkeypatch):
+    """A tuned GEMV or streaming entry is used as it is; the m = 1 bucket's streaming entry serves m = 2; a TQ2
+    shape tuned to the tensor-core kernel gets the GEMV kernel (about four programs per SM); TQ1 there gets
+    None (its GEMV is slower than the separate kernels), and fused_matmul_applies then says no."""
+    from spectra.kernels import configs, gluon_launch
+
+    K = configs.KernelConfig
+    gemv, stream, tc = K("gemv", 1, 32, 256, 2, 4, 1), K("stream", 8, 64, 64, 4, 4), K("tc", 16, 64, 64, 4, 4, 3)
+    key = configs.config_key
+    table = {key("tq2", 640, 512, 1, torch.float16, 0, "GPU"): gemv.__dict__,
+             key("tq2", 3072, 9216, 1, torch.float16, 0, "GPU"): tc.__dict__,
+             key("tq2", 3072, 9216, 2, torch.float16, 0, "GPU"): tc.__dict__,
+             key("tq1", 3072, 9216, 1, torch.float16, 0, "GPU"): tc.__dict__,
+             key("tq1", 3072, 9216, 2, torch.float16, 0, "GPU"): tc.__dict__,
+             key("tq1", 3072, 3072, 1, torch.float16, 0, "GPU") + configs.GLUON_KEY_SUFFIX: stream.__dict__,
+             key("tq1", 3072, 3072, 2, torch.float16, 0, "GPU"): tc.__dict__}
+    monkeypatch.setattr(configs, "_table", table)
+    monkeypatch.setattr(configs, "gpu_name", lambda device: "GPU")
+    monkeypatch.setattr(configs, "num_sms", lambda device: 132)
+    monkeypatch.setattr(gluon_launch, "runs", lambda kind, device, m, k, dtype: kind == "stream")
+    configs.clear_fused_memo()
+    dev = torch.device("cuda")
+    try:
+        assert configs.fused_config("tq2", 640, 512, 1, torch.float16, 0, dev) == gemv
+        assert configs.fused_config("tq1", 3072, 3072, 1, torch.float16, 0, dev) == stream
+        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev) == stream
+        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev, gluon=False) is None
+        assert configs.fused_config("tq1", 3072, 9216, 1, torch.float16, 0, dev) is None
+        default = configs.fused_config("tq2", 3072, 9216, 2, torch.float16, 0, dev)
+        assert default.kind == "gemv" and (default.block_n, default.block_j) == (16, 256)
+        assert abs(3072 // 16 * default.split - 4 * 132) <= 3072 // 16  # the split nearest 4 programs per SM
+    finally:
+        configs.clear_fused_memo()
+
+
+def test_fused_plan_without_a_kernel_computes_the_separate_operations(monkeypatch):
+    """Where the streaming kernel was chosen but cannot run (a failed Gluon compile) and nothing else has the
+    epilogue (TQ1), the fused plan computes the reference composition instead of failing."""
+    from spectra.kernels import configs, plans
+
+    stream = configs.KernelConfig("stream", 8, 64, 64, 1, 4)
+    monkeypatch.setattr(configs, "fused_config", lambda *a, gluon=True: stream if gluon else None)
+    torch.manual_seed(4)
+    packed = get_format("tq1").pack(torch.randint(-1, 2, (24, 64), dtype=torch.int8))
+    rows, gain = torch.randn(1, 64), torch.rand(64) + 0.5
+    fusion = plans.Fusion(norm=True, swiglu=True, eps=1e-5)
+    plan = plans.build_plan(rows * gain, packed, "tq1", 64, torch.tensor([0.02]), 0, fusion)
+    assert plan.main is None
+    got = plan.fused(rows * gain, packed, torch.tensor([0.02]), rows, None, None)
+    ref = ternary_matmul_fused_reference(rows * gain, packed, "tq1", 64, torch.tensor([0.02]), 0, norm_of=rows,
+                                         eps=1e-5, swiglu=True)
+    torch.testing.assert_close(got, ref)
+
+
 def _packed_model(fmt: str = "tq2", dtype=torch.float32, device="cpu", layers: int = 2):
     from spectra.config import get_config
     from spectra.convert import pack_model

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import cpu_gemv, dispatch
+from . import configs, cpu_gemv, dispatch
 from .configs import GEMV_MAX_M
 from .plans import Fusion, clear_plans, get_plan
 from .reference import (
@@ -81,14 +81,21 @@ def _ternary_matmul_fake(x, packed, fmt, in_features, scales, shard_axis):
 def clear_config_memo() -> None:
     """Forget the per-shape config choices and launch plans (after tuning)."""
     clear_plans()
+    configs.clear_fused_memo()
 
 
-def fused_matmul_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
+def fused_matmul_applies(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
+                         shard_axis: int) -> bool:
     """Whether :func:`ternary_matmul_fused` runs one kernel for activations `x` and these packed weights: a
     decode-sized product (at most GEMV_MAX_M rows) of 16-bit activations on a GPU, weights the GEMV kernel can
-    read. Elsewhere it computes the same result with separate operations."""
-    return (FUSED_DECODE and x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES
-            and 0 < x.numel() // x.shape[-1] <= GEMV_MAX_M and dispatch.gemv_usable(packed))
+    read, and a fused kernel expected to beat the separate ones (``configs.fused_config``). Elsewhere it
+    computes the same result with separate operations."""
+    if not (FUSED_DECODE and x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES
+            and 0 < x.numel() // x.shape[-1] <= GEMV_MAX_M and dispatch.gemv_usable(packed)):
+        return False
+    mode = 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
+    return configs.fused_config(fmt, packed.shape[0], in_features, x.numel() // in_features, x.dtype, mode,
+                                x.device) is not None
 
 
 def ternary_matmul_fused(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
@@ -107,7 +114,7 @@ def ternary_matmul_fused(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_fea
     :func:`ternary_matmul` (same results up to rounding)."""
     n_out = packed.shape[0] // 2 if swiglu else packed.shape[0]
     _check_fused(x, packed, in_features, n_out, norm_of, swiglu, residual, gain)
-    if not fused_matmul_applies(x, packed):
+    if not fused_matmul_applies(x, packed, fmt, in_features, scales, shard_axis):
         return ternary_matmul_fused_reference(x, packed, fmt, in_features, scales, shard_axis, norm_of=norm_of,
                                               eps=eps, swiglu=swiglu, residual=residual, gain=gain,
                                               matmul=ternary_matmul)

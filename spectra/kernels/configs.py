@@ -206,15 +206,40 @@ def gemv_candidates(n: int, k: int, m: int, fmt: str, sms: int,
     return out
 
 
+_fused: dict[tuple, KernelConfig | None] = {}
+
+
 def fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
-                 device: torch.device, gluon: bool = True) -> KernelConfig:
-    """The config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion): the tuned entry
-    where it is a kernel with that epilogue (the streaming Gluon kernel if `gluon`, or the GEMV kernel), else
-    the GEMV kernel at 16 rows and 256 bytes per step, split so that the grid comes nearest four programs per
-    SM (the tuned 3.9B entries' shape; the tuner does not time fused launches)."""
+                 device: torch.device, gluon: bool = True) -> KernelConfig | None:
+    """The config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion), or None where the
+    fused product would be slower than the separate kernels around the tuned one. In order: the tuned entry
+    where it is a kernel with that epilogue (the streaming Gluon kernel if `gluon`, or the GEMV kernel); the
+    m = 1 bucket's streaming entry (the kernel's 8-row tile costs the same for m = 1..8); for TQ2, the GEMV
+    kernel at 16 rows and 256 bytes per step, split so that the grid comes nearest four programs per SM (the
+    tuned 3.9B entries' shape; within 5% of the tensor-core kernel where that won, H100, 2026-12-07); for TQ1
+    None (its GEMV was 1.2-2.5x slower than the tensor-core kernel). Memoised per shape; clear_fused_memo
+    forgets (after tuning)."""
+    key = (fmt, n, k, m, dtype, scale_mode, device, gluon)
+    if key not in _fused:
+        _fused[key] = _fused_config(fmt, n, k, m, dtype, scale_mode, device, gluon)
+    return _fused[key]
+
+
+def clear_fused_memo() -> None:
+    _fused.clear()
+
+
+def _fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int, device: torch.device,
+                  gluon: bool) -> KernelConfig | None:
     cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=gluon)
     if cfg.kind in ("gemv", "stream"):
         return cfg
+    if gluon and m > 1:
+        first = lookup_config(fmt, n, k, 1, dtype, scale_mode, device, gluon=True)
+        if first.kind == "stream" and gluon_launch.runs("stream", device, m, k, dtype):
+            return first
+    if fmt != "tq2":
+        return None
     sms = num_sms(device) if device.type == "cuda" else 4
     tile = ((16, 256, 1),) if get_format(fmt).row_bytes(k) >= 256 else ((16, 64, 1),)
     options = gemv_candidates(n, k, 1, fmt, sms, tile)

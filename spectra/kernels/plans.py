@@ -81,7 +81,7 @@ class Plan:
     """A callable ``plan(x, packed, scales) -> y`` for one call signature (see :func:`get_plan`)."""
 
     __slots__ = ("cfg", "out_shape", "dtype", "device", "flat", "stride_xm", "m", "k", "n", "pre", "main",
-                 "dense", "fusion")
+                 "dense", "fusion", "fmt", "shard_axis")
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
@@ -100,6 +100,13 @@ class Plan:
               residual: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """A plan built with a :class:`Fusion`: y, or (y, y times `gain`) where the fusion has a gain. The
         row tensors are contiguous (``kernels.ternary_matmul_fused`` checks)."""
+        if self.main is None:  # no kernel with the epilogue (see build_plan): the separate operations
+            from . import ternary_matmul, ternary_matmul_fused_reference
+
+            f = self.fusion
+            return ternary_matmul_fused_reference(x, packed, self.fmt, self.k, scales, self.shard_axis,
+                                                  norm_of=norm_of, eps=f.eps, swiglu=f.swiglu, residual=residual,
+                                                  gain=gain, matmul=ternary_matmul)
         x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
         if self.pre is not None:
             xs = torch.empty((self.m, self.k), dtype=self.dtype, device=self.device)
@@ -234,7 +241,7 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     plan = Plan()
     n_out = n // 2 if fusion.swiglu else n
     plan.out_shape, plan.dtype, plan.device, plan.m, plan.k, plan.n = (*x.shape[:-1], n_out), x.dtype, x.device, m, k, n
-    plan.fusion = fusion
+    plan.fusion, plan.fmt, plan.shard_axis = fusion, fmt, shard_axis
     # The kernels read rows of x at a fixed stride: a contiguous x of any rank, or a 2-D x with unit column stride.
     plan.flat = x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1)
     plan.stride_xm = x.stride(0) if plan.flat and x.dim() == 2 else k
@@ -248,6 +255,9 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
                 plan.cfg = cfg
                 return plan
             cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device, gluon=False)
+        if cfg is None:  # the Gluon kernel failed to compile, and no other kernel has the epilogue
+            plan.cfg = None
+            return plan
     elif x.dtype not in KERNEL_DTYPES:
         # fp32 activations: decode the exact weights, then an fp32 cuBLAS product
         cfg = configs.KernelConfig("dequant")
