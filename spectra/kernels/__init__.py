@@ -30,9 +30,11 @@ __all__ = ["KERNEL_DTYPES", "ternary_matmul", "ternary_matmul_op", "ternary_matm
 
 # activation dtypes the packed Triton kernels take directly (fp32 decodes the weight, then a cuBLAS product)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# decode products with the norm, SwiGLU and residual add in their kernel (ternary_matmul_fused);
-# SPECTRA_FUSED_DECODE=0 turns them off (benchmarks compare the two)
-FUSED_DECODE = os.environ.get("SPECTRA_FUSED_DECODE", "1") != "0"
+# Decode products with the norm, SwiGLU and residual add in their kernel (ternary_matmul_fused). On by default
+# only once their GPU tests passed and a decode step measured faster with them on a GPU (docs/performance.md);
+# SPECTRA_FUSED_DECODE=1 / 0 forces them on / off (benchmarks compare the two).
+FUSED_DECODE_VERIFIED_ON_GPU = False
+FUSED_DECODE = os.environ.get("SPECTRA_FUSED_DECODE", "1" if FUSED_DECODE_VERIFIED_ON_GPU else "0") == "1"
 
 
 @functools.cache
