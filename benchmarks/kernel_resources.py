@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
 from spectra.kernels.configs import KernelConfig
-from spectra.kernels.dispatch import FENCE_MODE, _column_masks, gemv_args, kernel_constexprs
+from spectra.kernels.dispatch import FENCE_MODE, _column_masks, fused_args, gemv_args, kernel_constexprs
 from spectra.kernels.plans import Fusion
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -78,6 +78,9 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
             masks = _column_masks(spec.row_bytes(in_features), in_features, spec.trits_per_byte, cfg.block_j)
         constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
                                        use_asm=True, fence=FENCE_MODE)
+        epilogue = fused_args(fusion, 4096, in_features or 8192, 128)
+        constexprs.update({p.name: epilogue[p.name] for p in fn.params if p.is_constexpr and p.name in epilogue},
+                          FUSED=fusion is not None)
     if cfg.kind not in ("stream", "gluon"):
         source = ASTSource
         constexprs["SPLIT_K"] = cfg.split > 1

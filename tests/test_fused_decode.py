@@ -33,6 +33,12 @@ _INTERPRETER_FUSED_SCRIPT = textwrap.dedent("""
         ("tq2", 37, 611, 1, (2, 1), K("gemv", 1, 16, 32, 2, 4, 1), F(residual=True)),
         ("tq2", 37, 512, 2, (1, 0), K("gemv", 1, 16, 64, 3, 4, 1), F(residual=True, gain=True)),
         ("tq1", 21, 713, 1, (3, 1), K("gemv", 1, 32, 16, 1, 4, 2), F(residual=True, gain=True)),
+        # the tensor-core kernel (batch decode): row pairs inside a 64-row tile, activation rows past m
+        ("tq2", 46, 512, 3, (2, 0), K("tc", 16, 64, 64, 1, 4, 2), F(norm=True, swiglu=True, eps=1e-6)),
+        ("tq1", 90, 640, 16, (1, 0), K("tc", 16, 64, 64, 2, 4, 2), F(norm=True, swiglu=True, eps=1e-6)),
+        ("tq2", 70, 512, 5, (3, 0), K("tc", 16, 64, 32, 3, 4, 2), F(norm=True, eps=1e-5)),
+        ("tq2", 37, 611, 2, (2, 1), K("tc", 16, 64, 64, 2, 4, 2), F(residual=True, gain=True)),
+        ("tq1", 21, 713, 9, (1, 0), K("tc", 16, 64, 64, 1, 4, 2), F(residual=True)),
     ]
     failures = []
     for fmt, n, k, m, (p, axis), cfg, fusion in cases:
@@ -65,7 +71,7 @@ _INTERPRETER_FUSED_SCRIPT = textwrap.dedent("""
 
 def test_fused_gemv_epilogues_in_interpreter_match_reference():
     pytest.importorskip("triton")
-    assert "cases=7" in run_in_interpreter(_INTERPRETER_FUSED_SCRIPT)
+    assert "cases=12" in run_in_interpreter(_INTERPRETER_FUSED_SCRIPT)
 
 
 def test_fused_reference_is_the_separate_operations():
@@ -108,36 +114,37 @@ def test_fused_matmul_refuses_mismatched_rows(bad, message):
 
 
 def test_fused_config_takes_a_kernel_with_the_epilogue_or_none(monkeypatch):
-    """A tuned GEMV or streaming entry is used as it is; the m = 1 bucket's streaming entry serves m = 2; a TQ2
-    shape tuned to the tensor-core kernel gets the GEMV kernel (about four programs per SM); TQ1 there gets
-    None (its GEMV is slower than the separate kernels), and fused_matmul_applies then says no."""
+    """A tuned GEMV, streaming or tensor-core entry is used as it is; where the tuned entry is the wgmma Gluon
+    kernel (no fused epilogue), the m = 1 bucket's streaming entry up to m = 8, else the portable kernel's entry;
+    past m = 16 none (and fused_matmul_applies says no)."""
     from spectra.kernels import configs, gluon_launch
 
     K = configs.KernelConfig
     gemv, stream, tc = K("gemv", 1, 32, 256, 2, 4, 1), K("stream", 8, 64, 64, 4, 4), K("tc", 16, 64, 64, 4, 4, 3)
+    wgmma = K("gluon", 8, 64, 64, 4, 4)
     key = configs.config_key
+    g = configs.GLUON_KEY_SUFFIX
     table = {key("tq2", 640, 512, 1, torch.float16, 0, "GPU"): gemv.__dict__,
-             key("tq2", 3072, 9216, 1, torch.float16, 0, "GPU"): tc.__dict__,
-             key("tq2", 3072, 9216, 2, torch.float16, 0, "GPU"): tc.__dict__,
              key("tq1", 3072, 9216, 1, torch.float16, 0, "GPU"): tc.__dict__,
-             key("tq1", 3072, 9216, 2, torch.float16, 0, "GPU"): tc.__dict__,
-             key("tq1", 3072, 3072, 1, torch.float16, 0, "GPU") + configs.GLUON_KEY_SUFFIX: stream.__dict__,
-             key("tq1", 3072, 3072, 2, torch.float16, 0, "GPU"): tc.__dict__}
+             key("tq1", 3072, 3072, 1, torch.float16, 0, "GPU") + g: stream.__dict__,
+             key("tq1", 3072, 3072, 2, torch.float16, 0, "GPU") + g: wgmma.__dict__,
+             key("tq1", 3072, 3072, 2, torch.float16, 0, "GPU"): tc.__dict__,
+             key("tq1", 3072, 3072, 16, torch.float16, 0, "GPU") + g: wgmma.__dict__,
+             key("tq1", 3072, 3072, 16, torch.float16, 0, "GPU"): tc.__dict__}
     monkeypatch.setattr(configs, "_table", table)
     monkeypatch.setattr(configs, "gpu_name", lambda device: "GPU")
     monkeypatch.setattr(configs, "num_sms", lambda device: 132)
-    monkeypatch.setattr(gluon_launch, "runs", lambda kind, device, m, k, dtype: kind == "stream")
+    monkeypatch.setattr(gluon_launch, "runs", lambda kind, device, m, k, dtype: kind != "gluon" or m <= 16)
     configs.clear_fused_memo()
     dev = torch.device("cuda")
     try:
         assert configs.fused_config("tq2", 640, 512, 1, torch.float16, 0, dev) == gemv
+        assert configs.fused_config("tq1", 3072, 9216, 1, torch.float16, 0, dev) == tc
         assert configs.fused_config("tq1", 3072, 3072, 1, torch.float16, 0, dev) == stream
-        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev) == stream
-        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev, gluon=False) is None
-        assert configs.fused_config("tq1", 3072, 9216, 1, torch.float16, 0, dev) is None
-        default = configs.fused_config("tq2", 3072, 9216, 2, torch.float16, 0, dev)
-        assert default.kind == "gemv" and (default.block_n, default.block_j) == (16, 256)
-        assert abs(3072 // 16 * default.split - 4 * 132) <= 3072 // 16  # the split nearest 4 programs per SM
+        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev) == stream  # the m = 1 entry
+        assert configs.fused_config("tq1", 3072, 3072, 2, torch.float16, 0, dev, gluon=False) == tc
+        assert configs.fused_config("tq1", 3072, 3072, 16, torch.float16, 0, dev) == tc  # past the stream tile
+        assert configs.fused_config("tq1", 3072, 3072, 32, torch.float16, 0, dev) is None
     finally:
         configs.clear_fused_memo()
 
@@ -238,11 +245,12 @@ def test_gpu_fused_products_match_reference(fmt, dtype):
                plans.Fusion(residual=True), plans.Fusion(residual=True, gain=True)]
     for n, k in [(46, 512), (9216, 3072), (774, 1000), (3072, 9216)]:
         packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(dev)
-        for m in (1, 2):
+        for m in (1, 2, 16):
             for fusion in fusions:
-                gemv = configs.fused_config(fmt, n, k, m, dtype, 0, dev, gluon=False)
-                cfgs = [gemv, configs.KernelConfig("gemv", 1, gemv.block_n, gemv.block_j, 3, 4, gemv.num_stages)]
-                if k % 16 == 0:  # the streaming Gluon kernel's shapes
+                cfgs = [configs.KernelConfig("tc", 16, 64, 64, split, 4, 3) for split in (1, 4)]
+                if m <= 2:
+                    cfgs += [configs.KernelConfig("gemv", 1, 16, 256, split, 4, 1) for split in (1, 3)]
+                if k % 16 == 0 and m <= 8:  # the streaming Gluon kernel's shapes
                     cfgs += [configs.KernelConfig("stream", 8, 16 * w, 64, split, w) for w, split in ((4, 1), (8, 3))]
                 for cfg in cfgs:
                     for (p, axis) in ((1, 0), (3, 0), (2, 1)):
@@ -284,7 +292,7 @@ def _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 def test_gpu_fused_decode_greedy_tokens_equal_unfused_path(monkeypatch, fmt):
-    """A packed model's greedy tokens with the fused decode step (batch 1 and 2, in a CUDA graph under PDL) equal
+    """A packed model's greedy tokens with the fused decode step (batch 1, 2, 16, in a CUDA graph under PDL) equal
     those with SPECTRA_FUSED_DECODE's switch off, and the fused step is what ran."""
     import spectra.model as model_module
     from spectra.generate import generate, release_decode_step
@@ -293,7 +301,7 @@ def test_gpu_fused_decode_greedy_tokens_equal_unfused_path(monkeypatch, fmt):
     calls = []
     real = model_module.DecoderLayer.fused_step
     monkeypatch.setattr(model_module.DecoderLayer, "fused_step", lambda self, *a: calls.append(1) or real(self, *a))
-    for batch in (1, 2):
+    for batch in (1, 2, 16):
         prompt = torch.randint(0, model.config.vocab_size, (batch, 7), device="cuda")
         monkeypatch.setattr(kernels, "FUSED_DECODE", False)
         plain = generate(model, prompt, max_new_tokens=24, temperature=0)

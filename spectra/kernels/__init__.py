@@ -15,7 +15,7 @@ import os
 import torch
 
 from . import configs, cpu_gemv, dispatch
-from .configs import GEMV_MAX_M
+from .configs import FUSED_MAX_M
 from .plans import Fusion, clear_plans, get_plan
 from .reference import (
     scale_columns_reference,
@@ -89,11 +89,11 @@ def clear_config_memo() -> None:
 def fused_matmul_applies(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,
                          shard_axis: int) -> bool:
     """Whether :func:`ternary_matmul_fused` runs one kernel for activations `x` and these packed weights: a
-    decode-sized product (at most GEMV_MAX_M rows) of 16-bit activations on a GPU, weights the GEMV kernel can
-    read, and a fused kernel expected to beat the separate ones (``configs.fused_config``). Elsewhere it
-    computes the same result with separate operations."""
+    decode-sized product (at most FUSED_MAX_M rows) of 16-bit activations on a GPU, and a kernel with the fused
+    epilogue for its shape (``configs.fused_config``). Elsewhere it computes the same result with separate
+    operations."""
     if not (FUSED_DECODE and x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES
-            and 0 < x.numel() // x.shape[-1] <= GEMV_MAX_M and dispatch.gemv_usable(packed)):
+            and 0 < x.numel() // x.shape[-1] <= FUSED_MAX_M and dispatch.gemv_usable(packed)):
         return False
     mode = 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
     return configs.fused_config(fmt, packed.shape[0], in_features, x.numel() // in_features, x.dtype, mode,

@@ -211,14 +211,12 @@ _fused: dict[tuple, KernelConfig | None] = {}
 
 def fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int,
                  device: torch.device, gluon: bool = True) -> KernelConfig | None:
-    """The config of a decode product with a fused epilogue (m <= GEMV_MAX_M; plans.Fusion), or None where the
-    fused product would be slower than the separate kernels around the tuned one. In order: the tuned entry
-    where it is a kernel with that epilogue (the streaming Gluon kernel if `gluon`, or the GEMV kernel); the
-    m = 1 bucket's streaming entry (the kernel's 8-row tile costs the same for m = 1..8); for TQ2, the GEMV
-    kernel at 16 rows and 256 bytes per step, split so that the grid comes nearest four programs per SM (the
-    tuned 3.9B entries' shape; within 5% of the tensor-core kernel where that won, H100, 2026-12-07); for TQ1
-    None (its GEMV was 1.2-2.5x slower than the tensor-core kernel). Memoised per shape; clear_fused_memo
-    forgets (after tuning)."""
+    """The config of a decode product with a fused epilogue (m <= FUSED_MAX_M; plans.Fusion), or None (no kernel
+    with the epilogue fits: the separate kernels run). In order: the tuned entry where its kernel has the
+    epilogue (the streaming Gluon kernel if `gluon`, the GEMV kernel, the tensor-core kernel); up to m = 8 the
+    m = 1 bucket's streaming entry (its 8-row tile costs the same for m = 1..8); the portable kernel's entry
+    where the tuned one is the wgmma Gluon kernel. Memoised per shape; clear_fused_memo forgets (after
+    tuning)."""
     key = (fmt, n, k, m, dtype, scale_mode, device, gluon)
     if key not in _fused:
         _fused[key] = _fused_config(fmt, n, k, m, dtype, scale_mode, device, gluon)
@@ -229,21 +227,26 @@ def clear_fused_memo() -> None:
     _fused.clear()
 
 
+FUSED_KINDS = ("gemv", "stream", "tc")  # kernels with the fused epilogue of a decode product
+FUSED_MAX_M = 16  # the decode tile of the tensor-core kernel
+
+
 def _fused_config(fmt: str, n: int, k: int, m: int, dtype: torch.dtype, scale_mode: int, device: torch.device,
                   gluon: bool) -> KernelConfig | None:
+    if m > FUSED_MAX_M:
+        return None
     cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=gluon)
-    if cfg.kind in ("gemv", "stream"):
+    if cfg.kind in FUSED_KINDS:
         return cfg
-    if gluon and m > 1:
+    if gluon and 1 < m <= gluon_launch.STREAM_MAX_M:
         first = lookup_config(fmt, n, k, 1, dtype, scale_mode, device, gluon=True)
         if first.kind == "stream" and gluon_launch.runs("stream", device, m, k, dtype):
             return first
-    if fmt != "tq2":
-        return None
-    sms = num_sms(device) if device.type == "cuda" else 4
-    tile = ((16, 256, 1),) if get_format(fmt).row_bytes(k) >= 256 else ((16, 64, 1),)
-    options = gemv_candidates(n, k, 1, fmt, sms, tile)
-    return min(options, key=lambda c: abs(-(-n // c.block_n) * c.split - 4 * sms))
+    if gluon:  # a wgmma Gluon entry: the portable kernel's own
+        cfg = lookup_config(fmt, n, k, m, dtype, scale_mode, device, gluon=False)
+        if cfg.kind in FUSED_KINDS:
+            return cfg
+    return None
 
 
 # Prefill-sized m, past the tuned buckets: above this m, decoding the weight once per call and running cuBLAS

@@ -139,19 +139,25 @@ def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode:
     planes = get_format(fmt).trits_per_byte
     swiglu = bool(fusion and fusion.swiglu)
     grid, c_per_split = gemv_grid(m, n, q, cfg, swiglu)
-    n_out = n // 2 if swiglu else n
-    fused = dict(NORM=False, SWIGLU=False, RESIDUAL=False, GAIN=False, stride_xrm=k, stride_rm=n_out,
-                 stride_y2m=n_out, eps=0.0, BK=min(1024, 1 << (k - 1).bit_length()))
-    if fusion is not None:
-        fused.update(NORM=fusion.norm, SWIGLU=fusion.swiglu, RESIDUAL=fusion.residual, GAIN=fusion.gain,
-                     eps=fusion.eps)
     return dict(M=m, N=n, K=k, Q=q, P=parts, C_PER_SPLIT=c_per_split, SPLIT_K=grid[2] > 1, G=planes,
                 SCALE_MODE=mode, BN=cfg.block_n,
                 BC=cfg.block_j // 4, MASK_C=(q // 4) % (cfg.block_j // 4) != 0,
                 PLANE_MASK=_column_masks(q, k, planes, cfg.block_j)[2], FENCE=fence, NUM_STAGES=cfg.num_stages,
                 X_VEC=x_vec, USE_ASM=dtype is not None, PDL=pdl,
                 X_ASM=widen_x4_asm("fp16" if dtype == torch.float16 else "bf16") if dtype is not None else "",
-                **fused)
+                **fused_args(fusion, n, k, 1024))
+
+
+def fused_args(fusion, n: int, k: int, block_k: int) -> dict:
+    """The fused-epilogue arguments of tq_gemv_kernel / tq_matmul_kernel for a plans.Fusion (None: none), row
+    tensors contiguous; block_k: the most values per step of the norm's sum of squares."""
+    n_out = n // 2 if fusion is not None and fusion.swiglu else n
+    args = dict(NORM=False, SWIGLU=False, RESIDUAL=False, GAIN=False, stride_xrm=k, stride_rm=n_out,
+                stride_y2m=n_out, eps=0.0, BK=min(block_k, 1 << (k - 1).bit_length()))
+    if fusion is not None:
+        args.update(NORM=fusion.norm, SWIGLU=fusion.swiglu, RESIDUAL=fusion.residual, GAIN=fusion.gain,
+                    eps=fusion.eps)
+    return args
 
 
 def gemv_usable(packed: torch.Tensor) -> bool:

@@ -297,8 +297,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
         plan.main = Launch(tq_gemv_kernel, grid, named, slots + dispatch.fused_slots(fusion), options)
         return plan
-    if fusion != NO_FUSION:
-        raise ValueError(f"internal: a fused product needs the GEMV kernel, its config is {cfg}")
+    if fusion != NO_FUSION and cfg.kind != "tc":
+        raise ValueError(f"internal: a fused product needs a kernel with the epilogue, its config is {cfg}")
     masks = dispatch._column_masks(q, k, get_format(fmt).trits_per_byte, cfg.block_j)
     # the inline-PTX decode and the fences exist on the GPU only (not under TRITON_INTERPRET)
     named = dispatch.kernel_constexprs(fmt, cfg, x.dtype, mode, masks, x.is_cuda,
@@ -318,5 +318,13 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     else:
         ws, cnt = launch_support.WORKSPACE.get(x.device, 1, 1)  # unused by the unsplit kernel
     named.update(ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split, SPLIT_K=split > 1)
+    if fusion != NO_FUSION:
+        # the same grid (a program takes block_n / 2 row pairs with SWIGLU), slots per program row
+        ws, cnt = launch_support.WORKSPACE.get(x.device, split * m * grid[1] * cfg.block_n if split > 1 else 1,
+                                               grid[0] * grid[1])
+        named.update(dispatch.fused_args(fusion, n, k, 128), ws_ptr=ws, cnt_ptr=cnt, FUSED=True, stride_ym=n_out)
+        slots += dispatch.fused_slots(fusion)
+    else:  # every argument, so that launches of the plain kernel do not pass None for its epilogue's
+        named.update(dispatch.fused_args(None, n, k, 128), FUSED=False)
     plan.main = Launch(tq_matmul_kernel, grid, named, slots, options)
     return plan

@@ -235,26 +235,81 @@ def _k_range(j_start, j_stop, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, str
 
 
 @triton.jit
+def _rows_rsqrt(xr_ptr, stride_xrm, rm, M, K, eps, BK: tl.constexpr):
+    """1 / sqrt(mean(xr[m]^2) + eps) for the activation rows rm (fp32 sums, as the RMSNorm kernel)."""
+    ss = tl.zeros((rm.shape[0],), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        v = tl.load(xr_ptr + rm[:, None].to(tl.int64) * stride_xrm + cols[None, :],
+                    mask=(rm[:, None] < M) & (cols < K)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _tile_finish(acc, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr, stride_rm, g_ptr,
+                 y2_ptr, stride_y2m, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GAIN: tl.constexpr,
+                 SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Store a scaled [BN weight rows, BM activation rows] tile after the fused epilogue (tq_gemv_kernel's: the
+    RMSNorm factor of each activation row; SwiGLU of row pairs 2i (gate), 2i + 1 (up); the residual add; the
+    gained sum). Rows rn (program rows: pid_n * BN ..), activation rows rm."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    if NORM:
+        acc = acc * _rows_rsqrt(xr_ptr, stride_xrm, rm, M, K, eps, BK)[None, :]
+    if SWIGLU:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BN // 2, 2, acc.shape[1])), (0, 2, 1)))
+        y = _silu_times(gate.to(DT).to(tl.float32), up.to(DT).to(tl.float32), DT)
+        jj = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        n_out = N // 2
+    else:
+        y = acc.to(DT)
+        jj = rn
+        n_out = N
+    out_mask = (jj[:, None] < n_out) & (rm[None, :] < M)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rm[None, :].to(tl.int64) * stride_rm + jj[:, None], mask=out_mask, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(DT)
+    tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + jj[:, None], y, mask=out_mask)
+    if GAIN:
+        gain = tl.load(g_ptr + jj, mask=jj < n_out, other=0.0).to(tl.float32)
+        tl.store(y2_ptr + rm[None, :].to(tl.int64) * stride_y2m + jj[:, None],
+                 (y.to(tl.float32) * gain[:, None]).to(DT), mask=out_mask)
+
+
+@triton.jit
 def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, K, Q, stride_xm, stride_ym, P, J_PER_SPLIT,
                      G: tl.constexpr, SCALE_MODE: tl.constexpr, DT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, SPLIT_K: tl.constexpr,
                      USE_ASM: tl.constexpr, ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
                      FENCE: tl.constexpr, MASK_J: tl.constexpr, PLANE_MASK: tl.constexpr,
-                     LOOP_PLANE_MASK: tl.constexpr):
+                     LOOP_PLANE_MASK: tl.constexpr,
+                     xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None, stride_xrm=0, stride_rm=0, stride_y2m=0,
+                     eps=0.0, NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+                     GAIN: tl.constexpr = False, SWIGLU: tl.constexpr = False, FUSED: tl.constexpr = False,
+                     BK: tl.constexpr = 1024):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
     # applied to x by tq_scale_columns_kernel).
     # MASK_J: Q % BJ != 0, so a range's first step is partial (see _k_range); PLANE_MASK: bit i set if plane
     # i's activation columns need a bounds mask in that first step, LOOP_PLANE_MASK in the loop's whole steps.
     # Real layer shapes need few or none: no per-step predicates.
+    # FUSED: the fused epilogue of a decode product (NORM, SWIGLU, RESIDUAL, GAIN: see tq_gemv_kernel and
+    # _tile_finish; with SWIGLU program pid_n takes gate and up rows pid_n * BN / 2 .. in pairs).
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rj = tl.arange(0, BJ)
-    w_rows = w_ptr + rn[:, None].to(tl.int64) * Q
-    row_ok = rn[:, None] < N
+    if SWIGLU:
+        half = N // 2
+        j_pair = pid_n * (BN // 2) + tl.arange(0, BN) // 2
+        rows = (tl.arange(0, BN) % 2) * half + tl.minimum(j_pair, half - 1)
+        row_ok = (j_pair < half)[:, None]
+    else:
+        rows = rn
+        row_ok = rn[:, None] < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * Q
     # The host makes every split non-empty: _k_range peels the first K step.
     j_start = pid_k * J_PER_SPLIT
     j_end = tl.minimum(j_start + J_PER_SPLIT, Q)
@@ -263,10 +318,29 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = _k_range(j_start, j_end, j_end, x_ptr, w_rows, row_ok, rm, rj, M, K, Q, stride_xm,
                    G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK, LOOP_PLANE_MASK)
 
-    acc = _output_scale(acc, s_ptr, rn, N, P, SCALE_MODE)
+    acc = _output_scale(acc, s_ptr, rows, N, P, SCALE_MODE)
     out_mask = (rn[:, None] < N) & (rm[None, :] < M)
     y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
-    if not SPLIT_K:
+    if FUSED:
+        if not SPLIT_K:
+            _tile_finish(acc, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr, stride_rm,
+                         g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+        else:  # as below, with a slot per program row (with SWIGLU those pass N)
+            S = tl.num_programs(2)
+            NS = tl.num_programs(1) * BN
+            tile = pid_m * tl.num_programs(1) + pid_n
+            slot_mask = rm[None, :] < M
+            slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * NS + rn[:, None]
+            if _publish_partial(slot, acc, slot_mask, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
+                _gpu_fence(pid_k, FENCE)
+                total = tl.zeros((BN, BM), dtype=tl.float32)
+                for s in range(0, S):
+                    total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * NS + rn[:, None], mask=slot_mask,
+                                     other=0.0, cache_modifier=".cg")
+                _tile_finish(total, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr,
+                             stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+    elif not SPLIT_K:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Each split stores its partial tile in its own fp32 slot (plain stores, no float atomics); the last
