@@ -1,7 +1,7 @@
 """How much of a decode step the small kernels around the packed products cost: the step timed as
 `spectra.generate` replays it, then again with some of them left out (CUDA).
 
-    python benchmarks/fusion_headroom_probe.py --kinds tq2 --batches 1,16
+    python benchmarks/bench_fused_decode.py --kinds tq2 --batches 1,16
 
 Variants (timed in turn, --repeats times, median of each):
   fused      the default: norms, SwiGLU and residual adds inside the packed products (kernels.FUSED_DECODE;
