@@ -1,5 +1,5 @@
-"""How much of a decode step the small kernels around the packed products cost: the step timed as
-`spectra.generate` replays it, then again with some of them left out (CUDA).
+"""Decode steps with the norms, residual adds and SwiGLU inside the packed products (the fused step) against
+the separate kernels, and what those kernels cost: the step timed as `spectra.generate` replays it (CUDA).
 
     python benchmarks/bench_fused_decode.py --kinds tq2 --batches 1,16
 
