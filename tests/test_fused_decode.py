@@ -312,3 +312,26 @@ def test_gpu_fused_decode_greedy_tokens_equal_unfused_path(monkeypatch, fmt):
         assert calls
         calls.clear()
         assert torch.equal(fused, plain)
+
+
+def test_split_k_workspaces_hold_a_slot_per_program_row(monkeypatch):
+    """The split-k kernels index their fp32 slots by program row (programs x rows per program, which passes n
+    where n is not a multiple, and with SWIGLU): every launcher asks for that many per split and activation
+    row."""
+    from spectra.kernels import configs, dispatch, gluon_launch, launch_support, plans
+
+    asked = []
+    real = launch_support.WORKSPACE.get
+    monkeypatch.setattr(launch_support.WORKSPACE, "get", lambda dev, numel, tiles: asked.append(numel) or
+                        real(dev, numel, tiles))
+    n, k, m = 70, 512, 2
+    packed = get_format("tq2").pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
+    x, y, s = torch.randn(m, k).half(), torch.empty(m, n).half(), torch.ones(1)
+    grid, _, _ = gluon_launch.launch_args(x, packed, "tq2", s, 0, 8, 4, y)
+    assert asked[-1] >= grid[1] * m * grid[0] * gluon_launch.BN and grid[0] * gluon_launch.BN > n
+    for fusion in (None, plans.Fusion(swiglu=True)):
+        grid, _, _ = gluon_launch.stream_launch_args(x, packed, "tq2", s, 0, 4, 4, y, fusion=fusion)
+        assert asked[-1] >= grid[1] * m * grid[0] * 64
+    cfg = configs.KernelConfig("gemv", 1, 16, 64, 3, 4, 1)
+    grid, _ = dispatch.gemv_grid(m, n, packed.shape[1], cfg, swiglu=True)
+    assert dispatch.gemv_workspace(grid, m, cfg) == grid[2] * m * grid[1] * 16 > grid[2] * m * n

@@ -90,8 +90,8 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     g = get_format(fmt).trits_per_byte
     steps, split = steps_and_split(q, split, block_m, g, block_j)
     grid = (-(-n // BN), split, 1)
-    if ws is None:
-        ws, cnt = WORKSPACE.get(x2.device, split * m * n if split > 1 else 1, grid[0])
+    if ws is None:  # split-k slots per program row (tq_gluon._finish)
+        ws, cnt = WORKSPACE.get(x2.device, split * m * grid[0] * BN if split > 1 else 1, grid[0])
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
