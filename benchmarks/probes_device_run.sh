@@ -5,18 +5,7 @@
 # Each step writes OUT/<step>.txt and gets at most what is left of the budget (default 560 s).
 OUT=${1:?usage: probes_device_run.sh OUT [BUDGET_SECONDS]}
 BUDGET=${2:-560}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-START=$(date +%s)
-step() {
-  local name=$1 limit=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  (( limit > left )) && limit=$left
-  if (( limit < 20 )); then echo "== $name: skipped (budget)"; return; fi
-  echo "== $name (at most $limit s, at $(( $(date +%s) - START )) s)"
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  echo "exit $?" >> "$OUT/$name.txt"
-  tail -n "${TAIL:-25}" "$OUT/$name.txt"
-}
+source "$(dirname "$0")/device_steps.sh"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 TAIL=8 step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_prefill_kernel.py tests/test_decode_attention.py tests/test_generate.py
 TAIL=12 step fused_mlp 100 python3 benchmarks/fused_mlp_probe.py --bj 8,16 --trials 3
