@@ -79,8 +79,7 @@ def compile_config(fmt: str, cfg: KernelConfig, dtype: str = "fp16", in_features
         constexprs = kernel_constexprs(fmt, cfg, torch.float16 if dtype == "fp16" else torch.bfloat16, 0, masks,
                                        use_asm=True, fence=FENCE_MODE)
         epilogue = fused_args(fusion, 4096, in_features or 8192, 128)
-        constexprs.update({p.name: epilogue[p.name] for p in fn.params if p.is_constexpr and p.name in epilogue},
-                          FUSED=fusion is not None)
+        constexprs.update({p.name: epilogue[p.name] for p in fn.params if p.is_constexpr and p.name in epilogue})
     if cfg.kind not in ("stream", "gluon"):
         source = ASTSource
         constexprs["SPLIT_K"] = cfg.split > 1

@@ -25,6 +25,8 @@ def fresh_gluon_state(monkeypatch):
 
 def test_import_failure_falls_back_with_one_warning(monkeypatch, fresh_gluon_state):
     monkeypatch.setitem(sys.modules, "spectra.kernels.tq_gluon", None)  # "import tq_gluon" raises ImportError
+    # ... also after an earlier test imported it: "from . import tq_gluon" finds the package attribute first
+    monkeypatch.delattr(sys.modules["spectra.kernels"], "tq_gluon", raising=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert not gluon_launch.available()

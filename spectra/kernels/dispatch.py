@@ -123,6 +123,11 @@ def gemv_workspace(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int
     return grid[2] * m * grid[1] * cfg.block_n if grid[2] > 1 else 1
 
 
+def tc_workspace(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int:
+    """fp32 slots a tensor-core launch's split-k needs: one per split, activation row and program row."""
+    return grid[2] * m * grid[1] * cfg.block_n if grid[2] > 1 else 1
+
+
 def fused_slots(fusion) -> tuple[str, ...]:
     """tq_gemv_kernel's tensor arguments past (x, w, s, y) that a plans.Fusion uses, in call order."""
     return (("xr_ptr",) * fusion.norm + ("res_ptr",) * fusion.residual + ("g_ptr", "y2_ptr") * fusion.gain)
@@ -214,7 +219,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     grid, j_per_split = split_k_grid(m, n, q, cfg)
     split = grid[2]
     if split > 1:
-        ws, cnt = WORKSPACE.get(x2.device, split * m * n, grid[0] * grid[1])
+        ws, cnt = WORKSPACE.get(x2.device, tc_workspace(grid, m, cfg), grid[0] * grid[1])
     else:
         ws, cnt = y, y  # unused
     tq_matmul_kernel[grid](

@@ -311,20 +311,10 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         named.update(ws_ptr=ws, cnt_ptr=cnt, TILES_M=tiles_m, STEPS=steps, TOTAL=total)
         plan.main = Launch(tq_matmul_sk_kernel, (programs, 1, 1), named, slots, options)
         return plan
+    # the same grid with SWIGLU (a program takes block_n / 2 row pairs)
     grid, j_per_split = dispatch.split_k_grid(m, n, q, cfg)
-    split = grid[2]
-    if split > 1:
-        ws, cnt = launch_support.WORKSPACE.get(x.device, split * m * n, grid[0] * grid[1])
-    else:
-        ws, cnt = launch_support.WORKSPACE.get(x.device, 1, 1)  # unused by the unsplit kernel
-    named.update(ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split, SPLIT_K=split > 1)
-    if fusion != NO_FUSION:
-        # the same grid (a program takes block_n / 2 row pairs with SWIGLU), slots per program row
-        ws, cnt = launch_support.WORKSPACE.get(x.device, split * m * grid[1] * cfg.block_n if split > 1 else 1,
-                                               grid[0] * grid[1])
-        named.update(dispatch.fused_args(fusion, n, k, 128), ws_ptr=ws, cnt_ptr=cnt, FUSED=True, stride_ym=n_out)
-        slots += dispatch.fused_slots(fusion)
-    else:  # every argument, so that launches of the plain kernel do not pass None for its epilogue's
-        named.update(dispatch.fused_args(None, n, k, 128), FUSED=False)
-    plan.main = Launch(tq_matmul_kernel, grid, named, slots, options)
+    ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.tc_workspace(grid, m, cfg), grid[0] * grid[1])
+    named.update(dispatch.fused_args(fusion, n, k, 128), ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split,
+                 SPLIT_K=grid[2] > 1, stride_ym=n_out)
+    plan.main = Launch(tq_matmul_kernel, grid, named, slots + dispatch.fused_slots(fusion), options)
     return plan

@@ -286,15 +286,14 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                      LOOP_PLANE_MASK: tl.constexpr,
                      xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None, stride_xrm=0, stride_rm=0, stride_y2m=0,
                      eps=0.0, NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-                     GAIN: tl.constexpr = False, SWIGLU: tl.constexpr = False, FUSED: tl.constexpr = False,
-                     BK: tl.constexpr = 1024):
+                     GAIN: tl.constexpr = False, SWIGLU: tl.constexpr = False, BK: tl.constexpr = 1024):
     # SCALE_MODE: 0 = one scale, 1 = P shards of the output rows, 2 = P shards of the input columns (already
     # applied to x by tq_scale_columns_kernel).
     # MASK_J: Q % BJ != 0, so a range's first step is partial (see _k_range); PLANE_MASK: bit i set if plane
     # i's activation columns need a bounds mask in that first step, LOOP_PLANE_MASK in the loop's whole steps.
     # Real layer shapes need few or none: no per-step predicates.
-    # FUSED: the fused epilogue of a decode product (NORM, SWIGLU, RESIDUAL, GAIN: see tq_gemv_kernel and
-    # _tile_finish; with SWIGLU program pid_n takes gate and up rows pid_n * BN / 2 .. in pairs).
+    # NORM, SWIGLU, RESIDUAL, GAIN: the fused epilogue of a decode product (see tq_gemv_kernel and _tile_finish;
+    # with SWIGLU program pid_n takes gate and up rows pid_n * BN / 2 .. in pairs).
     pid_m = tl.program_id(0)  # fastest-varying: m tiles sharing a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -319,42 +318,27 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
                    G, DT, BJ, USE_ASM, ASM, NUM_STAGES, MASK_J, PLANE_MASK, LOOP_PLANE_MASK)
 
     acc = _output_scale(acc, s_ptr, rows, N, P, SCALE_MODE)
-    out_mask = (rn[:, None] < N) & (rm[None, :] < M)
-    y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
-    if FUSED:
-        if not SPLIT_K:
-            _tile_finish(acc, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr, stride_rm,
-                         g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
-        else:  # as below, with a slot per program row (with SWIGLU those pass N)
-            S = tl.num_programs(2)
-            NS = tl.num_programs(1) * BN
-            tile = pid_m * tl.num_programs(1) + pid_n
-            slot_mask = rm[None, :] < M
-            slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * NS + rn[:, None]
-            if _publish_partial(slot, acc, slot_mask, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
-                _gpu_fence(pid_k, FENCE)
-                total = tl.zeros((BN, BM), dtype=tl.float32)
-                for s in range(0, S):
-                    total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * NS + rn[:, None], mask=slot_mask,
-                                     other=0.0, cache_modifier=".cg")
-                _tile_finish(total, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr,
-                             stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
-    elif not SPLIT_K:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if not SPLIT_K:
+        _tile_finish(acc, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr, stride_rm,
+                     g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
     else:
         # Each split stores its partial tile in its own fp32 slot (plain stores, no float atomics); the last
-        # split to arrive sums the slots in a fixed order, so the result is also bitwise reproducible.
+        # split to arrive sums the slots in a fixed order, so the result is also bitwise reproducible. A slot
+        # per program row (programs x BN per activation row: with SWIGLU, or N not a multiple of BN, past N).
         S = tl.num_programs(2)
+        NS = tl.num_programs(1) * BN
         tile = pid_m * tl.num_programs(1) + pid_n
-        slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None]
-        if _publish_partial(slot, acc, out_mask, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
+        slot_mask = rm[None, :] < M
+        slot = ws_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * NS + rn[:, None]
+        if _publish_partial(slot, acc, slot_mask, cnt_ptr, tile, 1, pid_k, FENCE) == S - 1:
             _gpu_fence(pid_k, FENCE)
             total = tl.zeros((BN, BM), dtype=tl.float32)
             for s in range(0, S):
-                total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn[:, None], mask=out_mask,
+                total += tl.load(ws_ptr + (s * M + rm[None, :]).to(tl.int64) * NS + rn[:, None], mask=slot_mask,
                                  other=0.0, cache_modifier=".cg")
-            _finish_tile(y_ptrs, total, out_mask, cnt_ptr, tile)
+            _tile_finish(total, rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr,
+                         stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit(do_not_specialize=["TILES_M", "STEPS", "TOTAL"])
