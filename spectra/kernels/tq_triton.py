@@ -300,14 +300,8 @@ def tq_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rj = tl.arange(0, BJ)
-    if SWIGLU:
-        half = N // 2
-        j_pair = pid_n * (BN // 2) + tl.arange(0, BN) // 2
-        rows = (tl.arange(0, BN) % 2) * half + tl.minimum(j_pair, half - 1)
-        row_ok = (j_pair < half)[:, None]
-    else:
-        rows = rn
-        row_ok = rn[:, None] < N
+    rows, rows_ok = _program_rows(pid_n, N, BN, SWIGLU)
+    row_ok = rows_ok[:, None]
     w_rows = w_ptr + rows[:, None].to(tl.int64) * Q
     # The host makes every split non-empty: _k_range peels the first K step.
     j_start = pid_k * J_PER_SPLIT
@@ -553,14 +547,17 @@ def _gemv_step(acc, wv, c, c_end, x_row, K, Q, G: tl.constexpr, MASK_C: tl.const
 
 
 @triton.jit
-def _row_rsqrt(xr_ptr, K, eps, BK: tl.constexpr):
-    """1 / sqrt(mean(row^2) + eps) of the K values at xr_ptr, summed in fp32 (as the RMSNorm kernel does)."""
-    ss = tl.zeros((BK,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        v = tl.load(xr_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        ss += v * v
-    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+def _program_rows(pid_n, N, BN: tl.constexpr, SWIGLU: tl.constexpr):
+    """The weight rows of program pid_n's BN rows and whether each feeds a stored output: pid_n * BN + i, or with
+    SWIGLU (rows [gate; up], N = 2 I) rows 2i (gate) and 2i + 1 (up) of output pid_n * BN / 2 + i (past the
+    last output: the last real row of the half)."""
+    i = tl.arange(0, BN)
+    if SWIGLU:
+        half = N // 2
+        j = pid_n * (BN // 2) + i // 2
+        return (i % 2) * half + tl.minimum(j, half - 1), j < half
+    rows = pid_n * BN + i
+    return rows, rows < N
 
 
 @triton.jit
@@ -568,32 +565,6 @@ def _silu_times(g, u, DT: tl.constexpr):
     """silu(g) * u of two fp32 tensors holding DT values, rounded where pointwise._swiglu_kernel rounds."""
     act = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
     return (act * u).to(DT)
-
-
-@triton.jit
-def _gemv_finish(out, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
-                 g_ptr, y2_ptr, stride_y2m, NORM: tl.constexpr, RESIDUAL: tl.constexpr, GAIN: tl.constexpr,
-                 SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Store one program's BN scaled fp32 sums `out` (activation row pid_m) after the fused epilogue (see
-    tq_gemv_kernel): times the RMSNorm factor of row pid_m of xr (NORM); silu(gate) * up of the row pairs
-    (SWIGLU: BN / 2 outputs j_out); plus the residual (RESIDUAL), the sum also stored times the next norm's
-    gain (GAIN). Outputs j_out, where out_ok."""
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    if NORM:
-        out = out * _row_rsqrt(xr_ptr + pid_m.to(tl.int64) * stride_xrm, K, eps, BK)
-    if SWIGLU:
-        gate, up = tl.split(tl.reshape(out, (BN // 2, 2)))
-        y = _silu_times(gate.to(DT).to(tl.float32), up.to(DT).to(tl.float32), DT)
-    else:
-        y = out.to(DT)
-    if RESIDUAL:
-        res = tl.load(res_ptr + pid_m.to(tl.int64) * stride_rm + j_out, mask=out_ok, other=0.0)
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(DT)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + j_out, y, mask=out_ok)
-    if GAIN:
-        gain = tl.load(g_ptr + j_out, mask=out_ok, other=0.0)
-        tl.store(y2_ptr + pid_m.to(tl.int64) * stride_y2m + j_out, (y.to(tl.float32) * gain.to(tl.float32)).to(DT),
-                 mask=out_ok)
 
 
 @triton.jit
@@ -640,16 +611,7 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     QW = Q // 4
     rn = pid_n * BN + tl.arange(0, BN)
     rc = tl.arange(0, BC)
-    if SWIGLU:  # local row 2i + h: output j = pid_n * BN / 2 + i of the gate (h = 0) or up (h = 1) half
-        half = N // 2
-        j_pair = pid_n * (BN // 2) + tl.arange(0, BN) // 2
-        row_of = (tl.arange(0, BN) % 2) * half + tl.minimum(j_pair, half - 1)
-        j_out = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-        out_ok = j_out < half
-    else:
-        row_of = rn
-        j_out = rn
-        out_ok = rn < N
+    row_of, _ = _program_rows(pid_n, N, BN, SWIGLU)
     # rows past N read row N - 1 (unmasked 16-byte loads); their sums are never stored
     rows = tl.minimum(row_of, N - 1)
     words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * QW
@@ -672,9 +634,10 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
         out = out * tl.load(s_ptr).to(tl.float32)
     elif SCALE_MODE == 1:
         out = out * tl.load(s_ptr + _shard_of(rows, N, P)).to(tl.float32)
+    rm = pid_m + tl.arange(0, 1)  # the epilogue's [BN, 1] tile: this program's activation row
     if not SPLIT_K:
-        _gemv_finish(out, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm,
-                     g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+        _tile_finish(out[:, None], rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps, res_ptr,
+                     stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
     else:
         # partial sums in slots of the program's BN local rows (BN * programs per activation row: with SWIGLU
         # that can pass N)
@@ -687,6 +650,9 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
             total = tl.zeros((BN,), dtype=tl.float32)
             for s in range(0, S):
                 total += tl.load(ws_ptr + (s * M + pid_m).to(tl.int64) * NS + rn, cache_modifier=".cg")
-            _gemv_finish(total, y_ptr, pid_m, stride_ym, j_out, out_ok, xr_ptr, stride_xrm, K, eps, res_ptr,
-                         stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+            if NORM or SWIGLU or RESIDUAL:
+                _tile_finish(total[:, None], rn, rm, pid_n, M, N, K, y_ptr, stride_ym, xr_ptr, stride_xrm, eps,
+                             res_ptr, stride_rm, g_ptr, y2_ptr, stride_y2m, NORM, RESIDUAL, GAIN, SWIGLU, BN, BK)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+            else:  # the plain product: a 1-D store (the [BN, 1] tile costs this path 5 registers, sm_90a)
+                _finish_tile(y_ptr + pid_m.to(tl.int64) * stride_ym + rn, total, rn < N, cnt_ptr, tile)
