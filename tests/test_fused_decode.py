@@ -312,6 +312,18 @@ def test_gpu_fused_decode_greedy_tokens_equal_unfused_path(monkeypatch, fmt):
         assert calls
         calls.clear()
         assert torch.equal(fused, plain)
+        # the logits themselves, step by step along the same tokens (eager decode steps, no graph)
+        logits = {}
+        for on in (False, True):
+            monkeypatch.setattr(kernels, "FUSED_DECODE", on)
+            model.setup_cache(batch, 64)
+            with torch.no_grad():
+                model.prefill(plain[:, :7])
+                logits[on] = torch.cat([model(plain[:, i:i + 1], input_pos=torch.tensor([i], device="cuda"))
+                                        for i in range(7, 20)], 1).float()
+            model.clear_cache()
+        err = float((logits[True] - logits[False]).norm() / logits[False].norm())
+        assert err < 1e-2, err
 
 
 def test_split_k_workspaces_hold_a_slot_per_program_row(monkeypatch):

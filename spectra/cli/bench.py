@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from .. import bench
+from .. import bench, kernels
 from ..block import model_linear_shapes
 from ..checkpoint import read_config
 from ..config import get_config
@@ -106,7 +106,8 @@ def run_decode(args: argparse.Namespace) -> int:
           f"(greedy choice on the GPU)"
           f"{' of the torch.compile-d step' if args.compile else ''}, "
           f"{'separate' if args.no_fuse else 'fused'} q/k/v and gate/up, random weights, "
-          f"steps from position {args.context}, {'an int8' if args.kv_cache == 'int8' else 'the model dtype'} KV cache")
+          f"steps from position {args.context}, {'an int8' if args.kv_cache == 'int8' else 'the model dtype'} KV cache"
+          f"{', norms and SwiGLU inside the packed products (SPECTRA_FUSED_DECODE=1)' if kernels.FUSED_DECODE else ''}")
     print(bench.format_decode_header(kinds))
     rows = bench.bench_decode(tuple(args.models.split(",")), batches, kinds, slice_layers, steps=args.steps, log=print,
                               compile=args.compile, fuse=not args.no_fuse, context=args.context,
