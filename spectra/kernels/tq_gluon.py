@@ -185,7 +185,7 @@ def _row_rsqrt(xr_ptr, stride_xrm, M, K, eps, BM: gl.constexpr, BK: gl.constexpr
 def _store_out(acc, rn, rm, M, N, y_ptr, stride_ym, pid_n, xr_ptr, stride_xrm, K, eps, res_ptr, stride_rm, g_ptr,
                y2_ptr, stride_y2m, NORM: gl.constexpr, SWIGLU: gl.constexpr, RESIDUAL: gl.constexpr,
                GAIN: gl.constexpr, BK: gl.constexpr):
-    """Store the scaled [rows, m] sums after the fused epilogue (tq_triton._gemv_finish's): the RMSNorm factor of
+    """Store the scaled [rows, m] sums after the fused epilogue (tq_triton._tile_finish's): the RMSNorm factor of
     each activation row, silu(gate) * up of the program's two row halves (through shared memory), the residual
     add, the gained sum."""
     DT: gl.constexpr = y_ptr.dtype.element_ty

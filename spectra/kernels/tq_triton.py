@@ -595,7 +595,7 @@ def tq_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     Split-k (grid axis 2) and the arrival counter work as in tq_matmul_kernel; SCALE_MODE as there (mode 2's
     column scales were applied to x before the launch).
 
-    The fused epilogue (decode steps; ``kernels.Fusion``) takes the small kernels around the product into it:
+    The fused epilogue (decode steps; ``plans.Fusion``) takes the small kernels around the product into it:
     - NORM: x holds a row already multiplied by an RMSNorm gain, and xr_ptr the row before it; the sums are
       multiplied by 1 / sqrt(mean(xr^2) + eps), computed by each program (K values from the L2), so the
       product is that of the normalised row;
