@@ -268,7 +268,7 @@ def _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis):
     gain = (torch.rand(n_out, device=dev) + 0.5).to(dtype) if fusion.gain else None
     norm_of = rows if fusion.norm else None
     real = configs.fused_config
-    configs.fused_config = lambda *a: cfg
+    configs.fused_config = lambda *a, **kw: cfg
     try:
         plan = plans.build_plan(x, packed, fmt, k, scales, axis, fusion)
     finally:

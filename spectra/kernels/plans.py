@@ -249,13 +249,15 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     mode = launch_support.scale_mode(scales, shard_axis)
     if fusion != NO_FUSION:
         cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device)
-        if cfg.kind == "stream":
+        if cfg is not None and cfg.kind == "stream":
             plan.main = _gluon(x, packed, fmt, scales, mode, cfg, plan, fusion)
             if plan.main is not None:
                 plan.cfg = cfg
                 return plan
             cfg = configs.fused_config(fmt, n, k, m, x.dtype, mode, x.device, gluon=False)
-        if cfg is None:  # the Gluon kernel failed to compile, and no other kernel has the epilogue
+        if cfg is None or cfg.kind not in ("gemv", "tc"):
+            # no kernel with the epilogue takes it (e.g. the Gluon kernel failed to compile): Plan.fused runs the
+            # separate operations
             plan.cfg = None
             return plan
     elif x.dtype not in KERNEL_DTYPES:
