@@ -149,13 +149,14 @@ def test_fused_config_takes_a_kernel_with_the_epilogue_or_none(monkeypatch):
         configs.clear_fused_memo()
 
 
-def test_fused_plan_without_a_kernel_computes_the_separate_operations(monkeypatch):
-    """Where the streaming kernel was chosen but cannot run (a failed Gluon compile) and nothing else has the
-    epilogue (TQ1), the fused plan computes the reference composition instead of failing."""
+@pytest.mark.parametrize("portable", [None, "stream"])
+def test_fused_plan_without_a_kernel_computes_the_separate_operations(monkeypatch, portable):
+    """Where the streaming kernel was chosen but cannot run (a failed Gluon compile) and no portable kernel with
+    the epilogue is offered, the fused plan computes the reference composition (never an unfused plan)."""
     from spectra.kernels import configs, plans
 
     stream = configs.KernelConfig("stream", 8, 64, 64, 1, 4)
-    monkeypatch.setattr(configs, "fused_config", lambda *a, gluon=True: stream if gluon else None)
+    monkeypatch.setattr(configs, "fused_config", lambda *a, gluon=True: stream if gluon or portable else None)
     torch.manual_seed(4)
     packed = get_format("tq1").pack(torch.randint(-1, 2, (24, 64), dtype=torch.int8))
     rows, gain = torch.randn(1, 64), torch.rand(64) + 0.5
