@@ -87,7 +87,7 @@ class PackedTernaryLinear(nn.Module):
         return ternary_dense_weight(self.trits(), self.scales, self.shard_axis, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+        scales, axis = self._kernel_scales()
         if torch.compiler.is_compiling():
             # an opaque op for torch.compile: the graph keeps our kernel, inductor fuses what surrounds it
             if axis == 1 and self.parts > 1 and x.is_cuda and x.dtype in KERNEL_DTYPES:
@@ -99,9 +99,14 @@ class PackedTernaryLinear(nn.Module):
             return ternary_matmul_op(x, self.qweight, self.format, self.in_features, scales, axis)
         return ternary_matmul(x, self.qweight, self.format, self.in_features, scales, axis)
 
+    def _kernel_scales(self) -> tuple[torch.Tensor, int]:
+        """(scales, shard axis) the kernels multiply by: the folded output-row scales where fold_column_scales
+        moved them, else the true ones."""
+        return (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` on `x` is one kernel (a decode-sized product on a GPU, in inference)."""
-        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+        scales, axis = self._kernel_scales()
         return not torch.is_grad_enabled() and fused_matmul_applies(x, self.qweight, self.format, self.in_features,
                                                                     scales, axis)
 
@@ -110,7 +115,7 @@ class PackedTernaryLinear(nn.Module):
                       gain: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """This layer's product with a decode step's norm, SwiGLU and residual add taken into it
         (:func:`spectra.kernels.ternary_matmul_fused` explains the arguments)."""
-        scales, axis = (self.scales, self.shard_axis) if self.kernel_scales is None else (self.kernel_scales, 0)
+        scales, axis = self._kernel_scales()
         return ternary_matmul_fused(x, self.qweight, self.format, self.in_features, scales, axis, norm_of=norm_of,
                                     eps=eps, swiglu=swiglu, residual=residual, gain=gain)
 

@@ -84,17 +84,24 @@ class Plan:
                  "dense", "fusion", "fmt", "shard_axis")
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
         if self.dense is not None:  # dequantize into cached scratch, then cuBLAS
             w = self.dense(packed, scales)
-            return torch.matmul(x2, w.t()).view(self.out_shape)
+            return torch.matmul(self._rows(x), w.t()).view(self.out_shape)
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        self.main(self._kernel_rows(x, scales), packed, scales, y)
+        return y
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.flat else x.reshape(self.m, self.k).contiguous()
+
+    def _kernel_rows(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The activations the kernel reads: x's rows, times the column-shard scales where the plan has them."""
+        x2 = self._rows(x)
         if self.pre is not None:  # column-shard scales applied to the activations first
             xs = torch.empty((self.m, self.k), dtype=self.dtype, device=self.device)
             self.pre(x2, scales, xs)
             x2 = xs
-        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        self.main(x2, packed, scales, y)
-        return y
+        return x2
 
     def fused(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, norm_of: torch.Tensor | None,
               residual: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -107,13 +114,8 @@ class Plan:
             return ternary_matmul_fused_reference(x, packed, self.fmt, self.k, scales, self.shard_axis,
                                                   norm_of=norm_of, eps=f.eps, swiglu=f.swiglu, residual=residual,
                                                   gain=gain, matmul=ternary_matmul)
-        x2 = x if self.flat else x.reshape(self.m, self.k).contiguous()
-        if self.pre is not None:
-            xs = torch.empty((self.m, self.k), dtype=self.dtype, device=self.device)
-            self.pre(x2, scales, xs)
-            x2 = xs
         y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        tensors = [x2, packed, scales, y]
+        tensors = [self._kernel_rows(x, scales), packed, scales, y]
         if self.fusion.norm:
             tensors.append(norm_of)
         if self.fusion.residual:
