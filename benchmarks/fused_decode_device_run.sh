@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $PART in
 1)
-  TAIL=12 step fused_tests 230 python3 -m pytest -q -m gpu tests/test_fused_decode.py
-  TAIL=30 step fused_ab 320 python3 benchmarks/bench_fused_decode.py --kinds tq2,tq1 --batches 1,16 --repeats 3 \
+  TAIL=12 step fused_tests 300 python3 -m pytest -q -m gpu tests/test_fused_decode.py
+  TAIL=30 step fused_ab 250 python3 benchmarks/bench_fused_decode.py --kinds tq2,tq1 --batches 1,16 --repeats 3 \
       --variants fused,unfused,fused+nogluon,nogluon,norm+swiglu
   ;;
 2)

@@ -235,26 +235,41 @@ def _cpu_step_attention(self, q, k, v, cos, sin, pos):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt, dtype", [("tq2", torch.float16), ("tq1", torch.float16), ("tq2", torch.bfloat16)])
 def test_gpu_fused_products_match_reference(fmt, dtype):
-    """Odd shapes, every fusion on every kernel with the epilogue (split-k or not), the three scale modes (one
-    per fusion), poisoned outputs, against the fp32 reference composition."""
+    """Every fusion on every kernel with the epilogue (split-k or not; odd shapes; the three scale modes, one per
+    fusion; the m each kernel serves), and the 3.9B decode products with the config the dispatcher picks, poisoned
+    outputs, against the fp32 reference composition."""
     from spectra.kernels import configs, plans
 
     torch.manual_seed(1)
     dev = torch.device("cuda")
     K = configs.KernelConfig
-    fusions = [(plans.Fusion(norm=True, eps=1e-5), (3, 0)), (plans.Fusion(norm=True, swiglu=True, eps=1e-6), (2, 0)),
-               (plans.Fusion(residual=True), (2, 1)), (plans.Fusion(residual=True, gain=True), (1, 0))]
-    for n, k in [(46, 512), (9216, 3072), (774, 1000), (3072, 9216)]:
+    norm, norm_swiglu = plans.Fusion(norm=True, eps=1e-5), plans.Fusion(norm=True, swiglu=True, eps=1e-6)
+    residual, residual_gain = plans.Fusion(residual=True), plans.Fusion(residual=True, gain=True)
+    fusions = [(norm, (3, 0)), (norm_swiglu, (2, 0)), (residual, (2, 1)), (residual_gain, (1, 0))]
+    kernels_ms = [(K("tc", 16, 64, 64, 1, 4, 3), (3,)), (K("tc", 16, 64, 64, 4, 4, 3), (16,)),
+                  (K("gemv", 1, 16, 256, 1, 4, 1), (1,)), (K("gemv", 1, 16, 256, 3, 4, 1), (2,)),
+                  (K("stream", 8, 64, 64, 1, 4), (1,)), (K("stream", 8, 128, 64, 3, 8), (5,))]
+    for n, k in [(46, 512), (774, 1000)]:
         packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(dev)
-        for m in (1, 2, 16):
-            cfgs = [K("tc", 16, 64, 64, split, 4, 3) for split in (1, 4)] if m != 2 else []
-            if m <= 2:
-                cfgs += [K("gemv", 1, 16, 256, split, 4, 1) for split in (1, 3)]
-                if k % 16 == 0:  # the streaming Gluon kernel's shapes
-                    cfgs += [K("stream", 8, 16 * w, 64, split, w) for w, split in ((4, 1), (8, 3))]
-            for fusion, (p, axis) in fusions:
-                for cfg in cfgs:
+        for cfg, ms in kernels_ms:
+            if cfg.kind == "stream" and k % 16:
+                continue  # the streaming kernel's shapes: k a multiple of 16
+            for m in ms:
+                for fusion, (p, axis) in fusions:
                     _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis)
+    for (n, k), fusion in zip(configs_shapes_39b(), (norm, residual_gain, norm_swiglu, residual_gain)):
+        packed = get_format(fmt).pack(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(dev)
+        cfg = configs.fused_config(fmt, n, k, 1, dtype, 1, dev)
+        if cfg is not None:
+            _check_gpu_fused(fmt, n, k, 1, dtype, dev, packed, fusion, cfg, 6, 0)
+
+
+def configs_shapes_39b() -> list[tuple[int, int]]:
+    """(out, in) of a 3.9B block's fused decode products: q/k/v, o, gate/up, down."""
+    from spectra.block import fused_shapes
+    from spectra.config import get_config
+
+    return fused_shapes(get_config("3.9B"))
 
 
 def _check_gpu_fused(fmt, n, k, m, dtype, dev, packed, fusion, cfg, p, axis):
