@@ -30,7 +30,8 @@ from triton.compiler import ASTSource
 from spectra.formats import get_format
 from spectra.kernels import tq_triton
 from spectra.kernels.configs import KernelConfig
-from spectra.kernels.dispatch import FENCE_MODE, _column_masks, fused_args, gemv_args, kernel_constexprs
+from spectra.kernels.dispatch import FENCE_MODE, _column_masks, gemv_args, kernel_constexprs
+from spectra.kernels.launch_support import fused_args
 from spectra.kernels.plans import Fusion
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -175,7 +175,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-
     def step_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """A GPU decode step's attention ([b, 1, heads * d] each, before o_proj): rotary embedding, cache write

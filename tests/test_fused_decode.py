@@ -362,4 +362,4 @@ def test_split_k_workspaces_hold_a_slot_per_program_row(monkeypatch):
         assert asked[-1] >= grid[1] * m * grid[0] * 64
     cfg = configs.KernelConfig("gemv", 1, 16, 64, 3, 4, 1)
     grid, _ = dispatch.gemv_grid(m, n, packed.shape[1], cfg, swiglu=True)
-    assert dispatch.gemv_workspace(grid, m, cfg) == grid[2] * m * grid[1] * 16 > grid[2] * m * n
+    assert dispatch.workspace_slots(grid, m, cfg) == grid[2] * m * grid[1] * 16 > grid[2] * m * n

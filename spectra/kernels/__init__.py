@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import configs, cpu_gemv, dispatch
+from . import configs, cpu_gemv, dispatch, launch_support
 from .configs import FUSED_MAX_M
 from .plans import Fusion, clear_plans, get_plan
 from .reference import (
@@ -95,9 +95,8 @@ def fused_matmul_applies(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_fea
     if not (FUSED_DECODE and x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES
             and 0 < x.numel() // x.shape[-1] <= FUSED_MAX_M and dispatch.gemv_usable(packed)):
         return False
-    mode = 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
-    return configs.fused_config(fmt, packed.shape[0], in_features, x.numel() // in_features, x.dtype, mode,
-                                x.device) is not None
+    return configs.fused_config(fmt, packed.shape[0], in_features, x.numel() // in_features, x.dtype,
+                                launch_support.scale_mode(scales, shard_axis), x.device) is not None
 
 
 def ternary_matmul_fused(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int, scales: torch.Tensor,

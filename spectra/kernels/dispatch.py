@@ -16,7 +16,7 @@ from ..formats import ROW_ALIGN_BYTES, get_format
 from ..ternary import shard_bounds
 from . import gluon_launch, launch_support
 from .configs import KernelConfig, heuristic_config, num_sms
-from .launch_support import WORKSPACE, scale_columns, scale_mode
+from .launch_support import WORKSPACE, fused_args, scale_columns, scale_mode, split_k_slots
 from .ptx import decode_asm, widen_x4_asm
 
 # The kernels tell Triton that byte offsets of K-step boundaries are multiples of 16 (16-byte cp.async vectors);
@@ -118,19 +118,9 @@ def gemv_grid(m: int, n: int, q: int, cfg: KernelConfig, swiglu: bool = False) -
     return (m, programs, _cdiv(words, c_per_split)), c_per_split
 
 
-def gemv_workspace(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int:
-    """fp32 slots a GEMV launch's split-k needs: one per split, activation row and program row (1 unsplit)."""
-    return grid[2] * m * grid[1] * cfg.block_n if grid[2] > 1 else 1
-
-
-def tc_workspace(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int:
-    """fp32 slots a tensor-core launch's split-k needs: one per split, activation row and program row."""
-    return grid[2] * m * grid[1] * cfg.block_n if grid[2] > 1 else 1
-
-
-def fused_slots(fusion) -> tuple[str, ...]:
-    """tq_gemv_kernel's tensor arguments past (x, w, s, y) that a plans.Fusion uses, in call order."""
-    return (("xr_ptr",) * fusion.norm + ("res_ptr",) * fusion.residual + ("g_ptr", "y2_ptr") * fusion.gain)
+def workspace_slots(grid: tuple[int, int, int], m: int, cfg: KernelConfig) -> int:
+    """fp32 split-k slots of a GEMV or tensor-core launch on `grid` (row programs on axis 1, splits on axis 2)."""
+    return split_k_slots(grid[2], m, grid[1], cfg.block_n)
 
 
 def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode: int, fence: int,
@@ -151,18 +141,6 @@ def gemv_args(fmt: str, cfg: KernelConfig, m: int, n: int, k: int, q: int, mode:
                 X_VEC=x_vec, USE_ASM=dtype is not None, PDL=pdl,
                 X_ASM=widen_x4_asm("fp16" if dtype == torch.float16 else "bf16") if dtype is not None else "",
                 **fused_args(fusion, n, k, 1024))
-
-
-def fused_args(fusion, n: int, k: int, block_k: int) -> dict:
-    """The fused-epilogue arguments of tq_gemv_kernel / tq_matmul_kernel for a plans.Fusion (None: none), row
-    tensors contiguous; block_k: the most values per step of the norm's sum of squares."""
-    n_out = n // 2 if fusion is not None and fusion.swiglu else n
-    args = dict(NORM=False, SWIGLU=False, RESIDUAL=False, GAIN=False, stride_xrm=k, stride_rm=n_out,
-                stride_y2m=n_out, eps=0.0, BK=min(block_k, 1 << (k - 1).bit_length()))
-    if fusion is not None:
-        args.update(NORM=fusion.norm, SWIGLU=fusion.swiglu, RESIDUAL=fusion.residual, GAIN=fusion.gain,
-                    eps=fusion.eps)
-    return args
 
 
 def gemv_usable(packed: torch.Tensor) -> bool:
@@ -191,7 +169,7 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: i
     n, q = packed.shape
     y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     grid, _ = gemv_grid(m, n, q, cfg)
-    ws, cnt = WORKSPACE.get(x2.device, gemv_workspace(grid, m, cfg), grid[0] * grid[1])
+    ws, cnt = WORKSPACE.get(x2.device, workspace_slots(grid, m, cfg), grid[0] * grid[1])
     pdl = launch_support.pdl_enabled(x2.device)
     named = gemv_args(fmt, cfg, m, n, k, q, mode, FENCE_MODE if x2.is_cuda else 0, x_vec_aligned(x2),
                       x2.dtype if x2.is_cuda else None, pdl, scales.numel())
@@ -219,7 +197,7 @@ def launch_tc(x2: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     grid, j_per_split = split_k_grid(m, n, q, cfg)
     split = grid[2]
     if split > 1:
-        ws, cnt = WORKSPACE.get(x2.device, tc_workspace(grid, m, cfg), grid[0] * grid[1])
+        ws, cnt = WORKSPACE.get(x2.device, workspace_slots(grid, m, cfg), grid[0] * grid[1])
     else:
         ws, cnt = y, y  # unused
     tq_matmul_kernel[grid](

@@ -18,7 +18,15 @@ import os
 import torch
 
 from ..formats import get_format
-from .launch_support import WORKSPACE, FastPathSwitch, pdl_enabled, scale_columns, scale_mode
+from .launch_support import (
+    WORKSPACE,
+    FastPathSwitch,
+    fused_args,
+    pdl_enabled,
+    scale_columns,
+    scale_mode,
+    split_k_slots,
+)
 from .ptx import word_decode_asm
 
 BN = 64                   # weight rows per program (one warpgroup)
@@ -91,7 +99,7 @@ def launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.
     steps, split = steps_and_split(q, split, block_m, g, block_j)
     grid = (-(-n // BN), split, 1)
     if ws is None:  # split-k slots per program row (tq_gluon._finish)
-        ws, cnt = WORKSPACE.get(x2.device, split * m * grid[0] * BN if split > 1 else 1, grid[0])
+        ws, cnt = WORKSPACE.get(x2.device, split_k_slots(split, m, grid[0], BN), grid[0])
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * block_j,
                  G=g, SCALE_MODE=scale_mode, BM=block_m, SLOTS=steps * g, SPLIT_K=split > 1,
@@ -154,18 +162,15 @@ def stream_launch_args(x2: torch.Tensor, packed: torch.Tensor, fmt: str, scales:
     swiglu = bool(fusion and fusion.swiglu)
     grid = (-(-(n // 2) // (rows // 2)) if swiglu else -(-n // rows), split, 1)
     if ws is None:
-        ws, cnt = WORKSPACE.get(x2.device, split * m * grid[0] * rows if split > 1 else 1, grid[0])
+        ws, cnt = WORKSPACE.get(x2.device, split_k_slots(split, m, grid[0], rows), grid[0])
     pdl = pdl_enabled(x2.device)
-    n_out = n // 2 if swiglu else n
     named = dict(x_ptr=x2, w_ptr=packed, s_ptr=scales, y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=m, N=n, K=k, Q=q,
                  stride_xm=x2.stride(0), stride_ym=y.stride(0), P=scales.numel(), J_PER_SPLIT=steps * STREAM_BJ,
                  G=get_format(fmt).trits_per_byte, SCALE_MODE=scale_mode, SPLIT_K=split > 1,
                  ASM=word_decode_asm(fmt, "fp16" if x2.dtype == torch.float16 else "bf16"), W=warps, PDL=pdl,
-                 xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None, stride_xrm=k, stride_rm=n_out,
-                 stride_y2m=n_out, eps=0.0, NORM=False, RESIDUAL=False, GAIN=False, SWIGLU=False, BK=128 * warps)
-    if fusion is not None:
-        named.update(NORM=fusion.norm, RESIDUAL=fusion.residual, GAIN=fusion.gain, SWIGLU=fusion.swiglu,
-                     eps=fusion.eps)
+                 xr_ptr=None, res_ptr=None, g_ptr=None, y2_ptr=None)
+    # BK: one [8, BK] step of the norm's squares spans the warps' 4 values x 32 lanes each, whatever k
+    named.update(fused_args(fusion, n, k, 128 * warps), BK=128 * warps)
     return grid, named, dict(num_warps=warps, **(dict(launch_pdl=True) if pdl else {}))
 
 

@@ -38,6 +38,29 @@ class _Workspace:
         return ws, cnt
 
 
+def split_k_slots(split: int, m: int, programs: int, rows: int) -> int:
+    """fp32 workspace slots a split-k launch needs (1 unsplit): the kernels give every split, activation row and
+    program row its own slot (programs x rows per program can pass n: SwiGLU pairs, a partial last program)."""
+    return split * m * programs * rows if split > 1 else 1
+
+
+def fused_slots(fusion) -> tuple[str, ...]:
+    """A product kernel's tensor arguments past (x, w, s, y) that a plans.Fusion uses, in call order."""
+    return ("xr_ptr",) * fusion.norm + ("res_ptr",) * fusion.residual + ("g_ptr", "y2_ptr") * fusion.gain
+
+
+def fused_args(fusion, n: int, k: int, block_k: int) -> dict:
+    """The fused-epilogue arguments of the product kernels for a plans.Fusion (None: none), row tensors
+    contiguous; block_k: the most values per step of the norm's sum of squares (at most k's power of two)."""
+    n_out = n // 2 if fusion is not None and fusion.swiglu else n
+    args = dict(NORM=False, SWIGLU=False, RESIDUAL=False, GAIN=False, stride_xrm=k, stride_rm=n_out,
+                stride_y2m=n_out, eps=0.0, BK=min(block_k, 1 << (k - 1).bit_length()))
+    if fusion is not None:
+        args.update(NORM=fusion.norm, SWIGLU=fusion.swiglu, RESIDUAL=fusion.residual, GAIN=fusion.gain,
+                    eps=fusion.eps)
+    return args
+
+
 def scale_mode(scales: torch.Tensor, shard_axis: int) -> int:
     return 0 if scales.numel() == 1 else 1 if shard_axis == 0 else 2
 

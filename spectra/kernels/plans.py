@@ -198,7 +198,7 @@ def _gluon(x: torch.Tensor, packed: torch.Tensor, fmt: str, scales: torch.Tensor
     n_out = plan.out_shape[-1]
     y = torch.empty((plan.m, n_out), dtype=x.dtype, device=x.device)
     fused = dict(xr_ptr=x2, res_ptr=y, g_ptr=y[0], y2_ptr=y)  # stand-ins of the fused epilogue's row tensors
-    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr") + dispatch.fused_slots(fusion)
+    slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr") + launch_support.fused_slots(fusion)
     if cfg.kind == "stream":
         kernel = tq_stream_gluon_kernel
         grid, named, options = gluon_launch.stream_launch_args(x2, packed, fmt, scales, mode, cfg.num_warps,
@@ -291,7 +291,7 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
     slots = ("x_ptr", "w_ptr", "s_ptr", "y_ptr")
     if cfg.kind == "gemv":
         grid, _ = dispatch.gemv_grid(m, n, q, cfg, fusion.swiglu)
-        ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.gemv_workspace(grid, m, cfg), grid[0] * grid[1])
+        ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.workspace_slots(grid, m, cfg), grid[0] * grid[1])
         pdl = launch_support.pdl_enabled(x.device)
         # the kernel reads x itself, a contiguous copy (not flat) or the column-scaled copy (pre)
         x_vec = dispatch.x_vec_aligned(x, stride_xm, fresh=plan.pre is not None or not plan.flat)
@@ -299,7 +299,7 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
                                    x.dtype if x.is_cuda else None, pdl, scales.numel(), fusion)
         named.update(ws_ptr=ws, cnt_ptr=cnt, stride_xm=stride_xm, stride_ym=n_out)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
-        plan.main = Launch(tq_gemv_kernel, grid, named, slots + dispatch.fused_slots(fusion), options)
+        plan.main = Launch(tq_gemv_kernel, grid, named, slots + launch_support.fused_slots(fusion), options)
         return plan
     if fusion != NO_FUSION and cfg.kind != "tc":
         raise ValueError(f"internal: a fused product needs a kernel with the epilogue, its config is {cfg}")
@@ -317,8 +317,8 @@ def build_plan(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int
         return plan
     # the same grid with SWIGLU (a program takes block_n / 2 row pairs)
     grid, j_per_split = dispatch.split_k_grid(m, n, q, cfg)
-    ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.tc_workspace(grid, m, cfg), grid[0] * grid[1])
-    named.update(dispatch.fused_args(fusion, n, k, 128), ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split,
+    ws, cnt = launch_support.WORKSPACE.get(x.device, dispatch.workspace_slots(grid, m, cfg), grid[0] * grid[1])
+    named.update(launch_support.fused_args(fusion, n, k, 128), ws_ptr=ws, cnt_ptr=cnt, J_PER_SPLIT=j_per_split,
                  SPLIT_K=grid[2] > 1, stride_ym=n_out)
-    plan.main = Launch(tq_matmul_kernel, grid, named, slots + dispatch.fused_slots(fusion), options)
+    plan.main = Launch(tq_matmul_kernel, grid, named, slots + launch_support.fused_slots(fusion), options)
     return plan
